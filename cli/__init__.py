@@ -1,0 +1,1 @@
+"""kvrelay command line."""

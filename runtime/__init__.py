@@ -1,0 +1,1 @@
+"""Runtime planes: discovery, events, request plane, config."""
