@@ -1,0 +1,1 @@
+"""Model workers: engines, executors and the embedded default model."""

@@ -1,0 +1,1 @@
+"""Models kvrelay builds itself: the deterministic tiny default (`tiny.py`)."""
