@@ -1,0 +1,39 @@
+"""`kvrelay worker`: one engine worker process (see workers/worker.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvrelay.runtime import aio
+from kvrelay.runtime.config import ConfigError, add_arguments, build
+from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
+from kvrelay.runtime.events import EventsConfig, make_event_plane
+from kvrelay.runtime.log import setup_logging
+from kvrelay.workers.config import WorkerConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run one engine worker (registers itself in discovery)")
+    add_arguments(p, WorkerConfig, DiscoveryConfig, EventsConfig)
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env KVRELAY_LOG_LEVEL)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = build(WorkerConfig, args)
+    disc_cfg, ev_cfg = build(DiscoveryConfig, args), build(EventsConfig, args)
+    setup_logging(args.log_level)
+    from kvrelay.workers.engines.native.config import UnsupportedModel
+    from kvrelay.workers.worker import Worker, run_worker
+
+    try:
+        worker = Worker(cfg, make_discovery(disc_cfg), make_event_plane(ev_cfg))
+    except (UnsupportedModel, FileNotFoundError) as e:
+        raise ConfigError(f"--model: {e}") from None
+    try:
+        aio.run(run_worker(worker))
+    except (UnsupportedModel, FileNotFoundError) as e:
+        sys.stderr.write(f"kvrelay worker: error: --model: {e}\n")
+        return 2
+    return 0

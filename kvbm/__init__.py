@@ -1,0 +1,1 @@
+"""KV block manager: block identity, tier pools and storage, policies, KV events."""

@@ -1,0 +1,151 @@
+"""Native engine vs transformers, side by side in one process on the same machine (issue #3).
+
+    python -m kvrelay.perf.engine_bench [--models tiny,100m] [--repeats 3] [--json out.json]
+
+For each model: prefill tokens/s (512 and 2,048-token prompts), decode tokens/s at batch 1 and 16,
+and TTFT of a 2,048-token prompt cold vs with its prefix cached. transformers runs `generate` greedy
+with its default (dynamic) cache. Decode rate on both sides = B*N / (t(N+1 new tokens) - t(1 new token)),
+so prefill cost cancels out. Each measurement is the median of `--repeats`, interleaved ours/theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kvrelay.workers.engines.native import LLMEngine, NativeEngineConfig
+from kvrelay.workers.protocol import EngineRequest, SamplingParams
+
+MODELS = {
+    # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
+    "100m": (768, 10, 12, 4, 2048, 16000),
+}
+
+
+def build_100m(out: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, kv, inter, vocab = MODELS["100m"]
+    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
+                      max_position_embeddings=4096, initializer_range=0.05)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    return out
+
+
+class Ours:
+    def __init__(self, path: str):
+        self.engine = LLMEngine(NativeEngineConfig(model=path, max_num_batched_tokens=4096, max_num_seqs=64,
+                                                   kv_cache_bytes=1 << 30))
+        self.n = 0
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> float:
+        t = time.perf_counter()
+        for p in prompts:
+            self.n += 1
+            self.engine.add_request(EngineRequest(request_id=str(self.n), prompt_token_ids=p,
+                                                  sampling=SamplingParams(max_tokens=new_tokens, ignore_eos=True)))
+        while self.engine.has_work():
+            self.engine.step()
+        return time.perf_counter() - t
+
+    def clear_cache(self) -> None:
+        self.engine.pool.reset_prefix_cache()
+
+
+class Theirs:
+    def __init__(self, path: str):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def run(self, prompts: list[list[int]], new_tokens: int) -> float:
+        ids = torch.tensor(prompts)
+        t = time.perf_counter()
+        self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return time.perf_counter() - t
+
+    def clear_cache(self) -> None:
+        pass
+
+
+def median_of(repeats: int, fn) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def bench_model(path: str, vocab: int, repeats: int) -> dict:
+    ours, theirs = Ours(path), Theirs(path)
+    gen = torch.Generator().manual_seed(0)
+
+    def prompts(b: int, n: int) -> list[list[int]]:
+        return torch.randint(3, vocab, (b, n), generator=gen).tolist()
+
+    res: dict[str, dict[str, float]] = {}
+    for side in (ours, theirs):  # warm-up
+        side.run(prompts(2, 64), 4)
+    for n in (512, 2048):
+        def prefill(side, n=n):
+            side.clear_cache()
+            return n / side.run(prompts(1, n), 1)
+        res[f"prefill_{n}_tok_s"] = {"ours": median_of(repeats, lambda: prefill(ours)),
+                                     "transformers": median_of(repeats, lambda: prefill(theirs))}
+    for b in (1, 16):
+        def decode(side, b=b, new=64):
+            batch = prompts(b, 128)
+            side.clear_cache()
+            t1 = side.run(batch, 1)
+            side.clear_cache()
+            return b * new / (side.run(batch, new + 1) - t1)
+        res[f"decode_b{b}_tok_s"] = {"ours": median_of(repeats, lambda: decode(ours)),
+                                     "transformers": median_of(repeats, lambda: decode(theirs))}
+    cold, warm = [], []
+    for _ in range(repeats):
+        p = prompts(1, 2048)
+        ours.clear_cache()
+        cold.append(ours.run(p, 1))
+        warm.append(ours.run(p, 1))
+    res["ttft_2048_s"] = {"cold": statistics.median(cold), "prefix_cached": statistics.median(warm)}
+    for v in res.values():
+        if "ours" in v:
+            v["ratio"] = v["ours"] / v["transformers"]
+    res["ttft_2048_s"]["speedup"] = res["ttft_2048_s"]["cold"] / res["ttft_2048_s"]["prefix_cached"]
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kvrelay.perf.engine_bench")
+    p.add_argument("--models", default="tiny,100m")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    out = {"torch_threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            if name == "tiny":
+                from kvrelay.workers.models.tiny import ensure_tiny_model
+
+                path = ensure_tiny_model()
+            else:
+                path = build_100m(Path(tmp) / name)
+            vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+            out[name] = bench_model(str(path), vocab, args.repeats)
+            print(f"\n## {name}")
+            for k, v in out[name].items():
+                print(f"| {k} | " + " | ".join(f"{kk} {vv:,.3f}" for kk, vv in v.items()) + " |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

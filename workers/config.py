@@ -1,0 +1,34 @@
+"""Worker configuration: flags `--foo-bar` / env `KVRELAY_FOO_BAR` (see runtime/config.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from kvrelay.runtime.config import non_negative, positive, setting
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a TCP port (0 = any free port)"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    engine: Literal["native"] = setting("native", "engine adapter")
+    role: Literal["agg", "prefill", "decode"] = setting("agg", "serving role")
+    model: str = setting("", "model directory (Hugging Face layout); empty = the built-in tiny model")
+    served_model_name: str = setting("", "name clients use in requests (default: the model's directory name)")
+    namespace: str = setting("default", "deployment namespace")
+    component: str = setting("backend", "discovery component this worker registers under")
+    host: str = setting("127.0.0.1", "request-plane listen address")
+    port: int = setting(0, "request-plane listen port (0 = any free port)", _port)
+    advertise_host: str = setting("", "address peers use to reach this worker (default: --host)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", "weights and KV dtype")
+    device: str = setting("cpu", "torch device (cpu, cuda, cuda:1, ...)")
+    block_size: int = setting(16, "tokens per KV block", positive)
+    kv_cache_bytes: int = setting(256 << 20, "bytes of the G1 KV pool", positive)
+    max_num_batched_tokens: int = setting(2048, "token budget of one engine step", positive)
+    max_num_seqs: int = setting(64, "most sequences running at once", positive)
+    max_waiting: int = setting(1024, "waiting-queue bound; more is rejected as busy", positive)
+    max_model_len: int = setting(0, "context length (0 = the model's)", non_negative)
+    load_interval: float = setting(0.5, "seconds between load-metric publications", positive)

@@ -1,0 +1,69 @@
+"""Turning a scheduled step into model inputs: the flat token batch and its attention metadata.
+
+Order in the flat batch: single-token entries first (decode, and 1-token prefill chunks — both attend
+through the paged cache), then multi-token prefill chunks. `logits_index` lists, in the order of
+`sample_seqs`, the last token of every sequence whose scheduled tokens reach its end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvrelay.workers.engines.native.model import BatchMetadata, PrefillChunk
+from kvrelay.workers.engines.native.sequence import Sequence
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    meta: BatchMetadata
+    logits_index: torch.Tensor
+    sample_seqs: list[Sequence]
+
+
+def build_batch(scheduled: list[tuple[Sequence, int]], block_size: int, device: str) -> Batch:
+    decodes = [(s, n) for s, n in scheduled if n == 1]
+    chunks = [(s, n) for s, n in scheduled if n > 1]
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    logits_index: list[int] = []
+    sample_seqs: list[Sequence] = []
+
+    def add(seq: Sequence, n: int) -> None:
+        start = seq.num_computed
+        ids.extend(seq.tokens(start, start + n))
+        positions.extend(range(start, start + n))
+        table = seq.blocks
+        slots.extend(table[p // block_size].block_id * block_size + p % block_size for p in range(start, start + n))
+        if start + n == seq.num_tokens:
+            logits_index.append(len(ids) - 1)
+            sample_seqs.append(seq)
+
+    for seq, n in decodes:
+        add(seq, n)
+    meta = BatchMetadata(positions=torch.empty(0), slot_mapping=torch.empty(0), num_decode=len(decodes))
+    if decodes:
+        width = max(len(s.blocks) for s, _ in decodes)
+        tables = torch.zeros(len(decodes), width, dtype=torch.int32)
+        for row, (s, _) in enumerate(decodes):
+            tables[row, : len(s.blocks)] = torch.tensor([b.block_id for b in s.blocks], dtype=torch.int32)
+        meta.decode_block_tables = tables.to(device)
+        meta.decode_context_lens = torch.tensor([s.num_computed + 1 for s, _ in decodes], dtype=torch.int32,
+                                                device=device)
+    for seq, n in chunks:
+        start = len(ids)
+        add(seq, n)
+        nblocks = -(-(seq.num_computed + n) // block_size)
+        table = torch.tensor([b.block_id for b in seq.blocks[:nblocks]], dtype=torch.int64, device=device)
+        meta.prefills.append(PrefillChunk(start, start + n, seq.num_computed, table))
+    meta.positions = torch.tensor(positions, dtype=torch.int64, device=device)
+    meta.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
+    return Batch(
+        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+        meta=meta,
+        logits_index=torch.tensor(logits_index, dtype=torch.int64, device=device),
+        sample_seqs=sample_seqs,
+    )

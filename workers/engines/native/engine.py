@@ -1,0 +1,190 @@
+"""`NativeEngine`: the asyncio face of the native engine (implements `workers.protocol.Engine`).
+
+One dedicated thread owns the `LLMEngine` and runs steps back to back while there is work; torch
+releases the GIL inside kernels, so the event loop stays responsive. The loop and the thread talk only
+through a thread-safe inbox (add/abort commands) and `call_soon_threadsafe` deliveries of each step's
+outputs, batched into one callback per step.
+
+Invariant: every request handed to the thread ends with exactly one final output or one exception
+delivered to its stream; a stream whose consumer leaves early sends an abort, so its blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from kvrelay.kvbm.events import KvEvent, KvSnapshot
+from kvrelay.workers.engines.native.llm_engine import LLMEngine, NativeEngineConfig
+from kvrelay.workers.protocol import EngineError, EngineOutput, EngineRequest, EngineStats, KvLayout
+
+log = logging.getLogger(__name__)
+
+
+class _Stream:
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[EngineOutput | Exception] = asyncio.Queue()
+
+
+class NativeEngine:
+    def __init__(self, cfg: NativeEngineConfig):
+        self.cfg = cfg
+        self.core: LLMEngine | None = None
+        self._inbox: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._stats: EngineStats | None = None
+        self._kv_sink: tuple[asyncio.AbstractEventLoop, Callable[[list[KvEvent]], None]] | None = None
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self.core = await asyncio.to_thread(LLMEngine, self.cfg)
+        self._stats = self.core.stats()
+        self._thread = threading.Thread(target=self._run, name="kvrelay-native-engine", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._inbox.put(("wake", None, None))
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    # -- Engine protocol --------------------------------------------------------------------------------
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if self._thread is None:
+            raise EngineError("engine is not running")
+        stream = _Stream(asyncio.get_running_loop())
+        self._inbox.put(("add", request, stream))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._inbox.put(("abort", request.request_id, None))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id, None))
+
+    def subscribe_kv_events(self, sink: Callable[[list[KvEvent]], None]) -> None:
+        """`sink` is called on the current event loop with each step's KV events, in event_id order."""
+        self._kv_sink = (asyncio.get_running_loop(), sink)
+
+    async def kv_snapshot(self) -> KvSnapshot:
+        """What G1 holds, consistent with the event stream: every event with id <= last_event_id was
+        handed to the sink before this returns."""
+        fut = asyncio.get_running_loop().create_future()
+        self._inbox.put(("snapshot", fut, None))
+        return await fut
+
+    def kv_layout(self) -> KvLayout:
+        assert self.core is not None, "start() first"
+        return self.core.kv_layout()
+
+    def stats(self) -> EngineStats:
+        assert self._stats is not None, "start() first"
+        return self._stats
+
+    # -- engine thread ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        core = self.core
+        assert core is not None
+        while not self._stop.is_set():
+            deliveries: list[tuple[_Stream, EngineOutput | Exception]] = []
+            block = not core.has_work()
+            while True:
+                try:
+                    cmd, arg, stream = self._inbox.get(block=block, timeout=0.5 if block else None)
+                except queue.Empty:
+                    break
+                block = False
+                self._command(core, cmd, arg, stream, deliveries)
+            if core.has_work():
+                try:
+                    outputs = core.step()
+                except Exception as e:  # never leave a request hanging on an engine bug
+                    log.exception("engine step failed; failing every in-flight request")
+                    outputs = []
+                    for rid in list(core.seqs):
+                        core.abort(rid)
+                        deliveries.append((self._streams.pop(rid), EngineError(f"engine failure: {e}")))
+                for out in outputs:
+                    target = self._streams.get(out.request_id)
+                    if target is not None:
+                        deliveries.append((target, out))
+                        if out.finish_reason is not None:
+                            del self._streams[out.request_id]
+            self._stats = core.stats()
+            self._publish_kv_events(core)
+            self._deliver(deliveries)
+        for rid in list(core.seqs):
+            core.abort(rid)
+        self._deliver([(s, EngineError("engine shut down")) for s in self._streams.values()])
+        self._streams.clear()
+
+    def _command(self, core: LLMEngine, cmd: str, arg: Any, stream: _Stream | None,
+                 deliveries: list[tuple[_Stream, EngineOutput | Exception]]) -> None:
+        if cmd == "add":
+            try:
+                core.add_request(arg)
+            except EngineError as e:
+                deliveries.append((stream, e))
+            else:
+                self._streams[arg.request_id] = stream
+        elif cmd == "snapshot":
+            self._publish_kv_events(core)  # events up to the snapshot reach the sink first
+            snap = core.kv_snapshot()
+            arg.get_loop().call_soon_threadsafe(_resolve, arg, snap)
+        elif cmd == "abort":
+            out = core.abort(arg)
+            target = self._streams.pop(arg, None)
+            if out is not None and target is not None:
+                deliveries.append((target, out))
+
+    def _publish_kv_events(self, core: LLMEngine) -> None:
+        events = core.drain_kv_events()
+        if events and self._kv_sink is not None:
+            loop, sink = self._kv_sink
+            try:
+                loop.call_soon_threadsafe(sink, events)
+            except RuntimeError:
+                pass
+
+    @staticmethod
+    def _deliver(deliveries: list[tuple[_Stream, EngineOutput | Exception]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, EngineOutput | Exception]]] = {}
+        for stream, item in deliveries:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening
+                pass
+
+
+def _resolve(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _put_all(items: list[tuple[_Stream, EngineOutput | Exception]]) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)

@@ -1,0 +1,181 @@
+"""The native engine's synchronous core: add requests, run steps, emit outputs. Single-threaded by
+design: only the engine thread (see `engine.py`) touches it, so no state here needs a lock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvrelay.kvbm.block_pool import BlockPool
+from kvrelay.kvbm.events import KvEvent, KvSnapshot
+from kvrelay.kvbm.fingerprint import model_fingerprint
+from kvrelay.kvbm.hashing import BlockHasher, root_hash
+from kvrelay.workers.engines.native.batch import build_batch
+from kvrelay.workers.engines.native.config import DTYPES
+from kvrelay.workers.engines.native.loader import load_model
+from kvrelay.workers.engines.native.sampler import sample
+from kvrelay.workers.engines.native.scheduler import Scheduler, SchedulerConfig
+from kvrelay.workers.engines.native.sequence import Sequence, Status
+from kvrelay.workers.protocol import EngineError, EngineOutput, EngineRequest, EngineStats, KvLayout
+
+
+class EngineOverloaded(EngineError):
+    """The waiting queue is full; the client may retry later (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class NativeEngineConfig:
+    model: str
+    dtype: str = "auto"  # auto = the checkpoint's dtype
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_bytes: int = 256 << 20  # sizes the G1 pool when num_blocks is 0
+    num_blocks: int = 0
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_waiting: int = 1024
+    max_model_len: int = 0  # 0 = the model's max_position_embeddings
+
+
+class LLMEngine:
+    def __init__(self, cfg: NativeEngineConfig):
+        self.cfg = cfg
+        dtype = None if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+        self.model = load_model(cfg.model, dtype=dtype, device=cfg.device)
+        m = self.model.cfg
+        self.dtype = next(self.model.parameters()).dtype
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        block_bytes = m.num_layers * 2 * cfg.block_size * m.num_kv_heads * m.head_dim * itemsize
+        num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // block_bytes)
+        # Block-contiguous layout (DESIGN.md "KV layout"): one block = one contiguous byte range.
+        self.kv_cache = torch.zeros(num_blocks, m.num_layers, 2, cfg.block_size, m.num_kv_heads, m.head_dim,
+                                    dtype=self.dtype, device=cfg.device)
+        self.pool = BlockPool(num_blocks, on_evict=self._evicted)
+        self.kv_events: list[KvEvent] = []  # drained by the owner after each step
+        self.last_event_id = 0
+        self.max_model_len = cfg.max_model_len or m.max_position_embeddings
+        self.scheduler = Scheduler(SchedulerConfig(
+            block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_num_seqs=cfg.max_num_seqs, max_waiting=cfg.max_waiting, max_model_len=self.max_model_len,
+        ), self.pool, on_stored=self._stored)
+        self.fingerprint = model_fingerprint(cfg.model)
+        self.eos = frozenset(m.eos_token_ids)
+        self.seqs: dict[str, Sequence] = {}
+        self._arrivals = 0
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def add_request(self, req: EngineRequest) -> None:
+        req.sampling.validate()
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise EngineError("the prompt must contain at least one token")
+        if n >= self.max_model_len:
+            raise EngineError(f"the prompt has {n} tokens; this model's context is {self.max_model_len} "
+                              f"and at least one must be generated")
+        vocab = self.model.cfg.vocab_size
+        if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
+            raise EngineError(f"prompt token ids must be in [0, {vocab})")
+        if -(-(n + 1) // self.cfg.block_size) > self.pool.num_blocks:
+            raise EngineError(f"the prompt needs more KV blocks than this worker has ({self.pool.num_blocks})")
+        if req.request_id in self.seqs:
+            raise EngineError(f"duplicate request id {req.request_id!r}")
+        if len(self.scheduler.waiting) >= self.cfg.max_waiting:
+            raise EngineOverloaded(f"server busy: {self.cfg.max_waiting} requests already waiting")
+        hasher = BlockHasher(self.cfg.block_size, root_hash(self.fingerprint, req.cache_salt),
+                             req.lora_name.encode())
+        seq = Sequence(req.request_id, req.prompt_token_ids, req.sampling, hasher, self._arrivals)
+        self._arrivals += 1
+        self.seqs[seq.request_id] = seq
+        self.scheduler.waiting.append(seq)
+        self.prompt_tokens += n
+
+    def abort(self, request_id: str) -> EngineOutput | None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    # -- one step ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[EngineOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        batch = build_batch(scheduled, self.cfg.block_size, self.cfg.device)
+        logits = self.model(batch.input_ids, batch.meta, self.kv_cache, batch.logits_index)
+        samplers = batch.sample_seqs
+        tokens, logprobs = sample(logits, [s.sampling for s in samplers], [s.generator for s in samplers])
+        for seq, n in scheduled:
+            self.scheduler.commit(seq, n)
+        outputs = []
+        for i, seq in enumerate(samplers):
+            seq.append(tokens[i], logprobs[i] if logprobs is not None and seq.sampling.logprobs else None)
+            self.generated_tokens += 1
+            reason = self._stop_reason(seq, tokens[i])
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self.seqs[seq.request_id]
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.sampling
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos):
+            return "stop"
+        if len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence) -> EngineOutput:
+        new = seq.output[seq.num_emitted:]
+        lps = seq.logprobs[seq.num_emitted:] if seq.sampling.logprobs else None
+        seq.num_emitted = len(seq.output)
+        return EngineOutput(request_id=seq.request_id, token_ids=new, logprobs=lps,
+                            finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt),
+                            num_cached_tokens=seq.num_cached_prompt)
+
+    # -- KV events (DESIGN.md "Events"); numbered here so a snapshot and the stream agree -----------------
+    def _emit(self, kind: str, hashes: list[int], parent: int | None = None) -> None:
+        self.last_event_id += 1
+        self.kv_events.append(KvEvent(worker_id="", event_id=self.last_event_id, kind=kind, tier="G1",
+                                      seq_hashes=hashes, parent_hash=parent))
+
+    def _stored(self, hashes: list[int], parent: int | None) -> None:
+        self._emit("stored", hashes, parent)
+
+    def _evicted(self, hashes: list[int]) -> None:
+        self._emit("removed", hashes)
+
+    def drain_kv_events(self) -> list[KvEvent]:
+        events, self.kv_events = self.kv_events, []
+        return events
+
+    def kv_snapshot(self) -> KvSnapshot:
+        return KvSnapshot(worker_id="", last_event_id=self.last_event_id, tiers={"G1": list(self.pool.cached)})
+
+    # -- introspection ----------------------------------------------------------------------------------
+    def kv_layout(self) -> KvLayout:
+        m = self.model.cfg
+        return KvLayout(layout="block_contiguous", num_blocks=self.pool.num_blocks, num_layers=m.num_layers,
+                        block_size=self.cfg.block_size, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+                        dtype=str(self.dtype).removeprefix("torch."), device=str(self.kv_cache.device))
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            running=len(s.running), waiting=len(s.waiting),
+            used_blocks=self.pool.num_blocks - self.pool.num_free, free_blocks=self.pool.num_free,
+            total_blocks=self.pool.num_blocks, prefix_hit_tokens=s.prefix_hit_tokens,
+            prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
+            preemptions=s.preemptions,
+        )
+
+
+__all__ = ["EngineOverloaded", "LLMEngine", "NativeEngineConfig", "Status"]

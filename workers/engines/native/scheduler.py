@@ -1,0 +1,142 @@
+"""Continuous batching: decode-first, chunked prefill under a per-step token budget, preemption by
+recompute when blocks run out, FCFS admission from a bounded waiting queue.
+
+Each `schedule()` returns (sequence, num_tokens) pairs; the engine runs them as one batch and then
+calls `commit()`. Invariants:
+- Running sequences are served before waiting ones, in arrival order; a waiting sequence is admitted
+  only when its whole next chunk fits in free blocks (admission never preempts).
+- When a running sequence cannot get a block, the most recently arrived running sequence is preempted
+  (blocks released, recomputed later from its prompt + output); no step is ever left with a running
+  sequence that lacks blocks for its scheduled tokens.
+- A prefix-cache hit never covers the last token: at least one token is computed, to get logits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvrelay.kvbm.block_pool import BlockPool
+from kvrelay.workers.engines.native.sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    block_size: int = 16
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_waiting: int = 1024
+    max_model_len: int = 4096
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, pool: BlockPool,
+                 on_stored: Callable[[list[int], int | None], None] | None = None):
+        self.cfg, self.pool = cfg, pool
+        self._on_stored = on_stored  # told each run of newly cached hashes and the hash before it
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+        self.prefix_hit_tokens = 0
+
+    # -- scheduling -------------------------------------------------------------------------------------
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        budget = self.cfg.max_num_batched_tokens
+        batch: list[tuple[Sequence, int]] = []
+        preempted = False
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING or budget == 0:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self._reserve(seq, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                batch.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            n = self._admit(seq, budget)
+            if n == 0:
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.cfg.block_size)
+
+    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        need = self._blocks_for(num_tokens) - len(seq.blocks)
+        if need <= 0:
+            return True
+        if need > self.pool.num_free:
+            return False
+        seq.blocks += self.pool.allocate(need)
+        return True
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Take a prefix hit and blocks for the first chunk; 0 (and no side effects) if they don't fit."""
+        max_hit_blocks = (seq.num_tokens - 1) // self.cfg.block_size
+        hits = self.pool.lookup(seq.hasher.hashes[:max_hit_blocks])
+        computed = len(hits) * self.cfg.block_size
+        n = min(seq.num_tokens - computed, budget)
+        need = self._blocks_for(computed + n) - len(hits)
+        hits_free = sum(1 for b in hits if b.ref_count == 0)  # touching these removes them from free
+        if need > self.pool.num_free - hits_free:
+            return 0
+        self.pool.touch(hits)
+        seq.blocks = hits + self.pool.allocate(need)
+        seq.num_computed = computed
+        seq.num_published = len(hits)
+        if not seq.admitted:
+            seq.admitted = True
+            seq.num_cached_prompt = min(computed, len(seq.prompt))
+            self.prefix_hit_tokens += seq.num_cached_prompt
+        seq.status = Status.RUNNING
+        return n
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.release(reversed(seq.blocks))
+        seq.blocks = []
+        seq.num_published = 0
+
+    # -- after the step ---------------------------------------------------------------------------------
+    def commit(self, seq: Sequence, n: int) -> None:
+        """`n` more tokens of `seq` now have K/V in the cache: publish its newly full blocks."""
+        seq.num_computed += n
+        full = min(seq.num_computed // self.cfg.block_size, len(seq.hasher.hashes))
+        hashes = seq.hasher.hashes
+        run_start = None  # emit each contiguous run of newly cached blocks as one chain
+        for i in range(seq.num_published, full + 1):
+            cached = i < full and self.pool.cache(seq.blocks[i], hashes[i])
+            if cached and run_start is None:
+                run_start = i
+            elif not cached and run_start is not None:
+                if self._on_stored is not None:
+                    self._on_stored(hashes[run_start:i], hashes[run_start - 1] if run_start > 0 else None)
+                run_start = None
+        seq.num_published = max(seq.num_published, full)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        self._release(seq)

@@ -1,0 +1,165 @@
+"""The worker process: one engine served over the request plane, registered in discovery, publishing
+KV events and load metrics (DESIGN.md "Discovery", "Events", "Request plane").
+
+Endpoints: `generate` (EngineRequest -> stream of EngineOutput), `kv_snapshot` (-> KvSnapshot, for
+routers that detected an event gap) and `stats` (-> EngineStats).
+
+Lifecycle: engine up -> RPC server up -> registered. Shutdown reverses it: deregister first (routers
+stop sending), then the server fails in-flight streams with `Cancelled` (frontends migrate them), then
+the engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+
+from kvrelay.kvbm.events import KvEvent, KvSnapshot, LoadMetrics, kv_events_subject, load_subject
+from kvrelay.runtime.discovery import Discovery, Instance, register_instance
+from kvrelay.runtime.events import EventPlane
+from kvrelay.runtime.rpc import RpcServer
+from kvrelay.workers.config import WorkerConfig
+from kvrelay.workers.protocol import Engine, EngineOutput, EngineRequest, EngineStats
+
+log = logging.getLogger(__name__)
+
+
+class Empty(msgspec.Struct):
+    pass
+
+
+def build_engine(cfg: WorkerConfig, model_dir: str) -> Engine:
+    if cfg.engine == "native":
+        from kvrelay.workers.engines.native import NativeEngine, NativeEngineConfig
+
+        return NativeEngine(NativeEngineConfig(
+            model=model_dir, dtype=cfg.dtype, device=cfg.device, block_size=cfg.block_size,
+            kv_cache_bytes=cfg.kv_cache_bytes, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_num_seqs=cfg.max_num_seqs, max_waiting=cfg.max_waiting, max_model_len=cfg.max_model_len,
+        ))
+    raise ValueError(f"unknown engine {cfg.engine!r}")
+
+
+def resolve_model(cfg: WorkerConfig) -> tuple[str, str]:
+    """(model directory, served name)."""
+    if cfg.model:
+        model_dir = cfg.model
+    else:
+        from kvrelay.workers.models.tiny import ensure_tiny_model
+
+        model_dir = str(ensure_tiny_model())
+    name = cfg.served_model_name or ("kvrelay-tiny" if not cfg.model else Path(model_dir.rstrip("/")).name)
+    return model_dir, name
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig, discovery: Discovery, events: EventPlane, engine: Engine | None = None,
+                 instance_id: str | None = None):
+        self.cfg, self.discovery, self.events = cfg, discovery, events
+        self.model_dir, self.model_name = resolve_model(cfg)
+        self.engine = engine or build_engine(cfg, self.model_dir)
+        self.instance_id = instance_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.server = RpcServer(cfg.host, cfg.port)
+        self.instance: Instance | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._event_queue: asyncio.Queue[list[KvEvent]] = asyncio.Queue()
+
+    async def start(self) -> Instance:
+        await self.engine.start()
+        await self.events.start()
+        await self.discovery.start()
+        self.engine.subscribe_kv_events(self._on_kv_events)
+        self.server.add_endpoint("generate", self._generate, EngineRequest)
+        self.server.add_endpoint("kv_snapshot", self._snapshot, Empty)
+        self.server.add_endpoint("stats", self._stats, Empty)
+        await self.server.start()
+        layout = self.engine.kv_layout()
+        fingerprint = getattr(getattr(self.engine, "core", None), "fingerprint", "")
+        self.instance = Instance(
+            namespace=self.cfg.namespace, component=self.cfg.component, instance_id=self.instance_id,
+            address=f"{self.cfg.advertise_host or self.cfg.host}:{self.server.port}", role=self.cfg.role,
+            model=self.model_name, block_size=layout.block_size, kv_capacity_blocks=layout.num_blocks,
+            labels={"fingerprint": fingerprint, "engine": self.cfg.engine, "pid": str(os.getpid())},
+        )
+        self._tasks.append(asyncio.create_task(self._publish_load()))
+        self._tasks.append(asyncio.create_task(self._publish_events()))
+        await register_instance(self.discovery, self.instance)
+        log.info("worker %s serving %s at %s (%d KV blocks)", self.instance_id, self.model_name,
+                 self.instance.address, layout.num_blocks)
+        return self.instance
+
+    async def close(self) -> None:
+        if self.instance is not None:
+            try:
+                await self.discovery.deregister(self.instance.key)
+            except Exception:  # the lease expiring does the same, just later
+                log.warning("could not deregister %s", self.instance.key, exc_info=True)
+        await self.server.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.engine.close()
+        await self.discovery.close()
+        await self.events.close()
+
+    # -- endpoints --------------------------------------------------------------------------------------
+    async def _generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        # Cancellation (client left, frontend aborted) arrives here as CancelledError; closing the
+        # engine stream aborts the request in the engine and frees its blocks.
+        async for out in self.engine.generate(request):
+            yield out
+
+    async def _snapshot(self, _: Empty) -> AsyncIterator[KvSnapshot]:
+        # Events up to snap.last_event_id may still be queued for publication; consumers ignore any
+        # event at or below a snapshot's last_event_id, so order between the two does not matter.
+        snap = await self.engine.kv_snapshot()
+        yield msgspec.structs.replace(snap, worker_id=self.instance_id)
+
+    async def _stats(self, _: Empty) -> AsyncIterator[EngineStats]:
+        yield self.engine.stats()
+
+    # -- events -----------------------------------------------------------------------------------------
+    def _on_kv_events(self, events: list[KvEvent]) -> None:
+        self._event_queue.put_nowait(events)
+
+    async def _publish_events(self) -> None:
+        """One task publishes, so events leave in event_id order whatever the backend's awaits do."""
+        subject = kv_events_subject(self.cfg.namespace)
+        while True:
+            for ev in await self._event_queue.get():
+                try:
+                    await self.events.publish(subject, msgspec.structs.replace(ev, worker_id=self.instance_id))
+                except Exception:  # routers detect the gap and resync from kv_snapshot
+                    log.warning("could not publish KV event %d", ev.event_id, exc_info=True)
+
+    async def _publish_load(self) -> None:
+        subject = load_subject(self.cfg.namespace)
+        while True:
+            s = self.engine.stats()
+            metrics = LoadMetrics(worker_id=self.instance_id, running=s.running, waiting=s.waiting,
+                                  used_blocks=s.used_blocks, total_blocks=s.total_blocks, timestamp=time.time())
+            try:
+                await self.events.publish(subject, metrics)
+            except Exception:
+                log.warning("could not publish load metrics", exc_info=True)
+            await asyncio.sleep(self.cfg.load_interval)
+
+
+async def run_worker(worker: Worker) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down in order."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await worker.start()
+    print(f"READY {worker.instance.address}", flush=True)  # noqa: T201 - parent processes wait for this line
+    await stop.wait()
+    await worker.close()
