@@ -25,15 +25,15 @@ import msgspec
 from kvrelay.kvbm.events import KvEvent, KvSnapshot, LoadMetrics, kv_events_subject, load_subject
 from kvrelay.runtime.discovery import Discovery, Instance, register_instance
 from kvrelay.runtime.events import EventPlane
+from kvrelay.runtime.messages import Empty
 from kvrelay.runtime.rpc import RpcServer
 from kvrelay.workers.config import WorkerConfig
-from kvrelay.workers.protocol import Engine, EngineOutput, EngineRequest, EngineStats
+from kvrelay.workers.protocol import Engine, EngineOutput, EngineRequest, EngineStats, ModelCard
 
 log = logging.getLogger(__name__)
 
 
-class Empty(msgspec.Struct):
-    pass
+MODEL_CARD_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json")
 
 
 def build_engine(cfg: WorkerConfig, model_dir: str) -> Engine:
@@ -80,9 +80,10 @@ class Worker:
         self.server.add_endpoint("generate", self._generate, EngineRequest)
         self.server.add_endpoint("kv_snapshot", self._snapshot, Empty)
         self.server.add_endpoint("stats", self._stats, Empty)
+        self.server.add_endpoint("model_card", self._model_card, Empty)
         await self.server.start()
         layout = self.engine.kv_layout()
-        fingerprint = getattr(getattr(self.engine, "core", None), "fingerprint", "")
+        fingerprint = self.engine.fingerprint
         self.instance = Instance(
             namespace=self.cfg.namespace, component=self.cfg.component, instance_id=self.instance_id,
             address=f"{self.cfg.advertise_host or self.cfg.host}:{self.server.port}", role=self.cfg.role,
@@ -125,6 +126,16 @@ class Worker:
 
     async def _stats(self, _: Empty) -> AsyncIterator[EngineStats]:
         yield self.engine.stats()
+
+    async def _model_card(self, _: Empty) -> AsyncIterator[ModelCard]:
+        files = {}
+        for name in MODEL_CARD_FILES:
+            path = Path(self.model_dir) / name
+            if path.is_file():
+                files[name] = path.read_bytes()
+        yield ModelCard(name=self.model_name, fingerprint=self.engine.fingerprint,
+                        block_size=self.engine.kv_layout().block_size, max_model_len=self.engine.max_model_len,
+                        files=files)
 
     # -- events -----------------------------------------------------------------------------------------
     def _on_kv_events(self, events: list[KvEvent]) -> None:

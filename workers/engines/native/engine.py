@@ -95,6 +95,16 @@ class NativeEngine:
         self._inbox.put(("snapshot", fut, None))
         return await fut
 
+    @property
+    def fingerprint(self) -> str:
+        assert self.core is not None, "start() first"
+        return self.core.fingerprint
+
+    @property
+    def max_model_len(self) -> int:
+        assert self.core is not None, "start() first"
+        return self.core.max_model_len
+
     def kv_layout(self) -> KvLayout:
         assert self.core is not None, "start() first"
         return self.core.kv_layout()

@@ -17,7 +17,14 @@ from kvrelay.workers.engines.native.loader import load_model
 from kvrelay.workers.engines.native.sampler import sample
 from kvrelay.workers.engines.native.scheduler import Scheduler, SchedulerConfig
 from kvrelay.workers.engines.native.sequence import Sequence, Status
-from kvrelay.workers.protocol import EngineError, EngineOutput, EngineRequest, EngineStats, KvLayout
+from kvrelay.workers.protocol import (
+    EngineError,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    KvLayout,
+    RequestError,
+)
 
 
 class EngineOverloaded(EngineError):
@@ -68,7 +75,10 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------------------
     def add_request(self, req: EngineRequest) -> None:
-        req.sampling.validate()
+        try:
+            req.sampling.validate()
+        except RequestError as e:
+            raise EngineError(str(e)) from None
         n = len(req.prompt_token_ids)
         if n == 0:
             raise EngineError("the prompt must contain at least one token")
