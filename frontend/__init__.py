@@ -1,0 +1,1 @@
+"""The OpenAI-compatible frontend: HTTP API, tokenization, chat templates, detokenization, routing."""

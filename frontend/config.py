@@ -1,0 +1,27 @@
+"""Frontend configuration: flags `--foo-bar` / env `KVRELAY_FOO_BAR` (see runtime/config.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from kvrelay.runtime.config import non_negative, positive, setting
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    http_host: str = setting("127.0.0.1", "HTTP listen address")
+    http_port: int = setting(8000, "HTTP listen port", lambda p: None if 0 <= p <= 65535 else "must be a TCP port")
+    namespace: str = setting("default", "deployment namespace")
+    router_mode: Literal["kv", "round-robin", "random", "least-loaded"] = setting("kv", "how to pick a worker")
+    # 2.0 measured best on the multi-turn routing-quality workload (tests/frontend/test_routing_quality.py).
+    overlap_weight: float = setting(2.0, "kv router: weight of uncached prefill blocks against decode load",
+                                    non_negative)
+    router_temperature: float = setting(0.0, "kv router: softmax temperature (0 = pick the lowest cost)",
+                                        non_negative)
+    migration_limit: int = setting(3, "times a request may move to another worker after its worker died",
+                                   non_negative)
+    api_key: str = setting("", "require this bearer token on /v1 requests (empty = no auth)")
+    worker_wait: float = setting(0.0, "seconds a request waits for a worker of its model to appear",
+                                 non_negative)
+    max_request_bytes: int = setting(8 << 20, "largest accepted HTTP body", positive)

@@ -1,0 +1,223 @@
+"""OpenAI response bodies: chat.completion, chat.completion.chunk, text_completion, usage, logprobs, SSE.
+
+Shaped exactly as the `openai` client's types (tests parse them with it). Streaming conventions:
+- chat: the first chunk's delta is {"role": "assistant", "content": ""}, then content deltas, then a
+  chunk with an empty delta and `finish_reason`; completions: text chunks, the last with finish_reason.
+- with stream_options.include_usage every chunk carries "usage": null and one extra chunk with
+  "choices": [] and the usage comes last; without it the key is absent. Then `SSE_DONE`.
+- finish_reason is "stop" (EOS, stop token or stop string) or "length".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from msgspec import UNSET, Struct, UnsetType
+
+from kvrelay.frontend.openai_schema import ApiError
+
+MIN_LOGPROB = -9999.0  # OpenAI's floor; JSON has no -inf
+
+
+class PromptTokensDetails(Struct):
+    cached_tokens: int = 0
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+    return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens,
+                 PromptTokensDetails(cached_tokens))
+
+
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(Struct):
+    content: list[ChatTokenLogprob] | None
+
+
+def chat_logprobs(tokens: Sequence[bytes], logprobs: Sequence[float]) -> ChatLogprobs:
+    """One entry per sampled token: its bytes (`Tokenizer.token_bytes`) and logprob."""
+    return ChatLogprobs([ChatTokenLogprob(b.decode("utf-8", errors="replace"), _lp(lp), list(b))
+                         for b, lp in zip(tokens, logprobs, strict=True)])
+
+
+class CompletionLogprobs(Struct):
+    tokens: list[str]
+    token_logprobs: list[float]
+    text_offset: list[int]
+    top_logprobs: list[dict[str, float]] | None
+
+
+def completion_logprobs(tokens: Sequence[str], logprobs: Sequence[float], offset: int = 0) -> CompletionLogprobs:
+    """`text_offset` counts characters from `offset` (the text already sent in earlier chunks)."""
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    lps = [_lp(lp) for lp in logprobs]
+    return CompletionLogprobs(list(tokens), lps, offsets, [{t: lp} for t, lp in zip(tokens, lps, strict=True)])
+
+
+class ChatMessageOut(Struct):
+    content: str | None
+    role: str = "assistant"
+
+
+class ChatChoice(Struct):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None
+    finish_reason: str  # stop | length
+
+
+class ChatCompletion(Struct, kw_only=True):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(Struct, omit_defaults=True):
+    role: str | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+
+
+class ChatChunkChoice(Struct):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(Struct, kw_only=True):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    # Absent without stream_options.include_usage; with it, null on every chunk but the last (choices []).
+    usage: Usage | None | UnsetType = UNSET
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None  # None on stream chunks before the last
+
+
+class Completion(Struct, kw_only=True):
+    """Both the non-streamed body and each streamed chunk (OpenAI uses object "text_completion" for both)."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None | UnsetType = UNSET
+    system_fingerprint: str | None = None
+
+
+def chat_completion(model: str, text: str, finish_reason: str, usage: Usage,
+                    logprobs: ChatLogprobs | None = None, id: str | None = None) -> ChatCompletion:
+    return ChatCompletion(id=id or new_id("chatcmpl"), created=now(), model=model, usage=usage,
+                          choices=[ChatChoice(0, ChatMessageOut(text), logprobs, finish_reason)])
+
+
+def completion(model: str, text: str, finish_reason: str, usage: Usage,
+               logprobs: CompletionLogprobs | None = None, id: str | None = None) -> Completion:
+    return Completion(id=id or new_id("cmpl"), created=now(), model=model, usage=usage,
+                      choices=[CompletionChoice(0, text, logprobs, finish_reason)])
+
+
+class ChatChunker:
+    """The chunks of one streamed chat completion: same id, created and model on every chunk."""
+
+    def __init__(self, model: str, include_usage: bool = False, id: str | None = None) -> None:
+        self.id, self.model, self.created = id or new_id("chatcmpl"), model, now()
+        self._usage: None | UnsetType = None if include_usage else UNSET
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None | UnsetType) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def role(self) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(0, ChatDelta(role="assistant", content=""))], self._usage)
+
+    def content(self, text: str, logprobs: ChatLogprobs | None = None,
+                finish_reason: str | None = None) -> ChatCompletionChunk:
+        delta = ChatDelta(content=text) if text or finish_reason is None else ChatDelta()
+        return self._chunk([ChatChunkChoice(0, delta, logprobs, finish_reason)], self._usage)
+
+    def usage(self, usage: Usage) -> ChatCompletionChunk:
+        return self._chunk([], usage)
+
+
+class CompletionChunker:
+    """The chunks of one streamed text completion."""
+
+    def __init__(self, model: str, include_usage: bool = False, id: str | None = None) -> None:
+        self.id, self.model, self.created = id or new_id("cmpl"), model, now()
+        self._usage: None | UnsetType = None if include_usage else UNSET
+
+    def text(self, text: str, logprobs: CompletionLogprobs | None = None,
+             finish_reason: str | None = None) -> Completion:
+        return Completion(id=self.id, created=self.created, model=self.model, usage=self._usage,
+                          choices=[CompletionChoice(0, text, logprobs, finish_reason)])
+
+    def usage(self, usage: Usage) -> Completion:
+        return Completion(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
+
+
+def new_id(kind: str) -> str:
+    """`chatcmpl-...` / `cmpl-...`."""
+    return f"{kind}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def sse(obj: Any) -> bytes:
+    """One server-sent event carrying `obj` as JSON (an ApiError becomes its error body)."""
+    payload = obj.body() if isinstance(obj, ApiError) else _encoder.encode(obj)
+    return b"data: " + payload + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _lp(x: float) -> float:
+    return MIN_LOGPROB if math.isnan(x) or x < MIN_LOGPROB else float(x)

@@ -1,0 +1,284 @@
+"""OpenAI API requests and errors (chat completions and completions); bodies are in openai_responses.py.
+
+Requests are decoded with msgspec straight from the body bytes; unknown fields are ignored (clients
+send extras). Every rejection is an `ApiError` whose `.body()` is OpenAI's error JSON, with `param`
+naming the offending field. What the engines cannot do is refused with a 400 rather than ignored:
+n > 1, best_of > 1, echo, suffix, top-N logprobs, response_format other than text, forced tool calls.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_TOP_LOGPROBS = 0  # engines report only the sampled token's logprob (no alternatives)
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def body(self) -> bytes:
+        return msgspec.json.encode(self.to_dict())
+
+    @classmethod
+    def bad_request(cls, message: str, param: str | None = None, code: str | None = None) -> ApiError:
+        return cls(400, message, param=param, code=code)
+
+    @classmethod
+    def model_not_found(cls, model: str) -> ApiError:
+        return cls(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    @classmethod
+    def invalid_api_key(cls) -> ApiError:
+        return cls(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    @classmethod
+    def no_worker(cls, model: str) -> ApiError:
+        return cls(503, f"No worker is serving model `{model}` right now; retry later.",
+                   type="service_unavailable_error", code="no_worker")
+
+    @classmethod
+    def context_length_exceeded(cls, max_len: int, prompt_tokens: int, max_tokens: int | None,
+                                param: str = "messages") -> ApiError:
+        asked = (f"you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
+                 f"{max_tokens} for the completion)") if max_tokens else f"the prompt has {prompt_tokens} tokens"
+        return cls(400, f"This model's maximum context length is {max_len} tokens. However, {asked}. "
+                        "Please reduce the length of the prompt or of max_tokens.",
+                   param=param, code="context_length_exceeded")
+
+    @classmethod
+    def internal(cls, message: str = "Internal server error.") -> ApiError:
+        return cls(500, message, type="internal_error")
+
+
+# -- requests -------------------------------------------------------------------------------------
+
+
+class StreamOptions(Struct):
+    include_usage: bool = False
+
+
+class ContentPart(Struct):
+    type: str
+    text: str | UnsetType = UNSET
+
+
+class ChatMessage(Struct):
+    # UNSET fields are left out of `to_builtins`, so templates see `is defined` as the client meant it.
+    role: str
+    content: str | list[ContentPart] | None | UnsetType = UNSET
+    name: str | UnsetType = UNSET
+    tool_calls: list[dict[str, Any]] | UnsetType = UNSET
+    tool_call_id: str | UnsetType = UNSET
+
+
+class _Common(Struct, kw_only=True):
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Meta(ge=-1)] | None = None  # -1 or 0: off (vLLM)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[Annotated[int, Meta(ge=0)]] | None = None  # kvrelay/vLLM extension
+    ignore_eos: bool = False
+    user: str | None = None
+    cache_salt: str | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling_kwargs(self, prompt_tokens: int, max_model_len: int,
+                        defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Keyword arguments for `workers.protocol.SamplingParams`: unset fields take `defaults`
+        (from `generation_defaults`), then OpenAI's. Raises ApiError when the prompt plus the requested
+        completion exceed `max_model_len`; without max_tokens the completion gets the rest of the context."""
+        d = defaults or {}
+        room = max_model_len - prompt_tokens
+        asked = self.requested_max_tokens()
+        if room < 1 or (asked is not None and asked > room):
+            param = "messages" if isinstance(self, ChatCompletionRequest) else "prompt"
+            raise ApiError.context_length_exceeded(max_model_len, prompt_tokens, asked, param)
+
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(self, name)
+            return value if value is not None else d.get(name, fallback)
+
+        return {
+            "max_tokens": asked if asked is not None else room,
+            "temperature": float(pick("temperature", 1.0)),
+            "top_p": float(pick("top_p", 1.0)),
+            "top_k": max(int(pick("top_k", 0)), 0),
+            "seed": self.seed,
+            "stop_token_ids": list(self.stop_token_ids or []),
+            "ignore_eos": self.ignore_eos,
+            "logprobs": self.wants_logprobs,
+        }
+
+    @property
+    def wants_logprobs(self) -> bool:
+        raise NotImplementedError
+
+    def _validate_common(self) -> None:
+        _check(self.n == 1, "only n=1 is supported.", "n")
+        stops = self.stop_list
+        _check(len(stops) <= MAX_STOP, f"at most {MAX_STOP} stop sequences are allowed.", "stop")
+        _check(all(stops), "stop sequences must be non-empty strings.", "stop")
+        _check(self.cache_salt is None or self.cache_salt != "", "must be a non-empty string.",
+               "cache_salt")
+        _check(self.stream_options is None or self.stream, "only allowed with stream=true.",
+               "stream_options")
+
+
+class ChatCompletionRequest(_Common, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True  # vLLM extension
+    skip_special_tokens: bool = True  # vLLM extension
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs
+
+    def message_dicts(self) -> list[dict[str, Any]]:
+        """The messages as plain dicts for `Tokenizer.apply_chat_template` (unset fields left out)."""
+        return [msgspec.to_builtins(m) for m in self.messages]
+
+    def validate(self) -> None:
+        self._validate_common()
+        _check(bool(self.messages), "must be a non-empty list.", "messages")
+        for i, m in enumerate(self.messages):
+            where = f"messages[{i}]"
+            if m.content is UNSET or m.content is None:
+                _check(m.role == "assistant", f"content is required for role '{m.role}'.",
+                       f"{where}.content")
+            elif isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    _check(part.type == "text",
+                           f"content part type '{part.type}' is not supported; only 'text' parts are.",
+                           f"{where}.content[{j}].type")
+                    _check(isinstance(part.text, str), "a text content part needs a 'text' string.",
+                           f"{where}.content[{j}].text")
+        _check(self.top_logprobs is None or self.logprobs, "requires logprobs=true.", "top_logprobs")
+        _check((self.top_logprobs or 0) <= MAX_TOP_LOGPROBS,
+               "values > 0 are not supported: only the sampled token's logprob is returned.", "top_logprobs")
+        fmt = (self.response_format or {}).get("type", "text")
+        _check(fmt == "text", f"type '{fmt}' is not supported; only 'text' is.", "response_format")
+        _check(self.tool_choice in (None, "none", "auto"), "only 'none' or 'auto' is supported.",
+               "tool_choice")
+
+
+class CompletionRequest(_Common, kw_only=True):
+    prompt: str | list[Any]
+    max_tokens: Annotated[int, Meta(ge=1)] | None = 16  # OpenAI's default for completions
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+    skip_special_tokens: bool = True
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
+
+    @property
+    def prompt_token_ids(self) -> list[int] | None:
+        """The prompt when given as token ids (validated: a non-empty flat list of ints)."""
+        return None if isinstance(self.prompt, str) else self.prompt
+
+    def validate(self) -> None:
+        self._validate_common()
+        if not isinstance(self.prompt, str):
+            _check(bool(self.prompt), "must not be an empty list.", "prompt")
+            _check(not any(isinstance(t, (str, list)) for t in self.prompt),
+                   "batched prompts are not supported: send one string or one list of token ids.", "prompt")
+            _check(all(type(t) is int for t in self.prompt), "token ids must be integers.", "prompt")
+            _check(all(t >= 0 for t in self.prompt), "token ids must be >= 0.", "prompt")
+        _check((self.logprobs or 0) <= MAX_TOP_LOGPROBS,
+               "values > 0 are not supported: only the sampled token's logprob is returned (use logprobs=0).",
+               "logprobs")
+        _check(not self.echo, "echo is not supported.", "echo")
+        _check(self.best_of in (None, 1), "only best_of=1 is supported.", "best_of")
+        _check(not self.suffix, "suffix is not supported.", "suffix")
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    return _parse(body, ChatCompletionRequest)
+
+
+def parse_completion_request(body: bytes) -> CompletionRequest:
+    return _parse(body, CompletionRequest)
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
+    """Token ids from the client (prompt, stop_token_ids) must exist in the model's vocabulary."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    _check(bad is None, f"token id {bad} is out of range for this model (vocabulary size {vocab_size}).", param)
+
+
+def generation_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
+    """Sampling defaults a model ships in generation_config.json (vLLM applies them the same way)."""
+    if generation_config.get("do_sample") is False:
+        return {"temperature": 0.0}
+    return {k: generation_config[k] for k in ("temperature", "top_p", "top_k") if k in generation_config}
+
+
+_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+def _parse(body: bytes, cls: type[Any]) -> Any:
+    try:
+        req = msgspec.json.decode(body, type=cls)
+    except msgspec.ValidationError as e:
+        # msgspec: "Expected `int`, got `str` - at `$.max_tokens`", "Object missing required field `model`".
+        msg = str(e)
+        m, missing = _PATH.search(msg), _MISSING.search(msg)
+        path = m.group(1) if m else ""
+        if missing:
+            path = f"{path}.{missing.group(1)}" if path else missing.group(1)
+            raise ApiError.bad_request(f"Missing required parameter: '{path}'.", param=path) from None
+        if path:
+            raise ApiError.bad_request(f"Invalid '{path}': {msg[:m.start()]}.", param=path) from None
+        raise ApiError.bad_request(f"Invalid request body: {msg}.") from None
+    except msgspec.DecodeError as e:
+        raise ApiError.bad_request(f"The request body is not valid JSON: {e}") from None
+    req.validate()
+    return req
+
+
+def _check(ok: bool, message: str, param: str) -> None:
+    if not ok:
+        raise ApiError.bad_request(f"Invalid '{param}': {message}", param=param)

@@ -1,0 +1,155 @@
+"""One OpenAI request from parsed body to streamed outputs: tokenize, check limits, generate,
+detokenize with stop strings, account usage. Shared by chat and text completions.
+
+Errors a client can cause become `ApiError`s with OpenAI's status codes; everything else is a 500
+whose details stay in the server log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from kvrelay.frontend.detokenizer import IncrementalDetokenizer
+from kvrelay.frontend.metrics import FrontendMetrics
+from kvrelay.frontend.openai_schema import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    check_token_ids,
+    generation_defaults,
+)
+from kvrelay.frontend.service import FrontendService, NoWorker, WorkerRejected
+from kvrelay.frontend.tokenizer import ChatTemplateError, Tokenizer
+from kvrelay.runtime.messages import EngineRequest, ModelCard, SamplingParams
+from kvrelay.runtime.rpc import RpcError
+
+_REJECTED_STATUS = {"EngineOverloaded": 503}
+
+
+@dataclass
+class Piece:
+    """A step of the response: new text, the tokens behind it, and the finish reason on the last."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class Prepared:
+    model: str
+    card: ModelCard
+    tokenizer: Tokenizer
+    request: EngineRequest
+    stops: list[str]
+    skip_special_tokens: bool
+    usage: Usage = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.usage = Usage(prompt_tokens=len(self.request.prompt_token_ids))
+
+
+class Pipeline:
+    def __init__(self, service: FrontendService, metrics: FrontendMetrics):
+        self.service, self.metrics = service, metrics
+        self._tokenizers: dict[str, Tokenizer] = {}
+        self._defaults: dict[str, dict] = {}
+
+    def tokenizer(self, card: ModelCard) -> Tokenizer:
+        tok = self._tokenizers.get(card.fingerprint)
+        if tok is None:
+            tok = self._tokenizers[card.fingerprint] = Tokenizer(self.service.card_dir(card))
+        return tok
+
+    async def resolve_model(self, model: str) -> ModelCard:
+        svc = self.service
+        if not svc.has_workers() or model in svc.cards:  # starting up, or a known model restarting
+            await svc.wait_for_model(model)
+        if model not in svc.models():
+            if not svc.has_workers() or model in svc.cards:
+                raise ApiError.no_worker(model)
+            raise ApiError.model_not_found(model)
+        try:
+            return await svc.model_card(model)
+        except NoWorker:
+            raise ApiError.no_worker(model) from None
+
+    async def prepare(self, req: ChatCompletionRequest | CompletionRequest, request_id: str) -> Prepared:
+        req.validate()
+        card = await self.resolve_model(req.model)
+        tok = self.tokenizer(card)
+        try:
+            if isinstance(req, ChatCompletionRequest):
+                prompt = tok.chat_prompt_ids(req.message_dicts(), add_generation_prompt=req.add_generation_prompt)
+            elif req.prompt_token_ids is not None:
+                prompt = list(req.prompt_token_ids)
+                check_token_ids(prompt, tok.vocab_size, "prompt")
+            else:
+                prompt = tok.encode(req.prompt)
+        except ChatTemplateError as e:
+            raise ApiError.bad_request(f"The chat template rejected the messages: {e}", "messages") from None
+        if not prompt:
+            raise ApiError.bad_request("The prompt is empty.", "prompt")
+        check_token_ids(req.stop_token_ids or [], tok.vocab_size, "stop_token_ids")
+        defaults = self._defaults.get(card.fingerprint)
+        if defaults is None:
+            defaults = self._defaults[card.fingerprint] = generation_defaults(tok.generation_config)
+        sampling = SamplingParams(**req.sampling_kwargs(len(prompt), card.max_model_len, defaults))
+        engine_req = EngineRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
+                                   cache_salt=req.cache_salt or "")
+        return Prepared(req.model, card, tok, engine_req, req.stop_list, req.skip_special_tokens)
+
+    async def run(self, p: Prepared) -> AsyncIterator[Piece]:
+        """Stream the response; the last piece has finish_reason. Raises ApiError on failure."""
+        detok = IncrementalDetokenizer(p.tokenizer, p.request.prompt_token_ids,
+                                       skip_special_tokens=p.skip_special_tokens, stop=p.stops)
+        stop_ids = set(p.request.sampling.stop_token_ids) | p.tokenizer.eos_token_ids
+        start = last = time.monotonic()
+        first = True
+        self.metrics.prompt_tokens.inc(p.usage.prompt_tokens)
+        try:
+            async for out in self.service.generate(p.model, p.card, p.request):
+                now = time.monotonic()
+                if first:
+                    self.metrics.ttft.observe(now - start)
+                    p.usage.cached_tokens = out.num_cached_tokens
+                    self.metrics.cached_tokens.inc(out.num_cached_tokens)
+                    first = False
+                else:
+                    self.metrics.itl.observe(now - last)
+                last = now
+                p.usage.completion_tokens += len(out.token_ids)
+                self.metrics.completion_tokens.inc(len(out.token_ids))
+                ended_by_token = (out.finish_reason == "stop" and bool(out.token_ids)
+                                  and out.token_ids[-1] in stop_ids)
+                delta = detok.step(out.token_ids, stop_token=ended_by_token)
+                if delta.stopped:  # a stop string: end here; leaving the loop cancels the worker's request
+                    yield Piece(delta.text, out.token_ids, out.logprobs, "stop")
+                    return
+                if out.finish_reason is not None:
+                    tail = detok.finish()
+                    reason = "length" if out.finish_reason == "length" else "stop"
+                    yield Piece(delta.text + tail.text, out.token_ids, out.logprobs, reason)
+                    return
+                yield Piece(delta.text, out.token_ids, out.logprobs)
+        except NoWorker:
+            raise ApiError.no_worker(p.model) from None
+        except WorkerRejected as e:
+            raise ApiError(_REJECTED_STATUS.get(e.kind, 400), str(e),
+                           type="service_unavailable_error" if e.kind == "EngineOverloaded" else
+                           "invalid_request_error") from None
+        except RpcError as e:
+            raise ApiError(503, f"The request failed on every worker that tried it: {e}",
+                           type="service_unavailable_error", code="worker_failed") from None
+        finally:
+            self.metrics.e2e.observe(time.monotonic() - start)

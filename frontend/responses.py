@@ -1,0 +1,75 @@
+"""Turning pipeline `Piece`s into OpenAI response bodies, streamed or whole (see openai_responses.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kvrelay.frontend.openai_responses import (
+    ChatChunker,
+    CompletionChunker,
+    chat_completion,
+    chat_logprobs,
+    completion,
+    completion_logprobs,
+    usage,
+)
+from kvrelay.frontend.pipeline import Piece, Prepared
+
+
+class ResponseBuilder:
+    def __init__(self, endpoint: str, prepared: Prepared, req: Any):
+        self.chat = endpoint == "chat"
+        self.p = prepared
+        self.include_usage = req.include_usage
+        self.want_logprobs = req.wants_logprobs
+        self.chunker = (ChatChunker if self.chat else CompletionChunker)(prepared.model, self.include_usage)
+        self._offset = 0  # characters of completion text emitted so far (completions' text_offset)
+
+    def _logprobs(self, piece: Piece):
+        if not self.want_logprobs or piece.logprobs is None:
+            return None
+        tok = self.p.tokenizer
+        n = min(len(piece.token_ids), len(piece.logprobs))
+        if self.chat:
+            return chat_logprobs([tok.token_bytes(t) for t in piece.token_ids[:n]], piece.logprobs[:n])
+        return completion_logprobs([tok.token_str(t) for t in piece.token_ids[:n]], piece.logprobs[:n],
+                                   self._offset)
+
+    def head(self) -> list[Any]:
+        return [self.chunker.role()] if self.chat else []
+
+    def chunks(self, piece: Piece) -> list[Any]:
+        lp = self._logprobs(piece)
+        out = []
+        if piece.text or lp is not None:
+            out.append(self.chunker.content(piece.text, lp) if self.chat else self.chunker.text(piece.text, lp))
+            self._offset += len(piece.text)
+        if piece.finish_reason is not None:  # OpenAI ends with a chunk holding only the finish reason
+            out.append(self.chunker.content("", None, piece.finish_reason) if self.chat
+                       else self.chunker.text("", None, piece.finish_reason))
+        return out
+
+    def tail(self) -> list[Any]:
+        if not self.include_usage:
+            return []
+        u = self.p.usage
+        return [self.chunker.usage(usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens))]
+
+    async def collect(self, pieces: AsyncIterator[Piece]) -> Any:
+        texts: list[str] = []
+        ids: list[int] = []
+        lps: list[float] = []
+        finish = "stop"
+        async for piece in pieces:
+            texts.append(piece.text)
+            ids += piece.token_ids
+            lps += piece.logprobs or []
+            finish = piece.finish_reason or finish
+        whole = Piece("".join(texts), ids, lps if self.want_logprobs else None)
+        lp = self._logprobs(whole) if self.want_logprobs else None
+        u = self.p.usage
+        body_usage = usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+        if self.chat:
+            return chat_completion(self.p.model, whole.text, finish, body_usage, lp, id=self.chunker.id)
+        return completion(self.p.model, whole.text, finish, body_usage, lp, id=self.chunker.id)

@@ -1,0 +1,199 @@
+"""Request orchestration: pick a worker, stream from it, move the request if the worker dies.
+
+Invariants:
+- Every routed attempt is matched by exactly one `router.on_finish` (the router's in-flight
+  accounting never drifts), whether the attempt ends normally, fails, or the caller leaves.
+- A caller that stops iterating (client disconnect) closes the RPC stream, which cancels the request
+  on the worker; nothing keeps running for a request nobody is reading.
+- A worker whose connection breaks mid-stream is suspended from routing at once; the request
+  continues on another worker from prompt + tokens generated so far, up to `migration_limit` times,
+  and the caller sees one uninterrupted stream of outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter
+
+from kvrelay.frontend.config import FrontendConfig
+from kvrelay.frontend.kv_events_consumer import KvEventsConsumer
+from kvrelay.frontend.kv_index import KvIndex
+from kvrelay.frontend.router import RouteRequest, WorkerState, make_router
+from kvrelay.frontend.worker_pool import WorkerPool
+from kvrelay.kvbm.events import KvSnapshot, LoadMetrics, load_subject
+from kvrelay.kvbm.hashing import block_hashes, root_hash
+from kvrelay.runtime.discovery import Discovery, Instance
+from kvrelay.runtime.events import EventPlane
+from kvrelay.runtime.messages import Empty, EngineOutput, EngineRequest, ModelCard
+from kvrelay.runtime.metrics import new_registry
+from kvrelay.runtime.paths import cache_dir
+from kvrelay.runtime.rpc import RemoteError, RpcCancelled, RpcClient, RpcConnectionError
+
+log = logging.getLogger(__name__)
+
+LOAD_STALE_S = 5.0
+SUSPEND_S = 30.0  # how long a worker whose connection broke is kept out of routing
+
+
+class NoWorker(Exception):
+    """No worker serves this model (now)."""
+
+
+class WorkerRejected(Exception):
+    """The worker refused the request itself (bad input it detected, or it is overloaded)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class FrontendService:
+    def __init__(self, cfg: FrontendConfig, discovery: Discovery, events: EventPlane,
+                 registry: CollectorRegistry | None = None):
+        self.cfg = cfg
+        self.registry = registry or new_registry()
+        self.pool = WorkerPool(discovery, cfg.namespace)
+        self.events = events
+        self.rpc = RpcClient()
+        self.index = KvIndex()
+        self.router = make_router(cfg.router_mode, index=self.index, registry=self.registry,
+                                  **({"overlap_weight": cfg.overlap_weight, "temperature": cfg.router_temperature}
+                                     if cfg.router_mode == "kv" else {}))
+        self.kv_events = KvEventsConsumer(events, cfg.namespace, self.index, self._resync)
+        self.pool.on_removed.append(self.kv_events.remove_worker)
+        self.pool.on_added.append(lambda inst: self.kv_events.add_worker(inst.instance_id))
+        self.cards: dict[str, ModelCard] = {}
+        self._card_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: list[asyncio.Task] = []
+        self.migrations = Counter("kvrelay_frontend_migrations", "requests moved to another worker mid-stream",
+                                  registry=self.registry)
+
+    async def start(self) -> None:
+        await self.events.start()
+        await self.kv_events.start()
+        load_sub = await self.events.subscribe(load_subject(self.cfg.namespace))
+        self._tasks.append(asyncio.create_task(self._consume_load(load_sub)))
+        await self.pool.start()
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.kv_events.close()
+        await self.pool.close()
+        await self.rpc.close()
+        await self.events.close()
+
+    async def _consume_load(self, sub) -> None:
+        async for msg in sub:
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                self.pool.update_load(msg.decode(LoadMetrics))
+
+    async def _resync(self, worker_id: str) -> KvSnapshot:
+        inst = self.pool.instances.get(worker_id)
+        if inst is None:
+            raise LookupError(f"worker {worker_id} is gone")
+        return await self.rpc.unary(inst.address, "kv_snapshot", Empty(), KvSnapshot)
+
+    # -- models -----------------------------------------------------------------------------------------
+    def has_workers(self) -> bool:
+        return bool(self.pool.instances)
+
+    def models(self) -> list[str]:
+        return self.pool.models()
+
+    async def model_card(self, model: str) -> ModelCard:
+        """The model's card, fetched once from one of its workers (tokenizer files, hashing params)."""
+        card = self.cards.get(model)
+        if card is not None:
+            return card
+        lock = self._card_locks.setdefault(model, asyncio.Lock())
+        async with lock:
+            if model in self.cards:
+                return self.cards[model]
+            last_error: Exception | None = None
+            for inst in self.pool.workers(model, roles=("agg", "decode", "prefill")):
+                try:
+                    card = await self.rpc.unary(inst.address, "model_card", Empty(), ModelCard)
+                except (RpcConnectionError, RpcCancelled, RemoteError) as e:
+                    last_error = e
+                    continue
+                self.cards[model] = card
+                return card
+            raise NoWorker(f"no reachable worker serves model {model!r}") from last_error
+
+    def card_dir(self, card: ModelCard) -> Path:
+        """The card's tokenizer files on local disk (tokenizer loaders want a directory)."""
+        path = cache_dir() / "model-cards" / card.fingerprint
+        if not (path / ".complete").exists():
+            path.mkdir(parents=True, exist_ok=True)
+            for name, data in card.files.items():
+                (path / name).write_bytes(data)
+            (path / ".complete").touch()
+        return path
+
+    async def wait_for_model(self, model: str) -> bool:
+        if self.pool.workers(model):
+            return True
+        return await self.pool.wait_for(lambda: bool(self.pool.workers(model)), self.cfg.worker_wait)
+
+    # -- generation -------------------------------------------------------------------------------------
+    def _state(self, inst: Instance, now: float) -> WorkerState:
+        load = self.pool.load.get(inst.instance_id)
+        if load is None or now - load.timestamp > LOAD_STALE_S:
+            return WorkerState(worker_id=inst.instance_id)
+        return WorkerState(worker_id=inst.instance_id, active_requests=load.running + load.waiting,
+                           active_decode_blocks=load.used_blocks, kv_usage=load.kv_usage)
+
+    async def generate(self, model: str, card: ModelCard, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        prompt, sampling = request.prompt_token_ids, request.sampling
+        generated: list[int] = []
+        excluded: set[str] = set()
+        migrations = 0
+        root = root_hash(card.fingerprint, request.cache_salt)
+        while True:
+            workers = [w for w in self.pool.workers(model) if w.instance_id not in excluded]
+            if not workers:
+                raise NoWorker(f"no worker serves model {model!r}" if not excluded
+                               else f"every worker of {model!r} failed during the request")
+            tokens = prompt + generated
+            route = RouteRequest(request_id=request.request_id, num_prompt_tokens=len(tokens),
+                                 block_hashes=block_hashes(tokens, card.block_size, root),
+                                 block_size=card.block_size)
+            now = time.time()
+            decision = self.router.select(route, [self._state(w, now) for w in workers])
+            inst = self.pool.instances[decision.worker_id]
+            attempt = msgspec.structs.replace(
+                request, prompt_token_ids=tokens,
+                sampling=msgspec.structs.replace(sampling, max_tokens=sampling.max_tokens - len(generated)))
+            try:
+                async with self.rpc.call(inst.address, "generate", attempt, EngineOutput) as stream:
+                    async for out in stream:
+                        generated += out.token_ids
+                        yield out
+                        if out.finish_reason is not None:
+                            return
+                raise RpcConnectionError(f"{inst.address} ended the stream without finishing")
+            except (RpcConnectionError, RpcCancelled) as e:
+                self.pool.suspend(inst.instance_id, SUSPEND_S)
+                excluded.add(inst.instance_id)
+                migrations += 1
+                if migrations > self.cfg.migration_limit:
+                    raise
+                self.migrations.inc()
+                log.warning("request %s: worker %s failed (%s); continuing on another worker after %d tokens",
+                            request.request_id, inst.instance_id, e, len(generated))
+            except RemoteError as e:
+                if e.kind == "EngineOverloaded" and len(excluded) + 1 < len(self.pool.workers(model)):
+                    excluded.add(inst.instance_id)  # busy: try the others before giving up
+                    continue
+                raise WorkerRejected(e.kind, e.remote_message) from None
+            finally:
+                self.router.on_finish(request.request_id)
