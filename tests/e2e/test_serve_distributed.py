@@ -1,0 +1,61 @@
+"""The same end-to-end check on real etcd + NATS, and migration when a worker dies mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import openai
+
+from kvrelay.runtime.discovery import DiscoveryConfig
+from tests.e2e.serve import Serve, alive, worker_stats
+from tests.e2e.test_serve_openai import MODEL, check_openai_clients
+
+
+def test_openai_clients_on_etcd_and_nats(tmp_path, etcd, nats):
+    srv = Serve(tmp_path, "--discovery", "etcd", "--etcd-endpoints", f"127.0.0.1:{etcd.port}",
+                "--events", "nats", "--nats-url", f"nats://127.0.0.1:{nats.port}", "--lease-ttl", "3").start()
+    try:
+        check_openai_clients(srv.base_url)
+        ready = httpx.get(f"{srv.base_url}/ready").json()
+        assert ready["workers"] == 2
+    finally:
+        assert srv.stop() == 0
+
+
+def test_worker_sigkill_mid_stream_migrates(tmp_path):
+    srv = Serve(tmp_path, "--lease-ttl", "2", "--migration-limit", "1").start()
+    discovery = DiscoveryConfig(discovery="file", discovery_dir=srv.discovery_dir)
+    client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0)
+    prompt, n = "The history of the lighthouse keeper begins", 300
+    try:
+        reference = client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0,
+                                              extra_body={"ignore_eos": True}).choices[0].text
+        stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        texts, killed = [], None
+        for chunk in stream:
+            texts.append(chunk.choices[0].text)
+            if killed is None and len(texts) == 20:
+                busy = [(pid, wid) for wid, (pid, s) in asyncio.run(worker_stats(discovery)).items()
+                        if s.running > 0]
+                assert len(busy) == 1, busy
+                killed = busy[0]
+                os.kill(killed[0], signal.SIGKILL)
+                killed_at = time.monotonic()
+        assert killed is not None
+        # One uninterrupted stream, and greedy decoding continued from the same tokens gives the same text.
+        assert "".join(texts) == reference
+        assert not alive(killed[0])
+        # The dead worker is out of routing: every request after the lease TTL succeeds, none reaches it.
+        time.sleep(max(0.0, 2 + 0.5 - (time.monotonic() - killed_at)))
+        for i in range(6):
+            r = client.completions.create(model=MODEL, prompt=f"after the crash {i}", max_tokens=3)
+            assert r.choices[0].finish_reason in ("length", "stop")
+        registered = asyncio.run(worker_stats(discovery))
+        assert killed[1] not in registered
+    finally:
+        srv.stop()

@@ -1,0 +1,151 @@
+"""`kvrelay serve` end to end with the official `openai` client (the main job a user runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from kvrelay.runtime.discovery import DiscoveryConfig
+from tests.e2e.serve import Serve, alive, wait_idle
+
+MODEL = "kvrelay-tiny"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    srv = Serve(tmp_path_factory.mktemp("serve"), "--lease-ttl", "3").start()
+    yield srv
+    srv.stop()
+
+
+def check_openai_clients(base_url: str) -> None:
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}],
+                                          max_tokens=12, temperature=0)
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert chat.usage.prompt_tokens > 0 and chat.usage.completion_tokens >= 1
+    comp = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert comp.choices[0].finish_reason == "length" and comp.usage.completion_tokens == 8
+    # streaming must carry exactly the same text as the non-streamed greedy answer
+    pieces = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    chunks = list(pieces)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == comp.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 8
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}],
+                                            max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
+
+    async def async_client() -> None:
+        aclient = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+        replies = await asyncio.gather(*(aclient.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Question {i}"}], max_tokens=6) for i in range(8)))
+        assert all(r.choices[0].message.content is not None for r in replies)
+        stream = await aclient.chat.completions.create(model=MODEL, max_tokens=6, stream=True,
+                                                       messages=[{"role": "user", "content": "Stream please"}])
+        assert [c async for c in stream]
+
+    asyncio.run(async_client())
+
+
+def test_openai_client_sync_async_streaming(served):
+    elapsed = time.monotonic() - served.started_at
+    print(f"ready {elapsed:.1f}s after launch")
+    assert elapsed < 20
+    check_openai_clients(served.base_url)
+
+
+def test_prefix_cache_hit_is_reported(served):
+    client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0)
+    long = "You are a careful assistant. " * 20
+    first = client.completions.create(model=MODEL, prompt=long, max_tokens=4)
+    again = client.completions.create(model=MODEL, prompt=long, max_tokens=4)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 16
+    assert again.choices[0].text == first.choices[0].text or again.choices[0].finish_reason
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/v1/chat/completions", b"{not json", 400, None),
+        ("/v1/chat/completions", b'{"model": "kvrelay-tiny", "messages": "hi"}', 400, "messages"),
+        ("/v1/chat/completions", b'{"model": "kvrelay-tiny", "messages": [{"role": "user", "content": "x"}],'
+                                 b' "max_tokens": -5}', 400, "max_tokens"),
+        ("/v1/completions", b'{"model": "kvrelay-tiny", "prompt": "x", "max_tokens": "ten"}', 400, "max_tokens"),
+        ("/v1/completions", b'{"model": "no-such-model", "prompt": "x"}', 404, "model"),
+        ("/v1/completions", b'{"model": "kvrelay-tiny", "prompt": "' + b"word " * 6000 + b'"}', 400, "prompt"),
+        ("/v1/completions", b'{"model": "kvrelay-tiny", "prompt": [999999]}', 400, "prompt"),
+        ("/v1/nothing", b"{}", 404, None),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_server_keeps_serving(served, path, body, status, param):
+    r = httpx.post(served.base_url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and "Traceback" not in err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    ok = httpx.post(f"{served.base_url}/v1/completions", json={"model": MODEL, "prompt": "still there?",
+                                                                "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_api_key(tmp_path):
+    srv = Serve(tmp_path, "--api-key", "s3cret", workers=1).start()
+    try:
+        url = f"{srv.base_url}/v1/completions"
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+        assert httpx.post(url, json=body, headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.post(url, json=body).status_code == 401
+        assert httpx.post(url, json=body, headers={"authorization": "Bearer s3cret"}).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_200_cancelled_streams_free_every_block(served):
+    discovery = DiscoveryConfig(discovery="file", discovery_dir=served.discovery_dir)
+    before = asyncio.run(wait_idle(discovery))
+
+    async def cancel_one(client: httpx.AsyncClient, i: int) -> None:
+        body = {"model": MODEL, "prompt": f"request {i} " * 30, "max_tokens": 500, "stream": True,
+                "ignore_eos": True}
+        async with client.stream("POST", f"{served.base_url}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for _ in r.aiter_lines():
+                break  # leave after the first chunk: the connection closes mid-stream
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=20)) as client:
+            sem = asyncio.Semaphore(20)
+
+            async def guarded(i: int) -> None:
+                async with sem:
+                    await cancel_one(client, i)
+
+            await asyncio.gather(*(guarded(i) for i in range(200)))
+
+    asyncio.run(run())
+    after = asyncio.run(wait_idle(discovery))
+    for wid, (_, stats) in after.items():
+        _, start = before[wid]
+        assert stats.running == stats.waiting == 0, (wid, stats)
+        assert stats.free_blocks == start.free_blocks == stats.total_blocks, (wid, start, stats)
+
+
+def test_interrupt_leaves_no_process(tmp_path):
+    srv = Serve(tmp_path, workers=2).start()
+    children = srv.children()
+    assert len(children) == 2
+    assert srv.stop(signal.SIGINT) == 0
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in children)
