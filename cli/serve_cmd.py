@@ -32,7 +32,11 @@ log = logging.getLogger("kvrelay.serve")
 
 # Worker settings `serve` passes through; the rest (host, port, role, ...) it decides itself.
 _WORKER_PASSTHROUGH = ("engine", "model", "served_model_name", "dtype", "device", "block_size", "kv_cache_bytes",
-                       "max_num_batched_tokens", "max_num_seqs", "max_waiting", "max_model_len")
+                       "max_num_batched_tokens", "max_num_seqs", "max_waiting", "max_model_len",
+                       "mocker_speedup", "mocker_num_blocks", "mocker_prefill_us_per_token",
+                       "mocker_prefill_us_per_token_pair", "mocker_decode_base_ms", "mocker_decode_us_per_seq",
+                       "mocker_decode_us_per_kv_block", "mocker_transfer_gbps", "mocker_eos_probability",
+                       "mocker_seed")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

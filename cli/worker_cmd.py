@@ -24,16 +24,20 @@ def _run(args: argparse.Namespace) -> int:
     cfg = build(WorkerConfig, args)
     disc_cfg, ev_cfg = build(DiscoveryConfig, args), build(EventsConfig, args)
     setup_logging(args.log_level)
-    from kvrelay.workers.engines.native.config import UnsupportedModel
     from kvrelay.workers.worker import Worker, run_worker
 
+    model_errors: tuple[type[Exception], ...] = (FileNotFoundError,)
+    if cfg.engine == "native":  # native.config imports torch; other engines must not pay for it
+        from kvrelay.workers.engines.native.config import UnsupportedModel
+
+        model_errors += (UnsupportedModel,)
     try:
         worker = Worker(cfg, make_discovery(disc_cfg), make_event_plane(ev_cfg))
-    except (UnsupportedModel, FileNotFoundError) as e:
+    except model_errors as e:
         raise ConfigError(f"--model: {e}") from None
     try:
         aio.run(run_worker(worker))
-    except (UnsupportedModel, FileNotFoundError) as e:
+    except model_errors as e:
         sys.stderr.write(f"kvrelay worker: error: --model: {e}\n")
         return 2
     return 0

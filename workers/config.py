@@ -12,9 +12,13 @@ def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else "must be a TCP port (0 = any free port)"
 
 
+def _probability(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be in [0, 1]"
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
-    engine: Literal["native"] = setting("native", "engine adapter")
+    engine: Literal["native", "mocker"] = setting("native", "engine adapter (mocker: simulated, no compute)")
     role: Literal["agg", "prefill", "decode"] = setting("agg", "serving role")
     model: str = setting("", "model directory (Hugging Face layout); empty = the built-in tiny model")
     served_model_name: str = setting("", "name clients use in requests (default: the model's directory name)")
@@ -32,3 +36,21 @@ class WorkerConfig:
     max_waiting: int = setting(1024, "waiting-queue bound; more is rejected as busy", positive)
     max_model_len: int = setting(0, "context length (0 = the model's)", non_negative)
     load_interval: float = setting(0.5, "seconds between load-metric publications", positive)
+    # --engine mocker only (workers/engines/mocker/README.md); defaults equal MockerConfig's.
+    mocker_speedup: float = setting(1.0, "mocker: divide simulated times by this (0 = never sleep)",
+                                    non_negative)
+    mocker_num_blocks: int = setting(16384, "mocker: KV blocks in the simulated pool", positive)
+    mocker_prefill_us_per_token: float = setting(20.0, "mocker: prefill cost per new token (us)",
+                                                 non_negative)
+    mocker_prefill_us_per_token_pair: float = setting(0.0005, "mocker: attention cost per (new token, "
+                                                      "attended token) pair (us)", non_negative)
+    mocker_decode_base_ms: float = setting(5.0, "mocker: fixed cost of a step with decodes (ms)",
+                                           non_negative)
+    mocker_decode_us_per_seq: float = setting(20.0, "mocker: decode cost per sequence (us)", non_negative)
+    mocker_decode_us_per_kv_block: float = setting(0.6, "mocker: decode cost per KV block read (us)",
+                                                   non_negative)
+    mocker_transfer_gbps: float = setting(100.0, "mocker: simulated KV transfer bandwidth (Gbit/s)",
+                                          positive)
+    mocker_eos_probability: float = setting(0.0, "mocker: chance per token of EOS unless ignore_eos",
+                                            _probability)
+    mocker_seed: int = setting(0, "mocker: seed of the generated tokens (equal on every worker)")

@@ -1,6 +1,24 @@
-"""The native PyTorch engine: runs Llama/Qwen2/Qwen3 checkpoints on CPU or GPU with a paged KV cache."""
+"""The native PyTorch engine: runs Llama/Qwen2/Qwen3 checkpoints on CPU or GPU with a paged KV cache.
 
-from kvrelay.workers.engines.native.engine import NativeEngine
-from kvrelay.workers.engines.native.llm_engine import EngineOverloaded, LLMEngine, NativeEngineConfig
+Exports load lazily (PEP 562) so that `scheduler` and `sequence`, which are torch-free and reused by
+the mocker engine, can be imported without importing torch.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvrelay.workers.engines.native.engine import NativeEngine
+    from kvrelay.workers.engines.native.llm_engine import EngineOverloaded, LLMEngine, NativeEngineConfig
+
+_EXPORTS = {"NativeEngine": "engine", "EngineOverloaded": "llm_engine", "LLMEngine": "llm_engine",
+            "NativeEngineConfig": "llm_engine"}
 __all__ = ["EngineOverloaded", "LLMEngine", "NativeEngine", "NativeEngineConfig"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

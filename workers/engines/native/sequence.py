@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import enum
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvrelay.kvbm.block_pool import Block
 from kvrelay.kvbm.hashing import BlockHasher
 from kvrelay.workers.protocol import SamplingParams
+
+if TYPE_CHECKING:
+    import torch  # imported lazily below: the mocker engine reuses Sequence without torch
 
 
 class Status(enum.Enum):
@@ -44,6 +46,8 @@ class Sequence:
         self.num_emitted = 0  # output tokens already sent to the caller
         self.generator: torch.Generator | None = None
         if sampling.seed is not None:
+            import torch
+
             self.generator = torch.Generator().manual_seed(sampling.seed)
 
     @property
