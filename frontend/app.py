@@ -1,9 +1,8 @@
 """The OpenAI-compatible HTTP API (Starlette on uvicorn, uvloop in servers).
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, /health, /ready, /metrics.
-Every error is OpenAI error JSON; no stack trace ever reaches a client. A client that disconnects
-cancels its request on the worker (streaming: Starlette cancels the response; non-streaming: we race
-the generation against `http.disconnect`).
+Every error is OpenAI error JSON; no stack trace ever reaches a client. The two generate endpoints
+are plain ASGI (`generate_handler.py`, the hot path); Starlette serves the rest.
 """
 
 from __future__ import annotations
@@ -16,15 +15,14 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kvrelay.frontend.config import FrontendConfig
+from kvrelay.frontend.generate_handler import GenerateHandler
 from kvrelay.frontend.metrics import FrontendMetrics
-from kvrelay.frontend.openai_responses import SSE_DONE, encode, new_id, sse
 from kvrelay.frontend.openai_schema import ApiError, parse_chat_request, parse_completion_request
 from kvrelay.frontend.pipeline import Pipeline
-from kvrelay.frontend.responses import ResponseBuilder
 from kvrelay.frontend.service import FrontendService
 from kvrelay.runtime.discovery import Discovery
 from kvrelay.runtime.events import EventPlane
@@ -44,6 +42,7 @@ class FrontendServer:
         self.metrics = FrontendMetrics(self.service.registry)
         self.pipeline = Pipeline(self.service, self.metrics)
         self.app = self._build_app()
+        self.generate = GenerateHandler(cfg, self.pipeline, self.metrics)
         self._uvicorn: uvicorn.Server | None = None
         self._task: asyncio.Task | None = None
         self.port = cfg.http_port
@@ -54,8 +53,6 @@ class FrontendServer:
                                    code="not_found" if exc.status_code == 404 else None))
 
         return Starlette(routes=[
-            Route("/v1/chat/completions", self.chat, methods=["POST"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),
@@ -64,7 +61,8 @@ class FrontendServer:
 
     async def start(self) -> None:
         await self.service.start()
-        config = uvicorn.Config(self.app, host=self.cfg.http_host, port=self.cfg.http_port, log_level="warning",
+        config = uvicorn.Config(self.asgi, host=self.cfg.http_host, port=self.cfg.http_port, log_level="warning",
+                                interface="asgi3", proxy_headers=False,
                                 loop="none", lifespan="off", timeout_graceful_shutdown=5)
         self._uvicorn = uvicorn.Server(config)
         self._uvicorn.install_signal_handlers = lambda: None  # the process owner handles signals
@@ -83,62 +81,14 @@ class FrontendServer:
         await self.service.close()
 
     # -- routes -----------------------------------------------------------------------------------------
-    async def chat(self, request: Request) -> Response:
-        return await self._generate(request, "chat", parse_chat_request)
-
-    async def completions(self, request: Request) -> Response:
-        return await self._generate(request, "completions", parse_completion_request)
-
-    async def _generate(self, request: Request, endpoint: str, parse) -> Response:
-        self.metrics.inflight.inc()
-        try:
-            response = await self._respond(request, endpoint, parse)
-        except ApiError as e:
-            response = _error(e)
-        except Exception:
-            log.exception("unexpected error serving %s", endpoint)
-            response = _error(ApiError.internal())
-        finally:
-            self.metrics.inflight.dec()
-        self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
-
-    async def _respond(self, request: Request, endpoint: str, parse) -> Response:
-        self._authorize(request)
-        body = await self._body(request)
-        req = parse(body)
-        prepared = await self.pipeline.prepare(req, new_id("req"))
-        builder = ResponseBuilder(endpoint, prepared, req)
-        if req.stream:
-            return StreamingResponse(self._stream(prepared, builder), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        task = asyncio.create_task(builder.collect(self.pipeline.run(prepared)))
-        gone = asyncio.create_task(_wait_disconnect(request))
-        try:
-            done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if task not in done:  # the client left: stop the work on the worker, answer nobody
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            return Response(status_code=499)
-        return Response(encode(task.result()), media_type="application/json")
-
-    async def _stream(self, prepared, builder: ResponseBuilder):
-        try:
-            for chunk in builder.head():
-                yield sse(chunk)
-            async for piece in self.pipeline.run(prepared):
-                for chunk in builder.chunks(piece):
-                    yield sse(chunk)
-            for chunk in builder.tail():
-                yield sse(chunk)
-        except ApiError as e:
-            yield sse(e)
-        except Exception:
-            log.exception("unexpected error while streaming")
-            yield sse(ApiError.internal())
-        yield SSE_DONE
+    async def asgi(self, scope: dict, receive, send) -> None:
+        """The ASGI entry point: the two generate endpoints take the plain-ASGI hot path."""
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = _GENERATE.get(scope["path"])
+            if route is not None:
+                await self.generate(scope, receive, send, *route)
+                return
+        await self.app(scope, receive, send)
 
     def _authorize(self, request: Request) -> None:
         if not self.cfg.api_key:
@@ -147,18 +97,6 @@ class FrontendServer:
         token = header[7:] if header.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), self.cfg.api_key.encode()):
             raise ApiError.invalid_api_key()
-
-    async def _body(self, request: Request) -> bytes:
-        limit = self.cfg.max_request_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
-        return bytes(body)
 
     async def list_models(self, request: Request) -> Response:
         try:
@@ -182,6 +120,5 @@ class FrontendServer:
         return Response(render(self.service.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+_GENERATE = {"/v1/chat/completions": ("chat", parse_chat_request),
+             "/v1/completions": ("completions", parse_completion_request)}

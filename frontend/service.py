@@ -34,12 +34,25 @@ from kvrelay.runtime.events import EventPlane
 from kvrelay.runtime.messages import Empty, EngineOutput, EngineRequest, ModelCard
 from kvrelay.runtime.metrics import new_registry
 from kvrelay.runtime.paths import cache_dir
-from kvrelay.runtime.rpc import RemoteError, RpcCancelled, RpcClient, RpcConnectionError
+from kvrelay.runtime.rpc import RemoteError, RpcCancelled, RpcClient, RpcConnectionError, RpcStream
 
 log = logging.getLogger(__name__)
 
 LOAD_STALE_S = 5.0
 SUSPEND_S = 30.0  # how long a worker whose connection broke is kept out of routing
+
+
+def _merge_backlog(out: EngineOutput, stream: RpcStream) -> EngineOutput:
+    """Fold outputs that already arrived behind `out` into it: when the frontend falls behind the
+    engine, it then detokenizes and sends one chunk for the backlog instead of one per step."""
+    while out.finish_reason is None:
+        nxt = stream.pop_ready()
+        if nxt is None:
+            break
+        logprobs = None if out.logprobs is None or nxt.logprobs is None else out.logprobs + nxt.logprobs
+        out = msgspec.structs.replace(nxt, token_ids=out.token_ids + nxt.token_ids, logprobs=logprobs,
+                                      num_cached_tokens=out.num_cached_tokens)
+    return out
 
 
 class NoWorker(Exception):
@@ -176,6 +189,7 @@ class FrontendService:
             try:
                 async with self.rpc.call(inst.address, "generate", attempt, EngineOutput) as stream:
                     async for out in stream:
+                        out = _merge_backlog(out, stream)
                         generated += out.token_ids
                         yield out
                         if out.finish_reason is not None:

@@ -144,6 +144,15 @@ class RpcStream:
         self._conn.consumed()  # type: ignore[union-attr]
         return bytes(raw) if self._type is None else decoder(self._type).decode(raw)
 
+    def pop_ready(self) -> Any | None:
+        """The next response if one has already arrived, else None (never waits). Lets a consumer
+        that fell behind merge a backlog into one unit of work instead of paying per item."""
+        if not self._items:
+            return None
+        raw = self._items.popleft()
+        self._conn.consumed()  # type: ignore[union-attr]
+        return bytes(raw) if self._type is None else decoder(self._type).decode(raw)
+
     def cancel(self) -> None:
         """Stop the call: the server-side handler is cancelled; iteration ends with StopAsyncIteration."""
         conn = self._conn

@@ -4,64 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
-
+from kvrelay.perf.serve_process import Serve
 from kvrelay.runtime.discovery import DiscoveryConfig, list_instances, make_discovery
 from kvrelay.runtime.messages import Empty, EngineStats
 from kvrelay.runtime.rpc import RpcClient
-from tests.servers import free_port
 
-
-class Serve:
-    def __init__(self, tmp: Path, *args: str, workers: int = 2, env: dict | None = None):
-        self.port = free_port()
-        self.discovery_dir = str(tmp / "discovery")
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.argv = [sys.executable, "-m", "kvrelay.cli.main", "serve", "--http-port", str(self.port),
-                     "--workers", str(workers), *args]
-        if "--discovery" not in args:
-            self.argv += ["--discovery-dir", self.discovery_dir]
-        self.log = open(tmp / "serve.log", "w")  # noqa: SIM115 - closed in stop()
-        self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen | None = None
-        self.started_at = 0.0
-
-    def start(self, timeout: float = 60.0) -> Serve:
-        self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"serve exited early: {self.read_log()}"
-            try:
-                if httpx.get(f"{self.base_url}/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"serve not ready in {timeout}s: {self.read_log()}")
-
-    def read_log(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()[-4000:]
-
-    def children(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split()]
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.log.close()
+__all__ = ["Serve", "alive", "wait_idle", "worker_stats"]
 
 
 def alive(pid: int) -> bool:

@@ -1,0 +1,138 @@
+"""The hot path: POST /v1/chat/completions and /v1/completions as plain ASGI.
+
+Starlette serves every other route; these two skip its middleware stack and the task group behind
+each StreamingResponse, which cost more CPU per request than the rest of the frontend together
+(measured with `python -m kvrelay.perf.frontend_bench`). Contract kept: OpenAI error JSON for every
+failure, no stack trace to a client, and a client that disconnects cancels the generation (one watcher
+task per request reads `http.disconnect`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from kvrelay.frontend.config import FrontendConfig
+from kvrelay.frontend.metrics import FrontendMetrics
+from kvrelay.frontend.openai_responses import SSE_DONE, encode, new_id, sse
+from kvrelay.frontend.openai_schema import ApiError
+from kvrelay.frontend.pipeline import Pipeline
+from kvrelay.frontend.responses import ResponseBuilder
+
+log = logging.getLogger(__name__)
+
+_JSON = [(b"content-type", b"application/json")]
+_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+class GenerateHandler:
+    def __init__(self, cfg: FrontendConfig, pipeline: Pipeline, metrics: FrontendMetrics):
+        self.cfg, self.pipeline, self.metrics = cfg, pipeline, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable, endpoint: str, parse) -> None:
+        self.metrics.inflight.inc()
+        status = 500
+        try:
+            status = await self._serve(scope, receive, send, endpoint, parse)
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+
+    async def _serve(self, scope: dict, receive: Callable, send: Callable, endpoint: str, parse) -> int:
+        try:
+            self._authorize(scope)
+            body = await self._body(receive)
+            if body is None:
+                return 499  # the client left before sending its request
+            req = parse(body)
+            prepared = await self.pipeline.prepare(req, new_id("req"))
+        except ApiError as e:
+            return await _send_error(send, e)
+        except Exception:
+            log.exception("unexpected error preparing %s", endpoint)
+            return await _send_error(send, ApiError.internal())
+        builder = ResponseBuilder(endpoint, prepared, req)
+        if req.stream:
+            work = self._stream(send, prepared, builder)
+        else:
+            work = self._whole(send, prepared, builder)
+        return await _until_disconnect(work, receive)
+
+    async def _stream(self, send: Callable, prepared, builder: ResponseBuilder) -> int:
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+        chunks = [sse(c) for c in builder.head()]
+        try:
+            async for piece in self.pipeline.run(prepared):
+                chunks += [sse(c) for c in builder.chunks(piece)]
+                await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
+                chunks = []
+            chunks += [sse(c) for c in builder.tail()]
+        except ApiError as e:
+            chunks.append(sse(e))
+        except Exception:
+            log.exception("unexpected error while streaming")
+            chunks.append(sse(ApiError.internal()))
+        chunks.append(SSE_DONE)
+        await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": False})
+        return 200
+
+    async def _whole(self, send: Callable, prepared, builder: ResponseBuilder) -> int:
+        try:
+            body = encode(await builder.collect(self.pipeline.run(prepared)))
+        except ApiError as e:
+            return await _send_error(send, e)
+        except Exception:
+            log.exception("unexpected error generating")
+            return await _send_error(send, ApiError.internal())
+        await send({"type": "http.response.start", "status": 200, "headers": _JSON})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return 200
+
+    def _authorize(self, scope: dict) -> None:
+        if not self.cfg.api_key:
+            return
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), self.cfg.api_key.encode()):
+            raise ApiError.invalid_api_key()
+
+    async def _body(self, receive: Callable) -> bytes | None:
+        limit, body = self.cfg.max_request_bytes, bytearray()
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None
+            body += msg.get("body", b"")
+            if len(body) > limit:
+                raise ApiError(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
+            if not msg.get("more_body", False):
+                return bytes(body)
+
+
+async def _send_error(send: Callable, e: ApiError) -> int:
+    await send({"type": "http.response.start", "status": e.status, "headers": _JSON})
+    await send({"type": "http.response.body", "body": e.body(), "more_body": False})
+    return e.status
+
+
+async def _until_disconnect(work: Any, receive: Callable) -> int:
+    """Run `work`; if the client disconnects first, cancel it (the worker-side request goes with it)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done():  # cancelled because the client left, not because we are
+            return 499
+        raise
+    finally:
+        watcher.cancel()

@@ -1,0 +1,176 @@
+"""Frontend + router overhead (issue #4): the same load through `kvrelay serve` vs straight to a worker.
+
+    python -m kvrelay.perf.frontend_bench [--requests 2000] [--concurrency 16] [--workers 1]
+
+`kvrelay serve --engine mocker` with an effectively infinite speedup, so the engine returns at once
+and what is measured is the path in front of it. Both loads run interleaved in one run from this
+process (which also costs CPU on the same 2 cores):
+- frontend: streamed `/v1/completions` over HTTP (a lean keep-alive client, `concurrency`
+  connections), prompt as token ids, `max_tokens` tokens, `ignore_eos`; TTFT = first chunk with text.
+- direct: the same `EngineRequest`s to one worker's `generate` endpoint over the request plane.
+Reported: requests/s and TTFT p50/p99 for each, and the ratio frontend / direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from kvrelay.perf.serve_process import Serve
+from kvrelay.runtime.discovery import DiscoveryConfig, list_instances, make_discovery
+from kvrelay.runtime.messages import EngineOutput, EngineRequest, SamplingParams
+from kvrelay.runtime.rpc import RpcClient
+
+
+def _pct(xs: list[float], q: int) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] * 1000
+
+
+async def _pool(n: int, concurrency: int, one) -> tuple[float, list[float]]:
+    ttfts: list[float] = []
+    queue = iter(range(n))
+
+    async def worker() -> None:
+        for i in queue:
+            ttfts.append(await one(i))
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return n / (time.perf_counter() - t), ttfts
+
+
+def _prompt(i: int, length: int) -> list[int]:
+    return [100 + (i * 7 + j) % 1500 for j in range(length)]
+
+
+class _SseConnection(asyncio.Protocol):
+    """A lean keep-alive HTTP/1.1 client for one streamed request at a time: the load generator must
+    cost about what the request-plane client costs, or it, not the frontend, is what gets measured.
+    It looks only for the first chunk carrying text (TTFT) and the terminating `[DONE]`."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.first: asyncio.Future | None = None
+        self.done: asyncio.Future | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.first is not None and not self.first.done() and b'"text":"' in data.replace(b'"text":""', b""):
+            self.first.set_result(time.perf_counter())
+        if b"data: [DONE]" in data and self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def connection_lost(self, exc) -> None:
+        for fut in (self.first, self.done):
+            if fut is not None and not fut.done():
+                fut.set_exception(ConnectionError("connection lost"))
+
+    async def request(self, raw: bytes) -> float:
+        loop = asyncio.get_running_loop()
+        self.first, self.done = loop.create_future(), loop.create_future()
+        t = time.perf_counter()
+        self.transport.write(raw)
+        await self.done
+        return (self.first.result() if self.first.done() else time.perf_counter()) - t
+
+
+async def via_frontend(url: str, model: str, args: argparse.Namespace) -> tuple[float, list[float]]:
+    host, port = url.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
+    conns = [(await loop.create_connection(_SseConnection, host, int(port)))[1] for _ in range(args.concurrency)]
+    free: asyncio.Queue[_SseConnection] = asyncio.Queue()
+    for c in conns:
+        free.put_nowait(c)
+
+    async def one(i: int) -> float:
+        body = json.dumps({"model": model, "prompt": _prompt(i, args.prompt_tokens), "max_tokens": args.max_tokens,
+                           "stream": True, "ignore_eos": True}).encode()
+        raw = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        conn = await free.get()
+        try:
+            return await conn.request(raw)
+        finally:
+            free.put_nowait(conn)
+
+    try:
+        return await _pool(args.requests, args.concurrency, one)
+    finally:
+        for c in conns:
+            c.transport.close()
+
+
+async def direct(address: str, args: argparse.Namespace) -> tuple[float, list[float]]:
+    client = RpcClient()
+
+    async def one(i: int) -> float:
+        req = EngineRequest(request_id=f"direct-{i}-{time.monotonic_ns()}", prompt_token_ids=_prompt(i, args.prompt_tokens),
+                            sampling=SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
+        t = time.perf_counter()
+        ttft = None
+        async for _ in client.call(address, "generate", req, EngineOutput):
+            if ttft is None:
+                ttft = time.perf_counter() - t
+        return ttft
+
+    try:
+        return await _pool(args.requests, args.concurrency, one)
+    finally:
+        await client.close()
+
+
+async def measure(url: str, discovery_dir: str, args: argparse.Namespace) -> dict:
+    disc = make_discovery(DiscoveryConfig(discovery="file", discovery_dir=discovery_dir))
+    await disc.start()
+    address = (await list_instances(disc, "default"))[0].address
+    await disc.close()
+    small = argparse.Namespace(**{**vars(args), "requests": 100})
+    await via_frontend(url, "kvrelay-tiny", small)  # warm-up
+    await direct(address, small)
+    rows: dict[str, list] = {"frontend": [], "direct": []}
+    for _ in range(args.repeats):
+        rows["frontend"].append(await via_frontend(url, "kvrelay-tiny", args))
+        rows["direct"].append(await direct(address, args))
+    out = {}
+    for name, runs in rows.items():
+        ttfts = [t for _, ts in runs for t in ts]
+        out[name] = {"requests_per_s": statistics.median(r for r, _ in runs),
+                     "ttft_p50_ms": _pct(ttfts, 50), "ttft_p99_ms": _pct(ttfts, 99)}
+    out["ratio_requests_per_s"] = out["frontend"]["requests_per_s"] / out["direct"]["requests_per_s"]
+    out["added_ttft_p50_ms"] = out["frontend"]["ttft_p50_ms"] - out["direct"]["ttft_p50_ms"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kvrelay.perf.frontend_bench")
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        srv = Serve(Path(tmp), "--engine", "mocker", "--mocker-speedup", "1e9", "--router-mode", "kv",
+                    workers=args.workers).start()
+        try:
+            result = asyncio.run(measure(srv.base_url, srv.discovery_dir, args))
+        finally:
+            srv.stop()
+    result["config"] = vars(args)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
