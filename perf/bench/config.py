@@ -45,6 +45,7 @@ class BenchConfig(msgspec.Struct, kw_only=True):
     suffixes_per_prefix: int = 8
     users: int = 8
     turns: int = 4
+    system_len: int = 0  # multi-turn: a system prompt every user shares (0: none)
     num_docs: int = 4
     doc_len: int = 2048
     questions_per_doc: int = 8

@@ -32,7 +32,7 @@ import numpy as np
 from kvrelay.perf.bench.config import BenchConfig
 
 # stream kinds: distinct random streams per kind of content
-_RANDOM, _PREFIX, _SUFFIX, _ORDER, _USER, _ASSISTANT, _DOC, _QUESTION, _BLOCK, _PAD = range(10)
+_RANDOM, _PREFIX, _SUFFIX, _ORDER, _USER, _ASSISTANT, _DOC, _QUESTION, _BLOCK, _PAD, _SYSTEM = range(11)
 DEFAULT_RANDOM_REQUESTS = 100
 
 
@@ -101,12 +101,16 @@ def prefix_workload(cfg: BenchConfig, pool: np.ndarray) -> Iterator[RequestSpec]
 
 
 def multi_turn_workload(cfg: BenchConfig, pool: np.ndarray) -> Iterator[RequestSpec]:
+    """Users in a shuffled order each turn (seeded): a fixed order would hand round-robin perfect
+    affinity whenever the user count is a multiple of the worker count."""
     index = count()
+    system = [Segment("system", draw(pool, rng(cfg.seed, _SYSTEM), cfg.system_len))] if cfg.system_len else []
     for wave in count():
         users = range(wave * cfg.users, (wave + 1) * cfg.users)
-        history: dict[int, list[Segment]] = {u: [] for u in users}
+        history: dict[int, list[Segment]] = {u: list(system) for u in users}
         for turn in range(cfg.turns):
-            for user in users:
+            order = rng(cfg.seed, _ORDER, wave, turn).permutation(np.array(users))
+            for user in (int(u) for u in order):
                 ask = Segment("user", draw(pool, rng(cfg.seed, _USER, user, turn), cfg.input_len))
                 yield RequestSpec(index=next(index), segments=[*history[user], ask], output_len=cfg.output_len,
                                   session=user, turn=turn)
