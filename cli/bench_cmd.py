@@ -162,22 +162,3 @@ def _compare(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(text)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`kvrelay bench ...` on its own, with the same error contract as kvrelay.cli.main."""
-    parser = Parser(prog="kvrelay", description="kvrelay benchmark harness")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)
-    register(sub)
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        sys.stderr.write(f"kvrelay bench: error: {e}\n")
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -40,9 +40,5 @@ def fake_endpoint(*args: str) -> Iterator[str]:
 
 
 def bench_argv() -> list[str]:
-    """`kvrelay bench` through the main CLI once bench_cmd is registered there; its own entry point until then."""
-    from kvrelay.cli import bench_cmd, main
-
-    if bench_cmd in main.COMMANDS:
-        return [sys.executable, "-m", "kvrelay.cli.main", "bench"]
-    return [sys.executable, "-m", "kvrelay.cli.bench_cmd"]
+    """`kvrelay bench` through the main CLI, as a user runs it."""
+    return [sys.executable, "-m", "kvrelay.cli.main", "bench"]

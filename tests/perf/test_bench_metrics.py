@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from msgspec import structs
 
-from kvrelay.cli import bench_cmd
+from kvrelay.cli.main import main as cli_main
 from kvrelay.perf.bench.arrivals import gamma_gaps
 from kvrelay.perf.bench.client import RequestRecord
 from kvrelay.perf.bench.config import BenchConfig
@@ -203,7 +203,7 @@ def test_workloads_are_deterministic_and_shaped(tok, name):
 )
 def test_bad_flags_exit_2_with_one_line(capsys, argv, needle):
     try:
-        rc = bench_cmd.main(argv)
+        rc = cli_main(["bench", *argv])
     except SystemExit as e:
         rc = e.code
     err = capsys.readouterr().err.strip().splitlines()

@@ -169,7 +169,7 @@ class MockerEngine:
         if seq is None:
             return
         self.scheduler.finish(seq, "abort")  # frees its blocks, even mid-step (see the module invariants)
-        self._deliver([self._output(seq)])
+        self._deliver([seq.take_output()])
         self._wake.set()  # freed blocks may admit a waiting request
 
     def _fail_all(self, error: Exception) -> None:
@@ -221,27 +221,15 @@ class MockerEngine:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 del self.seqs[seq.request_id]
-            outputs.append(self._output(seq))
+            outputs.append(seq.take_output())
         self.events.flush()
         self._deliver(outputs)
 
     def _stop_reason(self, seq: MockSequence, token: int) -> str | None:
-        p = seq.sampling
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.info.eos_ids):
-            return "stop"
-        if len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        if -(-(seq.num_tokens + 1) // self.cfg.block_size) > self.pool.num_blocks:
+        reason = seq.stop_reason(token, self.info.eos_ids, self.max_model_len)
+        if reason is None and -(-(seq.num_tokens + 1) // self.cfg.block_size) > self.pool.num_blocks:
             return "length"  # the next token would not fit even the whole pool: stop, never livelock
-        return None
-
-    def _output(self, seq: MockSequence) -> EngineOutput:
-        new = seq.output[seq.num_emitted:]
-        lps = seq.logprobs[seq.num_emitted:] if seq.sampling.logprobs else None
-        seq.num_emitted = len(seq.output)
-        return EngineOutput(request_id=seq.request_id, token_ids=new, logprobs=lps,
-                            finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt),
-                            num_cached_tokens=seq.num_cached_prompt)
+        return reason
 
     def _deliver(self, outputs: list[EngineOutput]) -> None:
         for out in outputs:

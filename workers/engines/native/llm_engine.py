@@ -107,7 +107,7 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
-        return self._output(seq)
+        return seq.take_output()
 
     def has_work(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
@@ -128,28 +128,12 @@ class LLMEngine:
         for i, seq in enumerate(samplers):
             seq.append(tokens[i], logprobs[i] if logprobs is not None and seq.sampling.logprobs else None)
             self.generated_tokens += 1
-            reason = self._stop_reason(seq, tokens[i])
+            reason = seq.stop_reason(tokens[i], self.eos, self.max_model_len)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 del self.seqs[seq.request_id]
-            outputs.append(self._output(seq))
+            outputs.append(seq.take_output())
         return outputs
-
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.sampling
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos):
-            return "stop"
-        if len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
-
-    def _output(self, seq: Sequence) -> EngineOutput:
-        new = seq.output[seq.num_emitted:]
-        lps = seq.logprobs[seq.num_emitted:] if seq.sampling.logprobs else None
-        seq.num_emitted = len(seq.output)
-        return EngineOutput(request_id=seq.request_id, token_ids=new, logprobs=lps,
-                            finish_reason=seq.finish_reason, num_prompt_tokens=len(seq.prompt),
-                            num_cached_tokens=seq.num_cached_prompt)
 
     # -- KV events (DESIGN.md "Events"); numbered here so a snapshot and the stream agree -----------------
     def _emit(self, kind: str, hashes: list[int], parent: int | None = None) -> None:

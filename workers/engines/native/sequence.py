@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from kvrelay.kvbm.block_pool import Block
 from kvrelay.kvbm.hashing import BlockHasher
-from kvrelay.workers.protocol import SamplingParams
+from kvrelay.workers.protocol import EngineOutput, SamplingParams
 
 if TYPE_CHECKING:
     import torch  # imported lazily below: the mocker engine reuses Sequence without torch
@@ -63,6 +63,24 @@ class Sequence:
         if end <= n:
             return self.prompt[start:end]
         return (self.prompt + self.output)[start:end]
+
+    def stop_reason(self, token: int, eos_ids: frozenset[int] | set[int], max_model_len: int) -> str | None:
+        """Why `token` (just appended) ends the sequence, or None to go on."""
+        p = self.sampling
+        if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
+            return "stop"
+        if len(self.output) >= p.max_tokens or self.num_tokens >= max_model_len:
+            return "length"
+        return None
+
+    def take_output(self) -> EngineOutput:
+        """The tokens generated since the last call (and the finish reason once finished)."""
+        new = self.output[self.num_emitted:]
+        lps = self.logprobs[self.num_emitted:] if self.sampling.logprobs else None
+        self.num_emitted = len(self.output)
+        return EngineOutput(request_id=self.request_id, token_ids=new, logprobs=lps,
+                            finish_reason=self.finish_reason, num_prompt_tokens=len(self.prompt),
+                            num_cached_tokens=self.num_cached_prompt)
 
     def append(self, token: int, logprob: float | None) -> None:
         self.output.append(token)
