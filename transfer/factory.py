@@ -1,0 +1,40 @@
+"""Choosing the transport: `make_transfer_engine("auto" | "nixl" | "tcp", name)`.
+
+- "tcp": the TCP fallback, always available.
+- "nixl": NIXL with the given backends (default UCX). If NIXL cannot be imported or its agent or a
+  backend cannot be created, a warning is logged and the TCP engine is returned: a worker on a machine
+  without a working NIXL still serves, slower, instead of failing to start.
+- "auto": the same as "nixl" (the default for workers).
+The engine kinds do not interoperate: a peer's `add_peer` rejects metadata of the other kind with
+ValueError, and the caller prefills locally instead (DESIGN.md "Disaggregation").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from kvrelay.transfer.base import DEFAULT_TIMEOUT_S, TransferEngine
+from kvrelay.transfer.nixl_engine import NixlTransferEngine
+from kvrelay.transfer.tcp_engine import TcpTransferEngine
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "nixl", "tcp")
+
+
+def make_transfer_engine(kind: str, name: str, *, backends: Sequence[str] = ("UCX",), host: str = "127.0.0.1",
+                         port: int = 0, advertise_host: str | None = None,
+                         timeout_s: float = DEFAULT_TIMEOUT_S) -> TransferEngine:
+    """Build (not start) an engine; `await engine.start()` after registering its pools."""
+    if kind not in KINDS:
+        raise ValueError(f"transfer engine kind must be one of {KINDS}, got {kind!r}")
+    if kind != "tcp":
+        try:
+            return NixlTransferEngine(name, backends, timeout_s=timeout_s)
+        except ImportError as e:
+            log.warning("NIXL is not installed (%s); KV transfers use the TCP fallback", e)
+        except Exception as e:
+            log.warning("NIXL agent %r with backends %s failed to start (%s: %s); KV transfers use the "
+                        "TCP fallback", name, list(backends), type(e).__name__, e)
+    return TcpTransferEngine(name, host, port, advertise_host, timeout_s=timeout_s)
