@@ -15,21 +15,25 @@ from kvrelay.kernels.block_copy import (
 )
 from kvrelay.kernels.paged_attention import (
     HAS_TRITON,
+    DecodePlan,
     paged_attention_decode,
     paged_attention_decode_ref,
     paged_attention_decode_triton,
+    plan_decode,
     prefill_attention_ref,
     release_workspace,
 )
 
 __all__ = [
     "HAS_TRITON",
+    "DecodePlan",
     "gather_blocks",
     "gather_blocks_ref",
     "gather_blocks_triton",
     "paged_attention_decode",
     "paged_attention_decode_ref",
     "paged_attention_decode_triton",
+    "plan_decode",
     "prefill_attention_ref",
     "release_workspace",
     "scatter_blocks",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -98,48 +99,66 @@ def _gather_kv(kv_cache: Tensor, layer: int, bt: Tensor, dtype: torch.dtype) -> 
     return k, v
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """What the reference decode needs from the block tables, computed once per step: every layer of a
+    step shares it (same sequences, same blocks), so building it per layer would repeat the host sync
+    and index math num_layers times."""
+
+    bt: Tensor  # [B * n_blk] block ids to gather, padding entries replaced by block 0
+    tokens: int  # T = n_blk * block_size key slots per sequence
+    mask: Tensor | None  # [B, 1, 1, T] keep-mask, or None when no slot is padding
+    pad: Tensor | None  # flat indices of padded slots in [B * T], zeroed after the gather
+
+
+def plan_decode(block_tables: Tensor, context_lens: Tensor, block_size: int) -> DecodePlan:
+    ctx = context_lens.long()
+    lo, hi = torch.aminmax(ctx)
+    lo, hi = int(lo), int(hi)  # one host sync; the reference runs on CPU
+    n_blk = -(-hi // block_size)
+    if lo < 1:
+        raise ValueError(f"context_lens must be >= 1, got min {lo}")
+    if n_blk > block_tables.shape[1]:
+        raise ValueError(f"context_lens max {hi} needs {n_blk} blocks, block_tables has {block_tables.shape[1]}")
+    used = torch.arange(n_blk, device=ctx.device)[None, :] < ((ctx + block_size - 1) // block_size)[:, None]
+    # Padding entries may hold garbage (even out-of-range ids): replace them with block 0, which is
+    # always a valid address; its tokens are masked out.
+    bt = torch.where(used, block_tables[:, :n_blk].long(), 0).reshape(-1)
+    T = n_blk * block_size
+    if lo == T:  # no key slot is padding; without a mask SDPA can take its fast path
+        return DecodePlan(bt, T, None, None)
+    keep = torch.arange(T, device=ctx.device)[None, :] < ctx[:, None]  # [B, T]
+    return DecodePlan(bt, T, keep[:, None, None, :], (~keep).flatten().nonzero().squeeze(1))
+
+
 def paged_attention_decode_ref(
-    q: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, context_lens: Tensor, scale: float
+    q: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, context_lens: Tensor, scale: float,
+    plan: DecodePlan | None = None,
 ) -> Tensor:
     """One decode step for B sequences: q [B, Hq, D] attends to its first context_lens[b] cached tokens.
 
     Vectorized over the batch: one gather per K and V of the [B, n_blk] blocks this layer needs
     (n_blk = ceil(max context / block_size)), a key-padding mask, one SDPA call. fp16/bf16 run in fp32
-    so the softmax is fp32 whatever SDPA backend is picked.
+    so the softmax is fp32 whatever SDPA backend is picked. `plan` (from `plan_decode`) lets the
+    layers of one step share the block-table work; without it, it is built here.
     """
-    _check_decode_args(q, kv_cache, layer, block_tables, context_lens)
+    if plan is None:
+        _check_decode_args(q, kv_cache, layer, block_tables, context_lens)
+        plan = plan_decode(block_tables, context_lens, kv_cache.shape[3])
     B, hq, d = q.shape
-    bs, hkv = kv_cache.shape[3], kv_cache.shape[4]
-    ctx = context_lens.long()
-    lo, hi = torch.aminmax(ctx)
-    lo, hi = int(lo), int(hi)  # one host sync; the reference runs on CPU
-    n_blk = -(-hi // bs)
-    if lo < 1:
-        raise ValueError(f"context_lens must be >= 1, got min {lo}")
-    if n_blk > block_tables.shape[1]:
-        raise ValueError(f"context_lens max {hi} needs {n_blk} blocks, block_tables has {block_tables.shape[1]}")
-    blk_idx = torch.arange(n_blk, device=q.device)
-    used = blk_idx[None, :] < ((ctx + bs - 1) // bs)[:, None]  # [B, n_blk]
-    # Padding entries may hold garbage (even out-of-range ids): replace them with block 0, which is
-    # always a valid address; its tokens are masked out below.
-    bt = torch.where(used, block_tables[:, :n_blk].long(), 0).reshape(-1)
-    T = n_blk * bs
+    hkv, T = kv_cache.shape[4], plan.tokens
     cdtype = torch.float32 if q.dtype in _HALF else q.dtype
-    k, v = _gather_kv(kv_cache, layer, bt, cdtype)
+    k, v = _gather_kv(kv_cache, layer, plan.bt, cdtype)
     k, v = k.view(B, T, hkv, d), v.view(B, T, hkv, d)  # packed rows: the view is free
-    mask = None
-    if lo != T:  # some key slot is padding; all-True masks are dropped so SDPA can take its fast path
-        keep = torch.arange(T, device=q.device)[None, :] < ctx[:, None]  # [B, T]
+    if plan.pad is not None:
         # Slots past a context were never written and may hold NaN/Inf (torch.empty pools, stale
         # blocks); a masked score does not stop 0 * NaN in P @ V, so zero them in our private copy.
         # index_fill_ touches only the padded rows (masked_fill_ would rewrite all of K and V).
-        pad = (~keep).flatten().nonzero().squeeze(1)
-        k.view(B * T, hkv, d).index_fill_(0, pad, 0)
-        v.view(B * T, hkv, d).index_fill_(0, pad, 0)
-        mask = keep[:, None, None, :]  # [B, 1, 1, T], broadcast over heads and the single query
+        k.view(B * T, hkv, d).index_fill_(0, plan.pad, 0)
+        v.view(B * T, hkv, d).index_fill_(0, plan.pad, 0)
     qq = q.unsqueeze(2).to(cdtype)  # [B, Hq, 1, D]
     out = F.scaled_dot_product_attention(
-        qq, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=hq != hkv
+        qq, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.mask, scale=scale, enable_gqa=hq != hkv
     )
     return out.squeeze(2).to(q.dtype)
 
@@ -260,9 +279,11 @@ def paged_attention_decode_triton(
 
 
 def paged_attention_decode(
-    q: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, context_lens: Tensor, scale: float
+    q: Tensor, kv_cache: Tensor, layer: int, block_tables: Tensor, context_lens: Tensor, scale: float,
+    plan: DecodePlan | None = None,
 ) -> Tensor:
-    """Dispatch: the Triton kernel for CUDA tensors, the SDPA reference otherwise."""
+    """Dispatch: the Triton kernel for CUDA tensors, the SDPA reference otherwise (`plan` is the
+    reference's per-step block-table work; the kernel reads the tables itself)."""
     if q.is_cuda and HAS_TRITON:
         return paged_attention_decode_triton(q, kv_cache, layer, block_tables, context_lens, scale)
-    return paged_attention_decode_ref(q, kv_cache, layer, block_tables, context_lens, scale)
+    return paged_attention_decode_ref(q, kv_cache, layer, block_tables, context_lens, scale, plan)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvrelay.kernels import plan_decode
 from kvrelay.workers.engines.native.model import BatchMetadata, PrefillChunk
 from kvrelay.workers.engines.native.sequence import Sequence
 
@@ -53,6 +54,8 @@ def build_batch(scheduled: list[tuple[Sequence, int]], block_size: int, device: 
         meta.decode_block_tables = tables.to(device)
         meta.decode_context_lens = torch.tensor([s.num_computed + 1 for s, _ in decodes], dtype=torch.int32,
                                                 device=device)
+        if meta.decode_context_lens.device.type == "cpu":  # the CUDA kernel reads the tables itself
+            meta.decode_plan = plan_decode(meta.decode_block_tables, meta.decode_context_lens, block_size)
     for seq, n in chunks:
         start = len(ids)
         add(seq, n)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvrelay.kernels import paged_attention_decode, prefill_attention_ref, write_kv_ref
+from kvrelay.kernels import DecodePlan, paged_attention_decode, prefill_attention_ref, write_kv_ref
 from kvrelay.workers.engines.native.config import ModelConfig
 from kvrelay.workers.engines.native.rope import RotaryEmbedding
 
@@ -37,6 +37,7 @@ class BatchMetadata:
     num_decode: int = 0  # decode tokens occupy [0, num_decode)
     decode_block_tables: torch.Tensor | None = None  # int32 [num_decode, max_blocks]
     decode_context_lens: torch.Tensor | None = None  # int32 [num_decode]
+    decode_plan: DecodePlan | None = None  # the reference kernel's block-table work, shared by all layers
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -82,7 +83,7 @@ class Attention(nn.Module):
         nd = meta.num_decode
         if nd:
             out[:nd] = paged_attention_decode(q[:nd], kv_cache, self.layer, meta.decode_block_tables,
-                                              meta.decode_context_lens, self.scale)
+                                              meta.decode_context_lens, self.scale, meta.decode_plan)
         for chunk in meta.prefills:
             qs = q[chunk.start:chunk.end]
             if chunk.num_cached == 0:  # nothing cached: this step's K/V is the whole context
