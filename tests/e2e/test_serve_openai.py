@@ -68,6 +68,7 @@ def test_prefix_cache_hit_is_reported(served):
     client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0)
     long = "You are a careful assistant. " * 20
     first = client.completions.create(model=MODEL, prompt=long, max_tokens=4)
+    time.sleep(0.5)  # the worker's KV events reach the router's index asynchronously (ZMQ)
     again = client.completions.create(model=MODEL, prompt=long, max_tokens=4)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert again.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 16
