@@ -1,0 +1,268 @@
+"""G4: an S3-compatible object store shared by all workers (DESIGN.md "Tiers").
+
+One object per block (format in object_format.py: key `kvrelay/<model fingerprint>/<seq_hash as 16
+hex>`, a 32-byte header with an xxh3_64 of the payload, then the bytes). A missing, truncated,
+mis-keyed or corrupted object is a miss (corrupt ones count as checksum failures and are
+deleted, so they cannot block a rewrite). Client: obstore (Rust object_store; any obstore store works,
+so the embedded "G4 at a local path" is `obstore.store.LocalStore`). At most `max_concurrency` requests
+are in flight per store; each has a timeout. Any transport error disables the tier with one warning;
+after `retry_after_s` one call probes again and a success re-enables it.
+
+Capacity, honestly: G4 is shared, so no worker can bound the bucket. `capacity_bytes` bounds the
+objects *this worker wrote and has not deleted* (headers included, in-flight writes and unconfirmed
+deletes counted), evicting them LRU (or by the `tinylfu` policy) with DeleteObjects. Puts are
+conditional (If-None-Match: *): a block another worker already wrote is a dedup hit, neither counted
+nor ever deleted by us. Reads serve any worker's objects. The owned set lives in memory, so objects of
+a crashed worker stay until a bucket lifecycle rule (expiration) removes them: configure one.
+`hashes()` and the on_event stream describe the owned set. `contains` is local for owned blocks and a
+HEAD request for the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from time import perf_counter
+from typing import Any
+
+import numpy as np
+import obstore
+import torch
+from obstore.exceptions import AlreadyExistsError, NotFoundError
+
+from .base import EventCallback, Health, TierStats, check_batch, emit
+from .object_format import HEADER_BYTES, MAGIC, encode, object_key, verify
+from .policy import make_policy
+from .s3 import s3_store
+
+_MISSING = (NotFoundError, FileNotFoundError)
+__all__ = ["HEADER_BYTES", "MAGIC", "ObjectStore", "object_key", "s3_store"]
+
+
+class ObjectStore:
+    tier = "G4"
+
+    def __init__(self, store: Any, fingerprint: str, block_bytes: int, capacity_bytes: int, *,
+                 policy: str = "lru", max_concurrency: int = 16, timeout_s: float = 10.0,
+                 retry_after_s: float | None = 30.0, conditional_put: bool = True,
+                 on_event: EventCallback | None = None):
+        self.object_bytes = HEADER_BYTES + block_bytes
+        self.max_blocks = capacity_bytes // self.object_bytes
+        if block_bytes < 1 or self.max_blocks < 1:
+            raise ValueError(f"G4: capacity {capacity_bytes} B holds no object of {self.object_bytes} B")
+        self.store, self.fingerprint, self.block_bytes = store, fingerprint, block_bytes
+        self.timeout_s, self.conditional_put, self.on_event = timeout_s, conditional_put, on_event
+        self._owned = make_policy(policy, self.max_blocks)  # committed objects we wrote, eviction order
+        self._pending: set[int] = set()  # our puts in flight (room reserved)
+        self._deleting: set[int] = set()  # evicted/removed, delete not yet confirmed (still counted)
+        self._sem = asyncio.Semaphore(max_concurrency)
+        self._stats = TierStats(tier=self.tier, capacity_bytes=capacity_bytes)
+        self._health = Health(self.tier, retry_after_s)
+        # Invariant: (len(_owned) + len(_pending) + len(_deleting)) * object_bytes <= capacity_bytes.
+
+    @property
+    def enabled(self) -> bool:
+        return self._health.enabled
+
+    @property
+    def stats(self) -> TierStats:
+        s = self._stats.copy()
+        s.blocks = len(self._owned)
+        s.used_bytes = s.blocks * self.block_bytes
+        s.footprint_bytes = (s.blocks + len(self._pending) + len(self._deleting)) * self.object_bytes
+        s.enabled = self._health.enabled
+        return s
+
+    def hashes(self) -> list[int]:
+        return list(self._owned)
+
+    def key(self, seq_hash: int) -> str:
+        return object_key(self.fingerprint, seq_hash)
+
+    async def close(self) -> None:
+        """Afterwards every call is a miss or a dropped put (objects stay: G4 outlives workers)."""
+        self._health.retry_after_s, self._health.enabled = None, False
+
+    # -- put ------------------------------------------------------------------------------------------
+    async def put(self, hashes: Sequence[int], srcs: Sequence[torch.Tensor]) -> list[bool]:
+        u8s = check_batch(hashes, srcs, self.block_bytes)
+        out, st = [False] * len(u8s), self._stats
+        if not self._health.allow():
+            st.rejected_puts += len(u8s)
+            return out
+        todo, evicted = [], []
+        for i, (h, src) in enumerate(zip(hashes, u8s, strict=True)):
+            self._owned.record(h)
+            if h in self._owned or h in self._pending:
+                self._owned.touch(h)
+                st.dedup_puts += 1
+                out[i] = True
+                continue
+            if len(self._owned) + len(self._pending) + len(self._deleting) >= self.max_blocks:
+                victim = self._owned.victim()
+                if victim is None or not self._owned.admit(h, victim):
+                    st.rejected_puts += 1
+                    continue
+                self._owned.remove(victim)
+                self._deleting.add(victim)
+                evicted.append(victim)
+            self._pending.add(h)
+            todo.append((i, h, src))
+        st.evictions += len(evicted)
+        emit(self.on_event, "removed", evicted)
+        if todo or self._deleting:
+            await asyncio.shield(asyncio.ensure_future(self._put_io(todo, out)))
+        return out
+
+    async def _put_io(self, todo: list[tuple[int, int, torch.Tensor]], out: list[bool]) -> None:
+        st, t0 = self._stats, perf_counter()
+        if self._deleting and not await self._drain_deletes():  # room first, then new objects
+            results: list[Any] = [None] * len(todo)
+        else:
+            results = await asyncio.gather(*(self._put_one(h, src) for _, h, src in todo))
+        stored, error = [], None
+        for (i, h, _), r in zip(todo, results, strict=True):
+            self._pending.discard(h)
+            if r == "stored":
+                self._owned.insert(h)
+                stored.append(h)
+                out[i] = True
+            elif r == "exists":  # another worker wrote it: in G4, not ours
+                st.dedup_puts += 1
+                out[i] = True
+            else:
+                st.rejected_puts += 1
+                error = error or r
+        st.puts += len(stored)
+        st.bytes_written += len(stored) * self.block_bytes
+        st.write_seconds += perf_counter() - t0
+        self._outcome(error, any(r in ("stored", "exists") for r in results))
+        emit(self.on_event, "stored", stored)
+
+    async def _put_one(self, h: int, src: torch.Tensor) -> Any:
+        async with self._sem:  # the staging copy too: at most max_concurrency bodies in memory
+            body = encode(h, src)
+            mode = "create" if self.conditional_put else "overwrite"
+            try:
+                await asyncio.wait_for(obstore.put_async(self.store, self.key(h), body, mode=mode,
+                                                         use_multipart=False), self.timeout_s)
+            except AlreadyExistsError:
+                return "exists"
+            except Exception as exc:  # transport, timeout, permission: the tier is unusable now
+                return exc
+            return "stored"
+
+    async def _drain_deletes(self) -> bool:
+        hashes = list(self._deleting)
+        try:
+            async with self._sem:
+                await asyncio.wait_for(obstore.delete_async(self.store, [self.key(h) for h in hashes]),
+                                       self.timeout_s)
+        except Exception as exc:
+            self._outcome(exc, False)
+            return False
+        self._deleting.difference_update(hashes)
+        return True
+
+    # -- get / contains / remove ----------------------------------------------------------------------
+    async def get(self, hashes: Sequence[int], dsts: Sequence[torch.Tensor]) -> list[bool]:
+        u8s = check_batch(hashes, dsts, self.block_bytes)
+        st = self._stats
+        if not self._health.allow():
+            st.misses += len(u8s)
+            return [False] * len(u8s)
+        t0 = perf_counter()
+        results = await asyncio.shield(asyncio.gather(*(self._get_one(h, d) for h, d in zip(hashes, u8s, strict=True))))
+        st.read_seconds += perf_counter() - t0
+        gone, error = [], None
+        for h, r in zip(hashes, results, strict=True):
+            if r == "hit":
+                st.hits += 1
+                st.bytes_read += self.block_bytes
+                self._owned.touch(h)
+                continue
+            st.misses += 1
+            if r == "corrupt":
+                st.checksum_failures += 1
+            elif r != "missing":
+                error = error or r
+                continue
+            if h in self._owned:  # ours, but gone or corrupt: no longer in the tier
+                self._owned.remove(h)
+                gone.append(h)
+        st.removals += len(gone)
+        self._outcome(error, any(r in ("hit", "missing", "corrupt") for r in results))
+        emit(self.on_event, "removed", gone)
+        return [r == "hit" for r in results]
+
+    async def _get_one(self, h: int, dst: torch.Tensor) -> Any:
+        self._owned.record(h)
+        key = self.key(h)
+        async with self._sem:
+            try:
+                buf = await asyncio.wait_for(self._fetch(key), self.timeout_s)
+            except _MISSING:
+                return "missing"
+            except Exception as exc:
+                return exc
+            payload = verify(memoryview(buf), h, self.block_bytes)
+            if payload is None:
+                try:  # a corrupt object would block every conditional rewrite: drop it
+                    await asyncio.wait_for(obstore.delete_async(self.store, key), self.timeout_s)
+                except Exception:
+                    pass
+                return "corrupt"
+        src = np.frombuffer(payload, np.uint8)
+        if dst.device.type == "cpu":
+            dst.numpy()[:] = src
+        else:
+            dst.copy_(torch.from_numpy(src.copy()))
+        return "hit"
+
+    async def _fetch(self, key: str) -> Any:
+        result = await obstore.get_async(self.store, key)
+        return await result.bytes_async()
+
+    async def contains(self, hashes: Sequence[int]) -> list[bool]:
+        if not self._health.allow():
+            return [False] * len(hashes)
+        answered = 0
+
+        async def head(h: int) -> Any:
+            nonlocal answered
+            if h in self._owned:
+                return True
+            async with self._sem:
+                try:
+                    await asyncio.wait_for(obstore.head_async(self.store, self.key(h)), self.timeout_s)
+                except _MISSING:
+                    answered += 1
+                    return False
+                except Exception as exc:
+                    return exc
+                answered += 1
+                return True
+
+        results = await asyncio.gather(*(head(h) for h in hashes))
+        errors = [r for r in results if isinstance(r, BaseException)]
+        self._outcome(errors[0] if errors else None, answered > 0)
+        return [r is True for r in results]
+
+    async def remove(self, hashes: Sequence[int]) -> int:
+        """Delete objects this worker wrote (others' objects are left alone)."""
+        mine = [h for h in dict.fromkeys(hashes) if h in self._owned]
+        for h in mine:
+            self._owned.remove(h)
+            self._deleting.add(h)
+        self._stats.removals += len(mine)
+        emit(self.on_event, "removed", mine)
+        if mine and self._health.allow():
+            await asyncio.shield(asyncio.ensure_future(self._drain_deletes()))
+        return len(mine)
+
+    def _outcome(self, error: Any, any_ok: bool) -> None:
+        if error is not None:
+            self._stats.errors += 1
+            self._health.fail(f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+        elif any_ok:
+            self._health.succeed()

@@ -1,0 +1,24 @@
+"""The S3 client configuration G4 uses (obstore). Any obstore store works with `ObjectStore`; this one
+is tuned so a dead endpoint fails fast instead of retrying for minutes (obstore's default)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+
+def s3_store(bucket: str, *, endpoint: str | None = None, region: str = "us-east-1",
+             access_key_id: str | None = None, secret_access_key: str | None = None,
+             timeout_s: float = 10.0, connect_timeout_s: float = 2.0, **config: Any) -> Any:
+    """An obstore S3Store with short timeouts and at most one retry (a dead endpoint must fail fast).
+    Credentials not given come from the usual AWS_* environment variables."""
+    from obstore.store import S3Store
+
+    creds = {k: v for k, v in (("access_key_id", access_key_id), ("secret_access_key", secret_access_key)) if v}
+    client = {"timeout": timedelta(seconds=timeout_s), "connect_timeout": timedelta(seconds=connect_timeout_s)}
+    if endpoint is not None:
+        client["allow_http"] = endpoint.startswith("http://")  # type: ignore[assignment]
+        config.setdefault("virtual_hosted_style_request", False)
+    return S3Store(bucket, endpoint=endpoint, region=region, client_options=client,
+                   retry_config={"max_retries": 1, "retry_timeout": timedelta(seconds=timeout_s)},
+                   **creds, **config)
