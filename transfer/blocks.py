@@ -6,7 +6,8 @@ whichever transport is configured.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +66,29 @@ def check_pair(src: PoolDesc, dst: PoolDesc) -> None:
     if src.block_bytes != dst.block_bytes:
         raise ValueError(f"block size mismatch: pool {src.name!r} has {src.block_bytes} bytes per block, "
                          f"pool {dst.name!r} has {dst.block_bytes}")
+
+
+def resolve_transfer(pools: Mapping[str, Any], peers: Mapping[str, Any], kind: str, peer_id: str, local_pool: str,
+                     local_ids: Sequence[int], remote_pool: str, remote_ids: Sequence[int],
+                     reading: bool) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+    """Every engine's argument checks, before anything moves: (local pool, peer, local ids, remote ids).
+    Pool entries carry `.desc` (PoolDesc), peers `.md` (the peer's TransferMetadata). Reads land in
+    distinct local blocks; writes in distinct remote ones."""
+    local = pools.get(local_pool)
+    if local is None:
+        raise ValueError(f"no local pool {local_pool!r} (registered: {list(pools)})")
+    peer = peers.get(peer_id)
+    if peer is None:
+        from kvrelay.transfer.base import TransferError
+
+        raise TransferError(f"unknown {kind} peer {peer_id!r} (add_peer first; it may have left)")
+    rdesc = peer.md.pool(remote_pool)
+    check_pair(local.desc, rdesc)
+    lids = check_ids(local_ids, local.desc, "local", distinct=reading)
+    rids = check_ids(remote_ids, rdesc, "remote", distinct=not reading)
+    if lids.size != rids.size:
+        raise ValueError(f"{lids.size} local block ids but {rids.size} remote block ids")
+    return local, peer, lids, rids
 
 
 def block_runs(a: np.ndarray, b: np.ndarray) -> list[tuple[int, int, int]]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kvrelay.transfer.base import DEFAULT_TIMEOUT_S, TransferError, TransferStats
-from kvrelay.transfer.blocks import check_ids, check_pair, count_runs, describe_pool
+from kvrelay.transfer.blocks import count_runs, describe_pool, resolve_transfer
 from kvrelay.transfer.metadata import (
     Notification,
     PoolDesc,
@@ -175,19 +175,9 @@ class NixlTransferEngine:
                         remote_pool: str, remote_ids: Sequence[int], notify: bytes | None,
                         timeout: float | None) -> None:
         self._check_open()
-        lp = self._pools.get(local_pool)
-        if lp is None:
-            raise ValueError(f"no local pool {local_pool!r} (registered: {list(self._pools)})")
-        peer = self._peers.get(peer_id)
-        if peer is None:
-            raise TransferError(f"unknown NIXL peer {peer_id!r} (add_peer first; it may have left)")
-        rdesc = peer.md.pool(remote_pool)
-        check_pair(lp.desc, rdesc)
         reading = op == "READ"
-        lids = check_ids(local_ids, lp.desc, "local", distinct=reading)
-        rids = check_ids(remote_ids, rdesc, "remote", distinct=not reading)
-        if lids.size != rids.size:
-            raise ValueError(f"{lids.size} local block ids but {rids.size} remote block ids")
+        lp, peer, lids, rids = resolve_transfer(self._pools, self._peers, "NIXL", peer_id, local_pool, local_ids,
+                                                remote_pool, remote_ids, reading)
         if lids.size == 0:
             if notify is not None:
                 await self.notify(peer_id, notify)

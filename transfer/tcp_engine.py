@@ -23,7 +23,7 @@ import torch
 
 from kvrelay.runtime.rpc import RpcClient, RpcError
 from kvrelay.transfer.base import DEFAULT_TIMEOUT_S, TransferError, TransferStats
-from kvrelay.transfer.blocks import block_runs, check_ids, check_pair, describe_pool
+from kvrelay.transfer.blocks import block_runs, describe_pool, resolve_transfer
 from kvrelay.transfer.metadata import Notification, TransferMetadata, decode_metadata, encode_metadata
 from kvrelay.transfer.notifications import NotificationBox
 from kvrelay.transfer.tcp_server import BlockServer
@@ -117,18 +117,8 @@ class TcpTransferEngine:
     def _plan(self, peer_id: str, local_pool: str, local_ids: Sequence[int], remote_pool: str,
               remote_ids: Sequence[int], reading: bool) -> tuple[_Peer, PoolBytes, list[tuple[int, int, int]]]:
         self._check_open()
-        local = self._pools.get(local_pool)
-        if local is None:
-            raise ValueError(f"no local pool {local_pool!r} (registered: {list(self._pools)})")
-        peer = self._peers.get(peer_id)
-        if peer is None:
-            raise TransferError(f"unknown TCP transfer peer {peer_id!r} (add_peer first; it may have left)")
-        rdesc = peer.md.pool(remote_pool)
-        check_pair(local.desc, rdesc)
-        lids = check_ids(local_ids, local.desc, "local", distinct=reading)
-        rids = check_ids(remote_ids, rdesc, "remote", distinct=not reading)
-        if lids.size != rids.size:
-            raise ValueError(f"{lids.size} local block ids but {rids.size} remote block ids")
+        local, peer, lids, rids = resolve_transfer(self._pools, self._peers, "TCP transfer", peer_id, local_pool,
+                                                   local_ids, remote_pool, remote_ids, reading)
         return peer, local, block_runs(lids, rids)  # (local start, remote start, count)
 
     async def read(self, peer_id: str, remote_pool: str, remote_block_ids: Sequence[int], local_pool: str,
