@@ -168,7 +168,7 @@ async def test_wrong_tensor_size_is_a_programming_error(make):
 
 
 async def test_large_batches_go_through_io_threads_and_survive_cancellation(make, kind):
-    store = make(64, **({"inline_bytes": 0} if kind == "G2" else {}))
+    store = make(64, **({"inline_bytes": 0, "slice_bytes": 8 * BLOCK_BYTES} if kind == "G2" else {}))
     hashes = list(range(500, 564))
     assert all(await store.put(hashes, [content(h) for h in hashes]))
     dst = torch.zeros((64, BLOCK_BYTES), dtype=torch.uint8)
@@ -185,6 +185,19 @@ async def test_large_batches_go_through_io_threads_and_survive_cancellation(make
     ok, dst = await get_all(store, hashes)
     assert all(ok) and all(same(d, h) for d, h in zip(dst, hashes, strict=True))
     await store.close()
+
+
+async def test_g2_device_path_runs_on_an_io_thread():
+    from kvrelay.kvbm.tiers import HostStore
+
+    store = HostStore(BLOCK_BYTES, 8 * BLOCK_BYTES, inline_bytes=0, cooperative=False)
+    hashes = list(range(8))
+    assert all(await store.put(hashes, list(kv_pool(hashes))))
+    ok, dst = await get_all(store, hashes)
+    assert all(ok) and all(same(d, h) for d, h in zip(dst, hashes, strict=True))
+    check(store)
+    await store.close()
+    assert await store.get([0], [dst[0]]) == [False]  # closed: a miss, not an error
 
 
 def test_disabled_tier_logs_one_warning_and_serves_misses(caplog):
