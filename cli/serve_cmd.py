@@ -1,7 +1,8 @@
 """`kvrelay serve`: the embedded default — a frontend and N workers on one machine, one command.
 
 With no arguments: the built-in tiny model, 2 native workers, file discovery and ZMQ events under a
-private run directory, HTTP on 127.0.0.1:8000. `--discovery etcd --events nats` runs the same pieces
+private run directory, HTTP on 127.0.0.1:8000. `--prefill-workers N --decode-workers M` runs the
+disaggregated shape instead (DESIGN.md "Disaggregation"). `--discovery etcd --events nats` runs the same pieces
 on real servers. Ctrl-C (or SIGTERM) stops the frontend, then every worker; none is left running.
 """
 
@@ -36,12 +37,16 @@ _WORKER_PASSTHROUGH = ("engine", "model", "served_model_name", "dtype", "device"
                        "mocker_speedup", "mocker_num_blocks", "mocker_prefill_us_per_token",
                        "mocker_prefill_us_per_token_pair", "mocker_decode_base_ms", "mocker_decode_us_per_seq",
                        "mocker_decode_us_per_kv_block", "mocker_transfer_gbps", "mocker_eos_probability",
-                       "mocker_seed")
+                       "mocker_seed", "kv_transfer", "kv_lease_s")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve OpenAI requests: a frontend and N workers on this machine")
     p.add_argument("--workers", type=int, default=None, help="number of workers (env KVRELAY_WORKERS; default 2)")
+    p.add_argument("--prefill-workers", type=int, default=None,
+                   help="disaggregated: number of prefill workers (env KVRELAY_PREFILL_WORKERS)")
+    p.add_argument("--decode-workers", type=int, default=None,
+                   help="disaggregated: number of decode workers (env KVRELAY_DECODE_WORKERS)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env KVRELAY_LOG_LEVEL)")
     add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig)
     worker_group = argparse.ArgumentParser(add_help=False)
@@ -52,19 +57,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _workers(args: argparse.Namespace) -> int:
-    raw = args.workers if args.workers is not None else os.environ.get("KVRELAY_WORKERS", "2")
+def _count(args: argparse.Namespace, name: str, default: str | None, minimum: int) -> int | None:
+    raw = getattr(args, name)
+    if raw is None:
+        raw = os.environ.get(f"KVRELAY_{name.upper()}", default)
+    if raw is None:
+        return None
     try:
         n = int(raw)
     except ValueError:
-        raise ConfigError(f"--workers: expected int, got {raw!r}") from None
-    if n < 1:
-        raise ConfigError(f"--workers: must be >= 1, got {n}")
+        raise ConfigError(f"{flag_name(name)}: expected int, got {raw!r}") from None
+    if n < minimum:
+        raise ConfigError(f"{flag_name(name)}: must be >= {minimum}, got {n}")
     return n
 
 
+def _roles(args: argparse.Namespace) -> list[str]:
+    """One role per worker to start: `--workers N` aggregated, or prefill + decode workers."""
+    prefill = _count(args, "prefill_workers", None, 0)
+    decode = _count(args, "decode_workers", None, 1)
+    if prefill is None and decode is None:
+        return ["agg"] * (_count(args, "workers", "2", 1) or 2)
+    if args.workers is not None:
+        raise ConfigError("--workers: give either --workers or --prefill-workers/--decode-workers, not both")
+    if decode is None:
+        raise ConfigError("--decode-workers: required with --prefill-workers (at least 1)")
+    return ["prefill"] * (prefill or 0) + ["decode"] * decode
+
+
 def _run(args: argparse.Namespace) -> int:
-    n = _workers(args)
+    roles = _roles(args)
     fe, disc, ev = build(FrontendConfig, args), build(DiscoveryConfig, args), build(EventsConfig, args)
     wk = build(WorkerConfig, args)
     setup_logging(args.log_level)
@@ -75,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
     elif not os.path.isdir(wk.model):
         raise ConfigError(f"--model: {wk.model} is not a model directory")
     try:
-        return aio.run(_serve(n, fe, disc, ev, wk))
+        return aio.run(_serve(roles, fe, disc, ev, wk))
     except KeyboardInterrupt:
         return 130
 
@@ -92,7 +114,7 @@ def _worker_argv(wk: WorkerConfig, disc: DiscoveryConfig, ev: EventsConfig, fe: 
     return argv
 
 
-async def _serve(n: int, fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, wk: WorkerConfig) -> int:
+async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, wk: WorkerConfig) -> int:
     from kvrelay.frontend.app import FrontendServer
 
     run_dir = tempfile.mkdtemp(prefix=f"serve-{os.getpid()}-", dir=_ensure(default_run_dir()))
@@ -111,6 +133,7 @@ async def _serve(n: int, fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsCo
         raise ConfigError("--events inproc cannot reach worker processes; use zmq or nats")
     if disc.discovery == "mem":
         raise ConfigError("--discovery mem cannot reach worker processes; use file or etcd")
+    n = len(roles)
     threads = max(1, (os.cpu_count() or 1) // n)
     supervisor = Supervisor()
     server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev))
@@ -119,15 +142,17 @@ async def _serve(n: int, fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsCo
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        children = [Child(f"worker-{i}", _worker_argv(wk, disc, ev, fe), child_env(threads)) for i in range(n)]
+        children = [Child(f"{role}-{i}", [*_worker_argv(wk, disc, ev, fe), "--role", role], child_env(threads))
+                    for i, role in enumerate(roles)]
         starting = asyncio.create_task(supervisor.start(children))
         await server.start()
         done, _ = await asyncio.wait({starting, asyncio.create_task(stop.wait())},
                                      return_when=asyncio.FIRST_COMPLETED)
         if starting in done:
             starting.result()
-            log.info("kvrelay serving %s on http://%s:%d with %d workers", wk.served_model_name or wk.model,
-                     fe.http_host, server.port, n)
+            shape = ", ".join(f"{roles.count(r)} {r}" for r in ("agg", "prefill", "decode") if r in roles)
+            log.info("kvrelay serving %s on http://%s:%d with workers: %s", wk.served_model_name or wk.model,
+                     fe.http_host, server.port, shape)
             await stop.wait()
         else:
             starting.cancel()

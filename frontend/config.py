@@ -24,4 +24,6 @@ class FrontendConfig:
     api_key: str = setting("", "require this bearer token on /v1 requests (empty = no auth)")
     worker_wait: float = setting(0.0, "seconds a request waits for a worker of its model to appear",
                                  non_negative)
+    disagg_min_tokens: int = setting(512, "prefill on a prefill worker only when at least this many prompt "
+                                     "tokens are not cached on the decode worker", non_negative)
     max_request_bytes: int = setting(8 << 20, "largest accepted HTTP body", positive)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from kvrelay.frontend.detokenizer import IncrementalDetokenizer
+from kvrelay.frontend.errors import NoWorker, WorkerRejected
 from kvrelay.frontend.metrics import FrontendMetrics
 from kvrelay.frontend.openai_schema import (
     ApiError,
@@ -20,7 +21,7 @@ from kvrelay.frontend.openai_schema import (
     check_token_ids,
     generation_defaults,
 )
-from kvrelay.frontend.service import FrontendService, NoWorker, WorkerRejected
+from kvrelay.frontend.service import FrontendService
 from kvrelay.frontend.tokenizer import ChatTemplateError, Tokenizer
 from kvrelay.runtime.messages import EngineRequest, ModelCard, SamplingParams
 from kvrelay.runtime.rpc import RpcError

@@ -130,16 +130,22 @@ class InFlight:
         return len(self._by_id)
 
 
+def decision_histogram(registry: CollectorRegistry | None) -> Histogram:
+    return Histogram("kvrelay_router_decision_seconds", "Time to pick a worker for a request", ["router"],
+                     registry=registry if registry is not None else new_registry(), buckets=_BUCKETS)
+
+
 class BaseRouter:
     name = "base"
 
-    def __init__(self, *, rng: random.Random | None = None, registry: CollectorRegistry | None = None):
+    def __init__(self, *, rng: random.Random | None = None, registry: CollectorRegistry | None = None,
+                 histogram: Histogram | None = None, label: str = ""):
+        """`histogram`: a `decision_histogram` to share with other routers on one registry (a
+        disaggregated frontend routes prefill and decode separately); `label` names this router in it."""
         self.rng = rng if rng is not None else random.Random()
         self.inflight = InFlight()
-        self.decision_seconds = Histogram(
-            "kvrelay_router_decision_seconds", "Time to pick a worker for a request", ["router"],
-            registry=registry if registry is not None else new_registry(), buckets=_BUCKETS,
-        ).labels(router=self.name)
+        hist = histogram if histogram is not None else decision_histogram(registry)
+        self.decision_seconds = hist.labels(router=label or self.name)
 
     def select(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
         if not workers:
@@ -241,14 +247,16 @@ class KvRouter(BaseRouter):
 
 
 def make_router(mode: str, *, index: KvIndex | None = None, rng: random.Random | None = None,
-                registry: CollectorRegistry | None = None, **kv_options: Any) -> BaseRouter:
+                registry: CollectorRegistry | None = None, histogram: Histogram | None = None, label: str = "",
+                **kv_options: Any) -> BaseRouter:
     """A router by mode name; `kv` needs the index (and takes KvRouter's options)."""
+    common: dict[str, Any] = {"rng": rng, "registry": registry, "histogram": histogram, "label": label}
     if mode == "kv":
         if index is None:
             raise ValueError("the kv router needs a KvIndex")
-        return KvRouter(index, rng=rng, registry=registry, **kv_options)
+        return KvRouter(index, **common, **kv_options)
     routers: dict[str, type[BaseRouter]] = {
         "round-robin": RoundRobinRouter, "random": RandomRouter, "least-loaded": LeastLoadedRouter}
     if mode not in routers:
         raise ValueError(f"unknown router mode {mode!r}; choose from round-robin, random, least-loaded, kv")
-    return routers[mode](rng=rng, registry=registry)
+    return routers[mode](**common)

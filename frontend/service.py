@@ -8,6 +8,9 @@ Invariants:
 - A worker whose connection breaks mid-stream is suspended from routing at once; the request
   continues on another worker from prompt + tokens generated so far, up to `migration_limit` times,
   and the caller sees one uninterrupted stream of outputs.
+- Disaggregated (prefill workers up): the decode worker is picked by load, the prompt may be
+  prefilled remotely (remote_prefill.py) and the first token is streamed before the decode worker
+  pulls the KV. A handle whose decode attempt ends without finishing is released at once.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import msgspec
 from prometheus_client import CollectorRegistry, Counter
 
 from kvrelay.frontend.config import FrontendConfig
+from kvrelay.frontend.errors import NoWorker, WorkerRejected
 from kvrelay.frontend.kv_events_consumer import KvEventsConsumer
 from kvrelay.frontend.kv_index import KvIndex
-from kvrelay.frontend.router import RouteRequest, WorkerState, make_router
+from kvrelay.frontend.remote_prefill import PREFILL_ROLES, RemotePrefill
+from kvrelay.frontend.router import RouteRequest, WorkerState, decision_histogram, make_router
 from kvrelay.frontend.worker_pool import WorkerPool
 from kvrelay.kvbm.events import KvSnapshot, LoadMetrics, load_subject
 from kvrelay.kvbm.hashing import block_hashes, root_hash
@@ -55,18 +60,6 @@ def _merge_backlog(out: EngineOutput, stream: RpcStream) -> EngineOutput:
     return out
 
 
-class NoWorker(Exception):
-    """No worker serves this model (now)."""
-
-
-class WorkerRejected(Exception):
-    """The worker refused the request itself (bad input it detected, or it is overloaded)."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
 class FrontendService:
     def __init__(self, cfg: FrontendConfig, discovery: Discovery, events: EventPlane,
                  registry: CollectorRegistry | None = None):
@@ -76,9 +69,14 @@ class FrontendService:
         self.events = events
         self.rpc = RpcClient()
         self.index = KvIndex()
-        self.router = make_router(cfg.router_mode, index=self.index, registry=self.registry,
-                                  **({"overlap_weight": cfg.overlap_weight, "temperature": cfg.router_temperature}
-                                     if cfg.router_mode == "kv" else {}))
+        hist = decision_histogram(self.registry)
+        kv_opts = {"overlap_weight": cfg.overlap_weight, "temperature": cfg.router_temperature}
+        self.router = make_router(cfg.router_mode, index=self.index, histogram=hist,
+                                  **(kv_opts if cfg.router_mode == "kv" else {}))
+        self.decode_router = make_router("least-loaded", histogram=hist, label="decode")
+        self.remote = RemotePrefill(self.pool, self.rpc, make_router("kv", index=self.index, histogram=hist,
+                                                                     label="prefill", **kv_opts),
+                                    cfg.disagg_min_tokens, self._state, self.registry, SUSPEND_S)
         self.kv_events = KvEventsConsumer(events, cfg.namespace, self.index, self._resync)
         self.pool.on_removed.append(self.kv_events.remove_worker)
         self.pool.on_added.append(lambda inst: self.kv_events.add_worker(inst.instance_id))
@@ -99,6 +97,7 @@ class FrontendService:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.remote.close()
         await self.kv_events.close()
         await self.pool.close()
         await self.rpc.close()
@@ -181,18 +180,40 @@ class FrontendService:
                                  block_hashes=block_hashes(tokens, card.block_size, root),
                                  block_size=card.block_size)
             now = time.time()
-            decision = self.router.select(route, [self._state(w, now) for w in workers])
+            states = [self._state(w, now) for w in workers]
+            disaggregated = bool(self.pool.workers(model, roles=PREFILL_ROLES))
+            if disaggregated:  # the decode worker by load; its cached prefix decides local vs remote
+                decision = self.decode_router.select(route, states)
+                overlap = self.index.overlap(route.block_hashes).get(decision.worker_id, 0)
+            else:
+                decision = self.router.select(route, states)
+                overlap = decision.overlap_blocks
             inst = self.pool.instances[decision.worker_id]
             attempt = msgspec.structs.replace(
                 request, prompt_token_ids=tokens,
                 sampling=msgspec.structs.replace(sampling, max_tokens=sampling.max_tokens - len(generated)))
+            handle, finished = None, False
             try:
+                reply = None
+                if self.remote.wanted(model, inst, route, overlap):
+                    reply = await self.remote.prefill(model, route, attempt)
+                if reply is None:
+                    self.remote.prefills.labels(where="local").inc()
+                else:
+                    generated += reply.output.token_ids
+                    finished = reply.output.finish_reason is not None
+                    yield reply.output
+                    if finished:
+                        return
+                    handle = reply.handle
+                    attempt = msgspec.structs.replace(attempt, kv_handle=handle)
                 async with self.rpc.call(inst.address, "generate", attempt, EngineOutput) as stream:
                     async for out in stream:
                         out = _merge_backlog(out, stream)
                         generated += out.token_ids
+                        finished = out.finish_reason is not None
                         yield out
-                        if out.finish_reason is not None:
+                        if finished:
                             return
                 raise RpcConnectionError(f"{inst.address} ended the stream without finishing")
             except (RpcConnectionError, RpcCancelled) as e:
@@ -211,3 +232,6 @@ class FrontendService:
                 raise WorkerRejected(e.kind, e.remote_message) from None
             finally:
                 self.router.on_finish(request.request_id)
+                self.decode_router.on_finish(request.request_id)
+                if handle is not None and not finished:
+                    self.remote.release(handle)

@@ -20,12 +20,13 @@ def free_port() -> int:
 
 
 class Serve:
-    def __init__(self, tmp: Path, *args: str, workers: int = 2, env: dict | None = None):
+    def __init__(self, tmp: Path, *args: str, workers: int | None = 2, env: dict | None = None):
+        """`workers=None`: no `--workers` flag (for `--prefill-workers/--decode-workers`)."""
         self.port = free_port()
         self.discovery_dir = str(tmp / "discovery")
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.argv = [sys.executable, "-m", "kvrelay.cli.main", "serve", "--http-port", str(self.port),
-                     "--workers", str(workers), *args]
+                     *(["--workers", str(workers)] if workers is not None else []), *args]
         if "--discovery" not in args:
             self.argv += ["--discovery-dir", self.discovery_dir]
         self.log = open(tmp / "serve.log", "w")  # noqa: SIM115 - closed in stop()

@@ -36,12 +36,36 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             raise RequestError("top_k must be >= 0")
 
 
+class KvHandle(msgspec.Struct, frozen=True, kw_only=True):
+    """A prefill worker's computed prompt KV, pinned under a lease until the decode worker pulls it
+    (DESIGN.md "Disaggregation"). Block `k` of `block_ids` holds prompt tokens `[k*bs, (k+1)*bs)`;
+    the last one may be partial. The decode worker continues from `first_token`."""
+
+    request_id: str
+    prefill_instance: str  # the prefill worker's instance id = its transfer engine's peer name
+    prefill_address: str  # its request-plane address (for `release`)
+    transfer_metadata: bytes  # its `TransferEngine.metadata()`
+    pool: str = "g1"
+    fingerprint: str  # model fingerprint the blocks were computed with (hash root)
+    block_ids: list[int]
+    num_tokens: int  # prompt tokens the blocks hold
+    first_token: int
+    lease_s: float  # the blocks are freed this long after the handle was made, pulled or not
+
+
+class ReleaseRequest(msgspec.Struct, frozen=True):
+    """Free a prefill worker's lease early (the decode side is done with it or gave up). Idempotent."""
+
+    request_id: str
+
+
 class EngineRequest(msgspec.Struct, frozen=True, kw_only=True):
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams = SamplingParams()
     cache_salt: str = ""
     lora_name: str = ""
+    kv_handle: KvHandle | None = None  # decode after a remote prefill: pull this KV, continue from it
 
 
 class EngineOutput(msgspec.Struct, kw_only=True):
@@ -51,6 +75,14 @@ class EngineOutput(msgspec.Struct, kw_only=True):
     finish_reason: str | None = None  # stop | length | abort
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
+class PrefillReply(msgspec.Struct, kw_only=True):
+    """The `prefill` endpoint's answer: the first token, and the handle to its KV unless that token
+    already finished the request (then `handle` is None and nothing is held)."""
+
+    output: EngineOutput
+    handle: KvHandle | None = None
 
 
 class KvLayout(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,6 +113,10 @@ class EngineStats(msgspec.Struct, kw_only=True):
     prompt_tokens: int  # cumulative
     generated_tokens: int  # cumulative
     preemptions: int  # cumulative
+    held_requests: int = 0  # prefill role: handles whose blocks are pinned until pulled or expired
+    remote_prefills: int = 0  # decode role, cumulative: requests that arrived with a KV handle
+    pulled_blocks: int = 0  # decode role, cumulative: blocks pulled from prefill workers
+    pull_failures: int = 0  # decode role, cumulative: handles recomputed locally instead
 
 
 class ModelCard(msgspec.Struct, frozen=True, kw_only=True):

@@ -36,6 +36,11 @@ class WorkerConfig:
     max_waiting: int = setting(1024, "waiting-queue bound; more is rejected as busy", positive)
     max_model_len: int = setting(0, "context length (0 = the model's)", non_negative)
     load_interval: float = setting(0.5, "seconds between load-metric publications", positive)
+    kv_transfer: Literal["auto", "nixl", "tcp", "none"] = setting(
+        "auto", "prefill/decode roles: KV transport (auto = NIXL, TCP fallback if NIXL fails; none = no "
+        "handoff, decode workers prefill locally)")
+    kv_lease_s: float = setting(30.0, "prefill role: seconds a computed prompt's blocks wait to be pulled",
+                                positive)
     # --engine mocker only (workers/engines/mocker/README.md); defaults equal MockerConfig's.
     mocker_speedup: float = setting(1.0, "mocker: divide simulated times by this (0 = never sleep)",
                                     non_negative)

@@ -8,18 +8,30 @@ Invariants of `Engine.generate(request)`:
 - Closing the stream early, or `abort(request_id)`, frees every KV block the request held.
 - A request the engine cannot take (queue full, prompt too long) raises `EngineError` before any
   output, with a message fit for a client.
+
+Disaggregation (DESIGN.md "Disaggregation"):
+- `prefill(request)` computes the prompt and samples the first token. Unless that token finishes the
+  request, the prompt's blocks stay allocated (pinned) and their ids are returned; `abort(request_id)`
+  frees them. Cancelling `prefill` frees them too.
+- `generate(request)` with `request.kv_handle` set allocates blocks for the prompt (reusing its own
+  prefix cache), has the `KvPuller` copy the rest from the prefill worker, and decodes on from the
+  handle's first token; that token is not repeated in the outputs. If blocks are short or the pull
+  fails, it recomputes the prompt locally instead: same tokens, only slower.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+import msgspec
 
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.runtime.messages import (
     EngineOutput,
     EngineRequest,
     EngineStats,
+    KvHandle,
     KvLayout,
     ModelCard,
     RequestError,
@@ -27,9 +39,27 @@ from kvrelay.runtime.messages import (
 )
 
 __all__ = [
-    "Engine", "EngineError", "EngineOutput", "EngineRequest", "EngineStats", "KvLayout", "ModelCard",
-    "RequestError", "SamplingParams",
+    "Engine", "EngineError", "EngineOutput", "EngineRequest", "EngineStats", "KvHandle", "KvLayout", "KvPuller",
+    "ModelCard", "PrefillResult", "RequestError", "SamplingParams",
 ]
+
+PREFILLED = "prefilled"  # engine-internal finish reason of a prefill whose blocks stay held
+
+
+class PrefillResult(msgspec.Struct):
+    output: EngineOutput  # the first token; finish_reason set only if it ended the request
+    block_ids: list[int]  # the held prompt blocks, in order; empty when nothing is held
+
+
+class KvPuller(Protocol):
+    """How a decode engine gets a handle's blocks; the worker provides it (transfer engine, or a
+    simulated link for the mocker)."""
+
+    async def pull(self, handle: KvHandle, local_block_ids: list[int], start: int) -> bool:
+        """Copy `handle.block_ids[start:]` into `local_block_ids` (same length; may be empty), then let
+        the prefill worker free its lease. True once every byte is in place; False means recompute.
+        Raises only CancelledError, and only after the transport stopped writing the blocks."""
+        ...
 
 
 class EngineError(RequestError):
@@ -56,5 +86,13 @@ class Engine(Protocol):
 
     async def kv_snapshot(self) -> KvSnapshot:
         """The engine's cached blocks, consistent with the events already handed to the sink."""
+
+    async def prefill(self, request: EngineRequest) -> PrefillResult: ...
+
+    def set_kv_puller(self, puller: KvPuller) -> None: ...
+
+    def kv_pool(self) -> Any:
+        """The G1 pool tensor for transfer registration (block-contiguous), or None if the engine's KV
+        is not real memory (mocker)."""
 
     async def close(self) -> None: ...

@@ -2,7 +2,9 @@
 KV events and load metrics (DESIGN.md "Discovery", "Events", "Request plane").
 
 Endpoints: `generate` (EngineRequest -> stream of EngineOutput), `kv_snapshot` (-> KvSnapshot, for
-routers that detected an event gap) and `stats` (-> EngineStats).
+routers that detected an event gap), `stats` (-> EngineStats), `model_card` and `transfer_stats`.
+Prefill role adds `prefill` (EngineRequest -> PrefillReply) and `release` (ReleaseRequest -> Empty);
+prefill and decode roles own a transfer engine over the engine's G1 pool (workers/kv_handoff.py).
 
 Lifecycle: engine up -> RPC server up -> registered. Shutdown reverses it: deregister first (routers
 stop sending), then the server fails in-flight streams with `Cancelled` (frontends migrate them), then
@@ -19,15 +21,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from kvrelay.kvbm.events import KvEvent, KvSnapshot, LoadMetrics, kv_events_subject, load_subject
 from kvrelay.runtime.discovery import Discovery, Instance, register_instance
 from kvrelay.runtime.events import EventPlane
-from kvrelay.runtime.messages import Empty
-from kvrelay.runtime.rpc import RpcServer
+from kvrelay.runtime.messages import Empty, KvHandle, PrefillReply, ReleaseRequest
+from kvrelay.runtime.rpc import RpcClient, RpcServer
 from kvrelay.workers.config import WorkerConfig
+from kvrelay.workers.kv_handoff import PrefillLeases, SimulatedPuller, TransferPuller
 from kvrelay.workers.protocol import Engine, EngineOutput, EngineRequest, EngineStats, ModelCard
 
 log = logging.getLogger(__name__)
@@ -84,6 +88,10 @@ class Worker:
         self.instance: Instance | None = None
         self._tasks: list[asyncio.Task] = []
         self._event_queue: asyncio.Queue[list[KvEvent]] = asyncio.Queue()
+        self.transfer = None  # TransferEngine for prefill/decode roles with a real KV pool
+        self.leases: PrefillLeases | None = None
+        self.puller: TransferPuller | SimulatedPuller | None = None
+        self.rpc = RpcClient()  # decode role: `release` calls to prefill workers
 
     async def start(self) -> Instance:
         await self.engine.start()
@@ -94,6 +102,12 @@ class Worker:
         self.server.add_endpoint("kv_snapshot", self._snapshot, Empty)
         self.server.add_endpoint("stats", self._stats, Empty)
         self.server.add_endpoint("model_card", self._model_card, Empty)
+        self.server.add_endpoint("transfer_stats", self._transfer_stats, Empty)
+        if self.cfg.role == "prefill":
+            self.leases = PrefillLeases(self.engine.abort, self.cfg.kv_lease_s)
+            self.server.add_endpoint("prefill", self._prefill, EngineRequest)
+            self.server.add_endpoint("release", self._release, ReleaseRequest)
+        await self._start_transfer()
         await self.server.start()
         layout = self.engine.kv_layout()
         fingerprint = self.engine.fingerprint
@@ -101,6 +115,7 @@ class Worker:
             namespace=self.cfg.namespace, component=self.cfg.component, instance_id=self.instance_id,
             address=f"{self.cfg.advertise_host or self.cfg.host}:{self.server.port}", role=self.cfg.role,
             model=self.model_name, block_size=layout.block_size, kv_capacity_blocks=layout.num_blocks,
+            transfer_metadata=self.transfer.metadata() if self.transfer is not None else b"",
             labels={"fingerprint": fingerprint, "engine": self.cfg.engine, "pid": str(os.getpid())},
         )
         self._tasks.append(asyncio.create_task(self._publish_load()))
@@ -120,9 +135,38 @@ class Worker:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.leases is not None:
+            await self.leases.close()
+        if self.puller is not None:
+            await self.puller.close()
         await self.engine.close()
+        if self.transfer is not None:
+            await self.transfer.close()  # after the engine: no pull is still writing its pool
+        await self.rpc.close()
         await self.discovery.close()
         await self.events.close()
+
+    async def _start_transfer(self) -> None:
+        """Prefill/decode roles: a transfer engine over the G1 pool; decode gets a puller."""
+        if self.cfg.role == "agg" or self.cfg.kv_transfer == "none":
+            return
+        pool = self.engine.kv_pool()
+        if pool is not None:
+            from kvrelay.transfer import make_transfer_engine
+
+            self.transfer = make_transfer_engine(self.cfg.kv_transfer, self.instance_id, host=self.cfg.host,
+                                                 advertise_host=self.cfg.advertise_host or None)
+            self.transfer.register_pool("g1", pool, self.engine.kv_layout().block_bytes)
+            await self.transfer.start()
+            log.info("KV transfer: %s", self.transfer.kind)
+        if self.cfg.role == "decode":
+            if self.transfer is not None:
+                self.puller = TransferPuller(self.transfer, self.rpc)
+            else:  # the mocker: a simulated link
+                self.puller = SimulatedPuller(self.engine.simulated_transfer_seconds, self.rpc)
+            self.engine.set_kv_puller(self.puller)
+        elif self.transfer is not None and self.leases is not None:
+            self._tasks.append(asyncio.create_task(self.leases.consume(self.transfer)))
 
     # -- endpoints --------------------------------------------------------------------------------------
     async def _generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
@@ -130,6 +174,37 @@ class Worker:
         # engine stream aborts the request in the engine and frees its blocks.
         async for out in self.engine.generate(request):
             yield out
+
+    async def _prefill(self, request: EngineRequest) -> AsyncIterator[PrefillReply]:
+        """Compute the prompt, hold its blocks under a lease, hand back the first token and a handle."""
+        assert self.leases is not None and self.instance is not None
+        result = await self.engine.prefill(request)  # cancelled -> the engine frees the blocks
+        handle = None
+        if result.block_ids:
+            self.leases.hold(request.request_id)
+            handle = KvHandle(
+                request_id=request.request_id, prefill_instance=self.instance_id,
+                prefill_address=self.instance.address,
+                transfer_metadata=self.transfer.metadata() if self.transfer is not None else b"",
+                fingerprint=self.engine.fingerprint, block_ids=result.block_ids,
+                num_tokens=len(request.prompt_token_ids), first_token=result.output.token_ids[0],
+                lease_s=self.cfg.kv_lease_s)
+        try:
+            yield PrefillReply(output=result.output, handle=handle)
+        except BaseException:  # the caller left before taking the handle: nobody will pull it
+            if handle is not None:
+                self.leases.release(request.request_id, "cancelled")
+            raise
+
+    async def _release(self, request: ReleaseRequest) -> AsyncIterator[Empty]:
+        assert self.leases is not None
+        self.leases.release(request.request_id, "released")
+        yield Empty()
+
+    async def _transfer_stats(self, _: Empty) -> AsyncIterator[Any]:
+        from kvrelay.transfer.base import TransferStats
+
+        yield self.transfer.stats() if self.transfer is not None else TransferStats(kind="none")
 
     async def _snapshot(self, _: Empty) -> AsyncIterator[KvSnapshot]:
         # Events up to snap.last_event_id may still be queued for publication; consumers ignore any

@@ -219,7 +219,7 @@ def test_serve_16_mocker_workers_end_to_end(tmp_path: Path, model):
     workers: list[int] = []
     try:
         srv.start(timeout=90)  # returns once one worker is registered
-        while "with 16 workers" not in srv.read_log():  # logged once every worker printed READY
+        while "with workers: 16 agg" not in srv.read_log():  # logged once every worker printed READY
             assert time.monotonic() - srv.started_at < 90, srv.read_log()
             time.sleep(0.05)
         ready = time.monotonic() - srv.started_at

@@ -24,6 +24,7 @@ from kvrelay.kvbm.block_pool import BlockPool
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.kvbm.fingerprint import model_fingerprint
 from kvrelay.kvbm.hashing import BlockHasher, root_hash
+from kvrelay.workers.engines.handoff import HandoffCounters, PullPlan, finish_pull, plan_pull
 from kvrelay.workers.engines.mocker.config import MockerConfig, ModelInfo
 from kvrelay.workers.engines.mocker.kv_events import KvEventLog
 from kvrelay.workers.engines.mocker.timing import TimingModel
@@ -31,11 +32,14 @@ from kvrelay.workers.engines.mocker.tokens import MockSequence, TokenSource
 from kvrelay.workers.engines.native.scheduler import Scheduler, SchedulerConfig
 from kvrelay.workers.engines.native.sequence import Status
 from kvrelay.workers.protocol import (
+    PREFILLED,
     EngineError,
     EngineOutput,
     EngineRequest,
     EngineStats,
     KvLayout,
+    KvPuller,
+    PrefillResult,
     RequestError,
 )
 
@@ -65,7 +69,10 @@ class MockerEngine:
             max_num_seqs=cfg.max_num_seqs, max_waiting=cfg.max_waiting, max_model_len=cfg.max_model_len,
         ), self.pool, on_stored=self.events.stored)
         self.seqs: dict[str, MockSequence] = {}
-        self._streams: dict[str, asyncio.Queue[EngineOutput | Exception]] = {}
+        self._streams: dict[str, asyncio.Queue[EngineOutput | PrefillResult | Exception]] = {}
+        self.held: set[str] = set()  # prefill role: parked request ids
+        self.handoff = HandoffCounters()
+        self._puller: KvPuller | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._arrivals = self.prompt_tokens = self.generated_tokens = 0
@@ -86,18 +93,25 @@ class MockerEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if self._task is None:
             raise EngineError("engine is not running")
-        self._add(request)  # raises EngineError before any output
+        if request.kv_handle is not None and self._puller is None:
+            raise EngineError("this worker cannot take a KV handle (no KV puller)")
+        plan = self._add(request)  # raises EngineError before any output
         rid = request.request_id
-        queue: asyncio.Queue[EngineOutput | Exception] = asyncio.Queue()
+        queue: asyncio.Queue[EngineOutput | PrefillResult | Exception] = asyncio.Queue()
         self._streams[rid] = queue
         self._wake.set()
         finished = False
         try:
+            if plan is not None and request.kv_handle is not None and self._puller is not None:
+                ok = await self._puller.pull(request.kv_handle, plan.local_block_ids, plan.start)
+                finish_pull(self.scheduler, self.seqs.get(rid), plan, ok, self.handoff)
+                self._wake.set()
             while not finished:
                 item = await queue.get()
                 if isinstance(item, Exception):
                     finished = True
                     raise item
+                assert isinstance(item, EngineOutput)
                 finished = item.finish_reason is not None
                 yield item
         finally:
@@ -107,6 +121,32 @@ class MockerEngine:
 
     async def abort(self, request_id: str) -> None:
         self._abort(request_id)
+
+    async def prefill(self, request: EngineRequest) -> PrefillResult:
+        if self._task is None:
+            raise EngineError("engine is not running")
+        self._add(request, hold=True)
+        rid = request.request_id
+        queue: asyncio.Queue[EngineOutput | PrefillResult | Exception] = asyncio.Queue()
+        self._streams[rid] = queue
+        self._wake.set()
+        done = False
+        try:
+            item = await queue.get()
+            done = True
+            if isinstance(item, Exception):
+                raise item
+            return item if isinstance(item, PrefillResult) else PrefillResult(item, [])
+        finally:
+            self._streams.pop(rid, None)
+            if not done:
+                self._abort(rid)
+
+    def set_kv_puller(self, puller: KvPuller) -> None:
+        self._puller = puller
+
+    def kv_pool(self) -> None:
+        return None  # nothing real to transfer: the puller simulates the link
 
     def subscribe_kv_events(self, sink: Callable[[list[KvEvent]], None]) -> None:
         """`sink` is called on this event loop with each step's KV events, in event_id order."""
@@ -128,15 +168,17 @@ class MockerEngine:
         return EngineStats(running=len(s.running), waiting=len(s.waiting),
                            used_blocks=p.num_blocks - p.num_free, free_blocks=p.num_free, total_blocks=p.num_blocks,
                            prefix_hit_tokens=s.prefix_hit_tokens, prompt_tokens=self.prompt_tokens,
-                           generated_tokens=self.generated_tokens, preemptions=s.preemptions)
+                           generated_tokens=self.generated_tokens, preemptions=s.preemptions,
+                           held_requests=len(self.held), remote_prefills=self.handoff.remote_prefills,
+                           pulled_blocks=self.handoff.pulled_blocks, pull_failures=self.handoff.pull_failures)
 
     def simulated_transfer_seconds(self, num_blocks: int) -> float:
-        """Wall seconds (speedup applied) to move `num_blocks` KV blocks at `transfer_gbps`. For the
-        prefill/decode handoff once disaggregation exists; nothing calls it yet."""
+        """Wall seconds (speedup applied) to move `num_blocks` KV blocks at `transfer_gbps` (the
+        simulated prefill -> decode handoff; see workers/kv_handoff.py SimulatedPuller)."""
         return self.timing.wall(self.timing.transfer_seconds(num_blocks * self.kv_layout().block_bytes))
 
     # -- requests ---------------------------------------------------------------------------------------
-    def _add(self, req: EngineRequest) -> None:
+    def _add(self, req: EngineRequest, hold: bool = False) -> PullPlan | None:
         try:
             req.sampling.validate()
         except RequestError as e:
@@ -159,15 +201,23 @@ class MockerEngine:
         root = root_hash(self.fingerprint, req.cache_salt)
         hasher = BlockHasher(self.cfg.block_size, root, req.lora_name.encode())
         seq = MockSequence(req.request_id, prompt, req.sampling, hasher, self._arrivals, self.cfg.seed)
+        seq.hold_kv = hold
         self._arrivals += 1
         self.seqs[seq.request_id] = seq
         self.scheduler.waiting.append(seq)
         self.prompt_tokens += n
+        if req.kv_handle is None:
+            return None
+        seq.continue_from(req.kv_handle.first_token)
+        plan = plan_pull(self.scheduler, seq, req.kv_handle, self.fingerprint, self.handoff)
+        self.events.flush()  # allocation may have evicted cached blocks
+        return plan
 
     def _abort(self, request_id: str) -> None:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return
+        self.held.discard(request_id)
         self.scheduler.finish(seq, "abort")  # frees its blocks, even mid-step (see the module invariants)
         self._deliver([seq.take_output()])
         self._wake.set()  # freed blocks may admit a waiting request
@@ -221,6 +271,10 @@ class MockerEngine:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 del self.seqs[seq.request_id]
+            elif seq.hold_kv:
+                self.scheduler.park(seq)
+                self.held.add(seq.request_id)
+                seq.finish_reason = PREFILLED
             outputs.append(seq.take_output())
         self.events.flush()
         self._deliver(outputs)
@@ -234,7 +288,13 @@ class MockerEngine:
     def _deliver(self, outputs: list[EngineOutput]) -> None:
         for out in outputs:
             queue = self._streams.get(out.request_id)
-            if queue is not None:
-                queue.put_nowait(out)
-                if out.finish_reason is not None:
-                    del self._streams[out.request_id]
+            if queue is None:
+                continue
+            if out.finish_reason == PREFILLED:
+                out.finish_reason = None
+                queue.put_nowait(PrefillResult(out, [b.block_id for b in self.seqs[out.request_id].blocks]))
+                del self._streams[out.request_id]
+                continue
+            queue.put_nowait(out)
+            if out.finish_reason is not None:
+                del self._streams[out.request_id]

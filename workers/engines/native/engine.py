@@ -19,8 +19,20 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
+from kvrelay.workers.engines.handoff import PullPlan
 from kvrelay.workers.engines.native.llm_engine import LLMEngine, NativeEngineConfig
-from kvrelay.workers.protocol import EngineError, EngineOutput, EngineRequest, EngineStats, KvLayout
+from kvrelay.workers.protocol import (
+    PREFILLED,
+    EngineError,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    KvLayout,
+    KvPuller,
+    PrefillResult,
+)
+
+_Item = EngineOutput | PrefillResult | PullPlan | Exception
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +42,7 @@ class _Stream:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.queue: asyncio.Queue[EngineOutput | Exception] = asyncio.Queue()
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
 
 
 class NativeEngine:
@@ -43,6 +55,7 @@ class NativeEngine:
         self._stop = threading.Event()
         self._stats: EngineStats | None = None
         self._kv_sink: tuple[asyncio.AbstractEventLoop, Callable[[list[KvEvent]], None]] | None = None
+        self._puller: KvPuller | None = None
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -64,10 +77,22 @@ class NativeEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if self._thread is None:
             raise EngineError("engine is not running")
+        if request.kv_handle is not None and self._puller is None:
+            raise EngineError("this worker cannot take a KV handle (no transfer engine)")
         stream = _Stream(asyncio.get_running_loop())
-        self._inbox.put(("add", request, stream))
+        self._inbox.put(("add", (request, False), stream))
         finished = False
         try:
+            if request.kv_handle is not None:
+                plan = await stream.queue.get()
+                if isinstance(plan, Exception):
+                    finished = True
+                    raise plan
+                assert isinstance(plan, PullPlan) and self._puller is not None
+                # The engine thread never touches the plan's blocks until "pulled"; a cancellation
+                # here returns only once the transport stopped writing them.
+                ok = await self._puller.pull(request.kv_handle, plan.local_block_ids, plan.start)
+                self._inbox.put(("pulled", request.request_id, (plan, ok)))
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
@@ -83,6 +108,32 @@ class NativeEngine:
 
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None))
+
+    async def prefill(self, request: EngineRequest) -> PrefillResult:
+        if self._thread is None:
+            raise EngineError("engine is not running")
+        stream = _Stream(asyncio.get_running_loop())
+        self._inbox.put(("add", (request, True), stream))
+        done = False
+        try:
+            item = await stream.queue.get()
+            done = True
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, PrefillResult):
+                return item
+            assert isinstance(item, EngineOutput) and item.finish_reason is not None
+            return PrefillResult(item, [])  # the first token ended it (stop, max_tokens=1): nothing held
+        finally:
+            if not done:  # cancelled mid-prefill: free its blocks
+                self._inbox.put(("abort", request.request_id, None))
+
+    def set_kv_puller(self, puller: KvPuller) -> None:
+        self._puller = puller
+
+    def kv_pool(self) -> Any:
+        assert self.core is not None, "start() first"
+        return self.core.kv_cache
 
     def subscribe_kv_events(self, sink: Callable[[list[KvEvent]], None]) -> None:
         """`sink` is called on the current event loop with each step's KV events, in event_id order."""
@@ -118,7 +169,7 @@ class NativeEngine:
         core = self.core
         assert core is not None
         while not self._stop.is_set():
-            deliveries: list[tuple[_Stream, EngineOutput | Exception]] = []
+            deliveries: list[tuple[_Stream, _Item]] = []
             block = not core.has_work()
             while True:
                 try:
@@ -135,12 +186,18 @@ class NativeEngine:
                     outputs = []
                     for rid in list(core.seqs):
                         core.abort(rid)
-                        deliveries.append((self._streams.pop(rid), EngineError(f"engine failure: {e}")))
+                        target = self._streams.pop(rid, None)
+                        if target is not None:
+                            deliveries.append((target, EngineError(f"engine failure: {e}")))
                 for out in outputs:
                     target = self._streams.get(out.request_id)
                     if target is not None:
-                        deliveries.append((target, out))
-                        if out.finish_reason is not None:
+                        item: _Item = out
+                        if out.finish_reason == PREFILLED:
+                            out.finish_reason = None
+                            item = PrefillResult(out, core.held_block_ids(out.request_id))
+                        deliveries.append((target, item))
+                        if out.finish_reason is not None or item is not out:
                             del self._streams[out.request_id]
             self._stats = core.stats()
             self._publish_kv_events(core)
@@ -150,15 +207,21 @@ class NativeEngine:
         self._deliver([(s, EngineError("engine shut down")) for s in self._streams.values()])
         self._streams.clear()
 
-    def _command(self, core: LLMEngine, cmd: str, arg: Any, stream: _Stream | None,
-                 deliveries: list[tuple[_Stream, EngineOutput | Exception]]) -> None:
+    def _command(self, core: LLMEngine, cmd: str, arg: Any, stream: Any,
+                 deliveries: list[tuple[_Stream, _Item]]) -> None:
         if cmd == "add":
+            request, hold = arg
             try:
-                core.add_request(arg)
+                plan = core.add_request(request, hold)
             except EngineError as e:
                 deliveries.append((stream, e))
             else:
-                self._streams[arg.request_id] = stream
+                self._streams[request.request_id] = stream
+                if plan is not None:
+                    deliveries.append((stream, plan))
+        elif cmd == "pulled":
+            plan, ok = stream
+            core.pulled(arg, plan, ok)
         elif cmd == "snapshot":
             self._publish_kv_events(core)  # events up to the snapshot reach the sink first
             snap = core.kv_snapshot()
@@ -179,8 +242,8 @@ class NativeEngine:
                 pass
 
     @staticmethod
-    def _deliver(deliveries: list[tuple[_Stream, EngineOutput | Exception]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, EngineOutput | Exception]]] = {}
+    def _deliver(deliveries: list[tuple[_Stream, _Item]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, _Item]]] = {}
         for stream, item in deliveries:
             by_loop.setdefault(stream.loop, []).append((stream, item))
         for loop, items in by_loop.items():
@@ -195,6 +258,6 @@ def _resolve(fut: asyncio.Future, value: Any) -> None:
         fut.set_result(value)
 
 
-def _put_all(items: list[tuple[_Stream, EngineOutput | Exception]]) -> None:
+def _put_all(items: list[tuple[_Stream, _Item]]) -> None:
     for stream, item in items:
         stream.queue.put_nowait(item)

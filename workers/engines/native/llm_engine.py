@@ -11,6 +11,7 @@ from kvrelay.kvbm.block_pool import BlockPool
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.kvbm.fingerprint import model_fingerprint
 from kvrelay.kvbm.hashing import BlockHasher, root_hash
+from kvrelay.workers.engines.handoff import HandoffCounters, PullPlan, finish_pull, plan_pull
 from kvrelay.workers.engines.native.batch import build_batch
 from kvrelay.workers.engines.native.config import DTYPES
 from kvrelay.workers.engines.native.loader import load_model
@@ -18,6 +19,7 @@ from kvrelay.workers.engines.native.sampler import sample
 from kvrelay.workers.engines.native.scheduler import Scheduler, SchedulerConfig
 from kvrelay.workers.engines.native.sequence import Sequence, Status
 from kvrelay.workers.protocol import (
+    PREFILLED,
     EngineError,
     EngineOutput,
     EngineRequest,
@@ -69,12 +71,16 @@ class LLMEngine:
         self.fingerprint = model_fingerprint(cfg.model)
         self.eos = frozenset(m.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
+        self.held: set[str] = set()  # prefill role: parked request ids (their blocks stay allocated)
+        self.handoff = HandoffCounters()
         self._arrivals = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
 
     # -- requests ---------------------------------------------------------------------------------------
-    def add_request(self, req: EngineRequest) -> None:
+    def add_request(self, req: EngineRequest, hold: bool = False) -> PullPlan | None:
+        """Queue a request. `hold`: prefill role (park after the first token, blocks kept). A request with
+        a `kv_handle` gets its blocks now; the returned plan says what to pull into them."""
         try:
             req.sampling.validate()
         except RequestError as e:
@@ -97,15 +103,25 @@ class LLMEngine:
         hasher = BlockHasher(self.cfg.block_size, root_hash(self.fingerprint, req.cache_salt),
                              req.lora_name.encode())
         seq = Sequence(req.request_id, req.prompt_token_ids, req.sampling, hasher, self._arrivals)
+        seq.hold_kv = hold
         self._arrivals += 1
         self.seqs[seq.request_id] = seq
         self.scheduler.waiting.append(seq)
         self.prompt_tokens += n
+        if req.kv_handle is None:
+            return None
+        seq.continue_from(req.kv_handle.first_token)
+        return plan_pull(self.scheduler, seq, req.kv_handle, self.fingerprint, self.handoff)
+
+    def pulled(self, request_id: str, plan: PullPlan, ok: bool) -> None:
+        finish_pull(self.scheduler, self.seqs.get(request_id), plan, ok, self.handoff)
 
     def abort(self, request_id: str) -> EngineOutput | None:
+        """End a request in any state (a held prefill included) and free its blocks."""
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return None
+        self.held.discard(request_id)
         self.scheduler.finish(seq, "abort")
         return seq.take_output()
 
@@ -132,6 +148,10 @@ class LLMEngine:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 del self.seqs[seq.request_id]
+            elif seq.hold_kv:
+                self.scheduler.park(seq)
+                self.held.add(seq.request_id)
+                seq.finish_reason = PREFILLED
             outputs.append(seq.take_output())
         return outputs
 
@@ -146,6 +166,9 @@ class LLMEngine:
 
     def _evicted(self, hashes: list[int]) -> None:
         self._emit("removed", hashes)
+
+    def held_block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.seqs[request_id].blocks]
 
     def drain_kv_events(self) -> list[KvEvent]:
         events, self.kv_events = self.kv_events, []
@@ -168,7 +191,8 @@ class LLMEngine:
             used_blocks=self.pool.num_blocks - self.pool.num_free, free_blocks=self.pool.num_free,
             total_blocks=self.pool.num_blocks, prefix_hit_tokens=s.prefix_hit_tokens,
             prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
-            preemptions=s.preemptions,
+            preemptions=s.preemptions, held_requests=len(self.held), remote_prefills=self.handoff.remote_prefills,
+            pulled_blocks=self.handoff.pulled_blocks, pull_failures=self.handoff.pull_failures,
         )
 
 

@@ -9,6 +9,11 @@ calls `commit()`. Invariants:
   (blocks released, recomputed later from its prompt + output); no step is ever left with a running
   sequence that lacks blocks for its scheduled tokens.
 - A prefix-cache hit never covers the last token: at least one token is computed, to get logits.
+
+Disaggregation adds two states outside `running`/`waiting`, each holding blocks: HELD (prefill role:
+`park` after the first token, until the engine aborts it once pulled or expired) and PULLING (decode
+role: `take_remote` allocated the prompt's blocks; `pulled` then runs it, or sends it back to waiting
+to be recomputed). `finish` frees the blocks of a sequence in any state.
 """
 
 from __future__ import annotations
@@ -114,6 +119,47 @@ class Scheduler:
         self.pool.release(reversed(seq.blocks))
         seq.blocks = []
         seq.num_published = 0
+
+    # -- disaggregation ---------------------------------------------------------------------------------
+    def take_remote(self, seq: Sequence) -> int | None:
+        """Decode role: take `seq` (waiting; prompt + the remote first token) out of the queue and give it
+        blocks for its prompt: prefix hits from this pool, fresh blocks for the rest. Returns how many
+        leading prompt blocks were hits (the puller fills the rest), or None if blocks are short now:
+        `seq` then stays waiting and is recomputed like a preempted sequence."""
+        bs, n_prompt = self.cfg.block_size, len(seq.prompt)
+        hits = self.pool.lookup(seq.hasher.hashes[:n_prompt // bs])
+        need = self._blocks_for(n_prompt) - len(hits)
+        if need > self.pool.num_free - sum(1 for b in hits if b.ref_count == 0):
+            return None
+        self.waiting.remove(seq)
+        self.pool.touch(hits)
+        seq.blocks = hits + self.pool.allocate(need)
+        seq.num_computed = len(hits) * bs
+        seq.num_published = len(hits)
+        seq.admitted = True
+        seq.num_cached_prompt = seq.num_computed
+        self.prefix_hit_tokens += seq.num_computed
+        seq.status = Status.PULLING
+        return len(hits)
+
+    def pulled(self, seq: Sequence, ok: bool) -> None:
+        """The pull for a PULLING `seq` ended: run it (its prompt KV is in place), or recompute it."""
+        if seq.status is not Status.PULLING:
+            return  # aborted meanwhile, or never pulled (take_remote found no blocks)
+        if ok:
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            self.commit(seq, len(seq.prompt) - seq.num_computed)  # publish the pulled full blocks
+        else:
+            self._release(seq)
+            seq.num_computed = 0
+            seq.status = Status.WAITING
+            self.waiting.appendleft(seq)
+
+    def park(self, seq: Sequence) -> None:
+        """Prefill role: `seq` has its first token; keep its blocks, stop scheduling it."""
+        self.running.remove(seq)
+        seq.status = Status.HELD
 
     # -- after the step ---------------------------------------------------------------------------------
     def commit(self, seq: Sequence, n: int) -> None:

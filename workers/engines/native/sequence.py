@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PULLING = "pulling"  # decode role: blocks allocated, KV being pulled from a prefill worker
+    HELD = "held"  # prefill role: prompt computed, blocks pinned until the decode side pulled them
     FINISHED = "finished"
 
 
@@ -42,6 +44,7 @@ class Sequence:
         hasher.extend(self.prompt)
         self.arrival = arrival
         self.admitted = False
+        self.hold_kv = False  # prefill role: park after the first token instead of decoding on
         self.finish_reason: str | None = None
         self.num_emitted = 0  # output tokens already sent to the caller
         self.generator: torch.Generator | None = None
@@ -81,6 +84,11 @@ class Sequence:
         return EngineOutput(request_id=self.request_id, token_ids=new, logprobs=lps,
                             finish_reason=self.finish_reason, num_prompt_tokens=len(self.prompt),
                             num_cached_tokens=self.num_cached_prompt)
+
+    def continue_from(self, first_token: int) -> None:
+        """Decode role: the prefill worker sampled the first token; it is output, already emitted."""
+        self.append(first_token, 0.0 if self.sampling.logprobs else None)
+        self.num_emitted = 1
 
     def append(self, token: int, logprob: float | None) -> None:
         self.output.append(token)

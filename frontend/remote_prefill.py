@@ -1,0 +1,102 @@
+"""Conditional disaggregation: whether a request is prefilled on a prefill worker, and doing it
+(DESIGN.md "Disaggregation").
+
+A request goes to a prefill worker when its decode worker has the `decode` role, some prefill worker
+of the model is up, and the part of the prompt the decode worker does not already hold (per the KV
+index) is at least `min_tokens`. Otherwise the decode worker prefills locally. The prefill worker is
+chosen by the kv router (prefix overlap against load); one that fails (connection lost, overloaded) is
+left out and the next is tried; when none is left the decode worker prefills locally. A request whose
+caller leaves while it prefills is cancelled on the prefill worker, which frees its blocks.
+
+Invariant: every `select` on the prefill router is matched by one `on_finish`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter
+
+from kvrelay.frontend.errors import WorkerRejected
+from kvrelay.frontend.router import BaseRouter, RouteRequest, WorkerState
+from kvrelay.frontend.worker_pool import WorkerPool
+from kvrelay.runtime.discovery import Instance
+from kvrelay.runtime.messages import Empty, EngineRequest, KvHandle, PrefillReply, ReleaseRequest
+from kvrelay.runtime.rpc import RemoteError, RpcCancelled, RpcClient, RpcConnectionError
+
+log = logging.getLogger(__name__)
+
+PREFILL_ROLES = ("prefill",)
+
+
+class RemotePrefill:
+    def __init__(self, pool: WorkerPool, rpc: RpcClient, router: BaseRouter, min_tokens: int,
+                 state: Callable[[Instance, float], WorkerState], registry: CollectorRegistry,
+                 suspend_s: float):
+        self.pool, self.rpc, self.router, self.min_tokens = pool, rpc, router, min_tokens
+        self._state, self._suspend_s = state, suspend_s
+        self._tasks: set[asyncio.Task] = set()
+        self.prefills = Counter("kvrelay_frontend_prefills", "prefills by where they ran: local (on the "
+                                "decode or aggregated worker) or remote (on a prefill worker)", ["where"],
+                                registry=registry)
+        self.failovers = Counter("kvrelay_frontend_prefill_failovers",
+                                 "prefill attempts moved to another prefill worker (or to local)", registry=registry)
+        self.prefills.labels(where="local")
+        self.prefills.labels(where="remote")
+
+    def wanted(self, model: str, decode: Instance, route: RouteRequest, overlap_blocks: int) -> bool:
+        if decode.role != "decode" or not self.pool.workers(model, roles=PREFILL_ROLES):
+            return False
+        uncached = route.num_prompt_tokens - overlap_blocks * route.block_size
+        return uncached >= self.min_tokens
+
+    async def prefill(self, model: str, route: RouteRequest, request: EngineRequest) -> PrefillReply | None:
+        """The first token and a handle from a prefill worker, or None: prefill locally."""
+        excluded: set[str] = set()
+        while True:
+            workers = [w for w in self.pool.workers(model, roles=PREFILL_ROLES) if w.instance_id not in excluded]
+            if not workers:
+                return None
+            now = time.time()
+            decision = self.router.select(route, [self._state(w, now) for w in workers])
+            inst = self.pool.instances[decision.worker_id]
+            try:
+                reply = None
+                async with self.rpc.call(inst.address, "prefill", request, PrefillReply) as stream:
+                    async for item in stream:  # read to the end: leaving early would cancel the lease
+                        reply = item
+                if reply is None:
+                    raise RpcConnectionError(f"{inst.address} ended the prefill without a reply")
+                self.prefills.labels(where="remote").inc()
+                return reply
+            except (RpcConnectionError, RpcCancelled) as e:
+                self.pool.suspend(inst.instance_id, self._suspend_s)
+                log.warning("request %s: prefill worker %s failed (%s); trying another", request.request_id,
+                            inst.instance_id, e)
+            except RemoteError as e:
+                if e.kind != "EngineOverloaded":
+                    raise WorkerRejected(e.kind, e.remote_message) from None
+            finally:
+                self.router.on_finish(request.request_id)
+            excluded.add(inst.instance_id)
+            self.failovers.inc()
+
+    def release(self, handle: KvHandle) -> None:
+        """Free a handle's lease now (its decode attempt ended without pulling). Best effort: the lease
+        expires anyway."""
+        task = asyncio.get_running_loop().create_task(self._release(handle))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, handle: KvHandle) -> None:
+        try:
+            await asyncio.wait_for(self.rpc.unary(handle.prefill_address, "release",
+                                                  ReleaseRequest(handle.request_id), Empty), 5.0)
+        except Exception as e:
+            log.debug("could not release KV handle %s: %s", handle.request_id, e)
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,141 @@
+"""The worker side of the prefill -> decode KV handoff (DESIGN.md "Disaggregation").
+
+Prefill role: `PrefillLeases` pins each handle's blocks until the decode worker says it is done (the
+`RELEASE` notification that rides on the transfer, or the `release` endpoint) or the lease runs out.
+Decode role: a `KvPuller` copies a handle's blocks into blocks the engine allocated: `TransferPuller`
+over the worker's transfer engine (NIXL, or the TCP fallback), `SimulatedPuller` for the mocker.
+
+Invariants:
+- Every handle is freed exactly once on the prefill worker: pulled, released, or expired.
+- A lease outlives any pull that can still be writing: the decode side gives a read at most half the
+  lease (`pull_timeout`), counted from when it got the handle.
+- A failed pull never fails the request: the decode engine recomputes the prompt instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from kvrelay.runtime.messages import Empty, KvHandle, ReleaseRequest
+from kvrelay.runtime.rpc import RpcClient
+
+log = logging.getLogger(__name__)
+
+RELEASE = b"kvrelay.release:"  # + request id: "the decode side is done with this handle's blocks"
+
+
+def pull_timeout(handle: KvHandle) -> float:
+    return max(0.1, handle.lease_s / 2)
+
+
+class PrefillLeases:
+    """Held prefill handles: request id -> expiry timer. `free(request_id)` frees the engine's blocks."""
+
+    def __init__(self, free: Callable[[str], Awaitable[None]], lease_s: float):
+        self._free, self.lease_s = free, lease_s
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.released = {"pulled": 0, "released": 0, "expired": 0, "cancelled": 0}
+
+    def __len__(self) -> int:
+        return len(self._timers)
+
+    def hold(self, request_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._timers[request_id] = loop.call_later(self.lease_s, self.release, request_id, "expired")
+
+    def release(self, request_id: str, why: str) -> bool:
+        """Free the handle's blocks now; False if it is not held (already freed, or never was)."""
+        timer = self._timers.pop(request_id, None)
+        if timer is None:
+            return False
+        timer.cancel()
+        self.released[why] += 1
+        if why == "expired":
+            log.warning("KV handle %s was not pulled within %.1f s; freeing its blocks", request_id, self.lease_s)
+        task = asyncio.get_running_loop().create_task(self._free(request_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def consume(self, transfer: Any) -> None:
+        """Release handles as the decode side's notifications arrive (run as a task)."""
+        while True:
+            note = await transfer.wait_notification()
+            if note.message.startswith(RELEASE):
+                self.release(note.message[len(RELEASE):].decode(errors="replace"), "pulled")
+
+    async def close(self) -> None:
+        for rid in list(self._timers):
+            self.release(rid, "released")
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class _Releaser:
+    """Tells a prefill worker over the request plane that a handle is done (when no transfer carried
+    the notification). Best effort: if the prefill worker is gone, so are its blocks; if the call
+    fails otherwise, the lease expires."""
+
+    def __init__(self, rpc: RpcClient):
+        self.rpc = rpc
+        self._tasks: set[asyncio.Task] = set()
+
+    def release(self, handle: KvHandle) -> None:
+        task = asyncio.get_running_loop().create_task(self._release(handle))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, handle: KvHandle) -> None:
+        try:
+            await asyncio.wait_for(self.rpc.unary(handle.prefill_address, "release",
+                                                  ReleaseRequest(handle.request_id), Empty), 5.0)
+        except Exception as e:
+            log.debug("could not release KV handle %s at %s: %s", handle.request_id, handle.prefill_address, e)
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class TransferPuller(_Releaser):
+    """Pulls with the worker's transfer engine; the read's own notification frees the lease."""
+
+    def __init__(self, transfer: Any, rpc: RpcClient, pool: str = "g1"):
+        super().__init__(rpc)
+        self.transfer, self.pool = transfer, pool
+
+    async def pull(self, handle: KvHandle, local_block_ids: list[int], start: int) -> bool:
+        if local_block_ids:
+            try:
+                self.transfer.add_peer(handle.prefill_instance, handle.transfer_metadata)
+                await self.transfer.read(handle.prefill_instance, handle.pool, handle.block_ids[start:], self.pool,
+                                         local_block_ids, notify=RELEASE + handle.request_id.encode(),
+                                         timeout=pull_timeout(handle))
+                return True
+            except asyncio.CancelledError:
+                self.release(handle)
+                raise
+            except Exception as e:  # TransferError, ValueError (other transport kind, bad ids): recompute
+                log.warning("request %s: pulling %d KV blocks from %s failed (%s); recomputing the prompt",
+                            handle.request_id, len(local_block_ids), handle.prefill_instance, e)
+                self.release(handle)
+                return False
+        self.release(handle)  # every block was already cached here: nothing to pull
+        return True
+
+
+class SimulatedPuller(_Releaser):
+    """The mocker's link: sleeps for the modeled transfer time of the blocks, moves nothing."""
+
+    def __init__(self, seconds_for_blocks: Callable[[int], float], rpc: RpcClient):
+        super().__init__(rpc)
+        self.seconds_for_blocks = seconds_for_blocks
+
+    async def pull(self, handle: KvHandle, local_block_ids: list[int], start: int) -> bool:
+        try:
+            await asyncio.sleep(self.seconds_for_blocks(len(local_block_ids)))
+        finally:
+            self.release(handle)
+        return True
