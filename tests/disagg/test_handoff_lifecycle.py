@@ -175,3 +175,30 @@ def test_unusable_handles_are_recomputed_not_trusted():
 
 def replace_handle(req: EngineRequest, handle) -> EngineRequest:
     return msgspec.structs.replace(req, kv_handle=handle)
+
+
+def test_prefill_worker_lost_mid_prefill_moves_to_the_other_prefill_worker():
+    prompt = _prompt(3000, 4)
+
+    async def run():
+        async with Cluster(["agg"], CFG) as ref:
+            want = await ref.generate(prompt, max_tokens=6)
+        async with Cluster(["prefill", "prefill", "decode"], replace(CFG, max_num_batched_tokens=64)) as c:
+            task = asyncio.create_task(c.generate(prompt, max_tokens=6))
+            busy = None
+            while busy is None:
+                busy = next((w for w in c.by_role("prefill") if w.engine.stats().running), None)
+                await asyncio.sleep(0.005)
+            await busy.close()
+            c.workers.remove(busy)
+            got = await asyncio.wait_for(task, 60)
+            await c.settle()
+            (other,) = c.by_role("prefill")
+            return (want, got, c.service.remote.failovers._value.get(), other.engine.stats(),
+                    c.by_role("decode")[0].engine.stats())
+
+    want, got, failovers, other, decode = asyncio.run(run())
+    assert got == want
+    assert failovers == 1
+    assert other.prompt_tokens == len(prompt)  # the survivor prefilled it
+    assert decode.remote_prefills == 1 and decode.pull_failures == 0
