@@ -2,7 +2,7 @@
 
 Shaped exactly as the `openai` client's types (tests parse them with it). Streaming conventions:
 - chat: the first chunk's delta is {"role": "assistant", "content": ""}, then content deltas, then a
-  chunk with an empty delta and `finish_reason`; completions: text chunks, the last with finish_reason.
+  chunk with an empty delta and `finish_reason`; completions: text chunks, then one with empty text and `finish_reason`.
 - with stream_options.include_usage every chunk carries "usage": null and one extra chunk with
   "choices": [] and the usage comes last; without it the key is absent. Then `SSE_DONE`.
 - finish_reason is "stop" (EOS, stop token or stop string) or "length".

@@ -13,7 +13,6 @@ Invariant: every `select` on the prefill router is matched by one `on_finish`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -24,7 +23,8 @@ from kvrelay.frontend.errors import WorkerRejected
 from kvrelay.frontend.router import BaseRouter, RouteRequest, WorkerState
 from kvrelay.frontend.worker_pool import WorkerPool
 from kvrelay.runtime.discovery import Instance
-from kvrelay.runtime.messages import Empty, EngineRequest, KvHandle, PrefillReply, ReleaseRequest
+from kvrelay.runtime.handle_release import HandleReleaser
+from kvrelay.runtime.messages import EngineRequest, KvHandle, PrefillReply
 from kvrelay.runtime.rpc import RemoteError, RpcCancelled, RpcClient, RpcConnectionError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class RemotePrefill:
                  suspend_s: float):
         self.pool, self.rpc, self.router, self.min_tokens = pool, rpc, router, min_tokens
         self._state, self._suspend_s = state, suspend_s
-        self._tasks: set[asyncio.Task] = set()
+        self._releaser = HandleReleaser(rpc)
         self.prefills = Counter("kvrelay_frontend_prefills", "prefills by where they ran: local (on the "
                                 "decode or aggregated worker) or remote (on a prefill worker)", ["where"],
                                 registry=registry)
@@ -85,18 +85,8 @@ class RemotePrefill:
             self.failovers.inc()
 
     def release(self, handle: KvHandle) -> None:
-        """Free a handle's lease now (its decode attempt ended without pulling). Best effort: the lease
-        expires anyway."""
-        task = asyncio.get_running_loop().create_task(self._release(handle))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _release(self, handle: KvHandle) -> None:
-        try:
-            await asyncio.wait_for(self.rpc.unary(handle.prefill_address, "release",
-                                                  ReleaseRequest(handle.request_id), Empty), 5.0)
-        except Exception as e:
-            log.debug("could not release KV handle %s: %s", handle.request_id, e)
+        """Free a handle's lease now (its decode attempt ended without pulling)."""
+        self._releaser.release(handle)
 
     async def close(self) -> None:
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._releaser.close()

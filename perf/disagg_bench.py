@@ -219,7 +219,7 @@ def mixed(args: argparse.Namespace) -> dict:
                     workers=None).start()
         try:
             deadline = time.monotonic() + 60
-            while "with workers:" not in srv.read_log():
+            while "with workers:" not in srv.read_log() or httpx.get(f"{srv.base_url}/ready").json()["workers"] < 2:
                 assert time.monotonic() < deadline, srv.read_log()
                 time.sleep(0.05)
             results[name] = asyncio.run(mixed_run(srv.base_url, args))

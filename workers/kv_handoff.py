@@ -19,7 +19,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kvrelay.runtime.messages import Empty, KvHandle, ReleaseRequest
+from kvrelay.runtime.handle_release import HandleReleaser
+from kvrelay.runtime.messages import KvHandle
 from kvrelay.runtime.rpc import RpcClient
 
 log = logging.getLogger(__name__)
@@ -74,32 +75,7 @@ class PrefillLeases:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-class _Releaser:
-    """Tells a prefill worker over the request plane that a handle is done (when no transfer carried
-    the notification). Best effort: if the prefill worker is gone, so are its blocks; if the call
-    fails otherwise, the lease expires."""
-
-    def __init__(self, rpc: RpcClient):
-        self.rpc = rpc
-        self._tasks: set[asyncio.Task] = set()
-
-    def release(self, handle: KvHandle) -> None:
-        task = asyncio.get_running_loop().create_task(self._release(handle))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _release(self, handle: KvHandle) -> None:
-        try:
-            await asyncio.wait_for(self.rpc.unary(handle.prefill_address, "release",
-                                                  ReleaseRequest(handle.request_id), Empty), 5.0)
-        except Exception as e:
-            log.debug("could not release KV handle %s at %s: %s", handle.request_id, handle.prefill_address, e)
-
-    async def close(self) -> None:
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-class TransferPuller(_Releaser):
+class TransferPuller(HandleReleaser):
     """Pulls with the worker's transfer engine; the read's own notification frees the lease."""
 
     def __init__(self, transfer: Any, rpc: RpcClient, pool: str = "g1"):
@@ -126,7 +102,7 @@ class TransferPuller(_Releaser):
         return True
 
 
-class SimulatedPuller(_Releaser):
+class SimulatedPuller(HandleReleaser):
     """The mocker's link: sleeps for the modeled transfer time of the blocks, moves nothing."""
 
     def __init__(self, seconds_for_blocks: Callable[[int], float], rpc: RpcClient):

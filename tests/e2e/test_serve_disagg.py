@@ -38,10 +38,13 @@ def _metric(base_url: str, name: str) -> float:
     raise AssertionError(f"{name} not exported")
 
 
-def _wait_all_workers(srv: Serve, timeout: float = 60.0) -> None:
-    """`Serve.start` returns when one worker is up; serve logs its shape once every worker is."""
+def _wait_all_workers(srv: Serve, count: int = 2, timeout: float = 60.0) -> None:
+    """`Serve.start` returns when one worker is up. Wait until the frontend routes to all of them (its
+    discovery watch may trail the workers' registration): otherwise a long prompt may be prefilled
+    locally only because the frontend did not know of the prefill worker yet."""
     deadline = time.monotonic() + timeout
-    while "with workers:" not in srv.read_log():
+    while httpx.get(f"{srv.base_url}/ready").json().get("workers", 0) < count or \
+            "with workers:" not in srv.read_log():
         assert time.monotonic() < deadline, srv.read_log()
         time.sleep(0.05)
 
