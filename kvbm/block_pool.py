@@ -11,6 +11,13 @@ Invariants (checked by the hypothesis test):
 - `cached[h].block_hash == h` for every entry; a hash maps to at most one block.
 - Free queue order is eviction order: least recently released first. Blocks of a finished sequence
   are released tail first, so a long prefix's head outlives its tail.
+
+Offload to lower tiers (kvbm/tiered_kv.py): with `offload_on` set, blocks that should be copied down
+are appended to `to_offload`: "cache" (write-through) when a block is published, "release"
+(write-back) when a published block's last reference goes, i.e. just before it becomes evictable. The
+owner pins them (`touch`) for the copy, so a block is never reused while it is being read.
+`offloaded` is true while lower tiers hold a copy of the block's current content; it is cleared with
+the hash.
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ from collections.abc import Callable, Iterable
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "block_hash")
+    __slots__ = ("block_id", "ref_count", "block_hash", "offloaded")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
         self.block_hash: int | None = None
+        self.offloaded = False
 
 
 class OutOfBlocks(RuntimeError):
@@ -39,7 +47,9 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, Block] = {}
-        self._on_evict = on_evict  # told the hashes whose KV is gone (for KV events / offload)
+        self._on_evict = on_evict  # told the hashes whose KV is gone (for KV events)
+        self.offload_on: str | None = None  # None | "cache" (write-through) | "release" (write-back)
+        self.to_offload: list[Block] = []
 
     @property
     def num_blocks(self) -> int:
@@ -61,6 +71,7 @@ class BlockPool:
                 del self.cached[block.block_hash]
                 evicted.append(block.block_hash)
                 block.block_hash = None
+                block.offloaded = False
             block.ref_count = 1
             out.append(block)
         if evicted and self._on_evict:
@@ -92,6 +103,8 @@ class BlockPool:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block.block_id] = None
+                if self.offload_on == "release" and block.block_hash is not None and not block.offloaded:
+                    self.to_offload.append(block)
 
     def cache(self, block: Block, block_hash: int) -> bool:
         """Publish a full block under its hash; True only if this newly published it. False if it was
@@ -103,6 +116,8 @@ class BlockPool:
             return False
         block.block_hash = block_hash
         self.cached[block_hash] = block
+        if self.offload_on == "cache":
+            self.to_offload.append(block)
         return True
 
     def reset_prefix_cache(self) -> list[int]:
@@ -114,4 +129,5 @@ class BlockPool:
                 del self.cached[block.block_hash]
                 dropped.append(block.block_hash)
                 block.block_hash = None
+                block.offloaded = False
         return dropped

@@ -67,7 +67,21 @@ def _convert(raw: str, tp: type, source: str) -> Any:
     try:
         return tp(raw)
     except ValueError:
+        size = _size(raw) if tp is int else None
+        if size is not None:
+            return size
         raise ConfigError(f"{source}: expected {tp.__name__}, got {raw!r}") from None
+
+
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(raw: str) -> int | None:
+    """Byte sizes for integer settings: 512MiB, 4GiB, 64k, 2G (binary units: 1K = 1024)."""
+    text = raw.strip().lower().removesuffix("b").removesuffix("i")
+    if text[-1:] in _UNITS and text[:-1].strip().isdigit():
+        return int(text[:-1]) * _UNITS[text[-1]]
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser, *classes: type) -> None:

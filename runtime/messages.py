@@ -103,6 +103,30 @@ class KvLayout(msgspec.Struct, frozen=True, kw_only=True):
         return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * itemsize
 
 
+class TierCounters(msgspec.Struct, kw_only=True):
+    """One lower tier of a worker (kvbm/tiers TierStats plus the G1<->tier traffic); cumulative
+    counters except the gauges enabled, capacity_bytes, footprint_bytes, used_bytes and blocks."""
+
+    tier: str  # G2 | G3 | G4
+    enabled: bool
+    capacity_bytes: int
+    footprint_bytes: int
+    used_bytes: int
+    blocks: int
+    hits: int
+    misses: int
+    evictions: int
+    rejected_puts: int
+    checksum_failures: int
+    errors: int
+    onboard_blocks: int
+    onboard_bytes: int
+    onboard_seconds: float
+    offload_blocks: int
+    offload_bytes: int
+    offload_seconds: float
+
+
 class EngineStats(msgspec.Struct, kw_only=True):
     running: int
     waiting: int
@@ -117,6 +141,10 @@ class EngineStats(msgspec.Struct, kw_only=True):
     remote_prefills: int = 0  # decode role, cumulative: requests that arrived with a KV handle
     pulled_blocks: int = 0  # decode role, cumulative: blocks pulled from prefill workers
     pull_failures: int = 0  # decode role, cumulative: handles recomputed locally instead
+    onboarded_blocks: int = 0  # cumulative: blocks loaded from lower tiers instead of recomputed
+    offload_pinned: int = 0  # G1 blocks pinned while being copied to lower tiers
+    offload_skipped: int = 0  # cumulative: blocks not offloaded because too many were pinned
+    tiers: list[TierCounters] = []
 
 
 class ModelCard(msgspec.Struct, frozen=True, kw_only=True):

@@ -41,6 +41,21 @@ class WorkerConfig:
         "handoff, decode workers prefill locally)")
     kv_lease_s: float = setting(30.0, "prefill role: seconds a computed prompt's blocks wait to be pulled",
                                 positive)
+    # Lower KV tiers (native engine; kvbm/README.md). Sizes take units: 512MiB, 4GiB.
+    kv_host_bytes: int = setting(512 << 20, "G2: bytes of host memory for KV blocks (0 = no G2)",
+                                 non_negative)
+    kv_disk_dir: str = setting("auto", "G3: base directory for KV blocks on local disk (auto = "
+                               "$KVRELAY_CACHE_DIR or ~/.cache/kvrelay/kv; off = no G3)")
+    kv_disk_bytes: int = setting(4 << 30, "G3: bytes of disk (data file + index) per worker", positive)
+    kv_object_store: str = setting("", "G4: s3://bucket[/prefix]?endpoint=URL or file:///path (empty = "
+                                   "no G4; credentials from AWS_* variables)")
+    kv_object_bytes: int = setting(16 << 30, "G4: bound on the bytes of objects this worker writes", positive)
+    kv_tier_policy: Literal["lru", "tinylfu"] = setting("lru", "eviction/admission policy of G2-G4")
+    kv_offload: Literal["write-back", "write-through"] = setting(
+        "write-back", "copy G1 blocks down when they become evictable (write-back) or when computed "
+        "(write-through)")
+    kv_onboard: Literal["cost", "always"] = setting(
+        "cost", "load a lower-tier hit only when the measured cost model says it beats recompute, or always")
     # --engine mocker only (workers/engines/mocker/README.md); defaults equal MockerConfig's.
     mocker_speedup: float = setting(1.0, "mocker: divide simulated times by this (0 = never sleep)",
                                     non_negative)

@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 
 from kvrelay.kvbm.events import KvEvent, KvSnapshot, LoadMetrics, kv_events_subject, load_subject
+from kvrelay.runtime.config import ConfigError
 from kvrelay.runtime.discovery import Discovery, Instance, register_instance
 from kvrelay.runtime.events import EventPlane
 from kvrelay.runtime.messages import Empty, KvHandle, PrefillReply, ReleaseRequest
@@ -48,6 +49,7 @@ def build_engine(cfg: WorkerConfig, model_dir: str) -> Engine:
             model=model_dir, dtype=cfg.dtype, device=cfg.device, block_size=cfg.block_size,
             kv_cache_bytes=cfg.kv_cache_bytes, max_num_batched_tokens=cfg.max_num_batched_tokens,
             max_num_seqs=cfg.max_num_seqs, max_waiting=cfg.max_waiting, max_model_len=cfg.max_model_len,
+            tiers=tier_config(cfg),
         ))
     if cfg.engine == "mocker":
         from kvrelay.workers.engines.mocker import MockerConfig, MockerEngine
@@ -63,6 +65,20 @@ def build_engine(cfg: WorkerConfig, model_dir: str) -> Engine:
             eos_probability=cfg.mocker_eos_probability, seed=cfg.mocker_seed,
         ))
     raise ValueError(f"unknown engine {cfg.engine!r}")
+
+
+def tier_config(cfg: WorkerConfig):
+    """The lower tiers' config; a malformed G4 URL is a ConfigError now, not a warning at start."""
+    from kvrelay.kvbm.tier_config import TierConfig, TierConfigError, check_object_store_url
+
+    try:
+        check_object_store_url(cfg.kv_object_store)
+    except TierConfigError as e:
+        raise ConfigError(str(e)) from None
+    return TierConfig(host_bytes=cfg.kv_host_bytes, disk_dir=cfg.kv_disk_dir, disk_bytes=cfg.kv_disk_bytes,
+                      object_store=cfg.kv_object_store, object_bytes=cfg.kv_object_bytes,
+                      policy=cfg.kv_tier_policy, offload=cfg.kv_offload,
+                      onboard=cfg.kv_onboard)
 
 
 def resolve_model(cfg: WorkerConfig) -> tuple[str, str]:

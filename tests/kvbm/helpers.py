@@ -64,6 +64,10 @@ class S3:
     def client(self) -> Any:
         return boto3.client("s3", endpoint_url=self.url, **CREDS)
 
+    def store_url(self, bucket: str) -> str:
+        """The `--kv-object-store` URL of a bucket on this server."""
+        return f"s3://{bucket}?endpoint={self.url}"
+
     def new_bucket(self) -> str:
         name = f"kvrelay-{uuid.uuid4().hex[:12]}"
         self.client().create_bucket(Bucket=name)

@@ -18,9 +18,16 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
+import torch
+
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
+from kvrelay.kvbm.hashing import BlockHasher, root_hash
+from kvrelay.kvbm.tiered_kv import TieredKv
+from kvrelay.runtime.messages import TierCounters
 from kvrelay.workers.engines.handoff import PullPlan
 from kvrelay.workers.engines.native.llm_engine import LLMEngine, NativeEngineConfig
+from kvrelay.workers.engines.onboard import OnboardTicket
 from kvrelay.workers.protocol import (
     PREFILLED,
     EngineError,
@@ -32,7 +39,7 @@ from kvrelay.workers.protocol import (
     PrefillResult,
 )
 
-_Item = EngineOutput | PrefillResult | PullPlan | Exception
+_Item = EngineOutput | PrefillResult | PullPlan | OnboardTicket | Exception
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +63,23 @@ class NativeEngine:
         self._stats: EngineStats | None = None
         self._kv_sink: tuple[asyncio.AbstractEventLoop, Callable[[list[KvEvent]], None]] | None = None
         self._puller: KvPuller | None = None
+        self.tiers: TieredKv | None = None  # G2/G3/G4, when configured and any opened
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         if self._thread is not None:
             return
+        self._loop = asyncio.get_running_loop()
         self.core = await asyncio.to_thread(LLMEngine, self.cfg)
+        if self.cfg.tiers is not None and self.cfg.tiers.any:
+            core = self.core
+            rows = core.kv_cache.view(core.pool.num_blocks, -1).view(torch.uint8)
+            tiers = await TieredKv.open(self.cfg.tiers, rows, self.cfg.block_size, core.fingerprint,
+                                        sink=self._on_tier_event)
+            if tiers.stores:
+                self.tiers = tiers
+                core.enable_tiers(self.cfg.tiers.offload, tiers.cost)
+                log.info("KV tiers: %s (offload %s)", ", ".join(tiers.tiers), self.cfg.tiers.offload)
         self._stats = self.core.stats()
         self._thread = threading.Thread(target=self._run, name="kvrelay-native-engine", daemon=True)
         self._thread.start()
@@ -68,10 +87,14 @@ class NativeEngine:
     async def close(self) -> None:
         if self._thread is None:
             return
+        if self.tiers is not None:
+            await self.tiers.drain()  # copies in flight finish (and unpin) before the thread stops
         self._stop.set()
         self._inbox.put(("wake", None, None))
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+        if self.tiers is not None:
+            await self.tiers.close()
 
     # -- Engine protocol --------------------------------------------------------------------------------
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
@@ -79,25 +102,19 @@ class NativeEngine:
             raise EngineError("engine is not running")
         if request.kv_handle is not None and self._puller is None:
             raise EngineError("this worker cannot take a KV handle (no transfer engine)")
+        in_lower = await self._lookup_tiers(request) if request.kv_handle is None else None
         stream = _Stream(asyncio.get_running_loop())
-        self._inbox.put(("add", (request, False), stream))
+        self._inbox.put(("add", (request, False, in_lower), stream))
         finished = False
         try:
-            if request.kv_handle is not None:
-                plan = await stream.queue.get()
-                if isinstance(plan, Exception):
-                    finished = True
-                    raise plan
-                assert isinstance(plan, PullPlan) and self._puller is not None
-                # The engine thread never touches the plan's blocks until "pulled"; a cancellation
-                # here returns only once the transport stopped writing them.
-                ok = await self._puller.pull(request.kv_handle, plan.local_block_ids, plan.start)
-                self._inbox.put(("pulled", request.request_id, (plan, ok)))
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
                     finished = True
                     raise item
+                if isinstance(item, (PullPlan, OnboardTicket)):
+                    await self._load(request, item)
+                    continue
                 finished = item.finish_reason is not None
                 yield item
                 if finished:
@@ -106,6 +123,43 @@ class NativeEngine:
             if not finished:
                 self._inbox.put(("abort", request.request_id, None))
 
+    async def _lookup_tiers(self, request: EngineRequest) -> list[str | None] | None:
+        """Which lower tier holds each of the prompt's full blocks (None if no tier is worth asking)."""
+        if self.tiers is None or self.core is None:
+            return None
+        n = (len(request.prompt_token_ids) - 1) // self.cfg.block_size
+        if n == 0:
+            return None
+        hasher = BlockHasher(self.cfg.block_size, root_hash(self.core.fingerprint, request.cache_salt),
+                             request.lora_name.encode())
+        hasher.extend(request.prompt_token_ids[:n * self.cfg.block_size])
+        g1 = self.core.pool.cached  # read from this thread: a hint, the engine thread decides
+        if all(h in g1 for h in hasher.hashes):
+            return None
+        return await self.tiers.lookup(hasher.hashes, in_g1=g1.__contains__)
+
+    async def _load(self, request: EngineRequest, item: PullPlan | OnboardTicket) -> None:
+        """Fill the blocks the engine allocated (pull from a prefill worker, or onboard from tiers) and
+        report to the engine thread, always: until it hears back it keeps those blocks out of reach."""
+        if isinstance(item, PullPlan):
+            assert self._puller is not None and request.kv_handle is not None
+            try:  # a cancelled pull returns only once the transport stopped writing the blocks
+                ok = await self._puller.pull(request.kv_handle, item.local_block_ids, item.start)
+            except BaseException:
+                self._inbox.put(("pulled", request.request_id, (item, False)))
+                raise
+            self._inbox.put(("pulled", request.request_id, (item, ok)))
+            return
+        assert self.tiers is not None
+        task = asyncio.ensure_future(self.tiers.onboard(item.plan))
+        try:  # tier I/O cannot be interrupted: a cancelled caller still waits for it to stop writing
+            got = await asyncio.shield(task)
+        except BaseException:
+            got = await _settle(task, len(item.plan.hashes))
+            self._inbox.put(("onboarded", request.request_id, (item, got)))
+            raise
+        self._inbox.put(("onboarded", request.request_id, (item, got)))
+
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None))
 
@@ -113,7 +167,7 @@ class NativeEngine:
         if self._thread is None:
             raise EngineError("engine is not running")
         stream = _Stream(asyncio.get_running_loop())
-        self._inbox.put(("add", (request, True), stream))
+        self._inbox.put(("add", (request, True, None), stream))
         done = False
         try:
             item = await stream.queue.get()
@@ -162,7 +216,26 @@ class NativeEngine:
 
     def stats(self) -> EngineStats:
         assert self._stats is not None, "start() first"
-        return self._stats
+        if self.tiers is None:
+            return self._stats
+        return msgspec.structs.replace(self._stats, tiers=[_counters(s, f) for s, f in self.tiers.stats()])
+
+    # -- lower tiers: events and offload copies cross to the engine thread through the inbox ------------
+    def _on_tier_event(self, tier: str, kind: str, hashes: list[int]) -> None:
+        self._inbox.put(("tier_event", (tier, kind, hashes), None))
+
+    def _offloaded(self, block_ids: list[int]) -> None:
+        self._inbox.put(("offloaded", block_ids, None))
+
+    def _flush_offload(self, core: LLMEngine) -> None:
+        batch = core.take_offload()
+        if batch is None:
+            return
+        assert self.tiers is not None and self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self.tiers.offload, batch[0], batch[1], self._offloaded)
+        except RuntimeError:  # the loop is gone (shutdown): nobody will copy them
+            core.offloaded(batch[1])
 
     # -- engine thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -178,6 +251,7 @@ class NativeEngine:
                     break
                 block = False
                 self._command(core, cmd, arg, stream, deliveries)
+            self._flush_offload(core)
             if core.has_work():
                 try:
                     outputs = core.step()
@@ -199,6 +273,7 @@ class NativeEngine:
                         deliveries.append((target, item))
                         if out.finish_reason is not None or item is not out:
                             del self._streams[out.request_id]
+            self._flush_offload(core)
             self._stats = core.stats()
             self._publish_kv_events(core)
             self._deliver(deliveries)
@@ -210,9 +285,9 @@ class NativeEngine:
     def _command(self, core: LLMEngine, cmd: str, arg: Any, stream: Any,
                  deliveries: list[tuple[_Stream, _Item]]) -> None:
         if cmd == "add":
-            request, hold = arg
+            request, hold, in_lower = arg
             try:
-                plan = core.add_request(request, hold)
+                plan = core.add_request(request, hold, in_lower)
             except EngineError as e:
                 deliveries.append((stream, e))
             else:
@@ -222,6 +297,13 @@ class NativeEngine:
         elif cmd == "pulled":
             plan, ok = stream
             core.pulled(arg, plan, ok)
+        elif cmd == "onboarded":
+            ticket, got = stream
+            core.onboarded(arg, ticket, got)
+        elif cmd == "offloaded":
+            core.offloaded(arg)
+        elif cmd == "tier_event":
+            core.events.tier_event(*arg)
         elif cmd == "snapshot":
             self._publish_kv_events(core)  # events up to the snapshot reach the sink first
             snap = core.kv_snapshot()
@@ -251,6 +333,29 @@ class NativeEngine:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # that loop is closed: nobody is listening
                 pass
+
+
+async def _settle(task: asyncio.Future, n: int) -> list[bool]:
+    """The onboard's result once it has finished; all-miss if it failed or was cancelled."""
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            continue  # cancelled again: still wait, the tier may be writing G1 blocks
+        except Exception:
+            break
+    if task.cancelled() or task.exception() is not None:
+        return [False] * n
+    return task.result()
+
+
+def _counters(s: Any, f: Any) -> TierCounters:
+    return TierCounters(
+        tier=s.tier, enabled=s.enabled, capacity_bytes=s.capacity_bytes, footprint_bytes=s.footprint_bytes,
+        used_bytes=s.used_bytes, blocks=s.blocks, hits=s.hits, misses=s.misses, evictions=s.evictions,
+        rejected_puts=s.rejected_puts, checksum_failures=s.checksum_failures, errors=s.errors,
+        onboard_blocks=f.onboard_blocks, onboard_bytes=f.onboard_bytes, onboard_seconds=f.onboard_seconds,
+        offload_blocks=f.offload_blocks, offload_bytes=f.offload_bytes, offload_seconds=f.offload_seconds)
 
 
 def _resolve(fut: asyncio.Future, value: Any) -> None:

@@ -3,21 +3,28 @@ design: only the engine thread (see `engine.py`) touches it, so no state here ne
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from time import perf_counter
 
 import torch
 
 from kvrelay.kvbm.block_pool import BlockPool
+from kvrelay.kvbm.cost_model import CostModel
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.kvbm.fingerprint import model_fingerprint
 from kvrelay.kvbm.hashing import BlockHasher, root_hash
+from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.workers.engines.handoff import HandoffCounters, PullPlan, finish_pull, plan_pull
 from kvrelay.workers.engines.native.batch import build_batch
 from kvrelay.workers.engines.native.config import DTYPES
+from kvrelay.workers.engines.native.kv_event_log import KvEventLog
 from kvrelay.workers.engines.native.loader import load_model
+from kvrelay.workers.engines.native.offload import OffloadTracker
 from kvrelay.workers.engines.native.sampler import sample
 from kvrelay.workers.engines.native.scheduler import Scheduler, SchedulerConfig
 from kvrelay.workers.engines.native.sequence import Sequence, Status
+from kvrelay.workers.engines.onboard import OnboardTicket, plan_onboard
 from kvrelay.workers.protocol import (
     PREFILLED,
     EngineError,
@@ -45,6 +52,7 @@ class NativeEngineConfig:
     max_num_seqs: int = 64
     max_waiting: int = 1024
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
+    tiers: TierConfig | None = None  # lower tiers (G2/G3/G4) opened by NativeEngine; None = G1 only
 
 
 class LLMEngine:
@@ -60,27 +68,37 @@ class LLMEngine:
         # Block-contiguous layout (DESIGN.md "KV layout"): one block = one contiguous byte range.
         self.kv_cache = torch.zeros(num_blocks, m.num_layers, 2, cfg.block_size, m.num_kv_heads, m.head_dim,
                                     dtype=self.dtype, device=cfg.device)
-        self.pool = BlockPool(num_blocks, on_evict=self._evicted)
-        self.kv_events: list[KvEvent] = []  # drained by the owner after each step
-        self.last_event_id = 0
+        self.events = KvEventLog()
+        self.pool = BlockPool(num_blocks, on_evict=self.events.g1_removed)
         self.max_model_len = cfg.max_model_len or m.max_position_embeddings
         self.scheduler = Scheduler(SchedulerConfig(
             block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
             max_num_seqs=cfg.max_num_seqs, max_waiting=cfg.max_waiting, max_model_len=self.max_model_len,
-        ), self.pool, on_stored=self._stored)
+        ), self.pool, on_stored=self.events.g1_stored)
         self.fingerprint = model_fingerprint(cfg.model)
         self.eos = frozenset(m.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
         self.held: set[str] = set()  # prefill role: parked request ids (their blocks stay allocated)
         self.handoff = HandoffCounters()
+        self.offload: OffloadTracker | None = None  # set by enable_tiers
+        self.cost: CostModel | None = None
+        self.loading_aborted: dict[str, Sequence] = {}  # aborted while PULLING: blocks freed on report
+        self.onboarded_blocks = 0
         self._arrivals = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
 
     # -- requests ---------------------------------------------------------------------------------------
-    def add_request(self, req: EngineRequest, hold: bool = False) -> PullPlan | None:
+    def enable_tiers(self, mode: str, cost: CostModel) -> None:
+        """Lower tiers are open: offload blocks to them (`take_offload`) and weigh onboards by `cost`."""
+        self.offload = OffloadTracker(self.pool, mode, max_pinned=self.pool.num_blocks // 4)
+        self.cost = cost
+
+    def add_request(self, req: EngineRequest, hold: bool = False,
+                    in_lower: Seq[str | None] | None = None) -> PullPlan | OnboardTicket | None:
         """Queue a request. `hold`: prefill role (park after the first token, blocks kept). A request with
-        a `kv_handle` gets its blocks now; the returned plan says what to pull into them."""
+        a `kv_handle` gets its blocks now; the returned plan says what to pull into them. `in_lower`
+        (per leading prompt block: the lower tier holding it, or None) may return a ticket to onboard."""
         try:
             req.sampling.validate()
         except RequestError as e:
@@ -109,21 +127,45 @@ class LLMEngine:
         self.scheduler.waiting.append(seq)
         self.prompt_tokens += n
         if req.kv_handle is None:
+            if in_lower and any(in_lower) and self.cost is not None:
+                return plan_onboard(self.scheduler, seq, in_lower, self.cost)
             return None
         seq.continue_from(req.kv_handle.first_token)
         return plan_pull(self.scheduler, seq, req.kv_handle, self.fingerprint, self.handoff)
 
     def pulled(self, request_id: str, plan: PullPlan, ok: bool) -> None:
-        finish_pull(self.scheduler, self.seqs.get(request_id), plan, ok, self.handoff)
+        if not self._loader_reported(request_id):
+            finish_pull(self.scheduler, self.seqs.get(request_id), plan, ok, self.handoff)
+
+    def onboarded(self, request_id: str, ticket: OnboardTicket, ok: list[bool]) -> None:
+        seq = self.seqs.get(request_id)
+        if not self._loader_reported(request_id) and seq is not None:
+            self.onboarded_blocks += self.scheduler.onboarded(seq, ticket.fresh_idx, ok)
+
+    def _loader_reported(self, request_id: str) -> bool:
+        """True if the request was aborted while loading: its blocks are free only now."""
+        seq = self.loading_aborted.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.release_blocks(seq)
+        return seq is not None
 
     def abort(self, request_id: str) -> EngineOutput | None:
-        """End a request in any state (a held prefill included) and free its blocks."""
+        """End a request in any state (a held prefill included) and free its blocks (a PULLING one's
+        once its loader reports: it may still be writing them)."""
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return None
         self.held.discard(request_id)
-        self.scheduler.finish(seq, "abort")
+        if not self.scheduler.finish(seq, "abort"):
+            self.loading_aborted[request_id] = seq
         return seq.take_output()
+
+    def take_offload(self) -> tuple[list[int], list[int]] | None:
+        return self.offload.take() if self.offload is not None else None
+
+    def offloaded(self, block_ids: list[int]) -> None:
+        if self.offload is not None:
+            self.offload.done(block_ids)
 
     def has_work(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
@@ -134,12 +176,15 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        t0 = perf_counter()
         batch = build_batch(scheduled, self.cfg.block_size, self.cfg.device)
         logits = self.model(batch.input_ids, batch.meta, self.kv_cache, batch.logits_index)
         samplers = batch.sample_seqs
         tokens, logprobs = sample(logits, [s.sampling for s in samplers], [s.generator for s in samplers])
         for seq, n in scheduled:
             self.scheduler.commit(seq, n)
+        if self.cost is not None:
+            self.cost.observe_prefill(sum(n for _, n in scheduled if n > 1), perf_counter() - t0)
         outputs = []
         for i, seq in enumerate(samplers):
             seq.append(tokens[i], logprobs[i] if logprobs is not None and seq.sampling.logprobs else None)
@@ -155,27 +200,15 @@ class LLMEngine:
             outputs.append(seq.take_output())
         return outputs
 
-    # -- KV events (DESIGN.md "Events"); numbered here so a snapshot and the stream agree -----------------
-    def _emit(self, kind: str, hashes: list[int], parent: int | None = None) -> None:
-        self.last_event_id += 1
-        self.kv_events.append(KvEvent(worker_id="", event_id=self.last_event_id, kind=kind, tier="G1",
-                                      seq_hashes=hashes, parent_hash=parent))
-
-    def _stored(self, hashes: list[int], parent: int | None) -> None:
-        self._emit("stored", hashes, parent)
-
-    def _evicted(self, hashes: list[int]) -> None:
-        self._emit("removed", hashes)
-
+    # -- KV events (DESIGN.md "Events"), every tier numbered in self.events ------------------------------
     def held_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.seqs[request_id].blocks]
 
     def drain_kv_events(self) -> list[KvEvent]:
-        events, self.kv_events = self.kv_events, []
-        return events
+        return self.events.drain()
 
     def kv_snapshot(self) -> KvSnapshot:
-        return KvSnapshot(worker_id="", last_event_id=self.last_event_id, tiers={"G1": list(self.pool.cached)})
+        return self.events.snapshot(self.pool.cached)
 
     # -- introspection ----------------------------------------------------------------------------------
     def kv_layout(self) -> KvLayout:
@@ -193,6 +226,9 @@ class LLMEngine:
             prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
             preemptions=s.preemptions, held_requests=len(self.held), remote_prefills=self.handoff.remote_prefills,
             pulled_blocks=self.handoff.pulled_blocks, pull_failures=self.handoff.pull_failures,
+            onboarded_blocks=self.onboarded_blocks,
+            offload_pinned=self.offload.pinned if self.offload is not None else 0,
+            offload_skipped=self.offload.skipped if self.offload is not None else 0,
         )
 
 

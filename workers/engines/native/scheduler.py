@@ -13,16 +13,21 @@ calls `commit()`. Invariants:
 Disaggregation adds two states outside `running`/`waiting`, each holding blocks: HELD (prefill role:
 `park` after the first token, until the engine aborts it once pulled or expired) and PULLING (decode
 role: `take_remote` allocated the prompt's blocks; `pulled` then runs it, or sends it back to waiting
-to be recomputed). `finish` frees the blocks of a sequence in any state.
+to be recomputed). Onboarding from lower tiers uses PULLING too: `take_onboard` gives a waiting
+sequence its G1 prefix hits plus fresh blocks for the blocks the tiers hold, `onboarded` runs it from
+the longest prefix that arrived intact. `finish` frees the blocks of a sequence in any state, except
+that a PULLING sequence keeps them (`keep_blocks`) until its loader reports: a transport or tier may
+still be writing them.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from kvrelay.kvbm.block_pool import BlockPool
+from kvrelay.kvbm.block_pool import Block, BlockPool
 from kvrelay.workers.engines.native.sequence import Sequence, Status
 
 
@@ -156,6 +161,47 @@ class Scheduler:
             seq.status = Status.WAITING
             self.waiting.appendleft(seq)
 
+    def take_onboard(self, seq: Sequence, in_lower: Seq[bool], cut: Callable[[list[bool]], int]) -> list[int] | None:
+        """`seq` is waiting, just added. `in_lower[i]`: a lower tier holds prompt block i. Walk the prompt's
+        blocks while each is in G1 or a lower tier; `cut(needs_load)` says how many leading ones are
+        worth taking. Returns the indices (into `seq.blocks`) of the fresh blocks to fill, with `seq`
+        now PULLING; None (no side effects) if nothing is to be loaded or blocks are short."""
+        bs = self.cfg.block_size
+        src: list[Block | None] = []  # a G1 hit, or None: to be loaded
+        for i, h in enumerate(seq.hasher.hashes[:(len(seq.prompt) - 1) // bs]):
+            block = self.pool.cached.get(h)
+            if block is None and not (i < len(in_lower) and in_lower[i]):
+                break
+            src.append(block)
+        src = src[:cut([b is None for b in src])]
+        fresh_idx = [i for i, b in enumerate(src) if b is None]
+        hits = [b for b in src if b is not None]
+        if not fresh_idx or len(fresh_idx) > self.pool.num_free - sum(1 for b in hits if b.ref_count == 0):
+            return None
+        self.waiting.remove(seq)
+        self.pool.touch(hits)
+        fresh = iter(self.pool.allocate(len(fresh_idx)))
+        seq.blocks = [b if b is not None else next(fresh) for b in src]
+        seq.num_computed = seq.num_published = 0
+        seq.status = Status.PULLING
+        return fresh_idx
+
+    def onboarded(self, seq: Sequence, fresh_idx: list[int], ok: list[bool]) -> int:
+        """The load into `seq.blocks[fresh_idx]` ended (`ok` per block): keep the leading blocks that are
+        all intact, release the rest, and run `seq` from there. Returns the blocks loaded and kept."""
+        if seq.status is not Status.PULLING:
+            return 0
+        good = next((i for i, fine in zip(fresh_idx, ok, strict=True) if not fine), len(seq.blocks))
+        self.pool.release(reversed(seq.blocks[good:]))  # a failed block and all after it: recompute
+        seq.blocks = seq.blocks[:good]
+        seq.admitted = True
+        seq.num_cached_prompt = good * self.cfg.block_size
+        self.prefix_hit_tokens += seq.num_cached_prompt
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        self.commit(seq, good * self.cfg.block_size)  # publish the loaded blocks
+        return sum(1 for i in fresh_idx if i < good)
+
     def park(self, seq: Sequence) -> None:
         """Prefill role: `seq` has its first token; keep its blocks, stop scheduling it."""
         self.running.remove(seq)
@@ -178,11 +224,19 @@ class Scheduler:
                 run_start = None
         seq.num_published = max(seq.num_published, full)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: str) -> bool:
+        """End `seq`. Returns False if its blocks are kept (it was PULLING): call `release_blocks` once
+        the loader has reported."""
         seq.finish_reason = reason
+        loading = seq.status is Status.PULLING
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
+        if not loading:
+            self._release(seq)
+        return not loading
+
+    def release_blocks(self, seq: Sequence) -> None:
         self._release(seq)

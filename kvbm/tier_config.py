@@ -1,0 +1,145 @@
+"""Which lower tiers a worker keeps, and opening them (flags in workers/config.py, docs in kvbm/README.md).
+
+G2 and G3 are on by default, G4 only when given a URL:
+- `object_store`: `s3://bucket[/prefix]?endpoint=http://host:port&region=r` (credentials from the AWS_*
+  environment) or `file:///path` (obstore's LocalStore: the embedded, single-machine G4).
+- `disk_dir`: "auto" = `$KVRELAY_CACHE_DIR` or `~/.cache/kvrelay/kv`; "off" = no G3. Under it a worker
+  uses `<fingerprint[:16]>/slot-<n>`, the first slot no other live process has locked, so several
+  workers share one base directory and a restarted worker finds its slot (and its blocks) again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import parse_qs, urlsplit
+
+from kvrelay.kvbm.tiers import DiskStore, HostStore, ObjectStore, TierStore, s3_store
+from kvrelay.kvbm.tiers.base import EventCallback
+
+log = logging.getLogger(__name__)
+MAX_DISK_SLOTS = 16
+
+
+class TierConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    host_bytes: int = 512 << 20  # G2; 0 = off
+    disk_dir: str = "auto"  # G3 base directory; "off" = no G3
+    disk_bytes: int = 4 << 30
+    object_store: str = ""  # G4 URL; "" = off
+    object_bytes: int = 16 << 30  # bound on the G4 objects this worker wrote
+    policy: str = "lru"  # lru | tinylfu, every tier
+    offload: Literal["write-back", "write-through"] = "write-back"
+    onboard: Literal["cost", "always"] = "cost"  # load a tier hit only if cheaper than recompute, or always
+
+    @property
+    def any(self) -> bool:
+        return bool(self.host_bytes or self.disk_dir != "off" or self.object_store)
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("KVRELAY_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "kvrelay" / "kv"
+
+
+def check_object_store_url(url: str) -> None:
+    """Raise TierConfigError if `url` is neither empty, s3://bucket[...] nor file:///path."""
+    if not url:
+        return
+    parts = urlsplit(url)
+    if parts.scheme == "file" and parts.path:
+        return
+    if parts.scheme == "s3" and parts.netloc:
+        unknown = set(parse_qs(parts.query)) - {"endpoint", "region"}
+        if unknown:
+            raise TierConfigError(f"--kv-object-store: unknown parameter(s) {sorted(unknown)}; "
+                                  "known: endpoint, region")
+        return
+    raise TierConfigError(f"--kv-object-store: {url!r} is not s3://bucket[/prefix][?endpoint=...] "
+                          "or file:///path")
+
+
+def object_store_from_url(url: str):
+    """An obstore store for a G4 URL; TierConfigError for anything else."""
+    check_object_store_url(url)
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        from obstore.store import LocalStore
+
+        path = Path(parts.path)
+        path.mkdir(parents=True, exist_ok=True)
+        return LocalStore(str(path))
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    endpoint = query.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL")
+    prefix = parts.path.strip("/")
+    return s3_store(parts.netloc, endpoint=endpoint, **({"prefix": prefix} if prefix else {}),
+                    region=query.get("region") or os.environ.get("AWS_REGION", "us-east-1"))
+
+
+async def open_tiers(cfg: TierConfig, block_bytes: int, fingerprint: str,
+                     on_event: dict[str, EventCallback]) -> list[TierStore]:
+    """Open the configured tiers, fastest first. A tier that cannot open is left out with a WARNING
+    (serving goes on without it); a malformed configuration raises TierConfigError."""
+    stores: list[TierStore] = []
+    if cfg.host_bytes:
+        if cfg.host_bytes < block_bytes:
+            raise TierConfigError(f"--kv-host-bytes {cfg.host_bytes} holds no block of {block_bytes} bytes")
+        stores.append(HostStore(block_bytes, cfg.host_bytes, policy=cfg.policy, on_event=on_event.get("G2")))
+    if cfg.disk_dir != "off":
+        disk = await _open_disk(cfg, block_bytes, fingerprint, on_event.get("G3"))
+        if disk is not None:
+            stores.append(disk)
+    if cfg.object_store:
+        store = object_store_from_url(cfg.object_store)
+        stores.append(ObjectStore(store, fingerprint, block_bytes, cfg.object_bytes, policy=cfg.policy,
+                                  on_event=on_event.get("G4")))
+    return stores
+
+
+async def _open_disk(cfg: TierConfig, block_bytes: int, fingerprint: str,
+                     on_event: EventCallback | None) -> DiskStore | None:
+    base = default_cache_dir() if cfg.disk_dir == "auto" else Path(cfg.disk_dir)
+    if cfg.disk_bytes < 4096 + block_bytes:
+        raise TierConfigError(f"--kv-disk-bytes {cfg.disk_bytes} holds no block of {block_bytes} bytes")
+    for n in range(MAX_DISK_SLOTS):
+        directory = base / fingerprint[:16] / f"slot-{n}"
+        if _locked_elsewhere(directory):
+            continue
+        store = await DiskStore.open(directory, block_bytes, cfg.disk_bytes, policy=cfg.policy,
+                                     on_event=on_event)
+        if store.enabled:
+            log.info("KV tier G3 at %s (%d blocks, O_DIRECT %s)", directory, store.num_slots, store.direct_io)
+            return store
+        await store.close()  # it warned why (disk full, permissions, ...)
+        return None
+    log.warning("KV tier G3 disabled: all %d slots under %s are in use", MAX_DISK_SLOTS, base)
+    return None
+
+
+def _locked_elsewhere(directory: Path) -> bool:
+    """True if another live process holds this slot's lock (DiskStore flocks `lock` while open)."""
+    import fcntl
+
+    path = directory / "lock"
+    if not path.exists():
+        return False
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
