@@ -3,7 +3,8 @@
 G2 and G3 are on by default, G4 only when given a URL:
 - `object_store`: `s3://bucket[/prefix]?endpoint=http://host:port&region=r` (credentials from the AWS_*
   environment) or `file:///path` (obstore's LocalStore: the embedded, single-machine G4).
-- `disk_dir`: "auto" = `$KVRELAY_CACHE_DIR` or `~/.cache/kvrelay/kv`; "off" = no G3. Under it a worker
+- `disk_dir`: "auto" = `kv/` in kvrelay's cache directory (`$KVRELAY_CACHE_DIR` or ~/.cache/kvrelay);
+  "off" = no G3. Under it a worker
   uses `<fingerprint[:16]>/slot-<n>`, the first slot no other live process has locked, so several
   workers share one base directory and a restarted worker finds its slot (and its blocks) again.
 """
@@ -45,8 +46,9 @@ class TierConfig:
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("KVRELAY_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "kvrelay" / "kv"
+    from kvrelay.runtime.paths import cache_dir
+
+    return cache_dir() / "kv"
 
 
 def check_object_store_url(url: str) -> None:

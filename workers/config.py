@@ -12,6 +12,10 @@ def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else "must be a TCP port (0 = any free port)"
 
 
+def _metrics_port(value: int) -> str | None:
+    return None if -1 <= value <= 65535 else "must be a TCP port, 0 (any free port) or -1 (off)"
+
+
 def _probability(value: float) -> str | None:
     return None if 0 <= value <= 1 else "must be in [0, 1]"
 
@@ -35,6 +39,8 @@ class WorkerConfig:
     max_num_seqs: int = setting(64, "most sequences running at once", positive)
     max_waiting: int = setting(1024, "waiting-queue bound; more is rejected as busy", positive)
     max_model_len: int = setting(0, "context length (0 = the model's)", non_negative)
+    metrics_port: int = setting(0, "Prometheus /metrics port (0 = any free port, published in discovery "
+                                "as label 'metrics'; -1 = off)", _metrics_port)
     load_interval: float = setting(0.5, "seconds between load-metric publications", positive)
     kv_transfer: Literal["auto", "nixl", "tcp", "none"] = setting(
         "auto", "prefill/decode roles: KV transport (auto = NIXL, TCP fallback if NIXL fails; none = no "
@@ -45,7 +51,7 @@ class WorkerConfig:
     kv_host_bytes: int = setting(512 << 20, "G2: bytes of host memory for KV blocks (0 = no G2)",
                                  non_negative)
     kv_disk_dir: str = setting("auto", "G3: base directory for KV blocks on local disk (auto = "
-                               "$KVRELAY_CACHE_DIR or ~/.cache/kvrelay/kv; off = no G3)")
+                               "$KVRELAY_CACHE_DIR/kv, default ~/.cache/kvrelay/kv; off = no G3)")
     kv_disk_bytes: int = setting(4 << 30, "G3: bytes of disk (data file + index) per worker", positive)
     kv_object_store: str = setting("", "G4: s3://bucket[/prefix]?endpoint=URL or file:///path (empty = "
                                    "no G4; credentials from AWS_* variables)")

@@ -33,6 +33,7 @@ from kvrelay.runtime.messages import Empty, KvHandle, PrefillReply, ReleaseReque
 from kvrelay.runtime.rpc import RpcClient, RpcServer
 from kvrelay.workers.config import WorkerConfig
 from kvrelay.workers.kv_handoff import PrefillLeases, SimulatedPuller, TransferPuller
+from kvrelay.workers.metrics import MetricsServer
 from kvrelay.workers.protocol import Engine, EngineOutput, EngineRequest, EngineStats, ModelCard
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class Worker:
         self.leases: PrefillLeases | None = None
         self.puller: TransferPuller | SimulatedPuller | None = None
         self.rpc = RpcClient()  # decode role: `release` calls to prefill workers
+        self.metrics: MetricsServer | None = None
 
     async def start(self) -> Instance:
         await self.engine.start()
@@ -127,12 +129,17 @@ class Worker:
         await self.server.start()
         layout = self.engine.kv_layout()
         fingerprint = self.engine.fingerprint
+        labels = {"fingerprint": fingerprint, "engine": self.cfg.engine, "pid": str(os.getpid())}
+        if self.cfg.metrics_port >= 0:
+            self.metrics = MetricsServer(self.engine, self.instance_id)
+            port = self.metrics.start(self.cfg.host, self.cfg.metrics_port)
+            labels["metrics"] = f"{self.cfg.advertise_host or self.cfg.host}:{port}"
         self.instance = Instance(
             namespace=self.cfg.namespace, component=self.cfg.component, instance_id=self.instance_id,
             address=f"{self.cfg.advertise_host or self.cfg.host}:{self.server.port}", role=self.cfg.role,
             model=self.model_name, block_size=layout.block_size, kv_capacity_blocks=layout.num_blocks,
             transfer_metadata=self.transfer.metadata() if self.transfer is not None else b"",
-            labels={"fingerprint": fingerprint, "engine": self.cfg.engine, "pid": str(os.getpid())},
+            labels=labels,
         )
         self._tasks.append(asyncio.create_task(self._publish_load()))
         self._tasks.append(asyncio.create_task(self._publish_events()))
@@ -148,6 +155,8 @@ class Worker:
             except Exception:  # the lease expiring does the same, just later
                 log.warning("could not deregister %s", self.instance.key, exc_info=True)
         await self.server.close()
+        if self.metrics is not None:
+            self.metrics.close()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

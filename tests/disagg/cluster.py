@@ -72,12 +72,12 @@ class Cluster:
         return await self.service.rpc.unary(w.instance.address, "stats", Empty(), EngineStats)
 
     async def settle(self, timeout: float = 10.0) -> None:
-        """Wait until no worker runs, waits or holds anything (leases released, pulls done)."""
+        """Wait until no worker runs, waits or holds anything (leases released, pulls and offloads done)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             stats = [w.engine.stats() for w in self.workers]
-            if all(s.running == 0 and s.waiting == 0 and s.held_requests == 0 for s in stats):
+            if all(s.running == s.waiting == s.held_requests == s.offload_pinned == 0 for s in stats):
                 return
             if loop.time() > deadline:
                 raise AssertionError(f"workers not idle after {timeout} s: {stats}")

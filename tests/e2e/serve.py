@@ -45,6 +45,6 @@ async def wait_idle(discovery: DiscoveryConfig, timeout: float = 30.0) -> dict[s
     deadline = time.monotonic() + timeout
     while True:
         stats = await worker_stats(discovery)
-        if all(s.running == 0 and s.waiting == 0 for _, s in stats.values()) or time.monotonic() > deadline:
+        if all(s.running == s.waiting == s.offload_pinned == 0 for _, s in stats.values()) or time.monotonic() > deadline:
             return stats
         await asyncio.sleep(0.1)

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from kvrelay.kvbm.tier_config import TierConfig
+from kvrelay.kvbm.tiers import object_key
 from tests.kvbm.tiered_helpers import block_hashes, engine, flush_g1, generate, prompt, settle, tier
 
 # G4 on loopback moto loads ~1 ms per 32 KiB block; the tiny model recomputes a block in less, so the
@@ -55,3 +56,112 @@ def test_evicted_prompt_is_onboarded_with_identical_tokens(name, tmp_path, s3):
             await eng.close()
 
     asyncio.run(main())
+
+
+def test_flipped_byte_in_g3_is_a_miss_and_a_recompute(tmp_path):
+    p = prompt(300, seed=8)
+
+    async def main():
+        eng = engine(ONLY["G3"](tmp_path, None))
+        await eng.start()
+        try:
+            cold, _ = await generate(eng, p)
+            await settle(eng)
+            await flush_g1(eng)
+            store = eng.tiers.tiers.stores[0]
+            h5 = block_hashes(eng, p)[5]
+            slot = store._slots.map[h5]
+            with open(tmp_path / "g3" / eng.core.fingerprint[:16] / "slot-0" / "blocks.dat", "r+b") as f:
+                f.seek(slot * store.slot_bytes + 1234)
+                byte = f.read(1)
+                f.seek(-1, 1)
+                f.write(bytes([byte[0] ^ 0x40]))
+            again, hit = await generate(eng, p)
+            assert again == cold
+            assert hit == 5 * 16  # blocks 0-4 onboarded, 5 failed its checksum: 5.. recomputed
+            t = tier(eng, "G3")
+            assert t.checksum_failures == 1
+            assert eng.stats().onboarded_blocks == 5
+        finally:
+            await eng.close()
+
+    asyncio.run(main())
+
+
+def test_truncated_g4_object_is_a_miss_and_a_recompute(tmp_path, s3):
+    p = prompt(300, seed=9)
+
+    async def main():
+        bucket = s3.new_bucket()
+        cfg = TierConfig(host_bytes=0, disk_dir="off", object_store=s3.store_url(bucket), onboard="always")
+        eng = engine(cfg)
+        await eng.start()
+        try:
+            cold, _ = await generate(eng, p)
+            await settle(eng)
+            await flush_g1(eng)
+            key = object_key(eng.core.fingerprint, block_hashes(eng, p)[3])
+            client = s3.client()
+            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            client.put_object(Bucket=bucket, Key=key, Body=body[:len(body) // 2])
+            again, hit = await generate(eng, p)
+            assert again == cold
+            assert hit == 3 * 16
+            assert tier(eng, "G4").checksum_failures == 1
+        finally:
+            await eng.close()
+
+    asyncio.run(main())
+
+
+def test_unreachable_g4_disables_the_tier_and_serving_goes_on(tmp_path, caplog):
+    from tests.servers import free_port
+
+    p = prompt(300, seed=10)
+    dead = f"s3://nowhere?endpoint=http://127.0.0.1:{free_port()}"
+
+    async def main():
+        eng = engine(TierConfig(host_bytes=4 << 20, disk_dir="off", object_store=dead, onboard="always"))
+        await eng.start()
+        try:
+            cold, _ = await generate(eng, p)
+            await settle(eng, timeout=30)
+            await flush_g1(eng)
+            again, hit = await generate(eng, p)
+            assert again == cold and hit == 18 * 16  # G2 still serves
+            assert not tier(eng, "G4").enabled and tier(eng, "G2").onboard_blocks == 18
+        finally:
+            await eng.close()
+
+    with caplog.at_level("WARNING"):
+        asyncio.run(main())
+    assert "KV tier G4 disabled, serving continues without it" in caplog.text
+
+
+def test_disk_full_disables_g3_and_serving_goes_on(tmp_path, monkeypatch, caplog):
+    import errno
+    import os
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    p = prompt(300, seed=11)
+
+    async def main():
+        eng = engine(TierConfig(host_bytes=4 << 20, disk_dir=str(tmp_path / "g3"), disk_bytes=16 << 20))
+        await eng.start()
+        monkeypatch.setattr(os, "pwritev", full)
+        monkeypatch.setattr(os, "pwrite", full)
+        try:
+            cold, _ = await generate(eng, p)
+            await settle(eng)
+            await flush_g1(eng)
+            again, hit = await generate(eng, p)
+            assert again == cold and hit == 18 * 16
+            assert not tier(eng, "G3").enabled and tier(eng, "G2").onboard_blocks == 18
+        finally:
+            await eng.close()
+
+    with caplog.at_level("WARNING"):
+        asyncio.run(main())
+    assert "KV tier G3 disabled, serving continues without it" in caplog.text

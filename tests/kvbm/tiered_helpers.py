@@ -44,7 +44,7 @@ async def settle(eng: NativeEngine, timeout: float = 10.0) -> None:
         if eng.tiers is not None:
             await eng.tiers.drain()
         await asyncio.sleep(0.05)
-        if eng.stats().offload_pinned == 0 and (eng.tiers is None or not eng.tiers._offloads):
+        if eng.stats().offload_pinned == 0 and (eng.tiers is None or not eng.tiers.tiers._offloads):
             return
     raise AssertionError("offloads did not settle")
 

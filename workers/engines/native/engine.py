@@ -19,14 +19,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
-import torch
 
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
-from kvrelay.kvbm.hashing import BlockHasher, root_hash
-from kvrelay.kvbm.tiered_kv import TieredKv
-from kvrelay.runtime.messages import TierCounters
 from kvrelay.workers.engines.handoff import PullPlan
 from kvrelay.workers.engines.native.llm_engine import LLMEngine, NativeEngineConfig
+from kvrelay.workers.engines.native.streams import Item, Stream, deliver, resolve
+from kvrelay.workers.engines.native.tier_link import TierLink
 from kvrelay.workers.engines.onboard import OnboardTicket
 from kvrelay.workers.protocol import (
     PREFILLED,
@@ -39,17 +37,7 @@ from kvrelay.workers.protocol import (
     PrefillResult,
 )
 
-_Item = EngineOutput | PrefillResult | PullPlan | OnboardTicket | Exception
-
 log = logging.getLogger(__name__)
-
-
-class _Stream:
-    __slots__ = ("loop", "queue")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
 
 
 class NativeEngine:
@@ -57,29 +45,20 @@ class NativeEngine:
         self.cfg = cfg
         self.core: LLMEngine | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._streams: dict[str, Stream] = {}  # engine thread only
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._stats: EngineStats | None = None
         self._kv_sink: tuple[asyncio.AbstractEventLoop, Callable[[list[KvEvent]], None]] | None = None
         self._puller: KvPuller | None = None
-        self.tiers: TieredKv | None = None  # G2/G3/G4, when configured and any opened
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.tiers: TierLink | None = None  # G2/G3/G4, when configured and any opened
 
     async def start(self) -> None:
         if self._thread is not None:
             return
-        self._loop = asyncio.get_running_loop()
         self.core = await asyncio.to_thread(LLMEngine, self.cfg)
         if self.cfg.tiers is not None and self.cfg.tiers.any:
-            core = self.core
-            rows = core.kv_cache.view(core.pool.num_blocks, -1).view(torch.uint8)
-            tiers = await TieredKv.open(self.cfg.tiers, rows, self.cfg.block_size, core.fingerprint,
-                                        sink=self._on_tier_event)
-            if tiers.stores:
-                self.tiers = tiers
-                core.enable_tiers(self.cfg.tiers.offload, tiers.cost)
-                log.info("KV tiers: %s (offload %s)", ", ".join(tiers.tiers), self.cfg.tiers.offload)
+            self.tiers = await TierLink.open(self.cfg.tiers, self.core, self._post)
         self._stats = self.core.stats()
         self._thread = threading.Thread(target=self._run, name="kvrelay-native-engine", daemon=True)
         self._thread.start()
@@ -102,8 +81,8 @@ class NativeEngine:
             raise EngineError("engine is not running")
         if request.kv_handle is not None and self._puller is None:
             raise EngineError("this worker cannot take a KV handle (no transfer engine)")
-        in_lower = await self._lookup_tiers(request) if request.kv_handle is None else None
-        stream = _Stream(asyncio.get_running_loop())
+        in_lower = await self.tiers.lookup(request) if self.tiers is not None and request.kv_handle is None else None
+        stream = Stream(asyncio.get_running_loop())
         self._inbox.put(("add", (request, False, in_lower), stream))
         finished = False
         try:
@@ -123,21 +102,6 @@ class NativeEngine:
             if not finished:
                 self._inbox.put(("abort", request.request_id, None))
 
-    async def _lookup_tiers(self, request: EngineRequest) -> list[str | None] | None:
-        """Which lower tier holds each of the prompt's full blocks (None if no tier is worth asking)."""
-        if self.tiers is None or self.core is None:
-            return None
-        n = (len(request.prompt_token_ids) - 1) // self.cfg.block_size
-        if n == 0:
-            return None
-        hasher = BlockHasher(self.cfg.block_size, root_hash(self.core.fingerprint, request.cache_salt),
-                             request.lora_name.encode())
-        hasher.extend(request.prompt_token_ids[:n * self.cfg.block_size])
-        g1 = self.core.pool.cached  # read from this thread: a hint, the engine thread decides
-        if all(h in g1 for h in hasher.hashes):
-            return None
-        return await self.tiers.lookup(hasher.hashes, in_g1=g1.__contains__)
-
     async def _load(self, request: EngineRequest, item: PullPlan | OnboardTicket) -> None:
         """Fill the blocks the engine allocated (pull from a prefill worker, or onboard from tiers) and
         report to the engine thread, always: until it hears back it keeps those blocks out of reach."""
@@ -151,14 +115,7 @@ class NativeEngine:
             self._inbox.put(("pulled", request.request_id, (item, ok)))
             return
         assert self.tiers is not None
-        task = asyncio.ensure_future(self.tiers.onboard(item.plan))
-        try:  # tier I/O cannot be interrupted: a cancelled caller still waits for it to stop writing
-            got = await asyncio.shield(task)
-        except BaseException:
-            got = await _settle(task, len(item.plan.hashes))
-            self._inbox.put(("onboarded", request.request_id, (item, got)))
-            raise
-        self._inbox.put(("onboarded", request.request_id, (item, got)))
+        await self.tiers.onboard(request.request_id, item)
 
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None))
@@ -166,11 +123,15 @@ class NativeEngine:
     async def prefill(self, request: EngineRequest) -> PrefillResult:
         if self._thread is None:
             raise EngineError("engine is not running")
-        stream = _Stream(asyncio.get_running_loop())
-        self._inbox.put(("add", (request, True, None), stream))
+        in_lower = await self.tiers.lookup(request) if self.tiers is not None else None
+        stream = Stream(asyncio.get_running_loop())
+        self._inbox.put(("add", (request, True, in_lower), stream))
         done = False
         try:
             item = await stream.queue.get()
+            if isinstance(item, OnboardTicket):
+                await self._load(request, item)
+                item = await stream.queue.get()
             done = True
             if isinstance(item, Exception):
                 raise item
@@ -188,6 +149,9 @@ class NativeEngine:
     def kv_pool(self) -> Any:
         assert self.core is not None, "start() first"
         return self.core.kv_cache
+
+    def _post(self, cmd: str, arg: Any, extra: Any) -> None:
+        self._inbox.put((cmd, arg, extra))
 
     def subscribe_kv_events(self, sink: Callable[[list[KvEvent]], None]) -> None:
         """`sink` is called on the current event loop with each step's KV events, in event_id order."""
@@ -218,31 +182,14 @@ class NativeEngine:
         assert self._stats is not None, "start() first"
         if self.tiers is None:
             return self._stats
-        return msgspec.structs.replace(self._stats, tiers=[_counters(s, f) for s, f in self.tiers.stats()])
-
-    # -- lower tiers: events and offload copies cross to the engine thread through the inbox ------------
-    def _on_tier_event(self, tier: str, kind: str, hashes: list[int]) -> None:
-        self._inbox.put(("tier_event", (tier, kind, hashes), None))
-
-    def _offloaded(self, block_ids: list[int]) -> None:
-        self._inbox.put(("offloaded", block_ids, None))
-
-    def _flush_offload(self, core: LLMEngine) -> None:
-        batch = core.take_offload()
-        if batch is None:
-            return
-        assert self.tiers is not None and self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(self.tiers.offload, batch[0], batch[1], self._offloaded)
-        except RuntimeError:  # the loop is gone (shutdown): nobody will copy them
-            core.offloaded(batch[1])
+        return msgspec.structs.replace(self._stats, tiers=self.tiers.counters())
 
     # -- engine thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
         core = self.core
         assert core is not None
         while not self._stop.is_set():
-            deliveries: list[tuple[_Stream, _Item]] = []
+            deliveries: list[tuple[Stream, Item]] = []
             block = not core.has_work()
             while True:
                 try:
@@ -251,7 +198,8 @@ class NativeEngine:
                     break
                 block = False
                 self._command(core, cmd, arg, stream, deliveries)
-            self._flush_offload(core)
+            if self.tiers is not None:
+                self.tiers.flush_offload()
             if core.has_work():
                 try:
                     outputs = core.step()
@@ -266,24 +214,25 @@ class NativeEngine:
                 for out in outputs:
                     target = self._streams.get(out.request_id)
                     if target is not None:
-                        item: _Item = out
+                        item: Item = out
                         if out.finish_reason == PREFILLED:
                             out.finish_reason = None
                             item = PrefillResult(out, core.held_block_ids(out.request_id))
                         deliveries.append((target, item))
                         if out.finish_reason is not None or item is not out:
                             del self._streams[out.request_id]
-            self._flush_offload(core)
+            if self.tiers is not None:
+                self.tiers.flush_offload()
             self._stats = core.stats()
             self._publish_kv_events(core)
-            self._deliver(deliveries)
+            deliver(deliveries)
         for rid in list(core.seqs):
             core.abort(rid)
-        self._deliver([(s, EngineError("engine shut down")) for s in self._streams.values()])
+        deliver([(s, EngineError("engine shut down")) for s in self._streams.values()])
         self._streams.clear()
 
     def _command(self, core: LLMEngine, cmd: str, arg: Any, stream: Any,
-                 deliveries: list[tuple[_Stream, _Item]]) -> None:
+                 deliveries: list[tuple[Stream, Item]]) -> None:
         if cmd == "add":
             request, hold, in_lower = arg
             try:
@@ -307,7 +256,7 @@ class NativeEngine:
         elif cmd == "snapshot":
             self._publish_kv_events(core)  # events up to the snapshot reach the sink first
             snap = core.kv_snapshot()
-            arg.get_loop().call_soon_threadsafe(_resolve, arg, snap)
+            arg.get_loop().call_soon_threadsafe(resolve, arg, snap)
         elif cmd == "abort":
             out = core.abort(arg)
             target = self._streams.pop(arg, None)
@@ -322,47 +271,3 @@ class NativeEngine:
                 loop.call_soon_threadsafe(sink, events)
             except RuntimeError:
                 pass
-
-    @staticmethod
-    def _deliver(deliveries: list[tuple[_Stream, _Item]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, _Item]]] = {}
-        for stream, item in deliveries:
-            by_loop.setdefault(stream.loop, []).append((stream, item))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that loop is closed: nobody is listening
-                pass
-
-
-async def _settle(task: asyncio.Future, n: int) -> list[bool]:
-    """The onboard's result once it has finished; all-miss if it failed or was cancelled."""
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            continue  # cancelled again: still wait, the tier may be writing G1 blocks
-        except Exception:
-            break
-    if task.cancelled() or task.exception() is not None:
-        return [False] * n
-    return task.result()
-
-
-def _counters(s: Any, f: Any) -> TierCounters:
-    return TierCounters(
-        tier=s.tier, enabled=s.enabled, capacity_bytes=s.capacity_bytes, footprint_bytes=s.footprint_bytes,
-        used_bytes=s.used_bytes, blocks=s.blocks, hits=s.hits, misses=s.misses, evictions=s.evictions,
-        rejected_puts=s.rejected_puts, checksum_failures=s.checksum_failures, errors=s.errors,
-        onboard_blocks=f.onboard_blocks, onboard_bytes=f.onboard_bytes, onboard_seconds=f.onboard_seconds,
-        offload_blocks=f.offload_blocks, offload_bytes=f.offload_bytes, offload_seconds=f.offload_seconds)
-
-
-def _resolve(fut: asyncio.Future, value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _put_all(items: list[tuple[_Stream, _Item]]) -> None:
-    for stream, item in items:
-        stream.queue.put_nowait(item)

@@ -1,0 +1,92 @@
+"""A worker's Prometheus metrics: the engine's load and cache counters and, per KV tier, capacity, use,
+hits, misses, evictions and the bytes/seconds moved between G1 and the tier.
+
+Read from `engine.stats()` at scrape time (a custom collector: nothing to keep in sync on the hot path).
+Served on `--metrics-port` (0 = any free port; the address is published in discovery as the instance
+label `metrics`; -1 = off).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kvrelay.workers.protocol import Engine
+
+_ENGINE_GAUGES = {
+    "running": "sequences running", "waiting": "sequences waiting", "used_blocks": "G1 blocks in use",
+    "total_blocks": "G1 blocks", "held_requests": "prefill role: handles whose blocks wait to be pulled",
+    "offload_pinned": "G1 blocks pinned while being copied to lower tiers",
+}
+_ENGINE_COUNTERS = {
+    "prefix_hit_tokens": "prompt tokens served from cache (G1 hits and onboarded blocks)",
+    "prompt_tokens": "prompt tokens received", "generated_tokens": "tokens generated",
+    "preemptions": "sequences preempted (recomputed later)",
+    "onboarded_blocks": "blocks loaded from lower tiers instead of recomputed",
+    "offload_skipped": "blocks evicted from G1 before they could be offloaded",
+    "pulled_blocks": "decode role: blocks pulled from prefill workers",
+    "pull_failures": "decode role: KV handles recomputed instead of pulled",
+}
+_TIER_GAUGES = {
+    "capacity_bytes": "hard bound on the tier's footprint", "footprint_bytes": "bytes the tier occupies",
+    "used_bytes": "bytes of blocks held", "blocks": "blocks held", "enabled": "1 if the tier is serving",
+}
+_TIER_COUNTERS = {
+    "hits": "blocks found", "misses": "blocks not found (or found corrupt)", "evictions": "blocks evicted",
+    "rejected_puts": "blocks not stored (no room, not admitted, or tier disabled)",
+    "checksum_failures": "blocks whose bytes failed verification (a miss, never served)",
+    "errors": "I/O errors (each disables the tier)",
+    "onboard_blocks": "blocks loaded into G1", "onboard_bytes": "bytes loaded into G1",
+    "onboard_seconds": "seconds spent loading into G1", "offload_blocks": "blocks copied from G1",
+    "offload_bytes": "bytes copied from G1", "offload_seconds": "seconds spent copying from G1",
+}
+
+
+class WorkerCollector(Collector):
+    def __init__(self, engine: Engine, worker_id: str):
+        self.engine, self.worker_id = engine, worker_id
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s = self.engine.stats()
+        for name, doc in _ENGINE_GAUGES.items():
+            g = GaugeMetricFamily(f"kvrelay_worker_{name}", doc, labels=["worker"])
+            g.add_metric([self.worker_id], getattr(s, name))
+            yield g
+        for name, doc in _ENGINE_COUNTERS.items():
+            c = CounterMetricFamily(f"kvrelay_worker_{name}", doc, labels=["worker"])
+            c.add_metric([self.worker_id], getattr(s, name))
+            yield c
+        for name, doc in _TIER_GAUGES.items():
+            g = GaugeMetricFamily(f"kvrelay_kv_tier_{name}", doc, labels=["worker", "tier"])
+            for t in s.tiers:
+                g.add_metric([self.worker_id, t.tier], float(getattr(t, name)))
+            yield g
+        for name, doc in _TIER_COUNTERS.items():
+            c = CounterMetricFamily(f"kvrelay_kv_tier_{name}", doc, labels=["worker", "tier"])
+            for t in s.tiers:
+                c.add_metric([self.worker_id, t.tier], float(getattr(t, name)))
+            yield c
+
+
+class MetricsServer:
+    """The /metrics HTTP endpoint (prometheus_client's threaded server, on its own registry)."""
+
+    def __init__(self, engine: Engine, worker_id: str):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(WorkerCollector(engine, worker_id))
+        self._server = None
+        self.port = 0
+
+    def start(self, host: str, port: int) -> int:
+        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port = self._server.server_port
+        return self.port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
