@@ -37,7 +37,9 @@ _WORKER_PASSTHROUGH = ("engine", "model", "served_model_name", "dtype", "device"
                        "mocker_speedup", "mocker_num_blocks", "mocker_prefill_us_per_token",
                        "mocker_prefill_us_per_token_pair", "mocker_decode_base_ms", "mocker_decode_us_per_seq",
                        "mocker_decode_us_per_kv_block", "mocker_transfer_gbps", "mocker_eos_probability",
-                       "mocker_seed", "kv_transfer", "kv_lease_s")
+                       "mocker_seed", "kv_transfer", "kv_lease_s", "kv_host_bytes", "kv_disk_dir",
+                       "kv_disk_bytes", "kv_object_store", "kv_object_bytes", "kv_tier_policy", "kv_offload",
+                       "kv_onboard")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -17,6 +17,8 @@ class FrontendConfig:
     # 2.0 measured best on the multi-turn routing-quality workload (tests/frontend/test_routing_quality.py).
     overlap_weight: float = setting(2.0, "kv router: weight of uncached prefill blocks against decode load",
                                     non_negative)
+    lower_tier_weight: float = setting(0.5, "kv router: credit for a prefix block a worker holds in G2/G3 "
+                                       "instead of G1 (0 = ignore lower tiers; G1 = 1)", non_negative)
     router_temperature: float = setting(0.0, "kv router: softmax temperature (0 = pick the lowest cost)",
                                         non_negative)
     migration_limit: int = setting(3, "times a request may move to another worker after its worker died",

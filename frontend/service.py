@@ -68,9 +68,12 @@ class FrontendService:
         self.pool = WorkerPool(discovery, cfg.namespace)
         self.events = events
         self.rpc = RpcClient()
-        self.index = KvIndex()
+        # G4 is shared by every worker: holding a block there gives no worker an edge, so it is not indexed.
+        lower = ("G2", "G3") if cfg.lower_tier_weight > 0 else ()
+        self.index = KvIndex(tiers=("G1", *lower))
         hist = decision_histogram(self.registry)
-        kv_opts = {"overlap_weight": cfg.overlap_weight, "temperature": cfg.router_temperature}
+        kv_opts = {"overlap_weight": cfg.overlap_weight, "temperature": cfg.router_temperature,
+                   "tier_weights": {"G1": 1.0, **{t: cfg.lower_tier_weight for t in lower}}}
         self.router = make_router(cfg.router_mode, index=self.index, histogram=hist,
                                   **(kv_opts if cfg.router_mode == "kv" else {}))
         self.decode_router = make_router("least-loaded", histogram=hist, label="decode")
