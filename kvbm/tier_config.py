@@ -46,9 +46,13 @@ class TierConfig:
 
 
 def default_cache_dir() -> Path:
+    """Where `disk_dir="auto"` puts G3: `$KVRELAY_KV_DISK_DIR` when it names a directory (the flag's own
+    variable, so in-process workers built from defaults agree with `kvrelay worker`), else `kv/` in
+    kvrelay's cache directory."""
     from kvrelay.runtime.paths import cache_dir
 
-    return cache_dir() / "kv"
+    env = os.environ.get("KVRELAY_KV_DISK_DIR", "")
+    return Path(env) if env not in ("", "auto", "off") else cache_dir() / "kv"
 
 
 def check_object_store_url(url: str) -> None:

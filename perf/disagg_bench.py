@@ -59,8 +59,10 @@ def handoff(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="disagg-bench-"))
     model = build_model(Path(args.model_dir or tmp / "model"), args.layers, args.kv_heads, args.head_dim)
     disc_dir = tmp / "discovery"
-    common = ["--model", str(model), "--kv-cache-bytes", str(args.kv_cache_mib << 20), "--discovery", "file",
-              "--discovery-dir", str(disc_dir), "--events", "inproc", "--kv-transfer", "nixl"]
+    common = ["--model", str(model), "--kv-cache-bytes", str(args.kv_cache_mib << 20),
+                    "--kv-host-bytes", "0", "--kv-disk-dir", "off", "--discovery", "file",
+              "--discovery-dir", str(disc_dir), "--events", "inproc", "--kv-transfer", "nixl",
+              "--kv-host-bytes", "0", "--kv-disk-dir", "off"]  # the handoff alone, no tier traffic
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-m", "kvrelay.cli.main", "worker", "--role", "prefill", *common],
                              stdout=subprocess.PIPE, env=env, text=True)
@@ -85,7 +87,7 @@ async def _handoff(args: argparse.Namespace, model: Path, disc_dir: Path, prefil
     from kvrelay.workers.worker import Worker
 
     decode = Worker(WorkerConfig(role="decode", model=str(model), kv_cache_bytes=args.kv_cache_mib << 20,
-                                 kv_transfer="nixl"),
+                                 kv_transfer="nixl", kv_host_bytes=0, kv_disk_dir="off"),
                     make_discovery(DiscoveryConfig(discovery="file", discovery_dir=str(disc_dir))),
                     InprocEventPlane(InprocBroker()))
     await decode.start()
@@ -216,6 +218,7 @@ def mixed(args: argparse.Namespace) -> dict:
         tmp = Path(tempfile.mkdtemp(prefix=f"mixed-{name}-"))
         srv = Serve(tmp, *flags, "--max-num-batched-tokens", str(args.max_batched), "--model", str(model),
                     "--served-model-name", "kvrelay-tiny", "--kv-cache-bytes", str(args.kv_cache_mib << 20),
+                    "--kv-host-bytes", "0", "--kv-disk-dir", "off",
                     workers=None).start()
         try:
             deadline = time.monotonic() + 60

@@ -1,18 +1,41 @@
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 
 from tests.servers import ServerProcess, etcd_server, nats_server
 
 
+def pytest_configure(config):
+    """Workers keep G3 on disk and G2 in memory by default. Under test they use a session directory
+    (never the user's cache) and small tiers; module-scoped servers start before any function fixture,
+    so this is set for the whole session first."""
+    global _SESSION_KV
+    _SESSION_KV = tempfile.mkdtemp(prefix="kvrelay-test-kv-")
+    os.environ["KVRELAY_KV_DISK_DIR"] = _SESSION_KV
+    os.environ.setdefault("KVRELAY_KV_DISK_BYTES", "256MiB")
+    os.environ.setdefault("KVRELAY_KV_HOST_BYTES", "64MiB")
+
+
+def pytest_unconfigure(config):
+    if _SESSION_KV:
+        shutil.rmtree(_SESSION_KV, ignore_errors=True)
+
+
+_SESSION_KV = ""
+
+
 @pytest.fixture(autouse=True)
 def kv_disk_dir(tmp_path, monkeypatch):
-    """Workers keep G3 on disk by default: one directory per test, so no test sees another's blocks
-    (and none writes to the user's cache). In-process workers resolve "auto" through
-    default_cache_dir; worker processes read the flag's environment variable."""
+    """One G3 directory per test, so no test sees another's blocks; removed afterwards (G3 files are
+    preallocated)."""
     kv = tmp_path / "kv"
-    monkeypatch.setattr("kvrelay.kvbm.tier_config.default_cache_dir", lambda: kv)
     monkeypatch.setenv("KVRELAY_KV_DISK_DIR", str(kv))
+    yield kv
+    shutil.rmtree(kv, ignore_errors=True)
 
 
 @pytest.fixture

@@ -43,6 +43,10 @@ class HostStore(SlotStore):
     def _footprint(self) -> int:
         return self.pool.numel()
 
+    async def close(self) -> None:
+        await super().close()
+        self.pool = torch.empty((0, self.block_bytes), dtype=torch.uint8)  # give the memory back now
+
     def _write(self, items: list[Item]) -> None:
         devices = set()
         for group, src in coalesce(items, self.block_bytes):

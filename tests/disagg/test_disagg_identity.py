@@ -20,7 +20,8 @@ from tests.disagg.cluster import Cluster
 
 # 1 to 3,000 tokens: shorter than a block, exact multiples of the block size, and everything between.
 LENGTHS = [1, 3, 15, 16, 17, 31, 32, 33, 64, 100, 127, 250, 511, 700, 1000, 1333, 1600, 2048, 2500, 3000]
-CFG = WorkerConfig(kv_cache_bytes=96 << 20, max_num_batched_tokens=1024)
+CFG = WorkerConfig(kv_cache_bytes=96 << 20, max_num_batched_tokens=1024, kv_disk_bytes=256 << 20,
+                   kv_host_bytes=64 << 20)
 
 
 def _prompts(seed: int = 0) -> list[list[int]]:

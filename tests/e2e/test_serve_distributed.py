@@ -20,7 +20,9 @@ def test_openai_clients_on_etcd_and_nats(tmp_path, etcd, nats):
                 "--events", "nats", "--nats-url", f"nats://127.0.0.1:{nats.port}", "--lease-ttl", "3").start()
     try:
         check_openai_clients(srv.base_url)
-        ready = httpx.get(f"{srv.base_url}/ready").json()
+        deadline = time.monotonic() + 20  # the second worker may register after the first answered
+        while (ready := httpx.get(f"{srv.base_url}/ready").json())["workers"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert ready["workers"] == 2
     finally:
         assert srv.stop() == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import uuid
 
 import httpx
 import openai
@@ -66,7 +67,8 @@ def test_openai_client_sync_async_streaming(served):
 
 def test_prefix_cache_hit_is_reported(served):
     client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0)
-    long = "You are a careful assistant. " * 20
+    # Unique text: blocks outlive processes (G3), so a prompt an earlier test sent would already be cached.
+    long = f"Session {uuid.uuid4().hex}. " + "You are a careful assistant. " * 20
     first = client.completions.create(model=MODEL, prompt=long, max_tokens=4)
     time.sleep(0.5)  # the worker's KV events reach the router's index asynchronously (ZMQ)
     again = client.completions.create(model=MODEL, prompt=long, max_tokens=4)
