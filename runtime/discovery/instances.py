@@ -5,12 +5,15 @@ Key layout: `kvrelay/<namespace>/instances/<component>/<instance_id>`; value: ms
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import msgspec
 
 from kvrelay.runtime.discovery.base import Discovery
 from kvrelay.runtime.wire import decode, encode
+
+log = logging.getLogger(__name__)
 
 
 class Instance(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,13 +52,29 @@ async def register_instance(discovery: Discovery, instance: Instance) -> None:
     await discovery.register(instance.key, encode(instance))
 
 
+def _decode_instance(key: str, value: bytes) -> Instance | None:
+    """An entry that is not an Instance (another tool's key, a newer or corrupt record) is skipped with a
+    warning: one foreign key under the prefix must not hide every worker from the frontend."""
+    try:
+        return decode(value, Instance)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        log.warning("discovery: skipping %s: not an instance record (%s)", key, e)
+        return None
+
+
 async def list_instances(discovery: Discovery, namespace: str, component: str | None = None) -> list[Instance]:
     found = await discovery.list(instances_prefix(namespace, component))
-    return [decode(v, Instance) for _, v in sorted(found.items())]
+    decoded = (_decode_instance(k, v) for k, v in sorted(found.items()))
+    return [inst for inst in decoded if inst is not None]
 
 
 async def watch_instances(discovery: Discovery, namespace: str,
                           component: str | None = None) -> AsyncIterator[InstanceEvent]:
     async for ev in discovery.watch(instances_prefix(namespace, component)):
-        inst = decode(ev.value, Instance) if ev.kind == "added" else None
-        yield InstanceEvent(ev.kind, ev.key, inst)
+        if ev.kind == "added":
+            inst = _decode_instance(ev.key, ev.value)
+            if inst is None:
+                continue
+            yield InstanceEvent(ev.kind, ev.key, inst)
+        else:
+            yield InstanceEvent(ev.kind, ev.key, None)

@@ -206,3 +206,20 @@ async def test_owner_that_stops_heartbeating_expires_then_returns(store, tmp_pat
             child.signal(signal.SIGCONT)
         child.stop()
         print(child.logs())
+
+
+async def test_foreign_record_under_the_instances_prefix_is_skipped(store, caplog):
+    """A value that is not an Instance (another tool's key, a corrupt record) hides no worker."""
+    from kvrelay.runtime.discovery import Instance, list_instances, register_instance, watch_instances
+
+    namespace = f"n{uuid.uuid4().hex[:8]}"
+    a = await store.connect()
+    good = Instance(namespace=namespace, component="backend", instance_id="w1", address="127.0.0.1:1",
+                    role="agg", model="m", block_size=16, kv_capacity_blocks=1)
+    await register_instance(a, good)
+    await a.register(instances_prefix(namespace) + "backend/junk", b"not an instance")
+    assert [i.instance_id for i in await list_instances(a, namespace)] == ["w1"]
+    async with aclosing(watch_instances(a, namespace)) as events:
+        first = await asyncio.wait_for(anext(events), 5)
+    assert first.instance is not None and first.instance.instance_id == "w1"
+    assert "not an instance record" in caplog.text

@@ -15,6 +15,7 @@ from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.kvbm.fingerprint import model_fingerprint
 from kvrelay.kvbm.hashing import BlockHasher, root_hash
 from kvrelay.kvbm.tier_config import TierConfig
+from kvrelay.kvbm.tiers.disk import aligned_empty
 from kvrelay.workers.engines.handoff import HandoffCounters, PullPlan, finish_pull, plan_pull
 from kvrelay.workers.engines.native.batch import build_batch
 from kvrelay.workers.engines.native.config import DTYPES
@@ -66,8 +67,11 @@ class LLMEngine:
         block_bytes = m.num_layers * 2 * cfg.block_size * m.num_kv_heads * m.head_dim * itemsize
         num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // block_bytes)
         # Block-contiguous layout (DESIGN.md "KV layout"): one block = one contiguous byte range.
-        self.kv_cache = torch.zeros(num_blocks, m.num_layers, 2, cfg.block_size, m.num_kv_heads, m.head_dim,
-                                    dtype=self.dtype, device=cfg.device)
+        shape = (num_blocks, m.num_layers, 2, cfg.block_size, m.num_kv_heads, m.head_dim)
+        if torch.device(cfg.device).type == "cpu":  # 4 KiB-aligned: G3 reads/writes blocks in place (O_DIRECT)
+            self.kv_cache = aligned_empty(num_blocks * block_bytes).view(self.dtype).view(shape).zero_()
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=cfg.device)
         self.events = KvEventLog()
         self.pool = BlockPool(num_blocks, on_evict=self.events.g1_removed)
         self.max_model_len = cfg.max_model_len or m.max_position_embeddings
