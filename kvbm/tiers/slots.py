@@ -180,7 +180,9 @@ class SlotStore:
         items = [(h, slot, src) for _, h, slot, src in batch]
         try:
             await self._run(self._write, items)
-            if len(items) * self.block_bytes <= self._inline_bytes:
+            if type(self)._write_durable is SlotStore._write_durable:
+                pass  # nothing to make durable (G2): no thread hop
+            elif len(items) * self.block_bytes <= self._inline_bytes:
                 self._write_durable(items)
             else:
                 await asyncio.get_running_loop().run_in_executor(self._executor, self._write_durable, items)

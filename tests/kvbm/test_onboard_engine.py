@@ -9,7 +9,16 @@ import pytest
 
 from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.kvbm.tiers import object_key
-from tests.kvbm.tiered_helpers import block_hashes, engine, flush_g1, generate, prompt, settle, tier
+from tests.kvbm.tiered_helpers import (
+    block_hashes,
+    engine,
+    flush_g1,
+    generate,
+    prompt,
+    serve_then_evict,
+    settle,
+    tier,
+)
 
 # G4 on loopback moto loads ~1 ms per 32 KiB block; the tiny model recomputes a block in less, so the
 # cost model (rightly) recomputes; "always" makes the G4 path run. test_cost_model covers the choice.
@@ -65,9 +74,7 @@ def test_flipped_byte_in_g3_is_a_miss_and_a_recompute(tmp_path):
         eng = engine(ONLY["G3"](tmp_path, None))
         await eng.start()
         try:
-            cold, _ = await generate(eng, p)
-            await settle(eng)
-            await flush_g1(eng)
+            cold = await serve_then_evict(eng, p)
             store = eng.tiers.tiers.stores[0]
             h5 = block_hashes(eng, p)[5]
             slot = store._slots.map[h5]
@@ -97,9 +104,7 @@ def test_truncated_g4_object_is_a_miss_and_a_recompute(tmp_path, s3):
         eng = engine(cfg)
         await eng.start()
         try:
-            cold, _ = await generate(eng, p)
-            await settle(eng)
-            await flush_g1(eng)
+            cold = await serve_then_evict(eng, p)
             key = object_key(eng.core.fingerprint, block_hashes(eng, p)[3])
             client = s3.client()
             body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -124,9 +129,7 @@ def test_unreachable_g4_disables_the_tier_and_serving_goes_on(tmp_path, caplog):
         eng = engine(TierConfig(host_bytes=4 << 20, disk_dir="off", object_store=dead, onboard="always"))
         await eng.start()
         try:
-            cold, _ = await generate(eng, p)
-            await settle(eng, timeout=30)
-            await flush_g1(eng)
+            cold = await serve_then_evict(eng, p)
             again, hit = await generate(eng, p)
             assert again == cold and hit == 18 * 16  # G2 still serves
             assert not tier(eng, "G4").enabled and tier(eng, "G2").onboard_blocks == 18
@@ -153,9 +156,7 @@ def test_disk_full_disables_g3_and_serving_goes_on(tmp_path, monkeypatch, caplog
         monkeypatch.setattr(os, "pwritev", full)
         monkeypatch.setattr(os, "pwrite", full)
         try:
-            cold, _ = await generate(eng, p)
-            await settle(eng)
-            await flush_g1(eng)
+            cold = await serve_then_evict(eng, p)
             again, hit = await generate(eng, p)
             assert again == cold and hit == 18 * 16
             assert not tier(eng, "G3").enabled and tier(eng, "G2").onboard_blocks == 18

@@ -56,6 +56,14 @@ async def flush_g1(eng: NativeEngine, seed: int = 1000) -> None:
         await settle(eng)
 
 
+async def serve_then_evict(eng: NativeEngine, tokens: list[int]) -> list[int]:
+    """Serve `tokens` once (cold), let its blocks reach the lower tiers, evict them from G1."""
+    out, _ = await generate(eng, tokens)
+    await settle(eng, timeout=30)
+    await flush_g1(eng)
+    return out
+
+
 def block_hashes(eng: NativeEngine, tokens: list[int]) -> list[int]:
     hasher = BlockHasher(BLOCK, root_hash(eng.core.fingerprint, ""), b"")
     hasher.extend(tokens)
