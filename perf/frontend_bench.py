@@ -8,7 +8,11 @@ process (which also costs CPU on the same 2 cores):
 - frontend: streamed `/v1/completions` over HTTP (a lean keep-alive client, `concurrency`
   connections), prompt as token ids, `max_tokens` tokens, `ignore_eos`; TTFT = first chunk with text.
 - direct: the same `EngineRequest`s to one worker's `generate` endpoint over the request plane.
-Reported: requests/s and TTFT p50/p99 for each, and the ratio frontend / direct.
+- dynamo (with `--dynamo-python PY`): the same HTTP load against NVIDIA Dynamo's frontend serving its
+  mocker (`--speedup-ratio 1e9`) on file discovery, TCP request plane, ZMQ events, kv router; started
+  from that interpreter (see perf/dynamo_process.py), interleaved with the two above.
+Reported: requests/s and TTFT p50/p99 for each, the ratio frontend / direct and, with Dynamo, the ratio
+of our frontend's request rate to Dynamo's.
 """
 
 from __future__ import annotations
@@ -126,7 +130,7 @@ async def direct(address: str, args: argparse.Namespace) -> tuple[float, list[fl
         await client.close()
 
 
-async def measure(url: str, discovery_dir: str, args: argparse.Namespace) -> dict:
+async def measure(url: str, discovery_dir: str, args: argparse.Namespace, dynamo_url: str | None = None) -> dict:
     disc = make_discovery(DiscoveryConfig(discovery="file", discovery_dir=discovery_dir))
     await disc.start()
     address = (await list_instances(disc, "default"))[0].address
@@ -134,10 +138,14 @@ async def measure(url: str, discovery_dir: str, args: argparse.Namespace) -> dic
     small = argparse.Namespace(**{**vars(args), "requests": 100})
     await via_frontend(url, "kvrelay-tiny", small)  # warm-up
     await direct(address, small)
-    rows: dict[str, list] = {"frontend": [], "direct": []}
+    if dynamo_url:
+        await via_frontend(dynamo_url, "kvrelay-tiny", small)
+    rows: dict[str, list] = {"frontend": [], "direct": [], **({"dynamo": []} if dynamo_url else {})}
     for _ in range(args.repeats):
         rows["frontend"].append(await via_frontend(url, "kvrelay-tiny", args))
         rows["direct"].append(await direct(address, args))
+        if dynamo_url:
+            rows["dynamo"].append(await via_frontend(dynamo_url, "kvrelay-tiny", args))
     out = {}
     for name, runs in rows.items():
         ttfts = [t for _, ts in runs for t in ts]
@@ -145,6 +153,9 @@ async def measure(url: str, discovery_dir: str, args: argparse.Namespace) -> dic
                      "ttft_p50_ms": _pct(ttfts, 50), "ttft_p99_ms": _pct(ttfts, 99)}
     out["ratio_requests_per_s"] = out["frontend"]["requests_per_s"] / out["direct"]["requests_per_s"]
     out["added_ttft_p50_ms"] = out["frontend"]["ttft_p50_ms"] - out["direct"]["ttft_p50_ms"]
+    if dynamo_url:
+        out["ratio_requests_per_s_vs_dynamo"] = out["frontend"]["requests_per_s"] / out["dynamo"]["requests_per_s"]
+        out["dynamo_ratio_to_our_direct"] = out["dynamo"]["requests_per_s"] / out["direct"]["requests_per_s"]
     return out
 
 
@@ -157,14 +168,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--dynamo-python", default=None,
+                   help="interpreter with ai-dynamo installed: also measure Dynamo's frontend + mocker")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         srv = Serve(Path(tmp), "--engine", "mocker", "--mocker-speedup", "1e9", "--router-mode", "kv",
                     workers=args.workers).start()
+        dyn = None
         try:
-            result = asyncio.run(measure(srv.base_url, srv.discovery_dir, args))
+            if args.dynamo_python:
+                from kvrelay.perf.dynamo_process import DynamoServe
+                from kvrelay.workers.models.tiny import ensure_tiny_model
+
+                dyn = DynamoServe(args.dynamo_python, Path(tmp), str(ensure_tiny_model()), "kvrelay-tiny").start()
+            result = asyncio.run(measure(srv.base_url, srv.discovery_dir, args, dyn.base_url if dyn else None))
         finally:
             srv.stop()
+            if dyn is not None:
+                dyn.stop()
     result["config"] = vars(args)
     print(json.dumps(result, indent=2))
     if args.json:
