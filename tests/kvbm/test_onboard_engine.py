@@ -119,50 +119,46 @@ def test_truncated_g4_object_is_a_miss_and_a_recompute(tmp_path, s3):
     asyncio.run(main())
 
 
-def test_unreachable_g4_disables_the_tier_and_serving_goes_on(tmp_path, caplog):
+def _dead_g4(tmp_path, monkeypatch):
+    """(config, fault to inject once the engine has started)."""
     from tests.servers import free_port
 
-    p = prompt(300, seed=10)
     dead = f"s3://nowhere?endpoint=http://127.0.0.1:{free_port()}"
-
-    async def main():
-        eng = engine(TierConfig(host_bytes=4 << 20, disk_dir="off", object_store=dead, onboard="always"))
-        await eng.start()
-        try:
-            cold = await serve_then_evict(eng, p)
-            again, hit = await generate(eng, p)
-            assert again == cold and hit == 18 * 16  # G2 still serves
-            assert not tier(eng, "G4").enabled and tier(eng, "G2").onboard_blocks == 18
-        finally:
-            await eng.close()
-
-    with caplog.at_level("WARNING"):
-        asyncio.run(main())
-    assert "KV tier G4 disabled, serving continues without it" in caplog.text
+    return TierConfig(host_bytes=4 << 20, disk_dir="off", object_store=dead, onboard="always"), lambda: None
 
 
-def test_disk_full_disables_g3_and_serving_goes_on(tmp_path, monkeypatch, caplog):
+def _full_disk(tmp_path, monkeypatch):
     import errno
     import os
 
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    p = prompt(300, seed=11)
-
-    async def main():
-        eng = engine(TierConfig(host_bytes=4 << 20, disk_dir=str(tmp_path / "g3"), disk_bytes=16 << 20))
-        await eng.start()
+    def fill_disk() -> None:  # after the store opened: every block write fails from now on
         monkeypatch.setattr(os, "pwritev", full)
         monkeypatch.setattr(os, "pwrite", full)
+
+    return TierConfig(host_bytes=4 << 20, disk_dir=str(tmp_path / "g3"), disk_bytes=16 << 20), fill_disk
+
+
+@pytest.mark.parametrize(("name", "failing"), [("G4", _dead_g4), ("G3", _full_disk)],
+                         ids=["unreachable-G4", "disk-full-G3"])
+def test_failing_tier_is_disabled_and_serving_goes_on(name, failing, tmp_path, monkeypatch, caplog):
+    p = prompt(300, seed=10)
+
+    async def main():
+        cfg, inject = failing(tmp_path, monkeypatch)
+        eng = engine(cfg)
+        await eng.start()
+        inject()
         try:
             cold = await serve_then_evict(eng, p)
             again, hit = await generate(eng, p)
-            assert again == cold and hit == 18 * 16
-            assert not tier(eng, "G3").enabled and tier(eng, "G2").onboard_blocks == 18
+            assert again == cold and hit == 18 * 16  # G2 still serves
+            assert not tier(eng, name).enabled and tier(eng, "G2").onboard_blocks == 18
         finally:
             await eng.close()
 
     with caplog.at_level("WARNING"):
         asyncio.run(main())
-    assert "KV tier G3 disabled, serving continues without it" in caplog.text
+    assert f"KV tier {name} disabled, serving continues without it" in caplog.text
