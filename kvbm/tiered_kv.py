@@ -32,7 +32,7 @@ from kvrelay.kvbm.tier_config import TierConfig, open_tiers
 from kvrelay.kvbm.tiers import TierStats, TierStore
 
 log = logging.getLogger(__name__)
-G4_PROBE_BATCH = 8  # HEADs in flight while probing G4 for a prompt's continuation
+G4_PROBE_BATCH = 8  # HEADs in flight while probing G4 for a prompt's continuation (after the first)
 G4_SEEN_MAX = 1 << 16
 
 
@@ -99,8 +99,8 @@ class TieredKv:
     # -- lookup -----------------------------------------------------------------------------------------
     async def lookup(self, hashes: Sequence[int], in_g1: Callable[[int], bool] | None = None) -> list[str | None]:
         """Per block, the fastest enabled tier that holds it. G4 is probed (HEAD) only for blocks no
-        faster tier nor G1 (`in_g1`, a hint) has, in order, stopping at its first miss: a prompt nobody
-        stored costs one small batch of HEADs, not one per block."""
+        faster tier nor G1 (`in_g1`, a hint) has, in order, stopping at its first miss: one HEAD, then
+        batches of 8, so a prompt nobody stored costs one request, not one per block."""
         found: list[str | None] = [None] * len(hashes)
         for store in self.stores:
             if not store.enabled:
@@ -113,8 +113,10 @@ class TieredKv:
                     if hit:
                         found[i] = store.tier
                 continue
-            for k in range(0, len(todo), G4_PROBE_BATCH):
-                chunk = todo[k:k + G4_PROBE_BATCH]
+            k, size = 0, 1  # one HEAD first: a prompt nobody stored costs one request
+            while k < len(todo):
+                chunk = todo[k:k + size]
+                k, size = k + size, G4_PROBE_BATCH
                 known = [hashes[i] in self._g4_seen for i in chunk]
                 ask = [hashes[i] for i, kn in zip(chunk, known, strict=True) if not kn]
                 answers = iter(await store.contains(ask) if ask else [])
