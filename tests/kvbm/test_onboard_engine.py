@@ -162,3 +162,40 @@ def test_failing_tier_is_disabled_and_serving_goes_on(name, failing, tmp_path, m
     with caplog.at_level("WARNING"):
         asyncio.run(main())
     assert f"KV tier {name} disabled, serving continues without it" in caplog.text
+
+
+def test_client_leaving_mid_onboard_frees_every_block_and_hangs_nothing(tmp_path, monkeypatch):
+    """Dynamo #5012's class of bug: a request cancelled while its blocks are being loaded. The tier copy
+    finishes (it cannot be interrupted), the engine hears back, frees the blocks; the next request runs."""
+    from kvrelay.kvbm.tiered_kv import TieredKv
+
+    p = prompt(300, seed=12)
+    started = asyncio.Event()
+    real = TieredKv.onboard
+
+    async def slow_onboard(self, plan):
+        started.set()
+        await asyncio.sleep(0.5)  # a slow tier: the client gives up meanwhile
+        return await real(self, plan)
+
+    async def main():
+        eng = engine(ONLY["G2"](tmp_path, None))
+        await eng.start()
+        try:
+            cold = await serve_then_evict(eng, p)
+            monkeypatch.setattr(TieredKv, "onboard", slow_onboard)
+            task = asyncio.create_task(generate(eng, p))
+            await asyncio.wait_for(started.wait(), 5)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await settle(eng)
+            s = eng.stats()
+            assert s.running == s.waiting == 0 and not eng.core.seqs and not eng.core.loading_aborted
+            assert s.free_blocks == s.total_blocks
+            monkeypatch.setattr(TieredKv, "onboard", real)
+            again, hit = await asyncio.wait_for(generate(eng, p), 30)
+            assert again == cold and hit == 18 * 16
+        finally:
+            await eng.close()
+
+    asyncio.run(main())
