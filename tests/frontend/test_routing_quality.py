@@ -78,6 +78,26 @@ def test_multi_turn_lower_concurrency_report() -> None:
         print(f"  mean gap {gap:>4}s: " + " | ".join(row))
 
 
+def test_multi_turn_three_x_round_robin_report() -> None:
+    """Informational (printed; only sanity asserted): where "kv >= 3x round-robin" could come from.
+    Round-robin always hits the shared system prompt and, with probability ~1/4, lands where the
+    user's previous turn is cached, so its hit rate only falls far below the oracle's when the system
+    prompt is short *and* the per-worker cache cannot hold every conversation (LRU then drops what
+    round-robin scattered). With longer turns (100-300-token messages, 150-350-token replies) a sweep
+    (5 seeds, overlap weights 2-4) found kv >= 3x round-robin together with >= 0.9x best only at the
+    edge: a 32-token system prompt and 1,200 blocks per worker, and there in 2-4 seeds of 5 (kv/rr
+    2.5-3.6x). Tighter caches squeeze the kv router below 0.9x best too; longer system prompts lift
+    round-robin. So 3x is a property of a workload picked for it, not a bar a router can be held to."""
+    print("\nsystem tokens, blocks per worker: best/rr, kv/best, kv/rr (longer turns, seed 0)")
+    for system, capacity in ((200, 2000), (64, 1500), (32, 1200)):
+        wl = MultiTurn(system_tokens=system, capacity=capacity, user_tokens=(100, 300), reply_tokens=(150, 350))
+        kv, rr = run_multi_turn("kv", wl, overlap_weight=KV_WEIGHT), run_multi_turn("round-robin", wl)
+        best = kv.best_hit_rate
+        print(f"  {system:>4}, {capacity:>5}: {best / rr.hit_rate:.2f}x, {kv.hit_rate / best:.3f}, "
+              f"{kv.hit_rate / rr.hit_rate:.2f}x")
+        assert kv.hit_rate <= best + 1e-9 and rr.hit_rate <= rr.best_hit_rate + 1e-9
+
+
 @pytest.mark.parametrize(("template", "seed"), [(0, 0), (32, 1)])
 def test_single_turn_load_spread(template: int, seed: int) -> None:
     results = {m: run_single_turn(m, template=template, seed=seed) for m in BASELINES}
