@@ -85,8 +85,8 @@ def test_multi_turn_three_x_round_robin_report() -> None:
     prompt is short *and* the per-worker cache cannot hold every conversation (LRU then drops what
     round-robin scattered). With longer turns (100-300-token messages, 150-350-token replies) a sweep
     (5 seeds, overlap weights 2-4) found kv >= 3x round-robin together with >= 0.9x best only at the
-    edge: a 32-token system prompt and 1,200 blocks per worker, and there in 2-4 seeds of 5 (kv/rr
-    2.5-3.6x). Tighter caches squeeze the kv router below 0.9x best too; longer system prompts lift
+    edge: a 32-token system prompt and 1,200 blocks per worker, and there in 1-4 seeds of 5 depending
+    on the weight (kv/rr 2.5-3.6x). Tighter caches squeeze the kv router below 0.9x best too; longer system prompts lift
     round-robin. So 3x is a property of a workload picked for it, not a bar a router can be held to."""
     print("\nsystem tokens, blocks per worker: best/rr, kv/best, kv/rr (longer turns, seed 0)")
     for system, capacity in ((200, 2000), (64, 1500), (32, 1200)):
