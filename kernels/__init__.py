@@ -11,6 +11,7 @@ from kvrelay.kernels.block_copy import (
     scatter_blocks,
     scatter_blocks_ref,
     scatter_blocks_triton,
+    write_kv,
     write_kv_ref,
 )
 from kvrelay.kernels.paged_attention import (
@@ -20,6 +21,7 @@ from kvrelay.kernels.paged_attention import (
     paged_attention_decode_ref,
     paged_attention_decode_triton,
     plan_decode,
+    plan_decode_host,
     prefill_attention_ref,
     release_workspace,
 )
@@ -34,10 +36,12 @@ __all__ = [
     "paged_attention_decode_ref",
     "paged_attention_decode_triton",
     "plan_decode",
+    "plan_decode_host",
     "prefill_attention_ref",
     "release_workspace",
     "scatter_blocks",
     "scatter_blocks_ref",
     "scatter_blocks_triton",
+    "write_kv",
     "write_kv_ref",
 ]

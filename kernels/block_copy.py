@@ -180,6 +180,12 @@ def write_kv_ref(kv_cache: Tensor, layer: int, slot_mapping: Tensor, k: Tensor, 
         lo, hi = (int(x) for x in torch.aminmax(slots))
         if lo < 0 or hi >= nb * bs:
             raise ValueError(f"slots must be in [0, {nb * bs}), got min {lo} max {hi}")
-    blk, off = slots // bs, slots % bs
-    kv_cache[:, layer, 0].index_put_((blk, off), k)  # [nb, bs, H, D] views share kv_cache's storage
-    kv_cache[:, layer, 1].index_put_((blk, off), v)
+    write_kv(kv_cache, layer, slots // bs, slots % bs, k, v)
+
+
+def write_kv(kv_cache: Tensor, layer: int, blocks: Tensor, offsets: Tensor, k: Tensor, v: Tensor) -> None:
+    """`write_kv_ref` without its checks, for the engine's per-layer hot path: token i's K/V go to
+    block `blocks[i]`, offset `offsets[i]` (int64 [n]). The caller guarantees what `write_kv_ref`
+    checks (the engine derives the indices from its own block tables once per step)."""
+    kv_cache[:, layer, 0].index_put_((blocks, offsets), k)  # [nb, bs, H, D] views share kv_cache's storage
+    kv_cache[:, layer, 1].index_put_((blocks, offsets), v)

@@ -75,7 +75,9 @@ def release_workspace() -> None:
 def _workspace(numel: int, dtype: torch.dtype) -> Tensor:
     bufs: dict[torch.dtype, Tensor] = _scratch.__dict__.setdefault("bufs", {})
     buf = bufs.get(dtype)
-    if buf is None or buf.numel() < numel:
+    # An inference-mode tensor cannot be written outside inference mode: such a caller gets a new one.
+    stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+    if buf is None or buf.numel() < numel or stale:
         # 1.5x headroom so a batch or context that grows by a little each step does not realloc each step.
         grown = 0 if buf is None else buf.numel() * 3 // 2
         buf = bufs[dtype] = torch.empty(max(numel, grown), dtype=dtype)
@@ -129,6 +131,33 @@ def plan_decode(block_tables: Tensor, context_lens: Tensor, block_size: int) -> 
         return DecodePlan(bt, T, None, None)
     keep = torch.arange(T, device=ctx.device)[None, :] < ctx[:, None]  # [B, T]
     return DecodePlan(bt, T, keep[:, None, None, :], (~keep).flatten().nonzero().squeeze(1))
+
+
+def plan_decode_host(block_tables: list[list[int]], context_lens: list[int], block_size: int,
+                     device: str | torch.device = "cpu") -> DecodePlan:
+    """`plan_decode` from host lists (the engine's own block tables): the same plan, built in Python
+    with one tensor per field and no device sync."""
+    if not context_lens or len(block_tables) != len(context_lens):
+        raise ValueError(f"need one block table per context length, got {len(block_tables)} and {len(context_lens)}")
+    lo, hi = min(context_lens), max(context_lens)
+    if lo < 1:
+        raise ValueError(f"context_lens must be >= 1, got min {lo}")
+    n_blk = -(-hi // block_size)
+    T = n_blk * block_size
+    bt: list[int] = []
+    for row, ctx in zip(block_tables, context_lens, strict=True):
+        used = -(-ctx // block_size)
+        if used > len(row):
+            raise ValueError(f"context length {ctx} needs {used} blocks, its table has {len(row)}")
+        bt.extend(row[:used])
+        bt.extend([0] * (n_blk - used))  # padding: block 0 is always a valid address; masked out
+    bt_t = torch.tensor(bt, dtype=torch.int64, device=device)
+    if lo == T:
+        return DecodePlan(bt_t, T, None, None)
+    ctx_t = torch.tensor(context_lens, dtype=torch.int64, device=device)
+    keep = torch.arange(T, device=device)[None, :] < ctx_t[:, None]
+    pad = [b * T + j for b, ctx in enumerate(context_lens) for j in range(ctx, T)]
+    return DecodePlan(bt_t, T, keep[:, None, None, :], torch.tensor(pad, dtype=torch.int64, device=device))
 
 
 def paged_attention_decode_ref(

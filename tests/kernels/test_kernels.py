@@ -129,6 +129,32 @@ def test_decode_ref_workspace_reuse():
     torch.testing.assert_close(K.paged_attention_decode_ref(qa, kva, 0, bta, cla, 0.2), a)
 
 
+def test_decode_workspace_from_inference_mode_is_not_reused_outside_it():
+    """The engine thread fills the scratch under inference_mode; a later plain call must still work."""
+    q, kv, bt, cl = make_decode_case(2, 4, 2, 16, [7, 5], seed=8)
+    K.release_workspace()
+    with torch.inference_mode():
+        inside = K.paged_attention_decode_ref(q, kv, 0, bt, cl, 0.3)
+    torch.testing.assert_close(K.paged_attention_decode_ref(q, kv, 0, bt, cl, 0.3), inside)
+
+
+@pytest.mark.parametrize("ctx", [[16, 16, 32], [1, 17, 40, 3], [33]])
+def test_plan_decode_host_equals_plan_decode(ctx):
+    """The engine's host-built plan is the tensor-built one, field for field (padding rows hold garbage)."""
+    bs, width = 16, 4
+    gen = torch.Generator().manual_seed(len(ctx))
+    tables = [torch.randint(1, 50, (width,), generator=gen).tolist() for _ in ctx]
+    bt, cl = torch.tensor(tables, dtype=torch.int32), torch.tensor(ctx, dtype=torch.int32)
+    want, got = K.plan_decode(bt, cl, bs), K.plan_decode_host(tables, ctx, bs)
+    assert got.tokens == want.tokens and torch.equal(got.bt, want.bt)
+    for a, b in ((got.mask, want.mask), (got.pad, want.pad)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    with pytest.raises(ValueError, match=">= 1"):
+        K.plan_decode_host(tables, [0] * len(ctx), bs)
+    with pytest.raises(ValueError, match="needs 5 blocks"):
+        K.plan_decode_host(tables, [65] * len(ctx), bs)
+
+
 def test_decode_argument_errors():
     q, kv, bt, cl = make_decode_case(2, 4, 2, 16, [3, 5])
     with pytest.raises(ValueError, match="multiple"):

@@ -1,8 +1,10 @@
 """Llama / Qwen2 / Qwen3 decoder in plain torch, reading and writing a paged KV cache.
 
-Parameter names equal Hugging Face's, so a checkpoint's state dict loads as is. Arithmetic follows
-the reference implementation operation for operation (RMSNorm in float32, RoPE angles in float32,
-SDPA attention) so greedy outputs match `transformers` token for token.
+Parameter names equal Hugging Face's except two fused projections, `qkv_proj` (q, k, v rows stacked)
+and `gate_up_proj` (gate, up), which `loader.py` builds from the checkpoint: one GEMM instead of three
+and two per layer, the same dot products. Arithmetic otherwise follows the reference implementation
+operation for operation (RMSNorm in float32, RoPE angles in float32, SDPA attention) so greedy outputs
+match `transformers` token for token.
 
 A step's batch is flat: `T` tokens from many sequences. Decode tokens come first (one per sequence,
 attending through the paged cache); then each prefill chunk, attending to its cached prefix plus
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvrelay.kernels import DecodePlan, paged_attention_decode, prefill_attention_ref, write_kv_ref
+from kvrelay.kernels import DecodePlan, paged_attention_decode, prefill_attention_ref, write_kv
 from kvrelay.workers.engines.native.config import ModelConfig
 from kvrelay.workers.engines.native.rope import RotaryEmbedding
 
@@ -33,7 +35,8 @@ class PrefillChunk:
 @dataclass
 class BatchMetadata:
     positions: torch.Tensor  # int64 [T]
-    slot_mapping: torch.Tensor  # int64 [T]: block_id * block_size + offset for each token's K/V
+    slot_blocks: torch.Tensor  # int64 [T]: the block each token's K/V is written to (the sequence's own)
+    slot_offsets: torch.Tensor  # int64 [T]: its offset in that block
     num_decode: int = 0  # decode tokens occupy [0, num_decode)
     decode_block_tables: torch.Tensor | None = None  # int32 [num_decode, max_blocks]
     decode_context_lens: torch.Tensor | None = None  # int32 [num_decode]
@@ -49,6 +52,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:  # the same arithmetic, minus two no-op casts per call
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -60,9 +65,7 @@ class Attention(nn.Module):
         self.layer, self.rope = layer, rope
         self.nq, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = self.hd ** -0.5
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nq * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.nq + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nq * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
@@ -71,15 +74,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: BatchMetadata, kv_cache: torch.Tensor,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.nq, self.hd)
-        k = self.k_proj(x).view(t, self.nkv, self.hd)
-        v = self.v_proj(x).view(t, self.nkv, self.hd)
+        t, nq, nkv, hd = x.shape[0], self.nq, self.nkv, self.hd
+        qkv = self.qkv_proj(x)
+        v = qkv[:, (nq + nkv) * hd:].view(t, nkv, hd)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
-        write_kv_ref(kv_cache, self.layer, meta.slot_mapping, k, v)
-        out = torch.empty_like(q)
+            q = self.rope.apply(self.q_norm(qkv[:, : nq * hd].view(t, nq, hd)), cos, sin)
+            k = self.rope.apply(self.k_norm(qkv[:, nq * hd: (nq + nkv) * hd].view(t, nkv, hd)), cos, sin)
+        else:  # q and k heads are adjacent columns: one RoPE over both
+            qk = self.rope.apply(qkv[:, : (nq + nkv) * hd].view(t, nq + nkv, hd), cos, sin)
+            q, k = qk[:, :nq], qk[:, nq:]
+        write_kv(kv_cache, self.layer, meta.slot_blocks, meta.slot_offsets, k, v)
+        out = q.new_empty((t, nq, hd))  # contiguous (q is a strided view of the fused projection)
         nd = meta.num_decode
         if nd:
             out[:nd] = paged_attention_decode(q[:nd], kv_cache, self.layer, meta.decode_block_tables,
@@ -100,12 +105,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter:])
 
 
 class DecoderLayer(nn.Module):

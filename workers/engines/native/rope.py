@@ -80,8 +80,9 @@ class RotaryEmbedding:
         return (emb.cos() * self.scaling).to(dtype)[:, None, :], (emb.sin() * self.scaling).to(dtype)[:, None, :]
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim:]
         half = self.rot_dim // 2
+        if self.rot_dim == x.shape[-1]:  # full rotary (every supported family): no split needed
+            return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+        rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim:]
         rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-        out = rot * cos + rotated * sin
-        return out if rest.numel() == 0 else torch.cat((out, rest), dim=-1)
+        return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
