@@ -1,6 +1,6 @@
 """Native engine vs transformers, side by side in one process on the same machine (issue #3).
 
-    python -m kvrelay.perf.engine_bench [--models tiny,100m] [--repeats 3] [--json out.json]
+    python -m kvrelay.perf.engine_bench [--models tiny,100m] [--repeats 3] [--device cpu|cuda] [--json out.json]
 
 For each model: prefill tokens/s (512 and 2,048-token prompts), decode tokens/s at batch 1 and 16,
 and TTFT of a 2,048-token prompt cold vs with its prefix cached. transformers runs `generate` greedy
@@ -45,10 +45,15 @@ def build_100m(out: Path) -> Path:
     return out
 
 
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 class Ours:
-    def __init__(self, path: str):
+    def __init__(self, path: str, device: str = "cpu"):
         self.engine = LLMEngine(NativeEngineConfig(model=path, max_num_batched_tokens=4096, max_num_seqs=64,
-                                                   kv_cache_bytes=1 << 30))
+                                                   kv_cache_bytes=1 << 30, device=device))
         self.n = 0
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> float:
@@ -66,17 +71,20 @@ class Ours:
 
 
 class Theirs:
-    def __init__(self, path: str):
+    def __init__(self, path: str, device: str = "cpu"):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
 
     @torch.inference_mode()
     def run(self, prompts: list[list[int]], new_tokens: int) -> float:
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=self.device)
+        sync(self.device)
         t = time.perf_counter()
         self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                             min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        sync(self.device)
         return time.perf_counter() - t
 
     def clear_cache(self) -> None:
@@ -91,20 +99,23 @@ def median_of(repeats: int, fn) -> float:
 def gemm_floor_ms(model: torch.nn.Module, rows: int = 16, repeats: int = 7) -> float:
     """Fastest of `repeats` timings of every Linear of `model` applied once to `rows` rows."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    xs = {m.in_features: torch.randn(rows, m.in_features, dtype=m.weight.dtype) for m in linears}
+    dev = str(linears[0].weight.device)
+    xs = {m.in_features: torch.randn(rows, m.in_features, dtype=m.weight.dtype, device=dev) for m in linears}
 
     def once() -> float:
+        sync(dev)
         t = time.perf_counter()
         for m in linears:
             m(xs[m.in_features])
+        sync(dev)
         return (time.perf_counter() - t) * 1e3
 
     once()
     return min(once() for _ in range(repeats))
 
 
-def bench_model(path: str, vocab: int, repeats: int) -> dict:
-    ours, theirs = Ours(path), Theirs(path)
+def bench_model(path: str, vocab: int, repeats: int, device: str = "cpu") -> dict:
+    ours, theirs = Ours(path, device), Theirs(path, device)
     gen = torch.Generator().manual_seed(0)
 
     def prompts(b: int, n: int) -> list[list[int]]:
@@ -153,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kvrelay.perf.engine_bench")
     p.add_argument("--models", default="tiny,100m")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both engines, fp32)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     out = {"torch_threads": torch.get_num_threads()}
@@ -165,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 path = build_100m(Path(tmp) / name)
             vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
-            out[name] = bench_model(str(path), vocab, args.repeats)
+            out[name] = bench_model(str(path), vocab, args.repeats, args.device)
             print(f"\n## {name}")
             for k, v in out[name].items():
                 print(f"| {k} | " + " | ".join(f"{kk} {vv:,.3f}" for kk, vv in v.items()) + " |", flush=True)
