@@ -99,6 +99,26 @@ def test_decode_worker_pulls_only_what_it_lacks():
     assert decode.prefix_hit_tokens == 400
 
 
+def test_seeded_sampling_disaggregated_equals_aggregated():
+    """A seeded *sampled* request draws the same tokens disaggregated (first token on the prefill
+    worker, the rest on the decode worker) as aggregated: the generator is seeded per position."""
+    prompts = _prompts(11)[5:12]
+    params = [dict(temperature=1.3, seed=100 + i, top_p=0.95) for i in range(len(prompts))]
+
+    async def run(roles):
+        async with Cluster(roles, replace(CFG, kv_transfer="tcp"), FrontendConfig(disagg_min_tokens=0)) as c:
+            out = [await c.generate(p, max_tokens=10, **kw) for p, kw in zip(prompts, params, strict=True)]
+            remote = c.service.remote.prefills.labels(where="remote")._value.get()
+            return out, remote
+
+    want, _ = asyncio.run(run(["agg"]))
+    got, remote = asyncio.run(run(["prefill", "decode"]))
+    assert remote == len(prompts)
+    assert got == want
+    greedy_like = sum(len(set(t)) <= 2 for t in want)
+    assert greedy_like == 0, "temperature 1.3 should give varied tokens; the test would prove little"
+
+
 def test_mocker_disaggregated_equals_aggregated():
     """The mocker's prefill/decode roles: same tokens as its aggregated serving, blocks accounted."""
     cfg = WorkerConfig(engine="mocker", mocker_speedup=0.0, mocker_num_blocks=4096)

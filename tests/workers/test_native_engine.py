@@ -89,6 +89,31 @@ def test_sampling_seed_is_reproducible_and_params_apply(llama):
     assert stopped == greedy[: greedy.index(stop_at) + 1]
 
 
+def test_seeded_sampling_continues_identically_from_any_point(llama):
+    """What migration does: the same request re-sent with prompt + the k tokens generated so far (and
+    max_tokens - k) draws the same remaining tokens, on a fresh engine, with other requests batched."""
+    p = prompts(1, 37, seed=5)[0]
+    sp = dict(temperature=1.2, seed=42, ignore_eos=True)
+
+    def run(engine, rid, prompt, n, others=0):
+        for i in range(others):
+            engine.add_request(EngineRequest(request_id=f"{rid}-o{i}", prompt_token_ids=prompts(1, 20, seed=i)[0],
+                                             sampling=SamplingParams(max_tokens=n, temperature=1.0)))
+        engine.add_request(EngineRequest(request_id=rid, prompt_token_ids=prompt,
+                                         sampling=SamplingParams(max_tokens=n, **sp)))
+        toks = []
+        while engine.has_work():
+            toks += [t for o in engine.step() if o.request_id == rid for t in o.token_ids]
+        return toks
+
+    full = run(LLMEngine(NativeEngineConfig(model=llama, num_blocks=64)), "a", p, 12)
+    assert len(set(full)) > 3  # really sampled, not a constant stream
+    for k in (1, 5, 11):
+        rest = run(LLMEngine(NativeEngineConfig(model=llama, num_blocks=64)), f"m{k}", p + full[:k], 12 - k,
+                   others=2)
+        assert rest == full[k:], f"continued after {k} tokens"
+
+
 def test_limits_raise_clear_errors(llama):
     engine = LLMEngine(NativeEngineConfig(model=llama, num_blocks=4, max_waiting=2, max_model_len=100))
     with pytest.raises(EngineError, match="context is 100"):

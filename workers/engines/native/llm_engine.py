@@ -184,7 +184,7 @@ class LLMEngine:
         batch = build_batch(scheduled, self.cfg.block_size, self.cfg.device)
         logits = self.model(batch.input_ids, batch.meta, self.kv_cache, batch.logits_index)
         samplers = batch.sample_seqs
-        tokens, logprobs = sample(logits, [s.sampling for s in samplers], [s.generator for s in samplers])
+        tokens, logprobs = sample(logits, [s.sampling for s in samplers], [s.next_generator() for s in samplers])
         for seq, n in scheduled:
             self.scheduler.commit(seq, n)
         if self.cost is not None:

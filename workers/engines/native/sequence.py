@@ -5,12 +5,19 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
+import xxhash
+
 from kvrelay.kvbm.block_pool import Block
 from kvrelay.kvbm.hashing import BlockHasher
 from kvrelay.workers.protocol import EngineOutput, SamplingParams
 
 if TYPE_CHECKING:
     import torch  # imported lazily below: the mocker engine reuses Sequence without torch
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A 64-bit generator seed for sampling position `position` of a request seeded with `seed`."""
+    return xxhash.xxh3_64_intdigest(f"{seed}:{position}".encode())
 
 
 class Status(enum.Enum):
@@ -52,6 +59,16 @@ class Sequence:
             import torch
 
             self.generator = torch.Generator().manual_seed(sampling.seed)
+
+    def next_generator(self) -> torch.Generator | None:
+        """The generator for the token about to be sampled (position `num_tokens`), re-seeded from
+        (seed, position). Why per position: a seeded request then draws the same tokens wherever each
+        one is sampled: aggregated, first token on a prefill worker and the rest on a decode worker, or
+        continued on another worker after a migration (whose prompt is prompt + tokens so far)."""
+        if self.generator is not None:
+            assert self.sampling.seed is not None
+            self.generator.manual_seed(position_seed(self.sampling.seed, self.num_tokens))
+        return self.generator
 
     @property
     def num_tokens(self) -> int:
