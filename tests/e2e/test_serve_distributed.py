@@ -34,10 +34,11 @@ def test_worker_sigkill_mid_stream_migrates(tmp_path):
     client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0)
     prompt, n = "The history of the lighthouse keeper begins", 300
     try:
-        reference = client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0,
-                                              extra_body={"ignore_eos": True}).choices[0].text
-        stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, stream=True,
-                                           extra_body={"ignore_eos": True})
+        # Seeded sampling: the engine seeds each draw from (seed, position), so the continuation on the
+        # other worker must draw exactly the tokens the dead one would have.
+        kw = dict(model=MODEL, prompt=prompt, max_tokens=n, temperature=0.9, seed=1234, extra_body={"ignore_eos": True})
+        reference = client.completions.create(**kw).choices[0].text
+        stream = client.completions.create(stream=True, **kw)
         texts, killed = [], None
         for chunk in stream:
             texts.append(chunk.choices[0].text)
@@ -49,7 +50,7 @@ def test_worker_sigkill_mid_stream_migrates(tmp_path):
                 os.kill(killed[0], signal.SIGKILL)
                 killed_at = time.monotonic()
         assert killed is not None
-        # One uninterrupted stream, and greedy decoding continued from the same tokens gives the same text.
+        # One uninterrupted stream, and sampling continued from the same tokens gives the same text.
         assert "".join(texts) == reference
         assert not alive(killed[0])
         # The dead worker is out of routing: every request after the lease TTL succeeds, none reaches it.
