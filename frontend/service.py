@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.frontend.errors import NoWorker, WorkerRejected
@@ -88,6 +88,13 @@ class FrontendService:
         self._tasks: list[asyncio.Task] = []
         self.migrations = Counter("kvrelay_frontend_migrations", "requests moved to another worker mid-stream",
                                   registry=self.registry)
+        # Read at scrape time: what the router holds, so a leak shows on a dashboard, not in an OOM.
+        index_blocks = Gauge("kvrelay_router_index_blocks", "distinct KV blocks in the router's index, by tier",
+                             ["tier"], registry=self.registry)
+        for tier in ("G1", *lower):
+            index_blocks.labels(tier=tier).set_function(lambda tier=tier: self.index.num_hashes(tier))
+        Gauge("kvrelay_router_inflight_requests", "requests the routers count against workers",
+              registry=self.registry).set_function(lambda: len(self.router.inflight) + len(self.decode_router.inflight))
 
     async def start(self) -> None:
         await self.events.start()
