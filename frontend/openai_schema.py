@@ -222,10 +222,11 @@ class CompletionRequest(_Common, kw_only=True):
         self._validate_common()
         if not isinstance(self.prompt, str):
             _check(bool(self.prompt), "must not be an empty list.", "prompt")
-            _check(not any(isinstance(t, (str, list)) for t in self.prompt),
-                   "batched prompts are not supported: send one string or one list of token ids.", "prompt")
-            _check(all(type(t) is int for t in self.prompt), "token ids must be integers.", "prompt")
-            _check(all(t >= 0 for t in self.prompt), "token ids must be >= 0.", "prompt")
+            if not all(type(t) is int for t in self.prompt):  # one pass on the hot path; diagnose only here
+                _check(not any(isinstance(t, (str, list)) for t in self.prompt),
+                       "batched prompts are not supported: send one string or one list of token ids.", "prompt")
+                _check(False, "token ids must be integers.", "prompt")
+            _check(min(self.prompt) >= 0, "token ids must be >= 0.", "prompt")
         _check((self.logprobs or 0) <= MAX_TOP_LOGPROBS,
                "values > 0 are not supported: only the sampled token's logprob is returned (use logprobs=0).",
                "logprobs")
@@ -244,8 +245,10 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
     """Token ids from the client (prompt, stop_token_ids) must exist in the model's vocabulary."""
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    _check(bad is None, f"token id {bad} is out of range for this model (vocabulary size {vocab_size}).", param)
+    if not ids or (min(ids) >= 0 and max(ids) < vocab_size):  # C-speed scans on the hot path
+        return
+    bad = next(t for t in ids if not 0 <= t < vocab_size)
+    _check(False, f"token id {bad} is out of range for this model (vocabulary size {vocab_size}).", param)
 
 
 def generation_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
