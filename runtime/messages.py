@@ -142,6 +142,7 @@ class EngineStats(msgspec.Struct, kw_only=True):
     pulled_blocks: int = 0  # decode role, cumulative: blocks pulled from prefill workers
     pull_failures: int = 0  # decode role, cumulative: handles recomputed locally instead
     onboarded_blocks: int = 0  # cumulative: blocks loaded from lower tiers instead of recomputed
+    reonboarded_blocks: int = 0  # cumulative, of those: blocks of preempted requests loaded back
     offload_pinned: int = 0  # G1 blocks pinned while being copied to lower tiers
     offload_skipped: int = 0  # cumulative: blocks not offloaded because too many were pinned
     tiers: list[TierCounters] = []

@@ -26,6 +26,7 @@ _ENGINE_COUNTERS = {
     "prompt_tokens": "prompt tokens received", "generated_tokens": "tokens generated",
     "preemptions": "sequences preempted (recomputed later)",
     "onboarded_blocks": "blocks loaded from lower tiers instead of recomputed",
+    "reonboarded_blocks": "blocks of preempted requests loaded back from lower tiers",
     "offload_skipped": "blocks evicted from G1 before they could be offloaded",
     "pulled_blocks": "decode role: blocks pulled from prefill workers",
     "pull_failures": "decode role: KV handles recomputed instead of pulled",

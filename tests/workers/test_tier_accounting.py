@@ -1,6 +1,7 @@
 """Property test: with offload and onboarding in play (write-back and write-through), any interleaving of
-submits (some with lower-tier hits), aborts, steps, offload batches and load reports returns every block,
-keeps reference counts exact, and never pins more than the offload bound.
+submits (some with lower-tier hits), aborts, steps, offload batches, load reports and answers to the
+lookups of preempted sequences (which may then load back) returns every block, keeps reference counts
+exact, and never pins more than the offload bound.
 
 The loop side is played synchronously here: offload batches complete in any order, and onboard reports
 arrive with random per-block failures (a tier miss or a corrupt block).
@@ -47,12 +48,13 @@ def check(engine: LLMEngine, loading: dict[str, OnboardTicket]) -> None:
 
 
 op = st.one_of(
-    st.tuples(st.just("submit"), st.sampled_from(range(len(PREFIXES))), st.integers(1, 14), st.integers(1, 8),
+    st.tuples(st.just("submit"), st.sampled_from(range(len(PREFIXES))), st.integers(1, 14), st.integers(1, 24),
               st.lists(st.booleans(), max_size=6)),
     st.tuples(st.just("abort"), st.integers(0, 30)),
     st.tuples(st.just("step"), st.integers(1, 4)),
     st.tuples(st.just("offload"), st.integers(0, 3)),
     st.tuples(st.just("loaded"), st.integers(0, 5), st.integers(0, 2**16)),
+    st.tuples(st.just("answer"), st.integers(0, 5), st.integers(0, 2**16)),  # a preempted seq's lookup
 )
 
 
@@ -65,12 +67,20 @@ def test_offload_and_onboard_keep_block_accounting_exact(model_path, mode, ops):
     engine.enable_tiers(mode, CostModel(engine.kv_layout().block_bytes, 4, always=True))
     batches: list[list[int]] = []
     loading: dict[str, OnboardTicket] = {}
+    lookups: list[tuple[str, list[int]]] = []  # parked preempted sequences awaiting their tier lookup
     submitted = 0
 
     def take() -> None:
         batch = engine.take_offload()
         if batch is not None:
             batches.append(batch[1])
+        lookups.extend(engine.take_lookups())
+        loading.update(engine.take_tickets())
+
+    def answer(i: int, seed: int) -> None:
+        rid, hashes = lookups.pop(i % len(lookups))
+        rng = random.Random(seed)
+        engine.replan(rid, ["G2" if rng.random() < 0.7 else None for _ in hashes])
 
     def report(rid: str, seed: int) -> None:
         ticket = loading.pop(rid)
@@ -100,6 +110,9 @@ def test_offload_and_onboard_keep_block_accounting_exact(model_path, mode, ops):
             take()
             if batches:
                 engine.offloaded(batches.pop(o[1] % len(batches)))
+        elif o[0] == "answer":
+            if lookups:
+                answer(o[1], o[2])
         elif loading:
             report(sorted(loading)[o[1] % len(loading)], o[2])
         take()
@@ -110,6 +123,10 @@ def test_offload_and_onboard_keep_block_accounting_exact(model_path, mode, ops):
         take()
         while batches:
             engine.offloaded(batches.pop())
+        while lookups:
+            answer(0, len(lookups))
+        for rid in list(loading):
+            report(rid, 1)
         if not engine.has_work():
             break
         engine.step()
@@ -118,4 +135,5 @@ def test_offload_and_onboard_keep_block_accounting_exact(model_path, mode, ops):
     while batches:
         engine.offloaded(batches.pop())
     assert not engine.has_work() and not engine.seqs and not engine.loading_aborted
+    assert not lookups and not engine.scheduler.looking and not engine.tickets
     assert engine.pool.num_free == engine.pool.num_blocks

@@ -223,6 +223,13 @@ class NativeEngine:
                             del self._streams[out.request_id]
             if self.tiers is not None:
                 self.tiers.flush_offload()
+                self.tiers.relookup(core.take_lookups())
+                for rid, ticket in core.take_tickets():  # preempted requests loading back
+                    target = self._streams.get(rid)
+                    if target is not None:
+                        deliveries.append((target, ticket))
+                    else:  # nobody to run the load: unwind it as all-missed
+                        core.onboarded(rid, ticket, [False] * len(ticket.plan.hashes))
             self._stats = core.stats()
             self._publish_kv_events(core)
             deliver(deliveries)
@@ -251,6 +258,8 @@ class NativeEngine:
             core.onboarded(arg, ticket, got)
         elif cmd == "offloaded":
             core.offloaded(arg)
+        elif cmd == "replan":  # a parked preempted request's lookup answered
+            core.replan(arg, stream)
         elif cmd == "tier_event":
             core.events.tier_event(*arg)
         elif cmd == "snapshot":

@@ -88,6 +88,8 @@ class LLMEngine:
         self.cost: CostModel | None = None
         self.loading_aborted: dict[str, Sequence] = {}  # aborted while PULLING: blocks freed on report
         self.onboarded_blocks = 0
+        self.reonboarded_blocks = 0  # of those, blocks of preempted sequences
+        self.tickets: list[tuple[str, OnboardTicket]] = []  # see take_tickets
         self._arrivals = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
@@ -97,6 +99,7 @@ class LLMEngine:
         """Lower tiers are open: offload blocks to them (`take_offload`) and weigh onboards by `cost`."""
         self.offload = OffloadTracker(self.pool, mode, max_pinned=self.pool.num_blocks // 4)
         self.cost = cost
+        self.scheduler.track_preempted = True
 
     def add_request(self, req: EngineRequest, hold: bool = False,
                     in_lower: Seq[str | None] | None = None) -> PullPlan | OnboardTicket | None:
@@ -120,7 +123,7 @@ class LLMEngine:
             raise EngineError(f"the prompt needs more KV blocks than this worker has ({self.pool.num_blocks})")
         if req.request_id in self.seqs:
             raise EngineError(f"duplicate request id {req.request_id!r}")
-        if len(self.scheduler.waiting) >= self.cfg.max_waiting:
+        if len(self.scheduler.waiting) + len(self.scheduler.looking) >= self.cfg.max_waiting:
             raise EngineOverloaded(f"server busy: {self.cfg.max_waiting} requests already waiting")
         hasher = BlockHasher(self.cfg.block_size, root_hash(self.fingerprint, req.cache_salt),
                              req.lora_name.encode())
@@ -144,7 +147,40 @@ class LLMEngine:
     def onboarded(self, request_id: str, ticket: OnboardTicket, ok: list[bool]) -> None:
         seq = self.seqs.get(request_id)
         if not self._loader_reported(request_id) and seq is not None:
-            self.onboarded_blocks += self.scheduler.onboarded(seq, ticket.fresh_idx, ok)
+            again = seq.admitted
+            n = self.scheduler.onboarded(seq, ticket.fresh_idx, ok)
+            self.onboarded_blocks += n
+            self.reonboarded_blocks += n if again else 0
+
+    def take_lookups(self) -> list[tuple[str, list[int]]]:
+        """(request id, block hashes) of preempted sequences parked until a lower-tier lookup answers
+        (`replan`); every one must be answered, even with no hits, or it stays parked."""
+        lookups, self.scheduler.lookups = self.scheduler.lookups, []
+        return lookups
+
+    def replan(self, request_id: str, in_lower: Seq[str | None]) -> None:
+        """A parked sequence's lookup answered: it waits at the head again, with the answer as a hint
+        for `_onboard_head` (it was preempted for lack of blocks: they may be short now)."""
+        seq = self.seqs.get(request_id)
+        if seq is not None and self.scheduler.end_lookup(seq) and any(in_lower):
+            seq.lower_hint = list(in_lower)
+
+    def take_tickets(self) -> list[tuple[str, OnboardTicket]]:
+        """Loads planned for preempted sequences since the last call, for the loop to run."""
+        tickets, self.tickets = self.tickets, []
+        return tickets
+
+    def _onboard_head(self) -> None:
+        """Before scheduling: if the head of the queue is a preempted sequence with blocks in a lower
+        tier, load them (when blocks allow and the cost model agrees) instead of recomputing them."""
+        waiting = self.scheduler.waiting
+        if not waiting or waiting[0].lower_hint is None or self.cost is None:
+            return
+        seq = waiting[0]
+        ticket = plan_onboard(self.scheduler, seq, seq.lower_hint, self.cost)
+        if ticket is not None:
+            seq.lower_hint = None
+            self.tickets.append((seq.request_id, ticket))
 
     def _loader_reported(self, request_id: str) -> bool:
         """True if the request was aborted while loading: its blocks are free only now."""
@@ -177,6 +213,7 @@ class LLMEngine:
     # -- one step ---------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[EngineOutput]:
+        self._onboard_head()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
@@ -224,13 +261,13 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(
-            running=len(s.running), waiting=len(s.waiting),
+            running=len(s.running), waiting=len(s.waiting) + len(s.looking),
             used_blocks=self.pool.num_blocks - self.pool.num_free, free_blocks=self.pool.num_free,
             total_blocks=self.pool.num_blocks, prefix_hit_tokens=s.prefix_hit_tokens,
             prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
             preemptions=s.preemptions, held_requests=len(self.held), remote_prefills=self.handoff.remote_prefills,
             pulled_blocks=self.handoff.pulled_blocks, pull_failures=self.handoff.pull_failures,
-            onboarded_blocks=self.onboarded_blocks,
+            onboarded_blocks=self.onboarded_blocks, reonboarded_blocks=self.reonboarded_blocks,
             offload_pinned=self.offload.pinned if self.offload is not None else 0,
             offload_skipped=self.offload.skipped if self.offload is not None else 0,
         )

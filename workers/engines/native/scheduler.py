@@ -49,6 +49,13 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions = 0
         self.prefix_hit_tokens = 0
+        # With lower tiers (set by the engine): a preempted sequence whose blocks left G1 while it waited
+        # is parked in `looking` and its hashes queued in `lookups` for the engine to look up in the
+        # tiers; `end_lookup` puts it back at the head. Invariant: a WAITING sequence is in exactly one of
+        # `waiting` and `looking`.
+        self.track_preempted = False
+        self.looking: dict[str, Sequence] = {}
+        self.lookups: list[tuple[str, list[int]]] = []
 
     # -- scheduling -------------------------------------------------------------------------------------
     def schedule(self) -> list[tuple[Sequence, int]]:
@@ -70,6 +77,8 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
+            if seq.lost_blocks and self._park_for_lookup(seq):
+                continue
             n = self._admit(seq, budget)
             if n == 0:
                 break
@@ -105,6 +114,7 @@ class Scheduler:
         seq.blocks = hits + self.pool.allocate(need)
         seq.num_computed = computed
         seq.num_published = len(hits)
+        seq.lower_hint = None  # admitted (and recomputed) before a load could be planned
         if not seq.admitted:
             seq.admitted = True
             seq.num_cached_prompt = min(computed, len(seq.prompt))
@@ -112,7 +122,29 @@ class Scheduler:
         seq.status = Status.RUNNING
         return n
 
+    def _park_for_lookup(self, seq: Sequence) -> bool:
+        """`seq` (preempted, at the head) lost blocks from G1 while it waited: park it and queue a lookup
+        of those blocks in the lower tiers, so they are loaded rather than recomputed. False (and it
+        is admitted as usual) if G1 still has them all."""
+        hashes = seq.hasher.hashes[:seq.lost_blocks]
+        seq.lost_blocks = 0
+        if len(self.pool.lookup(hashes)) == len(hashes):
+            return False
+        self.waiting.popleft()
+        self.looking[seq.request_id] = seq
+        self.lookups.append((seq.request_id, hashes))
+        return True
+
+    def end_lookup(self, seq: Sequence) -> bool:
+        """The lookup for a parked `seq` came back: it waits at the head again. False if it ended meanwhile."""
+        if self.looking.pop(seq.request_id, None) is None:
+            return False
+        self.waiting.appendleft(seq)
+        return True
+
     def _preempt(self, seq: Sequence) -> None:
+        if self.track_preempted and not seq.hold_kv:  # a prefill-role caller takes one ticket, first
+            seq.lost_blocks = seq.num_computed // self.cfg.block_size
         self.running.remove(seq)
         self._release(seq)
         seq.num_computed = 0
@@ -162,13 +194,14 @@ class Scheduler:
             self.waiting.appendleft(seq)
 
     def take_onboard(self, seq: Sequence, in_lower: Seq[bool], cut: Callable[[list[bool]], int]) -> list[int] | None:
-        """`seq` is waiting, just added. `in_lower[i]`: a lower tier holds prompt block i. Walk the prompt's
-        blocks while each is in G1 or a lower tier; `cut(needs_load)` says how many leading ones are
-        worth taking. Returns the indices (into `seq.blocks`) of the fresh blocks to fill, with `seq`
-        now PULLING; None (no side effects) if nothing is to be loaded or blocks are short."""
+        """`seq` is waiting: just added, or preempted (then its tokens include output). `in_lower[i]`: a
+        lower tier holds block i. Walk its full blocks (never the last token's) while each is in G1 or
+        a lower tier; `cut(needs_load)` says how many leading ones are worth taking. Returns the
+        indices (into `seq.blocks`) of the fresh blocks to fill, with `seq` now PULLING; None (no side
+        effects) if nothing is to be loaded or blocks are short."""
         bs = self.cfg.block_size
         src: list[Block | None] = []  # a G1 hit, or None: to be loaded
-        for i, h in enumerate(seq.hasher.hashes[:(len(seq.prompt) - 1) // bs]):
+        for i, h in enumerate(seq.hasher.hashes[:(seq.num_tokens - 1) // bs]):
             block = self.pool.cached.get(h)
             if block is None and not (i < len(in_lower) and in_lower[i]):
                 break
@@ -194,9 +227,10 @@ class Scheduler:
         good = next((i for i, fine in zip(fresh_idx, ok, strict=True) if not fine), len(seq.blocks))
         self.pool.release(reversed(seq.blocks[good:]))  # a failed block and all after it: recompute
         seq.blocks = seq.blocks[:good]
-        seq.admitted = True
-        seq.num_cached_prompt = good * self.cfg.block_size
-        self.prefix_hit_tokens += seq.num_cached_prompt
+        if not seq.admitted:  # a preempted sequence loaded back keeps its first admission's numbers
+            seq.admitted = True
+            seq.num_cached_prompt = min(good * self.cfg.block_size, len(seq.prompt))
+            self.prefix_hit_tokens += seq.num_cached_prompt
         seq.status = Status.RUNNING
         self.running.append(seq)
         self.commit(seq, good * self.cfg.block_size)  # publish the loaded blocks
@@ -231,7 +265,7 @@ class Scheduler:
         loading = seq.status is Status.PULLING
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-        elif seq.status is Status.WAITING:
+        elif seq.status is Status.WAITING and self.looking.pop(seq.request_id, None) is None:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
         if not loading:

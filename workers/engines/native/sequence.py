@@ -51,6 +51,8 @@ class Sequence:
         hasher.extend(self.prompt)
         self.arrival = arrival
         self.admitted = False
+        self.lost_blocks = 0  # preempted with lower tiers on: full blocks it had computed
+        self.lower_hint: list[str | None] | None = None  # their lookup: the tier holding each block
         self.hold_kv = False  # prefill role: park after the first token instead of decoding on
         self.finish_reason: str | None = None
         self.num_emitted = 0  # output tokens already sent to the caller

@@ -32,6 +32,7 @@ class TierLink:
         self.tiers, self.core, self.post = tiers, core, post
         self.block_size = core.cfg.block_size
         self.loop = asyncio.get_running_loop()
+        self._lookups: set[asyncio.Task] = set()  # parked preempted requests' lookups in flight
 
     @classmethod
     async def open(cls, cfg: TierConfig, core: LLMEngine, post: Post) -> TierLink | None:
@@ -75,10 +76,26 @@ class TierLink:
             raise
         self.post("onboarded", request_id, (ticket, got))
 
+    async def _relookup(self, request_id: str, hashes: list[int]) -> None:
+        in_lower: list[str | None] = []
+        try:
+            # No G1 hint: the request waits for blocks, and what G1 has now it may have evicted by then.
+            in_lower = await self.tiers.lookup(hashes)
+        except Exception:  # a failed lookup costs a recompute, nothing else
+            log.warning("lower-tier lookup for preempted request %s failed", request_id, exc_info=True)
+        finally:  # always answered: the request is parked until then
+            self.post("replan", request_id, in_lower)
+
+    def _start_relookup(self, request_id: str, hashes: list[int]) -> None:
+        task = self.loop.create_task(self._relookup(request_id, hashes))
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
+
     def counters(self) -> list[TierCounters]:
         return [_counters(s, f) for s, f in self.tiers.stats()]
 
     async def close(self) -> None:
+        await asyncio.gather(*self._lookups, return_exceptions=True)
         await self.tiers.close()
 
     async def drain(self) -> None:
@@ -94,6 +111,14 @@ class TierLink:
             self.loop.call_soon_threadsafe(self.tiers.offload, batch[0], batch[1], self._offloaded)
         except RuntimeError:  # the loop is gone (shutdown): nobody will copy them
             self.core.offloaded(batch[1])
+
+    def relookup(self, lookups: list[tuple[str, list[int]]]) -> None:
+        """Look parked preempted requests' blocks up in the tiers; each answer comes back as `replan`."""
+        for request_id, hashes in lookups:
+            try:
+                self.loop.call_soon_threadsafe(self._start_relookup, request_id, hashes)
+            except RuntimeError:  # the loop is gone (shutdown): answer at once, nothing found
+                self.post("replan", request_id, [])
 
     def _offloaded(self, block_ids: list[int]) -> None:
         self.post("offloaded", block_ids, None)
