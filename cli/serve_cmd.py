@@ -1,6 +1,7 @@
 """`kvrelay serve`: the embedded default — a frontend and N workers on one machine, one command.
 
-With no arguments: the built-in tiny model, 2 native workers, file discovery and ZMQ events under a
+With no arguments: SmolLM2-135M-Instruct (the packaged GGUF, converted once into the user cache),
+2 native workers, file discovery and ZMQ events under a
 private run directory, HTTP on 127.0.0.1:8000. `--prefill-workers N --decode-workers M` runs the
 disaggregated shape instead (DESIGN.md "Disaggregation"). `--discovery etcd --events nats` runs the same pieces
 on real servers. Ctrl-C (or SIGTERM) stops the frontend, then every worker; none is left running.
@@ -92,16 +93,25 @@ def _run(args: argparse.Namespace) -> int:
     fe, disc, ev = build(FrontendConfig, args), build(DiscoveryConfig, args), build(EventsConfig, args)
     wk = build(WorkerConfig, args)
     setup_logging(args.log_level)
-    if not wk.model:
-        from kvrelay.workers.models.tiny import ensure_tiny_model
-
-        wk = replace(wk, model=str(ensure_tiny_model()), served_model_name=wk.served_model_name or "kvrelay-tiny")
-    elif not os.path.isdir(wk.model):
-        raise ConfigError(f"--model: {wk.model} is not a model directory")
+    wk = _resolve_model(wk)
     try:
         return aio.run(_serve(roles, fe, disc, ev, wk))
     except KeyboardInterrupt:
         return 130
+
+
+def _resolve_model(wk: WorkerConfig) -> WorkerConfig:
+    """Convert (GGUF) or build (tiny) the model once, here, so the workers start from the cached
+    directory instead of racing to convert it; they get its path and served name."""
+    from kvrelay.workers.models.gguf_file import GgufError
+    from kvrelay.workers.models.registry import ModelNotFound, resolve_model
+
+    try:
+        model = resolve_model(wk.model)
+    except (ModelNotFound, GgufError) as e:
+        raise ConfigError(f"--model: {e}") from None
+    log.info("model %s: %s", model.source, model.path)
+    return replace(wk, model=str(model.path), served_model_name=wk.served_model_name or model.served_name)
 
 
 def _worker_argv(wk: WorkerConfig, disc: DiscoveryConfig, ev: EventsConfig, fe: FrontendConfig) -> list[str]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kvrelay.runtime.config import non_negative, positive, setting
+from kvrelay.workers.models.registry import DEFAULT_MODEL
 
 
 def _port(value: int) -> str | None:
@@ -24,7 +25,8 @@ def _probability(value: float) -> str | None:
 class WorkerConfig:
     engine: Literal["native", "mocker"] = setting("native", "engine adapter (mocker: simulated, no compute)")
     role: Literal["agg", "prefill", "decode"] = setting("agg", "serving role")
-    model: str = setting("", "model directory (Hugging Face layout); empty = the built-in tiny model")
+    model: str = setting(DEFAULT_MODEL, "smollm2-135m-instruct (packaged GGUF), tiny (built-in random "
+                         "Llama), a .gguf file, or a Hugging Face model directory")
     served_model_name: str = setting("", "name clients use in requests (default: the model's directory name)")
     namespace: str = setting("default", "deployment namespace")
     component: str = setting("backend", "discovery component this worker registers under")
@@ -34,7 +36,8 @@ class WorkerConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", "weights and KV dtype")
     device: str = setting("cpu", "torch device (cpu, cuda, cuda:1, ...)")
     block_size: int = setting(16, "tokens per KV block", positive)
-    kv_cache_bytes: int = setting(256 << 20, "bytes of the G1 KV pool", positive)
+    kv_cache_bytes: int = setting(0, "bytes of the G1 KV pool (0 = room for 16384 tokens of the model, "
+                                  "at least 256MiB)", non_negative)
     max_num_batched_tokens: int = setting(2048, "token budget of one engine step", positive)
     max_num_seqs: int = setting(64, "most sequences running at once", positive)
     max_waiting: int = setting(1024, "waiting-queue bound; more is rejected as busy", positive)

@@ -83,15 +83,11 @@ def tier_config(cfg: WorkerConfig):
 
 
 def resolve_model(cfg: WorkerConfig) -> tuple[str, str]:
-    """(model directory, served name)."""
-    if cfg.model:
-        model_dir = cfg.model
-    else:
-        from kvrelay.workers.models.tiny import ensure_tiny_model
+    """(model directory, served name); converts a GGUF model on first use (workers/models/registry.py)."""
+    from kvrelay.workers.models.registry import resolve_model as resolve
 
-        model_dir = str(ensure_tiny_model())
-    name = cfg.served_model_name or ("kvrelay-tiny" if not cfg.model else Path(model_dir.rstrip("/")).name)
-    return model_dir, name
+    model = resolve(cfg.model)
+    return str(model.path), cfg.served_model_name or model.served_name
 
 
 class Worker:

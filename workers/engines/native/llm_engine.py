@@ -3,6 +3,7 @@ design: only the engine thread (see `engine.py`) touches it, so no state here ne
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from time import perf_counter
@@ -13,6 +14,7 @@ from kvrelay.kvbm.block_pool import BlockPool
 from kvrelay.kvbm.cost_model import CostModel
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.kvbm.fingerprint import model_fingerprint
+from kvrelay.kvbm.g1_sizing import g1_num_blocks
 from kvrelay.kvbm.hashing import BlockHasher, root_hash
 from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.kvbm.tiers.disk import aligned_empty
@@ -36,6 +38,8 @@ from kvrelay.workers.protocol import (
     RequestError,
 )
 
+log = logging.getLogger(__name__)
+
 
 class EngineOverloaded(EngineError):
     """The waiting queue is full; the client may retry later (HTTP 503)."""
@@ -47,7 +51,7 @@ class NativeEngineConfig:
     dtype: str = "auto"  # auto = the checkpoint's dtype
     device: str = "cpu"
     block_size: int = 16
-    kv_cache_bytes: int = 256 << 20  # sizes the G1 pool when num_blocks is 0
+    kv_cache_bytes: int = 0  # sizes the G1 pool when num_blocks is 0 (0 = kvbm/g1_sizing.py's default)
     num_blocks: int = 0
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
@@ -65,7 +69,10 @@ class LLMEngine:
         self.dtype = next(self.model.parameters()).dtype
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         block_bytes = m.num_layers * 2 * cfg.block_size * m.num_kv_heads * m.head_dim * itemsize
-        num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // block_bytes)
+        num_blocks = cfg.num_blocks or g1_num_blocks(cfg.kv_cache_bytes, block_bytes, cfg.block_size)
+        log.info("G1 KV pool: %d blocks x %d tokens = %d tokens (%.0f MiB, %.1f KiB per token)", num_blocks,
+                 cfg.block_size, num_blocks * cfg.block_size, num_blocks * block_bytes / 2**20,
+                 block_bytes / cfg.block_size / 1024)
         # Block-contiguous layout (DESIGN.md "KV layout"): one block = one contiguous byte range.
         shape = (num_blocks, m.num_layers, 2, cfg.block_size, m.num_kv_heads, m.head_dim)
         if torch.device(cfg.device).type == "cpu":  # 4 KiB-aligned: G3 reads/writes blocks in place (O_DIRECT)
