@@ -136,8 +136,9 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
     if ev.events == "zmq":
         from kvrelay.runtime.events.zmq_plane import ZmqBroker
 
-        pub = ev.zmq_pub_endpoint or f"ipc://{run_dir}/events-pub.sock"
-        sub = ev.zmq_sub_endpoint or f"ipc://{run_dir}/events-sub.sock"
+        sock_dir = _socket_dir(run_dir)
+        pub = ev.zmq_pub_endpoint or f"ipc://{sock_dir}/events-pub.sock"
+        sub = ev.zmq_sub_endpoint or f"ipc://{sock_dir}/events-sub.sock"
         broker = ZmqBroker(pub, sub)
         broker.start()
         ev = replace(ev, zmq_pub_endpoint=pub, zmq_sub_endpoint=sub)
@@ -177,8 +178,29 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
         await supervisor.stop()
         if broker is not None:
             broker.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        _remove_run_dir(run_dir)
     return 0
+
+
+# sockaddr_un.sun_path holds 108 bytes on Linux (104 on macOS): a deep cache dir cannot hold sockets.
+_MAX_SOCKET_PATH = 100
+
+
+def _socket_dir(run_dir: str) -> str:
+    """`run_dir` itself, or, when socket paths under it would be too long, a short private dir in the
+    temp dir, recorded as the symlink `run_dir/sockets` so that it is removed with the run dir."""
+    if len(os.path.join(run_dir, "events-sub.sock")) <= _MAX_SOCKET_PATH:
+        return run_dir
+    short = tempfile.mkdtemp(prefix="kvrelay-")
+    os.symlink(short, os.path.join(run_dir, "sockets"))  # found (and removed) with the run dir
+    return short
+
+
+def _remove_run_dir(run_dir: str) -> None:
+    sockets = os.path.join(run_dir, "sockets")
+    if os.path.islink(sockets):
+        shutil.rmtree(os.readlink(sockets), ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _ensure(path) -> str:

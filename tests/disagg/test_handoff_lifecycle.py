@@ -19,7 +19,7 @@ from kvrelay.workers.config import WorkerConfig
 from tests.disagg.cluster import Cluster
 
 # No lower tiers: these tests time prefills, and a prompt found in G2/G3 would skip them.
-CFG = WorkerConfig(kv_cache_bytes=64 << 20, kv_transfer="tcp", kv_host_bytes=0, kv_disk_dir="off")
+CFG = WorkerConfig(model="tiny", kv_cache_bytes=64 << 20, kv_transfer="tcp", kv_host_bytes=0, kv_disk_dir="off")
 
 
 def _prompt(n: int, seed: int = 1) -> list[int]:

@@ -28,7 +28,7 @@ def _open_fds() -> int:
 @pytest.mark.parametrize("kind", _transfer_kinds())
 def test_1000_sequential_disaggregated_requests_leak_nothing(kind):
     rng = random.Random(11)
-    cfg = WorkerConfig(kv_cache_bytes=32 << 20, kv_transfer=kind, kv_disk_bytes=256 << 20,
+    cfg = WorkerConfig(model="tiny", kv_cache_bytes=32 << 20, kv_transfer=kind, kv_disk_bytes=256 << 20,
                        kv_host_bytes=64 << 20)
 
     async def snapshot(c: Cluster):

@@ -18,7 +18,7 @@ from kvrelay.workers.protocol import EngineOutput, EngineRequest, EngineStats, S
 class WorkerProcess:
     def __init__(self, workdir: Path, *flags: str):
         self.log_path = workdir / f"worker-{time.monotonic_ns()}.log"
-        argv = [sys.executable, "-m", "kvrelay.cli.main", "worker", "--engine", "native", "--events", "inproc",
+        argv = [sys.executable, "-m", "kvrelay.cli.main", "worker", "--engine", "native", "--model", "tiny", "--events", "inproc",
                 "--discovery", "file", "--discovery-dir", str(workdir / "discovery"), *flags]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()

@@ -40,6 +40,7 @@ def _reader_class() -> type:
 
         def _build_tensors(self, start_offs: int, fields: list) -> None:  # noqa: D102 - overrides gguf's
             size = len(self.data)
+            spans = []  # (start, end, name, type)
             for field in fields:
                 _len, name_data, _nd, dims, raw_dtype, offset = field.parts
                 name = bytes(name_data).decode("utf-8", errors="replace")
@@ -51,10 +52,20 @@ def _reader_class() -> type:
                 n_elems = int(np.prod(dims))
                 if n_elems % block:
                     raise GgufError(f"tensor {name!r}: {n_elems} elements are not whole {qtype.name} blocks")
-                end = int(start_offs + offset[0]) + n_elems * type_size // block
+                start = int(start_offs + offset[0])
+                end = start + n_elems * type_size // block
                 if end > size:
                     raise GgufError(f"file is truncated: tensor {name!r} ({qtype.name}) ends at byte {end}, "
                                     f"the file has {size}")
+                spans.append((start, end, name, qtype.name))
+            # Writers lay tensors out back to back, each padded to the alignment. A type field that was
+            # changed gives a tensor another byte length, so it overlaps its successor or leaves a gap:
+            # GGUF has no checksum, and this is how such a file is caught instead of served as noise.
+            spans.sort()
+            for (start, end, name, qname), (nxt, _e, nname, _q) in zip(spans, spans[1:], strict=False):
+                if end > nxt or nxt - end >= self.alignment:
+                    raise GgufError(f"tensor {name!r}: as {qname} it takes {end - start} bytes, which does not fit "
+                                    f"before tensor {nname!r} (wrong type or offset)")
             super()._build_tensors(start_offs, fields)
 
     return CheckedReader
