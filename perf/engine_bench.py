@@ -11,7 +11,8 @@ so prefill cost cancels out. Each measurement is the median of `--repeats`, inte
 no fp32 engine's step can be shorter on this machine, so transformers' step / floor bounds the ratio
 any engine could reach. `decode_b1_floor_ms` is the physical floor of a batch-1 step: a step must
 stream every weight once, so it cannot beat one torch `copy_` of the model's weight bytes, timed here
-in the same run (`ours_step / copy` is how close the engine gets).
+in the same run (`ours_step / copy` is how close the engine gets); `gemvs` is every Linear applied to
+one row, the floor that fp32 BLAS matrix-vector products actually reach on the machine.
 
 Models: `tiny` (built-in), `100m` (random Llama built here), `smollm2` (SmolLM2-135M-Instruct from the
 packaged GGUF, converted into the cache; both engines load the converted checkpoint).
@@ -173,7 +174,8 @@ def bench_model(path: str, vocab: int, repeats: int, device: str = "cpu") -> dic
     res["decode_b16_floor_ms"] = {"gemms": floor, "transformers_step": theirs_step, "ceiling": theirs_step / floor}
     copy_ms, nbytes = copy_floor_ms(theirs.model)
     ours_b1 = 1e3 / res["decode_b1_tok_s"]["ours"]
-    res["decode_b1_floor_ms"] = {"weight_mb": nbytes / 1e6, "copy": copy_ms, "ours_step": ours_b1,
+    res["decode_b1_floor_ms"] = {"weight_mb": nbytes / 1e6, "copy": copy_ms, "gemvs": gemm_floor_ms(theirs.model, 1),
+                                 "ours_step": ours_b1,
                                  "transformers_step": 1e3 / res["decode_b1_tok_s"]["transformers"],
                                  "ours_over_floor": ours_b1 / copy_ms}
     cold, warm = [], []
