@@ -23,8 +23,8 @@ from kvrelay.frontend.openai_schema import (
 )
 from kvrelay.frontend.service import FrontendService
 from kvrelay.frontend.tokenizer import ChatTemplateError, Tokenizer
-from kvrelay.runtime.messages import EngineRequest, ModelCard, SamplingParams
 from kvrelay.runtime.rpc import RpcError
+from kvrelay.workers.api.messages import EngineRequest, ModelCard, SamplingParams
 
 _REJECTED_STATUS = {"EngineOverloaded": 503}
 

@@ -23,9 +23,9 @@ from kvrelay.frontend.errors import WorkerRejected
 from kvrelay.frontend.router import BaseRouter, RouteRequest, WorkerState
 from kvrelay.frontend.worker_pool import WorkerPool
 from kvrelay.runtime.discovery import Instance
-from kvrelay.runtime.handle_release import HandleReleaser
-from kvrelay.runtime.messages import EngineRequest, KvHandle, PrefillReply
 from kvrelay.runtime.rpc import RemoteError, RpcCancelled, RpcClient, RpcConnectionError
+from kvrelay.workers.api.handle_release import HandleReleaser
+from kvrelay.workers.api.messages import EngineRequest, KvHandle, PrefillReply
 
 log = logging.getLogger(__name__)
 

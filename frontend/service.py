@@ -36,10 +36,10 @@ from kvrelay.kvbm.events import KvSnapshot, LoadMetrics, load_subject
 from kvrelay.kvbm.hashing import block_hashes, root_hash
 from kvrelay.runtime.discovery import Discovery, Instance
 from kvrelay.runtime.events import EventPlane
-from kvrelay.runtime.messages import Empty, EngineOutput, EngineRequest, ModelCard
 from kvrelay.runtime.metrics import new_registry
 from kvrelay.runtime.paths import cache_dir
 from kvrelay.runtime.rpc import RemoteError, RpcCancelled, RpcClient, RpcConnectionError, RpcStream
+from kvrelay.workers.api.messages import Empty, EngineOutput, EngineRequest, ModelCard
 
 log = logging.getLogger(__name__)
 

@@ -80,9 +80,9 @@ async def _handoff(args: argparse.Namespace, model: Path, disc_dir: Path, prefil
 
     from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
     from kvrelay.runtime.events.inproc import InprocBroker, InprocEventPlane
-    from kvrelay.runtime.messages import EngineRequest, PrefillReply, SamplingParams
     from kvrelay.runtime.rpc import RpcClient
     from kvrelay.transfer import decode_metadata, load_nixl_api
+    from kvrelay.workers.api.messages import EngineRequest, PrefillReply, SamplingParams
     from kvrelay.workers.config import WorkerConfig
     from kvrelay.workers.worker import Worker
 

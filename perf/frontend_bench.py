@@ -27,8 +27,8 @@ from pathlib import Path
 
 from kvrelay.perf.serve_process import Serve
 from kvrelay.runtime.discovery import DiscoveryConfig, list_instances, make_discovery
-from kvrelay.runtime.messages import EngineOutput, EngineRequest, SamplingParams
 from kvrelay.runtime.rpc import RpcClient
+from kvrelay.workers.api.messages import EngineOutput, EngineRequest, SamplingParams
 
 
 def _pct(xs: list[float], q: int) -> float:

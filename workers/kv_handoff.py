@@ -19,9 +19,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kvrelay.runtime.handle_release import HandleReleaser
-from kvrelay.runtime.messages import KvHandle
 from kvrelay.runtime.rpc import RpcClient
+from kvrelay.workers.api.handle_release import HandleReleaser
+from kvrelay.workers.api.messages import KvHandle
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The engine interface every engine implements (native, vllm, sglang, trtllm, mocker). The messages
-that cross it live in `kvrelay.runtime.messages` (the frontend uses them without importing workers).
+that cross it live in `kvrelay.workers.api.messages` (the frontend uses them without importing workers).
 
 Invariants of `Engine.generate(request)`:
 - Yields one or more `EngineOutput`s; exactly the last has `finish_reason` set.
@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import msgspec
 
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
-from kvrelay.runtime.messages import (
+from kvrelay.workers.api.messages import (
     EngineOutput,
     EngineRequest,
     EngineStats,

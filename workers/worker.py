@@ -29,8 +29,8 @@ from kvrelay.kvbm.events import KvEvent, KvSnapshot, LoadMetrics, kv_events_subj
 from kvrelay.runtime.config import ConfigError
 from kvrelay.runtime.discovery import Discovery, Instance, register_instance
 from kvrelay.runtime.events import EventPlane
-from kvrelay.runtime.messages import Empty, KvHandle, PrefillReply, ReleaseRequest
 from kvrelay.runtime.rpc import RpcClient, RpcServer
+from kvrelay.workers.api.messages import Empty, KvHandle, PrefillReply, ReleaseRequest
 from kvrelay.workers.config import WorkerConfig
 from kvrelay.workers.kv_handoff import PrefillLeases, SimulatedPuller, TransferPuller
 from kvrelay.workers.metrics import MetricsServer

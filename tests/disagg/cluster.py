@@ -13,7 +13,7 @@ from kvrelay.frontend.service import FrontendService
 from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
 from kvrelay.runtime.discovery.mem import MemStore
 from kvrelay.runtime.events.inproc import InprocBroker, InprocEventPlane
-from kvrelay.runtime.messages import Empty, EngineRequest, EngineStats, ModelCard, SamplingParams
+from kvrelay.workers.api.messages import Empty, EngineRequest, EngineStats, ModelCard, SamplingParams
 from kvrelay.workers.config import WorkerConfig
 from kvrelay.workers.worker import Worker
 

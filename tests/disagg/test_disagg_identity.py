@@ -13,8 +13,8 @@ from dataclasses import replace
 import pytest
 
 from kvrelay.frontend.config import FrontendConfig
-from kvrelay.runtime.messages import Empty
 from kvrelay.transfer import TransferStats
+from kvrelay.workers.api.messages import Empty
 from kvrelay.workers.config import WorkerConfig
 from tests.disagg.cluster import Cluster
 

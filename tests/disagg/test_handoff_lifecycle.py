@@ -13,8 +13,8 @@ import msgspec
 import pytest
 
 from kvrelay.frontend.config import FrontendConfig
-from kvrelay.runtime.messages import Empty, EngineOutput, EngineRequest, PrefillReply, SamplingParams
 from kvrelay.transfer import TransferStats
+from kvrelay.workers.api.messages import Empty, EngineOutput, EngineRequest, PrefillReply, SamplingParams
 from kvrelay.workers.config import WorkerConfig
 from tests.disagg.cluster import Cluster
 

@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from kvrelay.runtime.messages import Empty
 from kvrelay.transfer import TransferStats
+from kvrelay.workers.api.messages import Empty
 from kvrelay.workers.config import WorkerConfig
 from tests.disagg.cluster import Cluster
 from tests.disagg.test_disagg_identity import _transfer_kinds

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from kvrelay.perf.serve_process import Serve
 from kvrelay.runtime.discovery import DiscoveryConfig, list_instances, make_discovery
-from kvrelay.runtime.messages import Empty, EngineStats
 from kvrelay.runtime.rpc import RpcClient
+from kvrelay.workers.api.messages import Empty, EngineStats
 
 __all__ = ["Serve", "alive", "wait_idle", "worker_stats"]
 

@@ -14,8 +14,8 @@ import time
 import httpx
 
 from kvrelay.runtime.discovery import DiscoveryConfig, list_instances, make_discovery
-from kvrelay.runtime.messages import Empty, EngineStats
 from kvrelay.runtime.rpc import RpcClient
+from kvrelay.workers.api.messages import Empty, EngineStats
 from tests.e2e.serve import Serve, alive
 from tests.e2e.test_serve_openai import MODEL, check_openai_clients
 

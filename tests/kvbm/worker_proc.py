@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from kvrelay.runtime.messages import Empty
 from kvrelay.runtime.rpc import RpcClient
+from kvrelay.workers.api.messages import Empty
 from kvrelay.workers.protocol import EngineOutput, EngineRequest, EngineStats, SamplingParams
 
 

@@ -24,13 +24,13 @@ from kvrelay.kvbm.block_pool import BlockPool
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.kvbm.fingerprint import model_fingerprint
 from kvrelay.kvbm.hashing import BlockHasher, root_hash
-from kvrelay.workers.engines.handoff import HandoffCounters, PullPlan, finish_pull, plan_pull
+from kvrelay.workers.core.handoff import HandoffCounters, PullPlan, finish_pull, plan_pull
+from kvrelay.workers.core.scheduler import Scheduler, SchedulerConfig
+from kvrelay.workers.core.sequence import Status
 from kvrelay.workers.engines.mocker.config import MockerConfig, ModelInfo
 from kvrelay.workers.engines.mocker.kv_events import KvEventLog
 from kvrelay.workers.engines.mocker.timing import TimingModel
 from kvrelay.workers.engines.mocker.tokens import MockSequence, TokenSource
-from kvrelay.workers.engines.native.scheduler import Scheduler, SchedulerConfig
-from kvrelay.workers.engines.native.sequence import Status
 from kvrelay.workers.protocol import (
     PREFILLED,
     EngineError,

@@ -19,7 +19,7 @@ from collections.abc import Sequence as Seq
 import xxhash
 
 from kvrelay.kvbm.hashing import BlockHasher
-from kvrelay.workers.engines.native.sequence import Sequence
+from kvrelay.workers.core.sequence import Sequence
 from kvrelay.workers.protocol import SamplingParams
 
 _MASK64 = (1 << 64) - 1

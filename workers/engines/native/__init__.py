@@ -10,15 +10,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kvrelay.workers.engines.native.engine import NativeEngine
-    from kvrelay.workers.engines.native.llm_engine import EngineOverloaded, LLMEngine, NativeEngineConfig
+    from kvrelay.workers.core.engine_core import EngineOverloaded, LLMEngine, NativeEngineConfig
+    from kvrelay.workers.core.engine_loop import NativeEngine
 
-_EXPORTS = {"NativeEngine": "engine", "EngineOverloaded": "llm_engine", "LLMEngine": "llm_engine",
-            "NativeEngineConfig": "llm_engine"}
+_EXPORTS = {"NativeEngine": "kvrelay.workers.core.engine_loop", "EngineOverloaded": "kvrelay.workers.core.engine_core",
+            "LLMEngine": "kvrelay.workers.core.engine_core", "NativeEngineConfig": "kvrelay.workers.core.engine_core"}
 __all__ = ["EngineOverloaded", "LLMEngine", "NativeEngine", "NativeEngineConfig"]
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

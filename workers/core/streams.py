@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from kvrelay.workers.engines.handoff import PullPlan
-from kvrelay.workers.engines.onboard import OnboardTicket
+from kvrelay.workers.core.handoff import PullPlan
+from kvrelay.workers.core.onboard import OnboardTicket
 from kvrelay.workers.protocol import EngineOutput, PrefillResult
 
 Item = EngineOutput | PrefillResult | PullPlan | OnboardTicket | Exception

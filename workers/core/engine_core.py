@@ -16,16 +16,16 @@ from kvrelay.kvbm.fingerprint import model_fingerprint
 from kvrelay.kvbm.hashing import BlockHasher, root_hash
 from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.kvbm.tiers.disk import aligned_empty
-from kvrelay.workers.engines.handoff import HandoffCounters, PullPlan, finish_pull, plan_pull
+from kvrelay.workers.core.handoff import HandoffCounters, PullPlan, finish_pull, plan_pull
+from kvrelay.workers.core.kv_events import KvEventLog
+from kvrelay.workers.core.offload import OffloadTracker
+from kvrelay.workers.core.onboard import OnboardTicket, plan_onboard
+from kvrelay.workers.core.scheduler import Scheduler, SchedulerConfig
+from kvrelay.workers.core.sequence import Sequence, Status
 from kvrelay.workers.engines.native.batch import build_batch
 from kvrelay.workers.engines.native.config import DTYPES
-from kvrelay.workers.engines.native.kv_event_log import KvEventLog
 from kvrelay.workers.engines.native.loader import load_model
-from kvrelay.workers.engines.native.offload import OffloadTracker
 from kvrelay.workers.engines.native.sampler import sample
-from kvrelay.workers.engines.native.scheduler import Scheduler, SchedulerConfig
-from kvrelay.workers.engines.native.sequence import Sequence, Status
-from kvrelay.workers.engines.onboard import OnboardTicket, plan_onboard
 from kvrelay.workers.protocol import (
     PREFILLED,
     EngineError,

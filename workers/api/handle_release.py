@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from kvrelay.runtime.messages import Empty, KvHandle, ReleaseRequest
 from kvrelay.runtime.rpc import RpcClient
+from kvrelay.workers.api.messages import Empty, KvHandle, ReleaseRequest
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from kvrelay.kvbm.hashing import BlockHasher, root_hash
 from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.kvbm.tiered_kv import TieredKv, TierFlow
 from kvrelay.kvbm.tiers import TierStats
-from kvrelay.runtime.messages import TierCounters
-from kvrelay.workers.engines.native.llm_engine import LLMEngine
-from kvrelay.workers.engines.onboard import OnboardTicket
+from kvrelay.workers.api.messages import TierCounters
+from kvrelay.workers.core.engine_core import LLMEngine
+from kvrelay.workers.core.onboard import OnboardTicket
 from kvrelay.workers.protocol import EngineRequest
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,11 @@ from typing import Any
 import msgspec
 
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
-from kvrelay.workers.engines.handoff import PullPlan
-from kvrelay.workers.engines.native.llm_engine import LLMEngine, NativeEngineConfig
-from kvrelay.workers.engines.native.streams import Item, Stream, deliver, resolve
-from kvrelay.workers.engines.native.tier_link import TierLink
-from kvrelay.workers.engines.onboard import OnboardTicket
+from kvrelay.workers.core.engine_core import LLMEngine, NativeEngineConfig
+from kvrelay.workers.core.handoff import PullPlan
+from kvrelay.workers.core.onboard import OnboardTicket
+from kvrelay.workers.core.streams import Item, Stream, deliver, resolve
+from kvrelay.workers.core.tier_link import TierLink
 from kvrelay.workers.protocol import (
     PREFILLED,
     EngineError,

@@ -28,7 +28,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from kvrelay.kvbm.block_pool import Block, BlockPool
-from kvrelay.workers.engines.native.sequence import Sequence, Status
+from kvrelay.workers.core.sequence import Sequence, Status
 
 
 @dataclass(frozen=True)

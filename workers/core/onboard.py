@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from kvrelay.kvbm.cost_model import CostModel
 from kvrelay.kvbm.tiered_kv import OnboardPlan
-from kvrelay.workers.engines.native.scheduler import Scheduler
-from kvrelay.workers.engines.native.sequence import Sequence
+from kvrelay.workers.core.scheduler import Scheduler
+from kvrelay.workers.core.sequence import Sequence
 
 
 @dataclass(frozen=True)

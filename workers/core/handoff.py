@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvrelay.runtime.messages import KvHandle
-from kvrelay.workers.engines.native.scheduler import Scheduler
-from kvrelay.workers.engines.native.sequence import Sequence
+from kvrelay.workers.api.messages import KvHandle
+from kvrelay.workers.core.scheduler import Scheduler
+from kvrelay.workers.core.sequence import Sequence
 
 
 @dataclass(frozen=True)
