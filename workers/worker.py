@@ -29,7 +29,9 @@ from kvrelay.kvbm.events import KvEvent, KvSnapshot, LoadMetrics, kv_events_subj
 from kvrelay.runtime.config import ConfigError
 from kvrelay.runtime.discovery import Discovery, Instance, register_instance
 from kvrelay.runtime.events import EventPlane
-from kvrelay.runtime.rpc import RpcClient, RpcServer
+from kvrelay.runtime.rpc import RpcServer
+from kvrelay.workers.api.client import WorkerClient
+from kvrelay.workers.api.endpoints import Endpoint, Role
 from kvrelay.workers.api.messages import Empty, KvHandle, PrefillReply, ReleaseRequest
 from kvrelay.workers.config import WorkerConfig
 from kvrelay.workers.kv_handoff import PrefillLeases, SimulatedPuller, TransferPuller
@@ -108,7 +110,7 @@ class Worker:
         self.transfer = None  # TransferEngine for prefill/decode roles with a real KV pool
         self.leases: PrefillLeases | None = None
         self.puller: TransferPuller | SimulatedPuller | None = None
-        self.rpc = RpcClient()  # decode role: `release` calls to prefill workers
+        self.peers = WorkerClient()  # decode role: `release` calls to prefill workers
         self.metrics: MetricsServer | None = None
 
     async def start(self) -> Instance:
@@ -116,15 +118,15 @@ class Worker:
         await self.events.start()
         await self.discovery.start()
         self.engine.subscribe_kv_events(self._on_kv_events)
-        self.server.add_endpoint("generate", self._generate, EngineRequest)
-        self.server.add_endpoint("kv_snapshot", self._snapshot, Empty)
-        self.server.add_endpoint("stats", self._stats, Empty)
-        self.server.add_endpoint("model_card", self._model_card, Empty)
-        self.server.add_endpoint("transfer_stats", self._transfer_stats, Empty)
-        if self.cfg.role == "prefill":
+        self.server.add_endpoint(Endpoint.GENERATE, self._generate, EngineRequest)
+        self.server.add_endpoint(Endpoint.KV_SNAPSHOT, self._snapshot, Empty)
+        self.server.add_endpoint(Endpoint.STATS, self._stats, Empty)
+        self.server.add_endpoint(Endpoint.MODEL_CARD, self._model_card, Empty)
+        self.server.add_endpoint(Endpoint.TRANSFER_STATS, self._transfer_stats, Empty)
+        if self.cfg.role == Role.PREFILL:
             self.leases = PrefillLeases(self.engine.abort, self.cfg.kv_lease_s)
-            self.server.add_endpoint("prefill", self._prefill, EngineRequest)
-            self.server.add_endpoint("release", self._release, ReleaseRequest)
+            self.server.add_endpoint(Endpoint.PREFILL, self._prefill, EngineRequest)
+            self.server.add_endpoint(Endpoint.RELEASE, self._release, ReleaseRequest)
         await self._start_transfer()
         await self.server.start()
         layout = self.engine.kv_layout()
@@ -167,13 +169,13 @@ class Worker:
         await self.engine.close()
         if self.transfer is not None:
             await self.transfer.close()  # after the engine: no pull is still writing its pool
-        await self.rpc.close()
+        await self.peers.close()
         await self.discovery.close()
         await self.events.close()
 
     async def _start_transfer(self) -> None:
         """Prefill/decode roles: a transfer engine over the G1 pool; decode gets a puller."""
-        if self.cfg.role == "agg" or self.cfg.kv_transfer == "none":
+        if self.cfg.role == Role.AGG or self.cfg.kv_transfer == "none":
             return
         pool = self.engine.kv_pool()
         if pool is not None:
@@ -184,11 +186,11 @@ class Worker:
             self.transfer.register_pool("g1", pool, self.engine.kv_layout().block_bytes)
             await self.transfer.start()
             log.info("KV transfer: %s", self.transfer.kind)
-        if self.cfg.role == "decode":
+        if self.cfg.role == Role.DECODE:
             if self.transfer is not None:
-                self.puller = TransferPuller(self.transfer, self.rpc)
+                self.puller = TransferPuller(self.transfer, self.peers)
             else:  # the mocker: a simulated link
-                self.puller = SimulatedPuller(self.engine.simulated_transfer_seconds, self.rpc)
+                self.puller = SimulatedPuller(self.engine.simulated_transfer_seconds, self.peers)
             self.engine.set_kv_puller(self.puller)
         elif self.transfer is not None and self.leases is not None:
             self._tasks.append(asyncio.create_task(self.leases.consume(self.transfer)))
