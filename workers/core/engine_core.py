@@ -1,91 +1,61 @@
-"""The native engine's synchronous core: add requests, run steps, emit outputs. Single-threaded by
-design: only the engine thread (see `engine.py`) touches it, so no state here needs a lock."""
+"""`EngineCore`: the engine-neutral, synchronous core: add requests, run steps, emit outputs. One
+thread (or one event loop) owns it, so no state here needs a lock. What is engine-specific is the
+`Executor` (executor.py) that runs a scheduled step; everything else, from admission checks to
+handoff, onboarding and KV events, is here once for every engine (workers/README.md).
+
+Invariants:
+- A request is checked whole before it is queued: a refused one raises `EngineError` and holds nothing.
+- A step commits only sequences still RUNNING when it completes (one aborted meanwhile, possible when
+  the step runs outside the owner's thread of control, was finished and freed at once).
+- A sequence that would need more blocks than the whole pool for its next token stops with "length":
+  it could never be scheduled again.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 from time import perf_counter
 
-import torch
-
-from kvrelay.kvbm.block_pool import BlockPool
 from kvrelay.kvbm.cost_model import CostModel
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
-from kvrelay.kvbm.fingerprint import model_fingerprint
 from kvrelay.kvbm.hashing import BlockHasher, root_hash
-from kvrelay.kvbm.tier_config import TierConfig
-from kvrelay.kvbm.tiers.disk import aligned_empty
-from kvrelay.workers.core.handoff import HandoffCounters, PullPlan, finish_pull, plan_pull
-from kvrelay.workers.core.kv_events import KvEventLog
-from kvrelay.workers.core.offload import OffloadTracker
-from kvrelay.workers.core.onboard import OnboardTicket, plan_onboard
-from kvrelay.workers.core.scheduler import Scheduler, SchedulerConfig
-from kvrelay.workers.core.sequence import Sequence, Status
-from kvrelay.workers.engines.native.batch import build_batch
-from kvrelay.workers.engines.native.config import DTYPES
-from kvrelay.workers.engines.native.loader import load_model
-from kvrelay.workers.engines.native.sampler import sample
-from kvrelay.workers.protocol import (
-    PREFILLED,
-    EngineError,
+from kvrelay.workers.api.messages import (
     EngineOutput,
     EngineRequest,
     EngineStats,
-    KvLayout,
     RequestError,
+    SamplingParams,
 )
+from kvrelay.workers.core.errors import EngineError, EngineOverloaded
+from kvrelay.workers.core.executor import Executor, Scheduled, StepResult
+from kvrelay.workers.core.handoff import HandoffCounters, PullPlan, finish_pull, plan_pull
+from kvrelay.workers.core.kv_cache import KvCache
+from kvrelay.workers.core.onboard import OnboardTicket, plan_onboard
+from kvrelay.workers.core.scheduler import Scheduler, SchedulerConfig
+from kvrelay.workers.core.sequence import PREFILLED, Sequence, Status
+
+NewSequence = Callable[[str, list[int], SamplingParams, BlockHasher, int], Sequence]
 
 
-class EngineOverloaded(EngineError):
-    """The waiting queue is full; the client may retry later (HTTP 503)."""
-
-
-@dataclass(frozen=True)
-class NativeEngineConfig:
-    model: str
-    dtype: str = "auto"  # auto = the checkpoint's dtype
-    device: str = "cpu"
-    block_size: int = 16
-    kv_cache_bytes: int = 256 << 20  # sizes the G1 pool when num_blocks is 0
-    num_blocks: int = 0
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
-    max_waiting: int = 1024
-    max_model_len: int = 0  # 0 = the model's max_position_embeddings
-    tiers: TierConfig | None = None  # lower tiers (G2/G3/G4) opened by NativeEngine; None = G1 only
-
-
-class LLMEngine:
-    def __init__(self, cfg: NativeEngineConfig):
-        self.cfg = cfg
-        dtype = None if cfg.dtype == "auto" else DTYPES[cfg.dtype]
-        self.model = load_model(cfg.model, dtype=dtype, device=cfg.device)
-        m = self.model.cfg
-        self.dtype = next(self.model.parameters()).dtype
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        block_bytes = m.num_layers * 2 * cfg.block_size * m.num_kv_heads * m.head_dim * itemsize
-        num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // block_bytes)
-        # Block-contiguous layout (DESIGN.md "KV layout"): one block = one contiguous byte range.
-        shape = (num_blocks, m.num_layers, 2, cfg.block_size, m.num_kv_heads, m.head_dim)
-        if torch.device(cfg.device).type == "cpu":  # 4 KiB-aligned: G3 reads/writes blocks in place (O_DIRECT)
-            self.kv_cache = aligned_empty(num_blocks * block_bytes).view(self.dtype).view(shape).zero_()
-        else:
-            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=cfg.device)
-        self.events = KvEventLog()
-        self.pool = BlockPool(num_blocks, on_evict=self.events.g1_removed)
-        self.max_model_len = cfg.max_model_len or m.max_position_embeddings
-        self.scheduler = Scheduler(SchedulerConfig(
-            block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_num_seqs=cfg.max_num_seqs, max_waiting=cfg.max_waiting, max_model_len=self.max_model_len,
-        ), self.pool, on_stored=self.events.g1_stored)
-        self.fingerprint = model_fingerprint(cfg.model)
-        self.eos = frozenset(m.eos_token_ids)
+class EngineCore:
+    def __init__(self, sched: SchedulerConfig, num_blocks: int, executor: Executor, fingerprint: str,
+                 eos_ids: Iterable[int], vocab_limit: int, new_sequence: NewSequence = Sequence):
+        self.executor = executor
+        self.fingerprint = fingerprint  # root of every block hash
+        self.eos = frozenset(eos_ids)
+        self.vocab_limit = vocab_limit  # prompt ids must be in [0, vocab_limit)
+        self.max_model_len = sched.max_model_len
+        self.block_size = sched.block_size
+        self.max_waiting = sched.max_waiting
+        self.kv = KvCache(num_blocks)
+        self.pool = self.kv.pool
+        self.scheduler = Scheduler(sched, self.kv)
+        self._new_sequence = new_sequence
         self.seqs: dict[str, Sequence] = {}
         self.held: set[str] = set()  # prefill role: parked request ids (their blocks stay allocated)
         self.handoff = HandoffCounters()
-        self.offload: OffloadTracker | None = None  # set by enable_tiers
-        self.cost: CostModel | None = None
+        self.cost: CostModel | None = None  # set by enable_tiers
         self.loading_aborted: dict[str, Sequence] = {}  # aborted while PULLING: blocks freed on report
         self.onboarded_blocks = 0
         self.reonboarded_blocks = 0  # of those, blocks of preempted sequences
@@ -97,7 +67,7 @@ class LLMEngine:
     # -- requests ---------------------------------------------------------------------------------------
     def enable_tiers(self, mode: str, cost: CostModel) -> None:
         """Lower tiers are open: offload blocks to them (`take_offload`) and weigh onboards by `cost`."""
-        self.offload = OffloadTracker(self.pool, mode, max_pinned=self.pool.num_blocks // 4)
+        self.kv.enable_offload(mode)
         self.cost = cost
         self.scheduler.track_preempted = True
 
@@ -106,28 +76,10 @@ class LLMEngine:
         """Queue a request. `hold`: prefill role (park after the first token, blocks kept). A request with
         a `kv_handle` gets its blocks now; the returned plan says what to pull into them. `in_lower`
         (per leading prompt block: the lower tier holding it, or None) may return a ticket to onboard."""
-        try:
-            req.sampling.validate()
-        except RequestError as e:
-            raise EngineError(str(e)) from None
+        self._check(req)
         n = len(req.prompt_token_ids)
-        if n == 0:
-            raise EngineError("the prompt must contain at least one token")
-        if n >= self.max_model_len:
-            raise EngineError(f"the prompt has {n} tokens; this model's context is {self.max_model_len} "
-                              f"and at least one must be generated")
-        vocab = self.model.cfg.vocab_size
-        if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
-            raise EngineError(f"prompt token ids must be in [0, {vocab})")
-        if -(-(n + 1) // self.cfg.block_size) > self.pool.num_blocks:
-            raise EngineError(f"the prompt needs more KV blocks than this worker has ({self.pool.num_blocks})")
-        if req.request_id in self.seqs:
-            raise EngineError(f"duplicate request id {req.request_id!r}")
-        if len(self.scheduler.waiting) + len(self.scheduler.looking) >= self.cfg.max_waiting:
-            raise EngineOverloaded(f"server busy: {self.cfg.max_waiting} requests already waiting")
-        hasher = BlockHasher(self.cfg.block_size, root_hash(self.fingerprint, req.cache_salt),
-                             req.lora_name.encode())
-        seq = Sequence(req.request_id, req.prompt_token_ids, req.sampling, hasher, self._arrivals)
+        hasher = BlockHasher(self.block_size, root_hash(self.fingerprint, req.cache_salt), req.lora_name.encode())
+        seq = self._new_sequence(req.request_id, req.prompt_token_ids, req.sampling, hasher, self._arrivals)
         seq.hold_kv = hold
         self._arrivals += 1
         self.seqs[seq.request_id] = seq
@@ -139,6 +91,26 @@ class LLMEngine:
             return None
         seq.continue_from(req.kv_handle.first_token)
         return plan_pull(self.scheduler, seq, req.kv_handle, self.fingerprint, self.handoff)
+
+    def _check(self, req: EngineRequest) -> None:
+        try:
+            req.sampling.validate()
+        except RequestError as e:
+            raise EngineError(str(e)) from None
+        prompt, n = req.prompt_token_ids, len(req.prompt_token_ids)
+        if n == 0:
+            raise EngineError("the prompt must contain at least one token")
+        if n >= self.max_model_len:
+            raise EngineError(f"the prompt has {n} tokens; this model's context is {self.max_model_len} "
+                              f"and at least one must be generated")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_limit:
+            raise EngineError(f"prompt token ids must be in [0, {self.vocab_limit})")
+        if -(-(n + 1) // self.block_size) > self.pool.num_blocks:
+            raise EngineError(f"the prompt needs more KV blocks than this worker has ({self.pool.num_blocks})")
+        if req.request_id in self.seqs:
+            raise EngineError(f"duplicate request id {req.request_id!r}")
+        if len(self.scheduler.waiting) + len(self.scheduler.looking) >= self.max_waiting:
+            raise EngineOverloaded(f"server busy: {self.max_waiting} requests already waiting")
 
     def pulled(self, request_id: str, plan: PullPlan, ok: bool) -> None:
         if not self._loader_reported(request_id):
@@ -200,37 +172,50 @@ class LLMEngine:
             self.loading_aborted[request_id] = seq
         return seq.take_output()
 
+    @property
+    def offload(self):  # the OffloadTracker, once tiers are enabled
+        return self.kv.offload
+
     def take_offload(self) -> tuple[list[int], list[int]] | None:
-        return self.offload.take() if self.offload is not None else None
+        return self.kv.take_offload()
 
     def offloaded(self, block_ids: list[int]) -> None:
-        if self.offload is not None:
-            self.offload.done(block_ids)
+        self.kv.offloaded(block_ids)
 
     def has_work(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
 
     # -- one step ---------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self) -> list[EngineOutput]:
-        self._onboard_head()
-        scheduled = self.scheduler.schedule()
+        """Schedule, execute and complete one step (the executor's time is the step's)."""
+        scheduled = self.schedule()
         if not scheduled:
             return []
         t0 = perf_counter()
-        batch = build_batch(scheduled, self.cfg.block_size, self.cfg.device)
-        logits = self.model(batch.input_ids, batch.meta, self.kv_cache, batch.logits_index)
-        samplers = batch.sample_seqs
-        tokens, logprobs = sample(logits, [s.sampling for s in samplers], [s.next_generator() for s in samplers])
+        result = self.executor.execute(scheduled)
+        return self.complete(scheduled, result, perf_counter() - t0)
+
+    def schedule(self) -> Scheduled:
+        self._onboard_head()
+        return self.scheduler.schedule()
+
+    def complete(self, scheduled: Scheduled, result: StepResult, seconds: float) -> list[EngineOutput]:
+        """The step ran in `seconds`: commit its KV, append the sampled tokens, stop, park or go on."""
         for seq, n in scheduled:
-            self.scheduler.commit(seq, n)
+            if seq.status is Status.RUNNING:  # else aborted meanwhile: freed already, publish nothing
+                self.scheduler.commit(seq, n)
         if self.cost is not None:
-            self.cost.observe_prefill(sum(n for _, n in scheduled if n > 1), perf_counter() - t0)
+            self.cost.observe_prefill(sum(n for _, n in scheduled if n > 1), seconds)
         outputs = []
-        for i, seq in enumerate(samplers):
-            seq.append(tokens[i], logprobs[i] if logprobs is not None and seq.sampling.logprobs else None)
+        for i, seq in enumerate(result.seqs):
+            if seq.status is not Status.RUNNING:
+                continue
+            token = result.tokens[i]
+            seq.append(token, result.logprobs[i] if result.logprobs is not None and seq.sampling.logprobs else None)
             self.generated_tokens += 1
-            reason = seq.stop_reason(tokens[i], self.eos, self.max_model_len)
+            reason = seq.stop_reason(token, self.eos, self.max_model_len)
+            if reason is None and -(-(seq.num_tokens + 1) // self.block_size) > self.pool.num_blocks:
+                reason = "length"  # the next token would not fit even the whole pool: stop, never livelock
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 del self.seqs[seq.request_id]
@@ -241,25 +226,18 @@ class LLMEngine:
             outputs.append(seq.take_output())
         return outputs
 
-    # -- KV events (DESIGN.md "Events"), every tier numbered in self.events ------------------------------
+    # -- KV events (DESIGN.md "Events"), every tier numbered in one log ----------------------------------
     def held_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.seqs[request_id].blocks]
 
     def drain_kv_events(self) -> list[KvEvent]:
-        return self.events.drain()
+        return self.kv.drain_events()
 
     def kv_snapshot(self) -> KvSnapshot:
-        return self.events.snapshot(self.pool.cached)
-
-    # -- introspection ----------------------------------------------------------------------------------
-    def kv_layout(self) -> KvLayout:
-        m = self.model.cfg
-        return KvLayout(layout="block_contiguous", num_blocks=self.pool.num_blocks, num_layers=m.num_layers,
-                        block_size=self.cfg.block_size, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
-                        dtype=str(self.dtype).removeprefix("torch."), device=str(self.kv_cache.device))
+        return self.kv.snapshot()
 
     def stats(self) -> EngineStats:
-        s = self.scheduler
+        s, offload = self.scheduler, self.kv.offload
         return EngineStats(
             running=len(s.running), waiting=len(s.waiting) + len(s.looking),
             used_blocks=self.pool.num_blocks - self.pool.num_free, free_blocks=self.pool.num_free,
@@ -268,9 +246,6 @@ class LLMEngine:
             preemptions=s.preemptions, held_requests=len(self.held), remote_prefills=self.handoff.remote_prefills,
             pulled_blocks=self.handoff.pulled_blocks, pull_failures=self.handoff.pull_failures,
             onboarded_blocks=self.onboarded_blocks, reonboarded_blocks=self.reonboarded_blocks,
-            offload_pinned=self.offload.pinned if self.offload is not None else 0,
-            offload_skipped=self.offload.skipped if self.offload is not None else 0,
+            offload_pinned=offload.pinned if offload is not None else 0,
+            offload_skipped=offload.skipped if offload is not None else 0,
         )
-
-
-__all__ = ["EngineOverloaded", "LLMEngine", "NativeEngineConfig", "Status"]

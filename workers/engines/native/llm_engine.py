@@ -1,0 +1,73 @@
+"""`LLMEngine`: the native engine's synchronous core: the engine-neutral `EngineCore` over a loaded
+model, its block-contiguous G1 KV cache and a `ModelRunner` (model_runner.py). Single-threaded by
+design: only the engine thread (see `engine.py`) touches it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvrelay.kvbm.fingerprint import model_fingerprint
+from kvrelay.kvbm.tier_config import TierConfig
+from kvrelay.kvbm.tiers.disk import aligned_empty
+from kvrelay.workers.api.messages import KvLayout
+from kvrelay.workers.core.engine_core import EngineCore
+from kvrelay.workers.core.errors import EngineOverloaded
+from kvrelay.workers.core.scheduler import SchedulerConfig
+from kvrelay.workers.core.sequence import Status
+from kvrelay.workers.engines.native.config import DTYPES
+from kvrelay.workers.engines.native.loader import load_model
+from kvrelay.workers.engines.native.model_runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class NativeEngineConfig:
+    model: str
+    dtype: str = "auto"  # auto = the checkpoint's dtype
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_bytes: int = 256 << 20  # sizes the G1 pool when num_blocks is 0
+    num_blocks: int = 0
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_waiting: int = 1024
+    max_model_len: int = 0  # 0 = the model's max_position_embeddings
+    tiers: TierConfig | None = None  # lower tiers (G2/G3/G4) opened by NativeEngine; None = G1 only
+
+
+class LLMEngine(EngineCore):
+    def __init__(self, cfg: NativeEngineConfig):
+        self.cfg = cfg
+        dtype = None if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+        self.model = load_model(cfg.model, dtype=dtype, device=cfg.device)
+        m = self.model.cfg
+        self.dtype = next(self.model.parameters()).dtype
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        block_bytes = m.num_layers * 2 * cfg.block_size * m.num_kv_heads * m.head_dim * itemsize
+        num_blocks = cfg.num_blocks or max(1, cfg.kv_cache_bytes // block_bytes)
+        # Block-contiguous layout (DESIGN.md "KV layout"): one block = one contiguous byte range.
+        shape = (num_blocks, m.num_layers, 2, cfg.block_size, m.num_kv_heads, m.head_dim)
+        if torch.device(cfg.device).type == "cpu":  # 4 KiB-aligned: G3 reads/writes blocks in place (O_DIRECT)
+            self.kv_cache = aligned_empty(num_blocks * block_bytes).view(self.dtype).view(shape).zero_()
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=cfg.device)
+        super().__init__(
+            SchedulerConfig(block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                            max_num_seqs=cfg.max_num_seqs, max_waiting=cfg.max_waiting,
+                            max_model_len=cfg.max_model_len or m.max_position_embeddings),
+            num_blocks, ModelRunner(self.model, self.kv_cache, cfg.block_size, cfg.device),
+            fingerprint=model_fingerprint(cfg.model), eos_ids=m.eos_token_ids, vocab_limit=m.vocab_size)
+
+    def kv_rows(self) -> torch.Tensor:
+        """The G1 pool as uint8 [num_blocks, block_bytes] (a view): what the lower tiers copy."""
+        return self.kv_cache.view(self.pool.num_blocks, -1).view(torch.uint8)
+
+    def kv_layout(self) -> KvLayout:
+        m = self.model.cfg
+        return KvLayout(layout="block_contiguous", num_blocks=self.pool.num_blocks, num_layers=m.num_layers,
+                        block_size=self.cfg.block_size, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+                        dtype=str(self.dtype).removeprefix("torch."), device=str(self.kv_cache.device))
+
+
+__all__ = ["EngineOverloaded", "LLMEngine", "NativeEngineConfig", "Status"]
