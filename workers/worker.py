@@ -55,18 +55,9 @@ def build_engine(cfg: WorkerConfig, model_dir: str) -> Engine:
             tiers=tier_config(cfg),
         ))
     if cfg.engine == "mocker":
-        from kvrelay.workers.engines.mocker import MockerConfig, MockerEngine
+        from kvrelay.workers.engines.mocker import MockerEngine
 
-        return MockerEngine(MockerConfig(
-            model=model_dir, block_size=cfg.block_size, num_blocks=cfg.mocker_num_blocks,
-            max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-            max_waiting=cfg.max_waiting, max_model_len=cfg.max_model_len or MockerConfig.max_model_len,
-            speedup=cfg.mocker_speedup, prefill_us_per_token=cfg.mocker_prefill_us_per_token,
-            prefill_us_per_token_pair=cfg.mocker_prefill_us_per_token_pair,
-            decode_base_ms=cfg.mocker_decode_base_ms, decode_us_per_seq=cfg.mocker_decode_us_per_seq,
-            decode_us_per_kv_block=cfg.mocker_decode_us_per_kv_block, transfer_gbps=cfg.mocker_transfer_gbps,
-            eos_probability=cfg.mocker_eos_probability, seed=cfg.mocker_seed,
-        ))
+        return MockerEngine(cfg.mocker_config(model_dir), tiers=tier_config(cfg) if cfg.mocker_kv_tiers else None)
     raise ValueError(f"unknown engine {cfg.engine!r}")
 
 

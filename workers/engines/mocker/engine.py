@@ -2,7 +2,7 @@
 
 Real parts, all from the engine core (workers/core): the scheduler (continuous batching, chunked
 prefill, preemption, prefix hits), the KV cache over a `BlockPool`, the block hashing, KV events,
-handoff, stats and, with `--mocker-kv-tiers`, the lower tiers G2/G3/G4 with offload and onboarding.
+handoff, stats and, with `kv_tiers` (`--mocker-kv-tiers`), the lower tiers G2/G3/G4 with offload and onboarding.
 Simulated parts: the step time (`TimingModel`, slept as modeled / speedup) and the tokens
 (`tokens.py`). The core runs on the event loop (`LoopDriver`): no thread, no torch (unless tiers).
 """
@@ -35,7 +35,7 @@ class MockerEngine(LoopDriver):
     task_name = "kvrelay-mocker"
 
     def __init__(self, cfg: MockerConfig, tiers: Any = None):
-        """`tiers`: a `kvbm.tier_config.TierConfig` to open G2/G3/G4 with, or None (G1 only)."""
+        """`tiers`: a `kvbm.tier_config.TierConfig` to open G2/G3/G4 with when `cfg.kv_tiers`."""
         super().__init__()
         cfg.validate()
         self.cfg, self.tier_cfg = cfg, tiers
@@ -62,7 +62,7 @@ class MockerEngine(LoopDriver):
         self._no_handle_reason = "no KV puller"
 
     async def start(self) -> None:
-        await self._start_loop(self.tier_cfg, self._g1_rows)
+        await self._start_loop(self.tier_cfg if self.cfg.kv_tiers else None, self._g1_rows)
 
     def _g1_rows(self) -> Any:
         """With lower tiers: G1 as real bytes (zeros; the mocker's tokens never read KV) so the tiers
