@@ -58,6 +58,19 @@ class EngineLoop:
         """Hand KV events to the sink, in order; called by the core's owner."""
         raise NotImplementedError
 
+    async def _stop_driver(self) -> None:
+        """Stop stepping; every request still in flight ends with "engine shut down"."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        if not self.running:
+            return
+        if self.tiers is not None:
+            await self.tiers.drain()  # copies in flight finish (and unpin) before the core stops
+        await self._stop_driver()
+        if self.tiers is not None:
+            await self.tiers.close()
+
     # -- Engine protocol --------------------------------------------------------------------------------
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if not self.running:

@@ -43,17 +43,12 @@ class LoopDriver(EngineLoop):
             await self._open_tiers(tiers, rows())
         self._task = asyncio.create_task(self._run(), name=self.task_name)
 
-    async def close(self) -> None:
+    async def _stop_driver(self) -> None:
         task, self._task = self._task, None
-        if task is None:
-            return
-        if self.tiers is not None:
-            await self.tiers.drain()
+        assert task is not None
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         self._finish(lambda d: self.runner.fail_all(EngineError("engine shut down"), d))
-        if self.tiers is not None:
-            await self.tiers.close()
 
     @property
     def running(self) -> bool:

@@ -48,17 +48,12 @@ class ThreadDriver(EngineLoop):
         self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
 
-    async def close(self) -> None:
-        if self._thread is None:
-            return
-        if self.tiers is not None:
-            await self.tiers.drain()  # copies in flight finish (and unpin) before the thread stops
+    async def _stop_driver(self) -> None:
+        assert self._thread is not None
         self._stop.set()
         self._inbox.put((Command.WAKE, None, None))
         await asyncio.to_thread(self._thread.join)
         self._thread = None
-        if self.tiers is not None:
-            await self.tiers.close()
 
     @property
     def running(self) -> bool:
