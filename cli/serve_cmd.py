@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -28,19 +29,12 @@ from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
 from kvrelay.runtime.events import EventsConfig, make_event_plane
 from kvrelay.runtime.log import setup_logging
 from kvrelay.runtime.paths import default_run_dir
-from kvrelay.workers.config import WorkerConfig
+from kvrelay.workers.config import SERVE_GROUPS, WorkerConfig
 
 log = logging.getLogger("kvrelay.serve")
 
-# Worker settings `serve` passes through; the rest (host, port, role, ...) it decides itself.
-_WORKER_PASSTHROUGH = ("engine", "model", "served_model_name", "dtype", "device", "block_size", "kv_cache_bytes",
-                       "max_num_batched_tokens", "max_num_seqs", "max_waiting", "max_model_len",
-                       "mocker_speedup", "mocker_num_blocks", "mocker_prefill_us_per_token",
-                       "mocker_prefill_us_per_token_pair", "mocker_decode_base_ms", "mocker_decode_us_per_seq",
-                       "mocker_decode_us_per_kv_block", "mocker_transfer_gbps", "mocker_eos_probability",
-                       "mocker_seed", "kv_transfer", "kv_lease_s", "kv_host_bytes", "kv_disk_dir",
-                       "kv_disk_bytes", "kv_object_store", "kv_object_bytes", "kv_tier_policy", "kv_offload",
-                       "kv_onboard")
+# Worker settings `serve` passes through (whole groups); the rest (host, port, role, ...) it decides itself.
+_WORKER_PASSTHROUGH = tuple(f.name for group in SERVE_GROUPS for f in dataclasses.fields(group))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,12 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-workers", type=int, default=None,
                    help="disaggregated: number of decode workers (env KVRELAY_DECODE_WORKERS)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env KVRELAY_LOG_LEVEL)")
-    add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig)
-    worker_group = argparse.ArgumentParser(add_help=False)
-    add_arguments(worker_group, WorkerConfig)
-    for action in worker_group._actions:
-        if action.dest in _WORKER_PASSTHROUGH:
-            p._add_action(action)
+    add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig, *SERVE_GROUPS)
     p.set_defaults(func=_run)
 
 
@@ -118,7 +107,9 @@ def _worker_argv(wk: WorkerConfig, disc: DiscoveryConfig, ev: EventsConfig, fe: 
     argv = [sys.executable, "-m", "kvrelay.cli.main", "worker", "--namespace", fe.namespace]
     for name in _WORKER_PASSTHROUGH:
         value = getattr(wk, name)
-        if value not in ("", None):
+        if isinstance(value, bool):  # a switch takes no value: --x / --no-x
+            argv.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
+        elif value not in ("", None):
             argv += [flag_name(name), str(value)]
     for cfg in (disc, ev):
         for name, value in vars(cfg).items():

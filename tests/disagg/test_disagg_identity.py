@@ -13,8 +13,9 @@ from dataclasses import replace
 import pytest
 
 from kvrelay.frontend.config import FrontendConfig
-from kvrelay.runtime.messages import Empty
 from kvrelay.transfer import TransferStats
+from kvrelay.workers.api.endpoints import Endpoint
+from kvrelay.workers.api.messages import Empty
 from kvrelay.workers.config import WorkerConfig
 from tests.disagg.cluster import Cluster
 
@@ -57,7 +58,7 @@ def test_disaggregated_tokens_equal_aggregated(reference, kind):
             await c.settle()
             prefill, decode = c.by_role("prefill")[0], c.by_role("decode")[0]
             stats = decode.engine.stats()
-            xfer = await c.service.rpc.unary(decode.instance.address, "transfer_stats", Empty(), TransferStats)
+            xfer = await c.service.rpc.unary(decode.instance.address, Endpoint.TRANSFER_STATS, Empty(), TransferStats)
             remote = c.service.remote.prefills.labels(where="remote")._value.get()
             return got, stats, prefill.engine.stats(), xfer, remote, decode.engine.kv_layout().block_bytes
 

@@ -10,8 +10,9 @@ from dataclasses import replace
 
 import pytest
 
-from kvrelay.runtime.messages import Empty
 from kvrelay.transfer import TransferStats
+from kvrelay.workers.api.endpoints import Endpoint
+from kvrelay.workers.api.messages import Empty
 from kvrelay.workers.config import WorkerConfig
 from tests.disagg.cluster import Cluster
 from tests.disagg.test_disagg_identity import _transfer_kinds
@@ -34,7 +35,7 @@ def test_1000_sequential_disaggregated_requests_leak_nothing(kind):
     async def snapshot(c: Cluster):
         out = []
         for w in c.workers:
-            xfer = await c.service.rpc.unary(w.instance.address, "transfer_stats", Empty(), TransferStats)
+            xfer = await c.service.rpc.unary(w.instance.address, Endpoint.TRANSFER_STATS, Empty(), TransferStats)
             s = w.engine.stats()
             out.append((s.free_blocks, s.total_blocks, s.held_requests, xfer.registered_regions,
                         xfer.prepped_dlists, xfer.peers, xfer.active_handles))
