@@ -7,7 +7,8 @@ estimated TTFT and ITL p90 meet their targets.
     TTFT p90 est   = s + ln(10) * Wq                           (queue wait included: Dynamo #10528)
     prefill N      = smallest N with rho < 1 and TTFT est <= target
     decode: c*     = most sequences per worker with profile.itl(c*, ISL + OSL/2) * itl_correction <= target
-            N      = ceil(rate * OSL / (c* / itl(c*)))         (tokens/s needed over tokens/s per worker)
+            N      = ceil((rate * OSL + backlog) / (c* / itl(c*)))  (tokens/s needed over tokens/s per worker;
+             backlog = queued sequences * OSL / interval)
 
 Corrections are observed p90 / estimated p90 for the current deployment, smoothed and clamped, so a
 profile that is optimistic or pessimistic for this traffic converges to what is seen. Without prefill
@@ -121,14 +122,17 @@ def decide_sla(obs: Observation | None, current: dict[Pool, int], state: SlaStat
     state.ttft_correction = _correct(state.ttft_correction, obs.ttft_p90, est_ttft, cfg.correction_alpha)
     n_dec = max(1, current.get(Pool.DECODE, 0))
     c_now = max(profile.decode_concurrency[0], obs.pool(Pool.DECODE).running / n_dec)
-    state.itl_correction = _correct(state.itl_correction, obs.itl_p90,
-                                    profile.itl(c_now, context) * state.itl_correction, cfg.correction_alpha)
+    if obs.pool(Pool.DECODE).waiting == 0:  # with a queue, observed gaps include waiting: not the curve's error
+        state.itl_correction = _correct(state.itl_correction, obs.itl_p90,
+                                        profile.itl(c_now, context) * state.itl_correction, cfg.correction_alpha)
     service = base_s * state.ttft_correction
     lo_p, hi_p = bounds.limits(Pool.PREFILL if has_prefill else Pool.DECODE)
     n_prefill = _smallest(lo_p, hi_p, lambda n: prefill_estimate(rate, service, n) <= cfg.ttft_target)
     c_star = decode_concurrency(profile, context, cfg.itl_target / state.itl_correction, cap)
     tokens_per_worker = c_star / (profile.itl(c_star, context) * state.itl_correction)
-    n_decode = math.ceil(rate * osl / tokens_per_worker - 1e-9)
+    # the queued sequences' tokens are demand too: cleared over the next interval
+    backlog = obs.pool(Pool.DECODE).waiting * osl / max(obs.interval_s, 1e-9)
+    n_decode = math.ceil((rate * osl + backlog) / tokens_per_worker - 1e-9)
     why_p = (f"rate {rate:.2f}/s, uncached ISL {isl * (1 - hit):.0f} -> TTFT est "
              f"{prefill_estimate(rate, service, n_prefill):.3g}s (x{state.ttft_correction:.2f})")
     why_d = f"{rate * osl:.0f} tok/s at {tokens_per_worker:.0f} tok/s/worker (c={c_star:.1f}, x{state.itl_correction:.2f})"

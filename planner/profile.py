@@ -10,6 +10,7 @@ linearly and clamp at the ends (never extrapolate a curve past what was measured
 from __future__ import annotations
 
 import bisect
+from typing import Protocol
 
 import msgspec
 
@@ -71,3 +72,22 @@ def load_profile(path: str) -> Profile:
 def save_profile(profile: Profile, path: str) -> None:
     with open(path, "wb") as f:
         f.write(msgspec.json.format(msgspec.json.encode(profile)))
+
+
+class StepCost(Protocol):
+    """An engine's step timing (the mocker's TimingModel is one): what profiles and simulations price."""
+
+    def prefill_seconds(self, new_tokens: int, context: int = 0) -> float: ...
+
+    def decode_seconds(self, batch: int, kv_blocks: int) -> float: ...
+
+
+def profile_from_cost(cost: StepCost, block_size: int, max_num_seqs: int,
+                      isls: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096, 8192),
+                      contexts: tuple[int, ...] = (256, 1024, 4096, 8192)) -> Profile:
+    """The curves a timing model implies (one prompt alone; c sequences decoding together)."""
+    conc = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, max_num_seqs} & set(range(1, max_num_seqs + 1)))
+    return Profile(prefill_isl=[float(i) for i in isls], prefill_ttft_s=[cost.prefill_seconds(i) for i in isls],
+                   decode_concurrency=[float(c) for c in conc], decode_context=[float(x) for x in contexts],
+                   decode_itl_s=[[cost.decode_seconds(c, c * -(-x // block_size)) for c in conc] for x in contexts],
+                   max_num_seqs=max_num_seqs)
