@@ -56,6 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_arguments(sim, PlannerConfig)
     _timing_flags(sim)
     sim.set_defaults(func=_simulate)
+    tr = cmds.add_parser("trace", help="write a bursty Mooncake JSONL trace (base rate with periodic bursts)")
+    tr.add_argument("--out", required=True)
+    for name, default in (("duration_s", 240.0), ("base_rate", 2.0), ("burst_rate", 8.0), ("burst_every_s", 60.0),
+                          ("burst_len_s", 20.0), ("isl", 1024), ("osl", 128), ("seed", 0)):
+        tr.add_argument("--" + name.replace("_", "-"), dest=name, type=type(default), default=default)
+    tr.set_defaults(func=_trace)
     prof = cmds.add_parser("profile", help="write the curves the sla policy reads")
     prof.add_argument("--out", required=True, help="profile file to write (JSON)")
     _timing_flags(prof)
@@ -73,6 +79,21 @@ def _timing(args: argparse.Namespace):
         prefill_us_per_token=wk.mocker_prefill_us_per_token,
         prefill_us_per_token_pair=wk.mocker_prefill_us_per_token_pair, decode_base_ms=wk.mocker_decode_base_ms,
         decode_us_per_seq=wk.mocker_decode_us_per_seq, decode_us_per_kv_block=wk.mocker_decode_us_per_kv_block)), wk
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from kvrelay.planner.trace import bursty_trace, write_trace
+
+    for name in ("duration_s", "base_rate", "burst_rate", "burst_every_s", "isl", "osl"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be > 0")
+    if not 0 <= args.burst_len_s <= args.burst_every_s:
+        raise ConfigError("--burst-len-s: must be in [0, --burst-every-s]")
+    records = bursty_trace(args.duration_s, args.base_rate, args.burst_rate, args.burst_every_s, args.burst_len_s,
+                           args.isl, args.osl, args.seed)
+    write_trace(records, args.out)
+    print(f"wrote {len(records)} requests to {args.out}")  # noqa: T201
+    return 0
 
 
 def _profile(args: argparse.Namespace) -> int:

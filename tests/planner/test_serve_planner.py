@@ -16,7 +16,7 @@ from tests.planner.load_client import drive
 
 INTERVAL = 2.0
 TTFT_TARGET = 1.0
-MAX_TOKENS = 24
+MAX_TOKENS = 48  # ~1.2 s a stream: scale-down meets streams in flight
 
 
 def _p90(xs: list[float]) -> float:
@@ -36,7 +36,7 @@ async def _watch(url: str, samples: list[tuple[float, int]], stop: asyncio.Event
 
 
 async def test_load_step_scales_decode_up_then_down_without_a_failed_request(tmp_path):
-    # one mocker worker: 4 sequences at once, ~25 ms a step -> ~0.6 s a request, ~6 requests/s
+    # one mocker worker: 4 sequences at once, ~25 ms a step -> ~1.2 s a request, ~3.3 requests/s
     serve = Serve(tmp_path, "--engine", "mocker", "--planner", "load", "--planner-interval", str(INTERVAL),
                   "--max-prefill", "0", "--min-decode", "1", "--max-decode", "4", "--budget", "4",
                   "--max-num-seqs", "4", "--mocker-decode-base-ms", "25", "--ttft-target", str(TTFT_TARGET),
@@ -54,10 +54,11 @@ async def test_load_step_scales_decode_up_then_down_without_a_failed_request(tmp
         stop = asyncio.Event()
         watcher = asyncio.create_task(_watch(planner_url, samples, stop))
         t0 = time.monotonic()
-        phases = [(1.5, 12.0), (6.0, 30.0), (1.5, 30.0)]  # low, 4x, low again
+        phases = [(1.0, 12.0), (4.0, 30.0), (1.0, 30.0)]  # low, 4x, low again
         outcomes = await drive(serve.base_url, "kvrelay-tiny", phases, MAX_TOKENS)
         stop.set()
         await watcher
+        metrics = httpx.get(f"{serve.base_url}/metrics").text
     finally:
         serve.stop()
     step_at, drop_at = t0 + 12.0, t0 + 42.0
@@ -73,6 +74,8 @@ async def test_load_step_scales_decode_up_then_down_without_a_failed_request(tmp
     assert end and min(end) < peak, samples
     bad = [o for o in outcomes if not o.complete(MAX_TOKENS)]
     assert not bad, bad[:5]
+    # streams of a stopped worker that did not drain in time continue elsewhere; report how many did
+    print("frontend migrations:", [ln for ln in metrics.splitlines() if "migration" in ln and not ln.startswith("#")])
     # no oscillation: at most one change of direction in any 10 intervals of the decode count
     counts = [n for _, n in samples]
     moves = [b - a for a, b in zip(counts, counts[1:], strict=False) if b != a]
