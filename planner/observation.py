@@ -34,6 +34,7 @@ class PoolObservation:
 class Observation:
     interval_s: float
     request_rate: float = 0.0  # requests/s finished at the frontend in the window
+    arrival_rate: float | None = None  # requests/s that arrived (finished + growth of in-flight); None = unknown
     isl: float | None = None  # mean prompt length of the window's requests
     osl: float | None = None  # mean completion length
     ttft_p90: float | None = None  # seconds

@@ -18,7 +18,7 @@ from kvrelay.runtime.discovery import Discovery, list_instances
 
 log = logging.getLogger(__name__)
 
-FRONTEND_SERIES = ("kvrelay_frontend_request_seconds_count", "kvrelay_frontend_prompt_tokens_total",
+FRONTEND_SERIES = ("kvrelay_frontend_request_seconds_count", "kvrelay_frontend_inflight_requests", "kvrelay_frontend_prompt_tokens_total",
                    "kvrelay_frontend_cached_prompt_tokens_total", "kvrelay_frontend_completion_tokens_total",
                    "kvrelay_frontend_ttft_seconds_bucket", "kvrelay_frontend_itl_seconds_bucket")
 WORKER_SERIES = ("kvrelay_worker_running", "kvrelay_worker_waiting", "kvrelay_worker_used_blocks",
@@ -69,6 +69,8 @@ def observe(prev: Scrape, cur: Scrape, workers: list[WorkerInfo]) -> Observation
         return max(0.0, cur.total(name) - prev.total(name))
 
     finished = delta("kvrelay_frontend_request_seconds_count")
+    inflight = "kvrelay_frontend_inflight_requests"
+    arrived = (finished + cur.total(inflight) - prev.total(inflight)) if inflight in cur.series else None
     prompt = delta("kvrelay_frontend_prompt_tokens_total")
     pools: dict[Pool, PoolObservation] = {}
     gauges = {n: cur.by(f"kvrelay_worker_{n}", "worker") for n in ("running", "waiting", "used_blocks",
@@ -94,7 +96,8 @@ def observe(prev: Scrape, cur: Scrape, workers: list[WorkerInfo]) -> Observation
             capacity_seqs=sum(w.max_num_seqs for w in members),
             prompt_tokens_rate=rate("prompt_tokens"), generated_tokens_rate=rate("generated_tokens"))
     return Observation(
-        interval_s=dt, request_rate=finished / dt, isl=_ratio(prompt, finished),
+        interval_s=dt, request_rate=finished / dt, arrival_rate=None if arrived is None else max(0.0, arrived) / dt,
+        isl=_ratio(prompt, finished),
         osl=_ratio(delta("kvrelay_frontend_completion_tokens_total"), finished),
         ttft_p90=histogram_quantile(QUANTILE, prev.buckets("kvrelay_frontend_ttft_seconds"),
                                     cur.buckets("kvrelay_frontend_ttft_seconds")),

@@ -102,7 +102,8 @@ def decide_sla(obs: Observation | None, current: dict[Pool, int], state: SlaStat
                profile: Profile, bounds: Bounds) -> Decision:
     if obs is None:
         return Decision(dict(current), {p: "no observation this interval: no change" for p in Pool})
-    state.rate.update(obs.request_rate)
+    # arrivals, not completions: at a burst's start requests arrive long before they finish
+    state.rate.update(obs.arrival_rate if obs.arrival_rate is not None else obs.request_rate)
     state.isl.update(obs.isl)
     state.osl.update(obs.osl)
     state.hit.update(obs.hit_rate)

@@ -105,6 +105,7 @@ class Simulation:
         self._events: list[tuple[float, int, str, object]] = []
         self._seq = 0
         self._window_done: list[SimRequest] = []
+        self._window_arrived = 0
         self.max_workers = {p.value: n for p, n in initial.items()}
 
     # -- event plumbing -------------------------------------------------------------------------------
@@ -167,6 +168,7 @@ class Simulation:
 
     def _handle(self, kind: str, obj) -> None:
         if kind == "arrival":
+            self._window_arrived += 1
             self._route(obj)
         elif kind == "prefilled":
             w, req = obj
@@ -193,6 +195,7 @@ class Simulation:
     # -- what the planner sees and does ---------------------------------------------------------------
     def observation(self, interval: float) -> Observation:
         done, self._window_done = self._window_done, []
+        arrived, self._window_arrived = self._window_arrived, 0
         n = len(done)
         itls = [r.itl_sum / (r.generated - 1) for r in done if r.generated > 1]
         pools = {}
@@ -202,7 +205,7 @@ class Simulation:
                 workers=len(ws), running=float(sum(len(w.running) + (w.busy and pool is Pool.PREFILL) for w in ws)),
                 waiting=float(sum(len(w.queue) for w in ws) + (len(self.unrouted) if pool is Pool.DECODE else 0)),
                 capacity_seqs=len(ws) * (self.cfg.max_num_seqs if pool is Pool.DECODE else 1))
-        return Observation(interval_s=interval, request_rate=n / interval,
+        return Observation(interval_s=interval, request_rate=n / interval, arrival_rate=arrived / interval,
                            isl=sum(r.isl for r in done) / n if n else None,
                            osl=sum(r.osl for r in done) / n if n else None,
                            ttft_p90=_p90([r.first - r.arrival for r in done]) if n else None,
