@@ -64,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.set_defaults(func=_trace)
     prof = cmds.add_parser("profile", help="write the curves the sla policy reads")
     prof.add_argument("--out", required=True, help="profile file to write (JSON)")
+    prof.add_argument("--url", default="", help="measure this running deployment (one worker per pool) instead "
+                      "of deriving the curves from the mocker timing model")
+    prof.add_argument("--model", default="", help="with --url: the model name (default: the first served)")
     _timing_flags(prof)
     prof.set_defaults(func=_profile)
     p.set_defaults(func=lambda _args: (p.print_help(), 2)[1])
@@ -99,8 +102,19 @@ def _trace(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> int:
     from kvrelay.planner.profile import profile_from_cost, save_profile
 
-    cost, wk = _timing(args)
-    save_profile(profile_from_cost(cost, wk.block_size, wk.max_num_seqs), args.out)
+    if args.url:
+        from kvrelay.planner.profiler import measure_profile
+
+        try:
+            model = args.model or httpx.get(f"{args.url.rstrip('/')}/v1/models", timeout=10).json()["data"][0]["id"]
+            profile = aio.run(measure_profile(args.url, model))
+        except (httpx.HTTPError, RuntimeError, KeyError, IndexError) as e:
+            sys.stderr.write(f"kvrelay planner profile: error: {args.url}: {e}\n")
+            return 1
+    else:
+        cost, wk = _timing(args)
+        profile = profile_from_cost(cost, wk.block_size, wk.max_num_seqs)
+    save_profile(profile, args.out)
     print(f"wrote {args.out}")  # noqa: T201
     return 0
 

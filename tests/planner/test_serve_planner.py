@@ -58,7 +58,8 @@ async def test_load_step_scales_decode_up_then_down_without_a_failed_request(tmp
         outcomes = await drive(serve.base_url, "kvrelay-tiny", phases, MAX_TOKENS)
         stop.set()
         await watcher
-        metrics = httpx.get(f"{serve.base_url}/metrics").text
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"{serve.base_url}/metrics")).text
     finally:
         serve.stop()
     step_at, drop_at = t0 + 12.0, t0 + 42.0
