@@ -8,8 +8,8 @@ TTFT and TPOT targets, failures count as misses), goodput (such requests per sec
               are workers x the replay's window, of a planner the integral of max(ready, asked-for)
               sampled from its /status every 0.5 s.
 
-    python -m kvrelay.perf.planner_bench simulate
-    python -m kvrelay.perf.planner_bench real --duration 120
+    python -m kvrelay.perf.planner_bench simulate --duration 360
+    python -m kvrelay.perf.planner_bench real --duration 360
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ TTFT_MS, TPOT_MS = 500, 40
 TIMING = ["--mocker-prefill-us-per-token", "50", "--mocker-decode-base-ms", "20", "--mocker-decode-us-per-seq", "500",
           "--max-num-seqs", "16"]
 TARGETS = ["--ttft-target", str(TTFT_MS / 1000), "--itl-target", str(TPOT_MS / 1000)]
-PLANNED = ["--min-prefill", "1", "--max-prefill", "1", "--min-decode", "1", "--max-decode", "4", "--budget", "5"]
+PLANNED = ["--max-prefill", "1", "--min-decode", "1", "--max-decode", "4", "--budget", "5"]
 CONFIGS = ("1x1", "1x2", "1x3", "load", "sla")
 
 
@@ -46,11 +46,12 @@ def write_trace(path: Path, duration: float) -> None:
             "--isl", "512", "--osl", "64")
 
 
-def simulate(trace: Path, interval: float) -> dict[str, dict]:
+def simulate(trace: Path, interval: float, min_prefill: int, configs: list[str]) -> dict[str, dict]:
     out = {}
-    for name in CONFIGS:
+    for name in configs:
         how = ["--static", name] if "x" in name else ["--planner-policy", name]
         line = kvrelay("planner", "simulate", "--trace", str(trace), *TIMING, *TARGETS, *PLANNED, "--startup-s", "2",
+                       "--min-prefill", str(min_prefill),
                        "--planner-interval", str(interval), *how).strip().splitlines()[-1]
         w = line.split()
         out[name] = {"attainment": float(w[w.index("attainment") + 1].rstrip("%")) / 100,
@@ -75,7 +76,7 @@ def _integral(samples: list[tuple[float, int]]) -> float:
     return sum((t1 - t0) * n for (t0, n), (t1, _) in zip(samples, samples[1:], strict=False))
 
 
-async def real_one(name: str, trace: Path, tmp: Path, interval: float, profile: Path) -> dict:
+async def real_one(name: str, trace: Path, tmp: Path, interval: float, profile: Path, min_prefill: int) -> dict:
     common = ["--engine", "mocker", *TIMING, "--disagg-min-tokens", "1"]
     if "x" in name:
         p, d = name.split("x")
@@ -84,6 +85,7 @@ async def real_one(name: str, trace: Path, tmp: Path, interval: float, profile: 
         port = free_port()
         serve = Serve(tmp, *common, "--prefill-workers", "1", "--decode-workers", "1", "--planner", name,
                       "--planner-interval", str(interval), "--planner-port", str(port), "--profile", str(profile),
+                      "--min-prefill", str(min_prefill),
                       *TARGETS, *PLANNED, workers=None)
     serve.start()
     samples: list[tuple[float, int]] = []
@@ -119,12 +121,14 @@ def table(title: str, rows: dict[str, dict]) -> str:
     for name, r in rows.items():
         label = f"static {name.replace('x', 'P+')}D" if "x" in name else f"planner `{name}`"
         lines.append(f"| {label} | {r['attainment']:.1%} | {r['goodput']:.2f} | {r['worker_seconds']:.0f} |")
-    best = max(r["attainment"] for n, r in rows.items() if "x" in n)
-    cheapest = min(r["worker_seconds"] for n, r in rows.items() if "x" in n and r["attainment"] >= best)
-    sla = rows["sla"]
-    lines += ["", f"best static attainment {best:.1%} at {cheapest:.0f} worker-seconds; `sla` "
-              f"{sla['attainment']:.1%} at {sla['worker_seconds']:.0f} = {sla['worker_seconds'] / cheapest:.0%} "
-              "of them"]
+    static = {n: r for n, r in rows.items() if "x" in n}
+    if static and "sla" in rows:
+        best = max(r["attainment"] for r in static.values())
+        cheapest = min(r["worker_seconds"] for r in static.values() if r["attainment"] >= best)
+        sla = rows["sla"]
+        lines += ["", f"best static attainment {best:.1%} at {cheapest:.0f} worker-seconds; `sla` "
+                  f"{sla['attainment']:.1%} at {sla['worker_seconds']:.0f} = {sla['worker_seconds'] / cheapest:.0%} "
+                  "of them"]
     return "\n".join(lines)
 
 
@@ -133,22 +137,28 @@ def main() -> int:
     ap.add_argument("mode", choices=("simulate", "real"))
     ap.add_argument("--duration", type=float, default=540.0, help="trace length, s")
     ap.add_argument("--interval", type=float, default=2.0, help="planner interval, s")
+    ap.add_argument("--min-prefill", type=int, default=0, help="planners: fewest prefill workers (0: decode "
+                    "workers prefill locally at low load)")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     args = ap.parse_args()
+    configs = [c for c in args.configs.split(",") if c]
+    if not set(configs) <= set(CONFIGS):
+        ap.error(f"--configs: choose from {','.join(CONFIGS)}")
     with tempfile.TemporaryDirectory(prefix="planner-bench-") as d:
         tmp = Path(d)
         trace = tmp / "bursty.jsonl"
         write_trace(trace, args.duration)
         if args.mode == "simulate":
-            rows = simulate(trace, args.interval)
+            rows = simulate(trace, args.interval, args.min_prefill, configs)
             for r in rows.values():
                 print(r["line"])  # noqa: T201
         else:
             profile = tmp / "profile.json"
             kvrelay("planner", "profile", "--out", str(profile), *TIMING)
             rows = {}
-            for name in CONFIGS:
+            for name in configs:
                 (tmp / name).mkdir()
-                rows[name] = asyncio.run(real_one(name, trace, tmp / name, args.interval, profile))
+                rows[name] = asyncio.run(real_one(name, trace, tmp / name, args.interval, profile, args.min_prefill))
                 print(name, json.dumps(rows[name]), flush=True)  # noqa: T201
         print(table(f"{args.mode}, {args.duration:.0f} s bursty trace", rows))  # noqa: T201
     return 0

@@ -12,7 +12,9 @@ estimated TTFT and ITL p90 meet their targets.
 
 Corrections are observed p90 / estimated p90 for the current deployment, smoothed and clamped, so a
 profile that is optimistic or pessimistic for this traffic converges to what is seen. Without prefill
-workers (max prefill 0) decode workers prefill locally and are sized for both.
+workers (max prefill 0) decode workers prefill locally and are sized for both. With min prefill 0 the
+prefill pool is emptied while local prefill would take at most `local_prefill_share` of the decode
+workers' time and still meet the TTFT target (low traffic needs no dedicated prefill worker).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class SlaConfig:
     itl_target: float = 0.05
     predictor: PredictorKind = PredictorKind.KALMAN
     correction_alpha: float = 0.5
+    # with min prefill 0: decode workers prefill locally while that takes at most this share of their time
+    local_prefill_share: float = 0.15
 
 
 @dataclass
@@ -118,7 +122,9 @@ def decide_sla(obs: Observation | None, current: dict[Pool, int], state: SlaStat
     context = isl + osl / 2
     # corrections from the current deployment at the observed rate
     base_s = profile.ttft(isl * (1 - hit))
-    prefill_n = current.get(Pool.PREFILL, 0) if has_prefill else current.get(Pool.DECODE, 0)
+    # who prefills now: the prefill pool, or the decode workers when it has none (local prefill)
+    prefill_n = current.get(Pool.PREFILL, 0) if has_prefill and current.get(Pool.PREFILL, 0) else current.get(
+        Pool.DECODE, 0)
     est_ttft = prefill_estimate(obs.request_rate, base_s * state.ttft_correction, prefill_n)
     state.ttft_correction = _correct(state.ttft_correction, obs.ttft_p90, est_ttft, cfg.correction_alpha)
     n_dec = max(1, current.get(Pool.DECODE, 0))
@@ -134,6 +140,14 @@ def decide_sla(obs: Observation | None, current: dict[Pool, int], state: SlaStat
     # the queued sequences' tokens are demand too: cleared over the next interval
     backlog = obs.pool(Pool.DECODE).waiting * osl / max(obs.interval_s, 1e-9)
     n_decode = math.ceil((rate * osl + backlog) / tokens_per_worker - 1e-9)
+    if has_prefill and lo_p == 0:  # can the decode workers prefill locally instead (no prefill worker)?
+        n_local = max(1, n_decode)
+        share = rate * service / n_local  # of each decode worker's time, taken from decoding
+        if share <= cfg.local_prefill_share and prefill_estimate(rate, service, n_local) <= cfg.ttft_target:
+            n_decode = math.ceil((rate * osl + backlog) / (tokens_per_worker * (1 - share)) - 1e-9)
+            return bounds.apply({Pool.PREFILL: 0, Pool.DECODE: n_decode}, {
+                Pool.PREFILL: f"decode workers prefill locally ({share:.0%} of their time)", Pool.DECODE:
+                f"{rate * osl:.0f} tok/s at {tokens_per_worker * (1 - share):.0f} tok/s/worker with local prefill"})
     why_p = (f"rate {rate:.2f}/s, uncached ISL {isl * (1 - hit):.0f} -> TTFT est "
              f"{prefill_estimate(rate, service, n_prefill):.3g}s (x{state.ttft_correction:.2f})")
     why_d = f"{rate * osl:.0f} tok/s at {tokens_per_worker:.0f} tok/s/worker (c={c_star:.1f}, x{state.itl_correction:.2f})"

@@ -22,7 +22,7 @@ from tests.planner.fakes import FakeConnector, ScriptedObserver
 
 MOCKER = ["--mocker-prefill-us-per-token", "50", "--mocker-decode-base-ms", "20", "--mocker-decode-us-per-seq",
           "500", "--max-num-seqs", "16", "--ttft-target", "0.5", "--itl-target", "0.04", "--startup-s", "2",
-          "--planner-interval", "5", "--min-prefill", "1", "--max-prefill", "1"]
+          "--planner-interval", "2", "--max-prefill", "1", "--max-decode", "4", "--budget", "5"]
 
 
 def _simulate(capsys, trace, *extra) -> dict[str, float]:
@@ -35,14 +35,14 @@ def _simulate(capsys, trace, *extra) -> dict[str, float]:
 
 def test_sla_beats_the_smallest_static_deployment_on_a_bursty_trace(tmp_path, capsys):
     trace = tmp_path / "bursty.jsonl"
-    write_trace(bursty_trace(duration_s=540, base_rate=3, burst_rate=12, burst_every_s=180, burst_len_s=60,
+    write_trace(bursty_trace(duration_s=360, base_rate=3, burst_rate=12, burst_every_s=120, burst_len_s=40,
                              isl=512, osl=64), str(trace))
     static = {s: _simulate(capsys, trace, "--static", s) for s in ("1x1", "1x2", "1x3")}
-    sla = _simulate(capsys, trace, "--planner-policy", "sla")
-    load = _simulate(capsys, trace, "--planner-policy", "load")
+    sla = _simulate(capsys, trace, "--planner-policy", "sla", "--min-prefill", "0")
+    load = _simulate(capsys, trace, "--planner-policy", "load", "--min-prefill", "1")
     assert sla["attainment"] >= 0.90 and load["attainment"] >= 0.90
     reaching = [r["ws"] for r in static.values() if r["attainment"] >= sla["attainment"]]
-    assert reaching and sla["ws"] < min(reaching)
+    assert reaching and sla["ws"] < 0.8 * min(reaching), (sla, static)  # measured: 69% (perf/RESULTS.md)
     assert static["1x1"]["attainment"] < 0.9  # the trace does need scaling
 
 

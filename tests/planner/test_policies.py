@@ -193,3 +193,16 @@ def test_predictors_track_a_level_and_skip_idle_windows(predictor):
     before = predictor.predict()
     predictor.update(None)
     assert predictor.predict() == before
+
+
+def test_sla_empties_the_prefill_pool_when_decode_can_prefill_locally():
+    low = obs(rate=0.5, isl=1000, osl=100, ttft=None, itl=None, decode=dpool(1, 2, seqs=32),
+              prefill=PoolObservation(workers=1))
+    d = decide_sla(low, {P: 1, D: 1}, SlaState.new("constant"), SLA, PROFILE, Bounds(min_prefill=0))
+    assert d.counts[P] == 0 and "locally" in d.reasons[P]  # 0.5/s x 0.2 s = 10% of one decode worker
+    d = decide_sla(low, {P: 1, D: 1}, SlaState.new("constant"), SLA, PROFILE, Bounds(min_prefill=1))
+    assert d.counts[P] == 1  # the minimum still rules
+    high = obs(rate=4, isl=1000, osl=100, ttft=None, itl=None, decode=dpool(1, 2, seqs=32),
+               prefill=PoolObservation(workers=0))
+    d = decide_sla(high, {P: 0, D: 1}, SlaState.new("constant"), SLA, PROFILE, Bounds(min_prefill=0))
+    assert d.counts[P] >= 1  # 80% of a decode worker's time: a prefill worker is needed
