@@ -23,6 +23,7 @@ from dataclasses import replace
 
 from kvrelay.cli.supervisor import Child, Supervisor, child_env
 from kvrelay.frontend.config import FrontendConfig
+from kvrelay.planner.config import PlannerConfig
 from kvrelay.runtime import aio
 from kvrelay.runtime.config import ConfigError, add_arguments, build, flag_name
 from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
@@ -45,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-workers", type=int, default=None,
                    help="disaggregated: number of decode workers (env KVRELAY_DECODE_WORKERS)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env KVRELAY_LOG_LEVEL)")
-    add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig, *SERVE_GROUPS)
+    p.add_argument("--planner", choices=("off", "load", "sla"), default="off",
+                   help="rescale the worker pools with this policy (planner/README.md)")
+    add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig, PlannerConfig, *SERVE_GROUPS)
     p.set_defaults(func=_run)
 
 
@@ -83,8 +86,14 @@ def _run(args: argparse.Namespace) -> int:
     wk = build(WorkerConfig, args)
     setup_logging(args.log_level)
     wk = _resolve_model(wk)
+    planner = None
+    if args.planner != "off":
+        from kvrelay.planner.service import make_policy
+
+        planner = build(PlannerConfig, args, planner_policy=args.planner)
+        planner = (planner, make_policy(planner))
     try:
-        return aio.run(_serve(roles, fe, disc, ev, wk))
+        return aio.run(_serve(roles, fe, disc, ev, wk, planner))
     except KeyboardInterrupt:
         return 130
 
@@ -117,7 +126,8 @@ def _worker_argv(wk: WorkerConfig, disc: DiscoveryConfig, ev: EventsConfig, fe: 
     return argv
 
 
-async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, wk: WorkerConfig) -> int:
+async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, wk: WorkerConfig,
+                 planner=None) -> int:
     from kvrelay.frontend.app import FrontendServer
 
     run_dir = tempfile.mkdtemp(prefix=f"serve-{os.getpid()}-", dir=_ensure(default_run_dir()))
@@ -142,13 +152,19 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
     supervisor = Supervisor()
     server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev))
     stop = asyncio.Event()
+    starting = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         children = [Child(f"{role}-{i}", [*_worker_argv(wk, disc, ev, fe), "--role", role], child_env(threads))
                     for i, role in enumerate(roles)]
-        starting = asyncio.create_task(supervisor.start(children))
+        if planner is not None:  # the planner's local connector owns the workers instead of the supervisor
+            from kvrelay.cli.serve_planner import start_planned_workers
+
+            starting = asyncio.create_task(start_planned_workers(roles, children, planner, disc, fe, server, stop))
+        else:
+            starting = asyncio.create_task(supervisor.start(children))
         await server.start()
         done, _ = await asyncio.wait({starting, asyncio.create_task(stop.wait())},
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -167,6 +183,9 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
         log.info("stopping")
         await server.close()
         await supervisor.stop()
+        if planner is not None and starting is not None and starting.done() and not starting.cancelled() and starting.exception() is None:
+            stop.set()
+            await starting.result()  # the planner's connector stops its workers
         if broker is not None:
             broker.close()
         _remove_run_dir(run_dir)

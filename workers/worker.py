@@ -118,7 +118,8 @@ class Worker:
         await self.server.start()
         layout = self.engine.kv_layout()
         fingerprint = self.engine.fingerprint
-        labels = {"fingerprint": fingerprint, "engine": self.cfg.engine, "pid": str(os.getpid())}
+        labels = {"fingerprint": fingerprint, "engine": self.cfg.engine, "pid": str(os.getpid()),
+                  "max_num_seqs": str(self.cfg.max_num_seqs)}  # the planner's capacity per worker
         if self.cfg.metrics_port >= 0:
             self.metrics = MetricsServer(self.engine, self.instance_id)
             port = self.metrics.start(self.cfg.host, self.cfg.metrics_port)

@@ -1,0 +1,1 @@
+"""Connectors: how a decision (desired worker counts per pool) becomes workers (one protocol, base.py)."""

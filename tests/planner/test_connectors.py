@@ -1,0 +1,134 @@
+"""Connectors: kubernetes against a stub API server implementing /scale, virtual through real file
+discovery, local with real `kvrelay worker --engine mocker` processes."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from kvrelay.planner.connectors.base import ScaleError
+from kvrelay.planner.connectors.kubernetes import KubernetesConnector
+from kvrelay.planner.connectors.local import LocalConnector
+from kvrelay.planner.connectors.virtual import (
+    VirtualAck,
+    VirtualConnector,
+    VirtualDecision,
+    ack_key,
+    decision_key,
+)
+from kvrelay.planner.decision import Bounds
+from kvrelay.planner.loop import Planner
+from kvrelay.planner.metrics import PlannerMetrics
+from kvrelay.planner.observation import Observation, Pool, PoolObservation
+from kvrelay.planner.policy import Policy, PolicyKind
+from kvrelay.runtime.discovery.file import FileDiscovery
+from kvrelay.runtime.wire import decode, encode
+from tests.planner.fakes import ScriptedObserver
+from tests.planner.k8s_stub import StubApiServer
+
+P, D = Pool.PREFILL, Pool.DECODE
+DEPLOYMENTS = {P: "kvrelay-prefill", D: "kvrelay-decode"}
+
+
+async def test_kubernetes_connector_scales_through_the_scale_subresource():
+    with StubApiServer({"kvrelay-prefill": 1, "kvrelay-decode": 1}) as api:
+        conn = KubernetesConnector("serving", DEPLOYMENTS, api_url=api.url, token="t0ken")
+        assert await conn.ready() == {P: 1, D: 1}
+        await conn.scale({P: 2, D: 3})
+        assert api.patches == [("serving", "kvrelay-prefill", {"spec": {"replicas": 2}}),
+                               ("serving", "kvrelay-decode", {"spec": {"replicas": 3}})]
+        assert await conn.ready() == {P: 2, D: 3}
+        await conn.close()
+
+
+async def test_kubernetes_refusal_is_a_scale_error():
+    with StubApiServer({"kvrelay-decode": 1}) as api:
+        conn = KubernetesConnector("serving", {P: "missing", D: "kvrelay-decode"}, api_url=api.url, token="t0ken")
+        with pytest.raises(ScaleError, match="missing"):
+            await conn.scale({P: 1})
+        bad = KubernetesConnector("serving", DEPLOYMENTS, api_url=api.url, token="wrong")
+        with pytest.raises(ScaleError, match="Unauthorized"):
+            await bad.scale({D: 2})
+        await conn.close()
+        await bad.close()
+
+
+async def test_kubernetes_pending_pods_time_out_and_the_planner_carries_on():
+    """Pods beyond `schedulable` stay Pending (readyReplicas < replicas): the planner reports the
+    timeout, then decides again from the ready count (Dynamo #14251)."""
+    hot = Observation(interval_s=1, request_rate=5, isl=100, osl=50, ttft_p90=5.0, itl_p90=0.01,
+                      pools={D: PoolObservation(workers=2, running=16, waiting=30, capacity_seqs=16)})
+    t = [0.0]
+    with StubApiServer({"kvrelay-decode": 1}, schedulable=2) as api:
+        conn = KubernetesConnector("serving", {D: "kvrelay-decode"}, api_url=api.url, token="t0ken")
+        reg = CollectorRegistry()
+        planner = Planner(ScriptedObserver([hot]), conn, Policy(PolicyKind.LOAD, Bounds(max_prefill=0)),
+                          PlannerMetrics(reg), interval=1, scale_timeout=3, clock=lambda: t[0])
+        for _ in range(12):
+            await planner.step()
+            t[0] += 1
+        events = [h["event"] for h in planner.history]
+        assert "scale ready" in events and "scale timed out" in events
+        assert api.ready["kvrelay-decode"] == 2 and api.replicas["kvrelay-decode"] >= 3
+        assert reg.get_sample_value("kvrelay_planner_scale_timeouts_total", {"pool": "decode"}) >= 1
+        await conn.close()
+
+
+async def test_virtual_connector_publishes_and_reads_the_ack(tmp_path):
+    planner_side = FileDiscovery(str(tmp_path), ttl=5)
+    external = FileDiscovery(str(tmp_path), ttl=5)
+    await planner_side.start()
+    await external.start()
+    try:
+        conn = VirtualConnector(planner_side, "ns", initial={P: 1, D: 1})
+        await conn.scale({P: 1, D: 3})
+        found = await external.list(decision_key("ns"))
+        decision = decode(found[decision_key("ns")], VirtualDecision)
+        assert decision.seq == 1 and decision.counts == {"prefill": 1, "decode": 3}
+        assert await conn.ready() == {P: 1, D: 1}  # no ack yet: nothing changed
+        await external.register(ack_key("ns"), encode(VirtualAck(seq=1, counts={"prefill": 1, "decode": 3})))
+        assert await conn.ready() == {P: 1, D: 3}
+        await conn.close()
+        assert decision_key("ns") not in await external.list(decision_key("ns"))
+    finally:
+        await planner_side.close()
+        await external.close()
+
+
+async def test_local_connector_starts_and_stops_worker_processes(tmp_path):
+    from kvrelay.runtime.events.zmq_plane import ZmqBroker
+
+    pub, sub = f"ipc://{tmp_path}/pub.sock", f"ipc://{tmp_path}/sub.sock"
+    broker = ZmqBroker(pub, sub)
+    broker.start()
+
+    def argv(pool: Pool) -> list[str]:
+        return [sys.executable, "-m", "kvrelay.cli.main", "worker", "--engine", "mocker", "--model", "tiny",
+                "--role", pool.value,
+                "--kv-transfer", "none", "--discovery-dir", str(tmp_path / "d"), "--events", "zmq",
+                "--zmq-pub-endpoint", pub, "--zmq-sub-endpoint", sub, "--metrics-port", "-1"]
+
+    conn = LocalConnector(argv, stop_grace=20)
+    try:
+        await conn.scale({P: 0, D: 2})
+        for _ in range(300):
+            if (await conn.ready())[D] == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert await conn.ready() == {P: 0, D: 2}
+        pids = [w.proc.pid for w in conn.workers]
+        await conn.scale({P: 0, D: 1})
+        assert (await conn.ready())[D] == 1  # the stopping one no longer counts at once
+        for _ in range(200):
+            if sum(w.alive for w in conn.workers) == 1:
+                break
+            await asyncio.sleep(0.1)
+        alive = [w for w in conn.workers if w.alive]
+        assert len(alive) == 1 and alive[0].proc.pid == pids[0]  # the newest went
+    finally:
+        await conn.close()
+        broker.close()
+    assert all(not w.alive for w in conn.workers)
