@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API (Starlette on uvicorn, uvloop in servers).
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, /health, /ready, /metrics.
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, /health, /ready, /metrics,
+/openapi.json.
 Every error is OpenAI error JSON; no stack trace ever reaches a client. The two generate endpoints
 are plain ASGI (`generate_handler.py`, the hot path); Starlette serves the rest.
 """
@@ -11,6 +12,7 @@ import asyncio
 import hmac
 import logging
 
+import msgspec
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -22,6 +24,7 @@ from kvrelay.frontend.config import FrontendConfig
 from kvrelay.frontend.generate_handler import GenerateHandler
 from kvrelay.frontend.metrics import FrontendMetrics
 from kvrelay.frontend.openai_schema import ApiError, parse_chat_request, parse_completion_request
+from kvrelay.frontend.openapi import openapi_document
 from kvrelay.frontend.pipeline import Pipeline
 from kvrelay.frontend.service import FrontendService
 from kvrelay.runtime.discovery import Discovery
@@ -46,6 +49,7 @@ class FrontendServer:
         self._uvicorn: uvicorn.Server | None = None
         self._task: asyncio.Task | None = None
         self.port = cfg.http_port
+        self._openapi: bytes | None = None
 
     def _build_app(self) -> Starlette:
         async def not_found(request: Request, exc: HTTPException) -> Response:
@@ -57,6 +61,7 @@ class FrontendServer:
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
         ], exception_handlers={HTTPException: not_found})
 
     async def start(self) -> None:
@@ -116,8 +121,22 @@ class FrontendServer:
         return JSONResponse({"status": "ready", "models": models,
                              "workers": len(self.service.pool.instances)})
 
+    async def openapi(self, request: Request) -> Response:
+        if self._openapi is None:
+            self._openapi = msgspec.json.encode(openapi_document(_version()))
+        return Response(self._openapi, media_type="application/json")
+
     async def prometheus(self, request: Request) -> Response:
         return Response(render(self.service.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvrelay")
+    except PackageNotFoundError:
+        return "0"
 
 
 _GENERATE = {"/v1/chat/completions": ("chat", parse_chat_request),

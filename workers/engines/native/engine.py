@@ -211,6 +211,10 @@ class NativeEngine:
                         target = self._streams.pop(rid, None)
                         if target is not None:
                             deliveries.append((target, EngineError(f"engine failure: {e}")))
+                for rid in core.take_failed():  # one request's bad row never fails its neighbours
+                    target = self._streams.pop(rid, None)
+                    if target is not None:
+                        deliveries.append((target, EngineError("sampling failed for this request's parameters")))
                 for out in outputs:
                     target = self._streams.get(out.request_id)
                     if target is not None:

@@ -90,6 +90,7 @@ class LLMEngine:
         self.onboarded_blocks = 0
         self.reonboarded_blocks = 0  # of those, blocks of preempted sequences
         self.tickets: list[tuple[str, OnboardTicket]] = []  # see take_tickets
+        self.failed: list[str] = []  # see take_failed
         self._arrivals = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
@@ -207,6 +208,11 @@ class LLMEngine:
         if self.offload is not None:
             self.offload.done(block_ids)
 
+    def take_failed(self) -> list[str]:
+        """Requests whose sampling failed since the last call (already aborted, blocks freed)."""
+        failed, self.failed = self.failed, []
+        return failed
+
     def has_work(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
 
@@ -221,13 +227,20 @@ class LLMEngine:
         batch = build_batch(scheduled, self.cfg.block_size, self.cfg.device)
         logits = self.model(batch.input_ids, batch.meta, self.kv_cache, batch.logits_index)
         samplers = batch.sample_seqs
-        tokens, logprobs = sample(logits, [s.sampling for s in samplers], [s.next_generator() for s in samplers])
+        tokens, logprobs, failed = sample(logits, [s.sampling for s in samplers],
+                                          [s.next_generator() for s in samplers])
         for seq, n in scheduled:
             self.scheduler.commit(seq, n)
         if self.cost is not None:
             self.cost.observe_prefill(sum(n for _, n in scheduled if n > 1), perf_counter() - t0)
         outputs = []
+        bad = {samplers[i].request_id for i in failed}
+        for rid in bad:  # only the rows that failed end; the rest of the batch goes on
+            self.abort(rid)
+            self.failed.append(rid)
         for i, seq in enumerate(samplers):
+            if seq.request_id in bad:
+                continue
             seq.append(tokens[i], logprobs[i] if logprobs is not None and seq.sampling.logprobs else None)
             self.generated_tokens += 1
             reason = seq.stop_reason(tokens[i], self.eos, self.max_model_len)
