@@ -90,6 +90,8 @@ def _roles(args: argparse.Namespace) -> list[str]:
 def _run(args: argparse.Namespace) -> int:
     roles = _roles(args)
     fe, disc, ev = build(FrontendConfig, args), build(DiscoveryConfig, args), build(EventsConfig, args)
+    if "prefill" in roles:  # the operator asked for the disaggregated shape: ready means all of it is up
+        fe = replace(fe, require_prefill=True)
     wk = build(WorkerConfig, args)
     setup_logging(args.log_level)
     if not wk.model:

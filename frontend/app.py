@@ -50,6 +50,7 @@ class FrontendServer:
         self._task: asyncio.Task | None = None
         self.port = cfg.http_port
         self._openapi: bytes | None = None
+        self.draining = False  # set by drain(): /ready is 503 and new generate requests are refused
 
     def _build_app(self) -> Starlette:
         async def not_found(request: Request, exc: HTTPException) -> Response:
@@ -95,12 +96,15 @@ class FrontendServer:
                 return
         await self.app(scope, receive, send)
 
-    def _authorize(self, request: Request) -> None:
+    def _authorized(self, request: Request) -> bool:
         if not self.cfg.api_key:
-            return
+            return True
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), self.cfg.api_key.encode()):
+        return hmac.compare_digest(token.encode(), self.cfg.api_key.encode())
+
+    def _authorize(self, request: Request) -> None:
+        if not self._authorized(request):
             raise ApiError.invalid_api_key()
 
     async def list_models(self, request: Request) -> Response:
@@ -115,11 +119,24 @@ class FrontendServer:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
+        """200 only when a request for every served model would be routed now (DESIGN.md "Shutdown and
+        readiness"). Model names and counts only for a caller holding the API key, when one is set."""
         models = self.service.models()
-        if not models:
-            return JSONResponse({"status": "not ready", "reason": "no worker registered"}, status_code=503)
-        return JSONResponse({"status": "ready", "models": models,
-                             "workers": len(self.service.pool.instances)})
+        unready = self.service.unready_models()
+        if self.draining:
+            reason = "draining"
+        elif not models:
+            reason = "no worker registered"
+        elif unready:
+            reason = "; ".join(f"{m}: {why}" for m, why in sorted(unready.items()))
+        else:
+            reason = ""
+        body: dict = {"status": "not ready" if reason else "ready"}
+        if self._authorized(request):
+            if reason:
+                body["reason"] = reason
+            body.update(models=models, workers=len(self.service.pool.instances))
+        return JSONResponse(body, status_code=503 if reason else 200)
 
     async def openapi(self, request: Request) -> Response:
         if self._openapi is None:
@@ -127,6 +144,8 @@ class FrontendServer:
         return Response(self._openapi, media_type="application/json")
 
     async def prometheus(self, request: Request) -> Response:
+        if not self._authorized(request):  # per-worker and per-model detail is not for anyone
+            return _error(ApiError.invalid_api_key())
         return Response(render(self.service.registry), media_type=CONTENT_TYPE_LATEST)
 
 

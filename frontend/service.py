@@ -131,6 +131,18 @@ class FrontendService:
     def models(self) -> list[str]:
         return self.pool.models()
 
+    def unready_models(self) -> dict[str, str]:
+        """Served models a request could not be routed for right now, with why. Empty = ready.
+        Routing needs an aggregated or decode worker (not suspended); with `require_prefill` the
+        deployment is disaggregated by design, so a prefill worker must be up too."""
+        missing = {}
+        for model in self.pool.models():
+            if not self.pool.workers(model):
+                missing[model] = "no aggregated or decode worker"
+            elif self.cfg.require_prefill and not self.pool.workers(model, roles=PREFILL_ROLES):
+                missing[model] = "no prefill worker"
+        return missing
+
     async def model_card(self, model: str) -> ModelCard:
         """The model's card, fetched once from one of its workers (tokenizer files, hashing params)."""
         card = self.cards.get(model)
