@@ -3,7 +3,9 @@
 With no arguments: the built-in tiny model, 2 native workers, file discovery and ZMQ events under a
 private run directory, HTTP on 127.0.0.1:8000. `--prefill-workers N --decode-workers M` runs the
 disaggregated shape instead (DESIGN.md "Disaggregation"). `--discovery etcd --events nats` runs the same pieces
-on real servers. Ctrl-C (or SIGTERM) stops the frontend, then every worker; none is left running.
+on real servers. SIGTERM (or Ctrl-C) drains: /ready turns 503 and new requests are refused, streams in
+flight get `--drain-timeout` seconds (default 30) to finish and the rest end with an SSE error event and
+`[DONE]`; then every worker stops; none is left running. A second signal ends the drain at once.
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, server.on_stop_signal, stop)
     try:
         children = [Child(f"{role}-{i}", [*_worker_argv(wk, disc, ev, fe), "--role", role], child_env(threads))
                     for i, role in enumerate(roles)]
@@ -165,6 +167,8 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
         return 1
     finally:
         log.info("stopping")
+        if stop.is_set():  # drain the frontend first: the workers then have nothing left in flight
+            await server.drain(fe.drain_timeout)
         await server.close()
         await supervisor.stop()
         if broker is not None:

@@ -9,6 +9,7 @@ are plain ASGI (`generate_handler.py`, the hot path); Starlette serves the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 
@@ -70,8 +71,7 @@ class FrontendServer:
         config = uvicorn.Config(self.asgi, host=self.cfg.http_host, port=self.cfg.http_port, log_level="warning",
                                 interface="asgi3", proxy_headers=False,
                                 loop="none", lifespan="off", timeout_graceful_shutdown=5)
-        self._uvicorn = uvicorn.Server(config)
-        self._uvicorn.install_signal_handlers = lambda: None  # the process owner handles signals
+        self._uvicorn = _UvicornServer(config)
         self._task = asyncio.create_task(self._uvicorn.serve())
         while not self._uvicorn.started:
             if self._task.done():  # e.g. the port is taken
@@ -79,6 +79,26 @@ class FrontendServer:
                 raise RuntimeError(f"HTTP server on {self.cfg.http_host}:{self.cfg.http_port} did not start")
             await asyncio.sleep(0.01)
         self.port = self._uvicorn.servers[0].sockets[0].getsockname()[1]
+
+    def on_stop_signal(self, stop: asyncio.Event) -> None:
+        """SIGINT/SIGTERM handler of the owning process: the first sets `stop` (the owner then calls
+        `drain`); a second one ends what is still in flight now."""
+        if stop.is_set():
+            self.generate.expire()
+        stop.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking work (/ready 503, new requests 503), let requests in flight finish for up to
+        `timeout` seconds, then end the rest with an error event (streams) or a 503 (whole answers)."""
+        self.draining = self.generate.draining = True
+        log.info("draining: %d requests in flight, up to %.0f s", self.generate.active, timeout)
+        try:
+            await asyncio.wait_for(self.generate.idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("drain timeout: ending %d requests still in flight", self.generate.active)
+            self.generate.expire()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.generate.idle.wait(), 5.0)
 
     async def close(self) -> None:
         if self._uvicorn is not None and self._task is not None:
@@ -147,6 +167,15 @@ class FrontendServer:
         if not self._authorized(request):  # per-worker and per-model detail is not for anyone
             return _error(ApiError.invalid_api_key())
         return Response(render(self.service.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _UvicornServer(uvicorn.Server):
+    """The owning process handles SIGINT/SIGTERM (drain first, then `close`). uvicorn's own handlers
+    would start its shutdown at once and cancel every stream after `timeout_graceful_shutdown`."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
 
 
 def _version() -> str:

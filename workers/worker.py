@@ -8,7 +8,9 @@ prefill and decode roles own a transfer engine over the engine's G1 pool (worker
 
 Lifecycle: engine up -> RPC server up -> registered. Shutdown reverses it: deregister first (routers
 stop sending), then the server fails in-flight streams with `Cancelled` (frontends migrate them), then
-the engine stops.
+the engine stops. SIGTERM drains first (`drain`): deregistered, the requests in flight (and prefill
+handles waiting to be pulled) get up to `--drain-timeout` seconds to finish; the process then exits 0,
+which `kvrelay serve`'s supervisor reads as "removed on purpose" and does not restart.
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ class Worker:
         self.puller: TransferPuller | SimulatedPuller | None = None
         self.rpc = RpcClient()  # decode role: `release` calls to prefill workers
         self.metrics: MetricsServer | None = None
+        self.active = 0  # generate/prefill calls in flight (drain waits for them)
+        self._deregistered = False
 
     async def start(self) -> Instance:
         await self.engine.start()
@@ -148,12 +152,30 @@ class Worker:
                  self.instance.address, layout.num_blocks)
         return self.instance
 
-    async def close(self) -> None:
-        if self.instance is not None:
+    async def _deregister(self) -> None:
+        if self.instance is not None and not self._deregistered:
+            self._deregistered = True
             try:
                 await self.discovery.deregister(self.instance.key)
             except Exception:  # the lease expiring does the same, just later
                 log.warning("could not deregister %s", self.instance.key, exc_info=True)
+
+    async def drain(self, timeout: float) -> bool:
+        """Leave routing, then wait up to `timeout` s for the requests in flight and the prefill handles
+        not yet pulled. True if all finished; `close()` fails what is left (frontends migrate it)."""
+        await self._deregister()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        log.info("worker %s draining: %d requests in flight, up to %.0f s", self.instance_id, self.active, timeout)
+        while self.active or self.engine.stats().held_requests:
+            if loop.time() >= deadline:
+                log.warning("drain timeout: %d requests still in flight", self.active)
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def close(self) -> None:
+        await self._deregister()
         await self.server.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -197,13 +219,21 @@ class Worker:
     async def _generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         # Cancellation (client left, frontend aborted) arrives here as CancelledError; closing the
         # engine stream aborts the request in the engine and frees its blocks.
-        async for out in self.engine.generate(request):
-            yield out
+        self.active += 1
+        try:
+            async for out in self.engine.generate(request):
+                yield out
+        finally:
+            self.active -= 1
 
     async def _prefill(self, request: EngineRequest) -> AsyncIterator[PrefillReply]:
         """Compute the prompt, hold its blocks under a lease, hand back the first token and a handle."""
         assert self.leases is not None and self.instance is not None
-        result = await self.engine.prefill(request)  # cancelled -> the engine frees the blocks
+        self.active += 1
+        try:
+            result = await self.engine.prefill(request)  # cancelled -> the engine frees the blocks
+        finally:
+            self.active -= 1  # a held handle is waited for through held_requests
         handle = None
         if result.block_ids:
             self.leases.hold(request.request_id)
@@ -278,12 +308,15 @@ class Worker:
 
 
 async def run_worker(worker: Worker) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down in order."""
-    stop = asyncio.Event()
+    """Serve until SIGINT/SIGTERM, drain (a second signal cuts the drain short), shut down in order."""
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda: hurry.set() if stop.is_set() else stop.set())
     await worker.start()
     print(f"READY {worker.instance.address}", flush=True)  # noqa: T201 - parent processes wait for this line
     await stop.wait()
+    drain = asyncio.create_task(worker.drain(worker.cfg.drain_timeout))
+    await asyncio.wait({drain, asyncio.create_task(hurry.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    drain.cancel()
     await worker.close()
