@@ -11,6 +11,7 @@ import signal
 
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.runtime import aio
+from kvrelay.runtime.auth import InternalAuthConfig
 from kvrelay.runtime.config import add_arguments, build
 from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
 from kvrelay.runtime.events import EventsConfig, make_event_plane
@@ -21,25 +22,26 @@ log = logging.getLogger("kvrelay.frontend")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("frontend", help="run the OpenAI frontend only (workers are found through discovery)")
-    add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig)
+    add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig, InternalAuthConfig)
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env KVRELAY_LOG_LEVEL)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     fe, disc, ev = build(FrontendConfig, args), build(DiscoveryConfig, args), build(EventsConfig, args)
+    token = build(InternalAuthConfig, args).token()
     setup_logging(args.log_level)
     try:
-        aio.run(_serve(fe, disc, ev))
+        aio.run(_serve(fe, disc, ev, token))
     except KeyboardInterrupt:
         return 130
     return 0
 
 
-async def _serve(fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig) -> None:
+async def _serve(fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, token: str) -> None:
     from kvrelay.frontend.app import FrontendServer
 
-    server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev))
+    server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev), internal_token=token)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal ends the drain at once

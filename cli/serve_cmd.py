@@ -24,6 +24,7 @@ from dataclasses import replace
 from kvrelay.cli.supervisor import Child, Supervisor, child_env
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.runtime import aio
+from kvrelay.runtime.auth import TOKEN_ENV, InternalAuthConfig, new_token
 from kvrelay.runtime.config import ConfigError, add_arguments, build, flag_name
 from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
 from kvrelay.runtime.events import EventsConfig, make_event_plane
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-workers", type=int, default=None,
                    help="disaggregated: number of decode workers (env KVRELAY_DECODE_WORKERS)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env KVRELAY_LOG_LEVEL)")
-    add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig)
+    add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig, InternalAuthConfig)
     worker_group = argparse.ArgumentParser(add_help=False)
     add_arguments(worker_group, WorkerConfig)
     for action in worker_group._actions:
@@ -103,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
     elif not os.path.isdir(wk.model):
         raise ConfigError(f"--model: {wk.model} is not a model directory")
     try:
-        return aio.run(_serve(roles, fe, disc, ev, wk))
+        return aio.run(_serve(roles, fe, disc, ev, wk, build(InternalAuthConfig, args).token()))
     except KeyboardInterrupt:
         return 130
 
@@ -120,7 +121,8 @@ def _worker_argv(wk: WorkerConfig, disc: DiscoveryConfig, ev: EventsConfig, fe: 
     return argv
 
 
-async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, wk: WorkerConfig) -> int:
+async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, wk: WorkerConfig,
+                 token: str) -> int:
     from kvrelay.frontend.app import FrontendServer
 
     run_dir = tempfile.mkdtemp(prefix=f"serve-{os.getpid()}-", dir=_ensure(default_run_dir()))
@@ -142,13 +144,17 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
     n = len(roles)
     threads = max(1, (os.cpu_count() or 1) // n)
     supervisor = Supervisor()
-    server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev))
+    if not token:  # embedded shape: a fresh secret per run; workers get it in their environment, not argv
+        token = new_token()
+        log.info("internal token: generated for this run (worker RPC and KV transfer ports require it)")
+    server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev), internal_token=token)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.on_stop_signal, stop)
     try:
-        children = [Child(f"{role}-{i}", [*_worker_argv(wk, disc, ev, fe), "--role", role], child_env(threads))
+        children = [Child(f"{role}-{i}", [*_worker_argv(wk, disc, ev, fe), "--role", role],
+                          {**child_env(threads), TOKEN_ENV: token})
                     for i, role in enumerate(roles)]
         starting = asyncio.create_task(supervisor.start(children))
         await server.start()

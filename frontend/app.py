@@ -40,9 +40,9 @@ def _error(e: ApiError) -> Response:
 
 
 class FrontendServer:
-    def __init__(self, cfg: FrontendConfig, discovery: Discovery, events: EventPlane):
+    def __init__(self, cfg: FrontendConfig, discovery: Discovery, events: EventPlane, internal_token: str = ""):
         self.cfg = cfg
-        self.service = FrontendService(cfg, discovery, events)
+        self.service = FrontendService(cfg, discovery, events, internal_token=internal_token)
         self.metrics = FrontendMetrics(self.service.registry)
         self.pipeline = Pipeline(self.service, self.metrics)
         self.app = self._build_app()

@@ -62,12 +62,12 @@ def _merge_backlog(out: EngineOutput, stream: RpcStream) -> EngineOutput:
 
 class FrontendService:
     def __init__(self, cfg: FrontendConfig, discovery: Discovery, events: EventPlane,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, internal_token: str = ""):
         self.cfg = cfg
         self.registry = registry or new_registry()
         self.pool = WorkerPool(discovery, cfg.namespace)
         self.events = events
-        self.rpc = RpcClient()
+        self.rpc = RpcClient(token=internal_token)  # the workers' internal token (runtime/auth.py)
         # G4 is shared by every worker: holding a block there gives no worker an edge, so it is not indexed.
         lower = ("G2", "G3") if cfg.lower_tier_weight > 0 else ()
         self.index = KvIndex(tiers=("G1", *lower))

@@ -98,19 +98,22 @@ def resolve_model(cfg: WorkerConfig) -> tuple[str, str]:
 
 class Worker:
     def __init__(self, cfg: WorkerConfig, discovery: Discovery, events: EventPlane, engine: Engine | None = None,
-                 instance_id: str | None = None):
+                 instance_id: str | None = None, internal_token: str = ""):
+        """`internal_token`: required of every caller of the RPC and transfer ports, and presented to
+        other workers (runtime/auth.py)."""
         self.cfg, self.discovery, self.events = cfg, discovery, events
+        self.internal_token = internal_token
         self.model_dir, self.model_name = resolve_model(cfg)
         self.engine = engine or build_engine(cfg, self.model_dir)
         self.instance_id = instance_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.server = RpcServer(cfg.host, cfg.port)
+        self.server = RpcServer(cfg.host, cfg.port, token=internal_token)
         self.instance: Instance | None = None
         self._tasks: list[asyncio.Task] = []
         self._event_queue: asyncio.Queue[list[KvEvent]] = asyncio.Queue()
         self.transfer = None  # TransferEngine for prefill/decode roles with a real KV pool
         self.leases: PrefillLeases | None = None
         self.puller: TransferPuller | SimulatedPuller | None = None
-        self.rpc = RpcClient()  # decode role: `release` calls to prefill workers
+        self.rpc = RpcClient(token=internal_token)  # decode role: `release` calls to prefill workers
         self.metrics: MetricsServer | None = None
         self.active = 0  # generate/prefill calls in flight (drain waits for them)
         self._deregistered = False
@@ -202,7 +205,8 @@ class Worker:
             from kvrelay.transfer import make_transfer_engine
 
             self.transfer = make_transfer_engine(self.cfg.kv_transfer, self.instance_id, host=self.cfg.host,
-                                                 advertise_host=self.cfg.advertise_host or None)
+                                                 advertise_host=self.cfg.advertise_host or None,
+                                                 token=self.internal_token)
             self.transfer.register_pool("g1", pool, self.engine.kv_layout().block_bytes)
             await self.transfer.start()
             log.info("KV transfer: %s", self.transfer.kind)
