@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -43,12 +44,13 @@ class GenerateHandler:
         self._work: set[asyncio.Future] = set()  # the generation of each request in flight
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable, endpoint: str, parse) -> None:
+        arrival = time.monotonic()  # TTFT and queue time start here, before the body is read
         self.metrics.inflight.inc()
         self.active += 1
         self.idle.clear()
         status = 500
         try:
-            status = await self._serve(scope, receive, send, endpoint, parse)
+            status = await self._serve(scope, receive, send, endpoint, parse, arrival)
         finally:
             self.active -= 1
             if not self.active:
@@ -62,7 +64,8 @@ class GenerateHandler:
         for work in list(self._work):
             work.cancel()
 
-    async def _serve(self, scope: dict, receive: Callable, send: Callable, endpoint: str, parse) -> int:
+    async def _serve(self, scope: dict, receive: Callable, send: Callable, endpoint: str, parse,
+                     arrival: float) -> int:
         try:
             self._authorize(scope)
             if self.draining:
@@ -71,7 +74,7 @@ class GenerateHandler:
             if body is None:
                 return 499  # the client left before sending its request
             req = parse(body)
-            prepared = await self.pipeline.prepare(req, new_id("req"))
+            prepared = await self.pipeline.prepare(req, new_id("req"), arrival)
         except ApiError as e:
             return await _send_error(send, e)
         except Exception:
