@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
+import xxhash
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kvrelay.frontend.config import FrontendConfig
@@ -164,8 +165,11 @@ class FrontendService:
             raise NoWorker(f"no reachable worker serves model {model!r}") from last_error
 
     def card_dir(self, card: ModelCard) -> Path:
-        """The card's tokenizer files on local disk (tokenizer loaders want a directory)."""
-        path = cache_dir() / "model-cards" / card.fingerprint
+        """The card's tokenizer files on local disk (tokenizer loaders want a directory). Keyed by the
+        fingerprint and a digest of the files: a changed template or tokenizer is a new directory, never
+        a stale copy (`kvrelay cache clean` removes old ones)."""
+        digest = xxhash.xxh3_64_hexdigest(msgspec.msgpack.encode(sorted(card.files.items())))
+        path = cache_dir() / "model-cards" / f"{card.fingerprint[:32]}-{digest}"
         if not (path / ".complete").exists():
             path.mkdir(parents=True, exist_ok=True)
             for name, data in card.files.items():

@@ -41,7 +41,10 @@ from kvrelay.workers.protocol import Engine, EngineOutput, EngineRequest, Engine
 log = logging.getLogger(__name__)
 
 
-MODEL_CARD_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json")
+# Every file the frontend's tokenizer reads (frontend/tokenizer.py): templates included, so a checkpoint
+# saved by current transformers (chat_template.jinja) has its chat template through the frontend too.
+MODEL_CARD_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json",
+                    "chat_template.jinja", "chat_template.json", "special_tokens_map.json")
 
 
 def build_engine(cfg: WorkerConfig, model_dir: str) -> Engine:
