@@ -29,7 +29,9 @@ def test_openai_clients_on_etcd_and_nats(tmp_path, etcd, nats):
 
 
 def test_worker_sigkill_mid_stream_migrates(tmp_path):
-    srv = Serve(tmp_path, "--lease-ttl", "2", "--migration-limit", "1").start()
+    # A 2 s lease makes the dead worker leave routing quickly; on a loaded machine the survivor's own
+    # heartbeat can be late too, so a migrating request may wait for it to reappear.
+    srv = Serve(tmp_path, "--lease-ttl", "2", "--migration-limit", "1", "--worker-wait", "10").start()
     discovery = DiscoveryConfig(discovery="file", discovery_dir=srv.discovery_dir)
     client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0)
     prompt, n = "The history of the lighthouse keeper begins", 300
