@@ -9,11 +9,18 @@ import time
 import boto3
 import httpx
 import jsonschema
-import pytest
 import yaml
 
 from tests.deploy import compose_file
-from tests.deploy.local_run import Container, HostMap, LocalProcesses, chat, moto_s3, nats_jetstream, wait_http
+from tests.deploy.local_run import (
+    Container,
+    HostMap,
+    LocalProcesses,
+    chat,
+    moto_s3,
+    nats_jetstream,
+    wait_http,
+)
 from tests.deploy.prom import REPO, Prometheus, local_config
 from tests.servers import etcd_server
 
