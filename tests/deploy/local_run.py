@@ -58,11 +58,16 @@ class HostMap:
         return {k: self.host(v) if k.endswith("_HOST") else self.text(v) for k, v in env.items()}
 
     def argv(self, args: list[str], own: str) -> list[str]:
+        """Both flag spellings: `--port 7000` (compose) and `--port=7000` (the chart)."""
+        split = []
+        for a in args:
+            flag, eq, value = a.partition("=")
+            split += [flag, value] if eq and flag.startswith("--") else [a]
         out = []
-        for i, a in enumerate(args):
-            if i > 0 and args[i - 1] in LISTEN_PORT_FLAGS and a.isdigit() and (own, int(a)) in self.ports:
+        for i, a in enumerate(split):
+            if i > 0 and split[i - 1] in LISTEN_PORT_FLAGS and a.isdigit() and (own, int(a)) in self.ports:
                 out.append(str(self.ports[(own, int(a))]))
-            elif i > 0 and args[i - 1].endswith("-host"):
+            elif i > 0 and split[i - 1].endswith("-host"):
                 out.append(self.host(a))
             else:
                 out.append(self.text(a, own))
