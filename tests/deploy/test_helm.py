@@ -93,6 +93,9 @@ def test_secret_probes_and_grace():
     dec = find(gpu, "Deployment", "kvrelay-decode")[0]["spec"]["template"]["spec"]
     assert dec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert dec["nodeSelector"] == {"gpu": "h100"}
+    (fe3,) = find(render("values-disaggregated.yaml", "frontend.replicas=3"), "Deployment", "kvrelay-frontend")
+    assert fe3["spec"]["replicas"] == 3
+    kubernetes_validate.validate(fe3, K8S, strict=True)
     existing = render("values-aggregated.yaml", "apiKey.existingSecret=mine")
     assert not find(existing, "Secret")
     ref = find(existing, "Deployment", "kvrelay-frontend")[0]["spec"]["template"]["spec"]["containers"][0]["env"]
