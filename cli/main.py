@@ -9,11 +9,20 @@ from __future__ import annotations
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from kvrelay.cli import bench_cmd, frontend_cmd, model_cmd, planner_cmd, runtime_cmds, serve_cmd, worker_cmd
+from kvrelay.cli import (
+    bench_cmd,
+    cache_cmd,
+    frontend_cmd,
+    model_cmd,
+    planner_cmd,
+    runtime_cmds,
+    serve_cmd,
+    worker_cmd,
+)
 from kvrelay.cli.parser import Parser
 from kvrelay.runtime.config import ConfigError
 
-COMMANDS = (serve_cmd, frontend_cmd, runtime_cmds, model_cmd, worker_cmd, bench_cmd, planner_cmd)
+COMMANDS = (serve_cmd, frontend_cmd, runtime_cmds, model_cmd, worker_cmd, bench_cmd, planner_cmd, cache_cmd)
 
 
 def kvrelay_version() -> str:

@@ -1,4 +1,5 @@
-"""`kvrelay model list | tiny [--out DIR] | convert MODEL`: the models kvrelay serves offline."""
+"""`kvrelay model list | tiny [--out DIR] | convert MODEL | remove MODEL`: the models kvrelay serves
+offline, and their cache entries."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from kvrelay.runtime.config import ConfigError
 
 def register(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="list, build or convert the models kvrelay can serve offline")
-    model.add_argument("action", choices=["list", "tiny", "convert"],
+    model.add_argument("action", choices=["list", "tiny", "convert", "remove"],
                        help="list: what can be served and where it is cached; tiny: build the deterministic "
                             "tiny Llama + BPE tokenizer; convert: convert MODEL (a .gguf file or a packaged "
-                            "name) into the cache now and print its directory")
+                            "name) into the cache now and print its directory; remove: delete MODEL's cache "
+                            "entry (the next start converts or builds it again)")
     model.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                       help="convert: smollm2-135m-instruct, a .gguf file, or a directory holding one")
+                       help="convert/remove: smollm2-135m-instruct, tiny (remove), a .gguf file, or a directory "
+                            "holding one")
     model.add_argument("--out", type=Path, default=None, metavar="DIR",
                        help="tiny: output directory (default: the user cache, reused when already built)")
     model.set_defaults(func=_model)
@@ -27,6 +30,8 @@ def _model(args: argparse.Namespace) -> int:
         return _list()
     if args.action == "convert":
         return _convert(args.model)
+    if args.action == "remove":
+        return _remove(args.model)
     if args.model is not None:
         raise ConfigError(f"MODEL: 'kvrelay model tiny' takes no model, got {args.model!r}")
     # Imported here: the builder pulls in torch, which `kvrelay --help` should not pay for.
@@ -53,6 +58,26 @@ def _convert(spec: str | None) -> int:
         print(resolve_model(spec).path)
     except (ModelNotFound, GgufError) as e:
         raise ConfigError(f"MODEL: {e}") from None
+    return 0
+
+
+def _remove(spec: str | None) -> int:
+    import shutil
+
+    from kvrelay.workers.models.catalog import cache_entry_of
+
+    if not spec:
+        raise ConfigError("MODEL: 'kvrelay model remove' needs a model (a packaged name, tiny, or a .gguf file)")
+    try:
+        entry = cache_entry_of(spec)
+    except ValueError as e:
+        raise ConfigError(f"MODEL: {e}") from None
+    if entry is None or not entry.is_dir():
+        print(f"{spec}: nothing cached")
+        return 0
+    size = sum(p.stat().st_size for p in entry.iterdir() if p.is_file())
+    shutil.rmtree(entry)
+    print(f"removed {entry} ({size / 1e6:.0f} MB)")
     return 0
 
 

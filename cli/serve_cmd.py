@@ -4,7 +4,9 @@ With no arguments: SmolLM2-135M-Instruct (the packaged GGUF, converted once into
 2 native workers, file discovery and ZMQ events under a
 private run directory, HTTP on 127.0.0.1:8000. `--prefill-workers N --decode-workers M` runs the
 disaggregated shape instead (DESIGN.md "Disaggregation"). `--discovery etcd --events nats` runs the same pieces
-on real servers. Ctrl-C (or SIGTERM) stops the frontend, then every worker; none is left running.
+on real servers. SIGTERM (or Ctrl-C) drains: /ready turns 503 and new requests are refused, streams in
+flight get `--drain-timeout` seconds (default 30) to finish and the rest end with an SSE error event and
+`[DONE]`; then every worker stops; none is left running. A second signal ends the drain at once.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kvrelay.cli.supervisor import Child, Supervisor, child_env
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.planner.config import PlannerConfig
 from kvrelay.runtime import aio
+from kvrelay.runtime.auth import TOKEN_ENV, InternalAuthConfig, new_token
 from kvrelay.runtime.config import ConfigError, add_arguments, build, flag_name
 from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
 from kvrelay.runtime.events import EventsConfig, make_event_plane
@@ -48,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env KVRELAY_LOG_LEVEL)")
     p.add_argument("--planner", choices=("off", "load", "sla"), default="off",
                    help="rescale the worker pools with this policy (planner/README.md)")
-    add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig, PlannerConfig, *SERVE_GROUPS)
+    add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig, InternalAuthConfig, PlannerConfig,
+                  *SERVE_GROUPS)
     p.set_defaults(func=_run)
 
 
@@ -83,6 +87,8 @@ def _roles(args: argparse.Namespace) -> list[str]:
 def _run(args: argparse.Namespace) -> int:
     roles = _roles(args)
     fe, disc, ev = build(FrontendConfig, args), build(DiscoveryConfig, args), build(EventsConfig, args)
+    if "prefill" in roles:  # the operator asked for the disaggregated shape: ready means all of it is up
+        fe = replace(fe, require_prefill=True)
     wk = build(WorkerConfig, args)
     setup_logging(args.log_level)
     wk = _resolve_model(wk)
@@ -93,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         planner = build(PlannerConfig, args, planner_policy=args.planner)
         planner = (planner, make_policy(planner))
     try:
-        return aio.run(_serve(roles, fe, disc, ev, wk, planner))
+        return aio.run(_serve(roles, fe, disc, ev, wk, build(InternalAuthConfig, args).token(), planner))
     except KeyboardInterrupt:
         return 130
 
@@ -127,7 +133,7 @@ def _worker_argv(wk: WorkerConfig, disc: DiscoveryConfig, ev: EventsConfig, fe: 
 
 
 async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, wk: WorkerConfig,
-                 planner=None) -> int:
+                 token: str, planner=None) -> int:
     from kvrelay.frontend.app import FrontendServer
 
     run_dir = tempfile.mkdtemp(prefix=f"serve-{os.getpid()}-", dir=_ensure(default_run_dir()))
@@ -150,14 +156,18 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
     n = len(roles)
     threads = max(1, (os.cpu_count() or 1) // n)
     supervisor = Supervisor()
-    server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev))
+    if not token:  # embedded shape: a fresh secret per run; workers get it in their environment, not argv
+        token = new_token()
+        log.info("internal token: generated for this run (worker RPC and KV transfer ports require it)")
+    server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev), internal_token=token)
     stop = asyncio.Event()
     starting = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, server.on_stop_signal, stop)
     try:
-        children = [Child(f"{role}-{i}", [*_worker_argv(wk, disc, ev, fe), "--role", role], child_env(threads))
+        children = [Child(f"{role}-{i}", [*_worker_argv(wk, disc, ev, fe), "--role", role],
+                          {**child_env(threads), TOKEN_ENV: token})
                     for i, role in enumerate(roles)]
         if planner is not None:  # the planner's local connector owns the workers instead of the supervisor
             from kvrelay.cli.serve_planner import start_planned_workers
@@ -181,6 +191,8 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
         return 1
     finally:
         log.info("stopping")
+        if stop.is_set():  # drain the frontend first: the workers then have nothing left in flight
+            await server.drain(fe.drain_timeout)
         await server.close()
         await supervisor.stop()
         if planner is not None and starting is not None and starting.done() and not starting.cancelled() and starting.exception() is None:

@@ -1,4 +1,6 @@
 """Child-process supervision for `kvrelay serve`: start workers, restart crashed ones, stop them all.
+A child that exits 0 (a worker drained after SIGTERM, e.g. by an operator or the planner) is not
+restarted; any other exit (a crash, SIGKILL) is.
 
 Invariants: a child never outlives the supervisor (PR_SET_PDEATHSIG on Linux delivers SIGTERM to it
 if the supervisor dies, even by SIGKILL); `stop()` sends SIGTERM, waits, then SIGKILLs stragglers, so
@@ -95,6 +97,9 @@ class Supervisor:
             assert child.proc is not None
             code = await child.proc.wait()
             if self._stopping:
+                return
+            if code == 0:  # a worker exits 0 only after a drain (SIGTERM): it was removed on purpose
+                log.info("%s exited after a drain; not restarting it", child.name)
                 return
             if child.restarts >= self.max_restarts:
                 log.error("%s exited with %s; not restarting (%d restarts already)", child.name, code,

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from kvrelay.runtime import aio
+from kvrelay.runtime.auth import InternalAuthConfig
 from kvrelay.runtime.config import ConfigError, add_arguments, build
 from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
 from kvrelay.runtime.events import EventsConfig, make_event_plane
@@ -15,7 +16,7 @@ from kvrelay.workers.config import WorkerConfig
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run one engine worker (registers itself in discovery)")
-    add_arguments(p, WorkerConfig, DiscoveryConfig, EventsConfig)
+    add_arguments(p, WorkerConfig, DiscoveryConfig, EventsConfig, InternalAuthConfig)
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env KVRELAY_LOG_LEVEL)")
     p.set_defaults(func=_run)
 
@@ -23,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     cfg = build(WorkerConfig, args)
     disc_cfg, ev_cfg = build(DiscoveryConfig, args), build(EventsConfig, args)
+    token = build(InternalAuthConfig, args).token()
     setup_logging(args.log_level)
     from kvrelay.workers.models.gguf_file import GgufError
     from kvrelay.workers.models.registry import ModelNotFound
@@ -34,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
 
         model_errors += (UnsupportedModel,)
     try:
-        worker = Worker(cfg, make_discovery(disc_cfg), make_event_plane(ev_cfg))
+        worker = Worker(cfg, make_discovery(disc_cfg), make_event_plane(ev_cfg), internal_token=token)
     except model_errors as e:
         raise ConfigError(f"--model: {e}") from None
     try:

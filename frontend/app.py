@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API (Starlette on uvicorn, uvloop in servers).
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, /health, /ready, /metrics.
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, /health, /ready, /metrics,
+/openapi.json.
 Every error is OpenAI error JSON; no stack trace ever reaches a client. The two generate endpoints
 are plain ASGI (`generate_handler.py`, the hot path); Starlette serves the rest.
 """
@@ -8,9 +9,11 @@ are plain ASGI (`generate_handler.py`, the hot path); Starlette serves the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 
+import msgspec
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -22,6 +25,7 @@ from kvrelay.frontend.config import FrontendConfig
 from kvrelay.frontend.generate_handler import GenerateHandler
 from kvrelay.frontend.metrics import FrontendMetrics
 from kvrelay.frontend.openai_schema import ApiError, parse_chat_request, parse_completion_request
+from kvrelay.frontend.openapi import openapi_document
 from kvrelay.frontend.pipeline import Pipeline
 from kvrelay.frontend.service import FrontendService
 from kvrelay.runtime.discovery import Discovery
@@ -36,9 +40,9 @@ def _error(e: ApiError) -> Response:
 
 
 class FrontendServer:
-    def __init__(self, cfg: FrontendConfig, discovery: Discovery, events: EventPlane):
+    def __init__(self, cfg: FrontendConfig, discovery: Discovery, events: EventPlane, internal_token: str = ""):
         self.cfg = cfg
-        self.service = FrontendService(cfg, discovery, events)
+        self.service = FrontendService(cfg, discovery, events, internal_token=internal_token)
         self.metrics = FrontendMetrics(self.service.registry)
         self.pipeline = Pipeline(self.service, self.metrics)
         self.app = self._build_app()
@@ -46,6 +50,8 @@ class FrontendServer:
         self._uvicorn: uvicorn.Server | None = None
         self._task: asyncio.Task | None = None
         self.port = cfg.http_port
+        self._openapi: bytes | None = None
+        self.draining = False  # set by drain(): /ready is 503 and new generate requests are refused
 
     def _build_app(self) -> Starlette:
         async def not_found(request: Request, exc: HTTPException) -> Response:
@@ -57,6 +63,7 @@ class FrontendServer:
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
         ], exception_handlers={HTTPException: not_found})
 
     async def start(self) -> None:
@@ -64,8 +71,7 @@ class FrontendServer:
         config = uvicorn.Config(self.asgi, host=self.cfg.http_host, port=self.cfg.http_port, log_level="warning",
                                 interface="asgi3", proxy_headers=False,
                                 loop="none", lifespan="off", timeout_graceful_shutdown=5)
-        self._uvicorn = uvicorn.Server(config)
-        self._uvicorn.install_signal_handlers = lambda: None  # the process owner handles signals
+        self._uvicorn = _UvicornServer(config)
         self._task = asyncio.create_task(self._uvicorn.serve())
         while not self._uvicorn.started:
             if self._task.done():  # e.g. the port is taken
@@ -73,6 +79,26 @@ class FrontendServer:
                 raise RuntimeError(f"HTTP server on {self.cfg.http_host}:{self.cfg.http_port} did not start")
             await asyncio.sleep(0.01)
         self.port = self._uvicorn.servers[0].sockets[0].getsockname()[1]
+
+    def on_stop_signal(self, stop: asyncio.Event) -> None:
+        """SIGINT/SIGTERM handler of the owning process: the first sets `stop` (the owner then calls
+        `drain`); a second one ends what is still in flight now."""
+        if stop.is_set():
+            self.generate.expire()
+        stop.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking work (/ready 503, new requests 503), let requests in flight finish for up to
+        `timeout` seconds, then end the rest with an error event (streams) or a 503 (whole answers)."""
+        self.draining = self.generate.draining = True
+        log.info("draining: %d requests in flight, up to %.0f s", self.generate.active, timeout)
+        try:
+            await asyncio.wait_for(self.generate.idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("drain timeout: ending %d requests still in flight", self.generate.active)
+            self.generate.expire()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.generate.idle.wait(), 5.0)
 
     async def close(self) -> None:
         if self._uvicorn is not None and self._task is not None:
@@ -90,12 +116,15 @@ class FrontendServer:
                 return
         await self.app(scope, receive, send)
 
-    def _authorize(self, request: Request) -> None:
+    def _authorized(self, request: Request) -> bool:
         if not self.cfg.api_key:
-            return
+            return True
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), self.cfg.api_key.encode()):
+        return hmac.compare_digest(token.encode(), self.cfg.api_key.encode())
+
+    def _authorize(self, request: Request) -> None:
+        if not self._authorized(request):
             raise ApiError.invalid_api_key()
 
     async def list_models(self, request: Request) -> Response:
@@ -110,14 +139,52 @@ class FrontendServer:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
+        """200 only when a request for every served model would be routed now (DESIGN.md "Shutdown and
+        readiness"). Model names and counts only for a caller holding the API key, when one is set."""
         models = self.service.models()
-        if not models:
-            return JSONResponse({"status": "not ready", "reason": "no worker registered"}, status_code=503)
-        return JSONResponse({"status": "ready", "models": models,
-                             "workers": len(self.service.pool.instances)})
+        unready = self.service.unready_models()
+        if self.draining:
+            reason = "draining"
+        elif not models:
+            reason = "no worker registered"
+        elif unready:
+            reason = "; ".join(f"{m}: {why}" for m, why in sorted(unready.items()))
+        else:
+            reason = ""
+        body: dict = {"status": "not ready" if reason else "ready"}
+        if self._authorized(request):
+            if reason:
+                body["reason"] = reason
+            body.update(models=models, workers=len(self.service.pool.instances))
+        return JSONResponse(body, status_code=503 if reason else 200)
+
+    async def openapi(self, request: Request) -> Response:
+        if self._openapi is None:
+            self._openapi = msgspec.json.encode(openapi_document(_version()))
+        return Response(self._openapi, media_type="application/json")
 
     async def prometheus(self, request: Request) -> Response:
+        if not self._authorized(request):  # per-worker and per-model detail is not for anyone
+            return _error(ApiError.invalid_api_key())
         return Response(render(self.service.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _UvicornServer(uvicorn.Server):
+    """The owning process handles SIGINT/SIGTERM (drain first, then `close`). uvicorn's own handlers
+    would start its shutdown at once and cancel every stream after `timeout_graceful_shutdown`."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvrelay")
+    except PackageNotFoundError:
+        return "0"
 
 
 _GENERATE = {"/v1/chat/completions": ("chat", parse_chat_request),

@@ -30,3 +30,7 @@ class FrontendConfig:
     disagg_min_tokens: int = setting(512, "prefill on a prefill worker only when at least this many prompt "
                                      "tokens are not cached on the decode worker", non_negative)
     max_request_bytes: int = setting(8 << 20, "largest accepted HTTP body", positive)
+    require_prefill: bool = setting(False, "/ready also waits for a prefill worker of each model (set by "
+                                    "`kvrelay serve --prefill-workers N`)")
+    drain_timeout: float = setting(30.0, "on SIGTERM: seconds in-flight streams may take to finish before "
+                                   "they are ended with an error event", non_negative)

@@ -5,6 +5,10 @@ each StreamingResponse, which cost more CPU per request than the rest of the fro
 (measured with `python -m kvrelay.perf.frontend_bench`). Contract kept: OpenAI error JSON for every
 failure, no stack trace to a client, and a client that disconnects cancels the generation (one watcher
 task per request reads `http.disconnect`).
+
+Draining (DESIGN.md "Shutdown and readiness"): after `drain()` starts, new requests get a 503
+`draining`; requests in flight run on until `expire()`, which ends each stream with an SSE error event
+and `[DONE]` (a non-streamed request gets the same error as JSON). `idle` is set while none is in flight.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,24 +36,45 @@ _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")
 class GenerateHandler:
     def __init__(self, cfg: FrontendConfig, pipeline: Pipeline, metrics: FrontendMetrics):
         self.cfg, self.pipeline, self.metrics = cfg, pipeline, metrics
+        self.draining = False
+        self.expired = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.active = 0
+        self._work: set[asyncio.Future] = set()  # the generation of each request in flight
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable, endpoint: str, parse) -> None:
+        arrival = time.monotonic()  # TTFT and queue time start here, before the body is read
         self.metrics.inflight.inc()
+        self.active += 1
+        self.idle.clear()
         status = 500
         try:
-            status = await self._serve(scope, receive, send, endpoint, parse)
+            status = await self._serve(scope, receive, send, endpoint, parse, arrival)
         finally:
+            self.active -= 1
+            if not self.active:
+                self.idle.set()
             self.metrics.inflight.dec()
             self.metrics.requests.labels(endpoint, str(status)).inc()
 
-    async def _serve(self, scope: dict, receive: Callable, send: Callable, endpoint: str, parse) -> int:
+    def expire(self) -> None:
+        """The drain timeout passed: end every request still in flight (each with the draining error)."""
+        self.expired = True
+        for work in list(self._work):
+            work.cancel()
+
+    async def _serve(self, scope: dict, receive: Callable, send: Callable, endpoint: str, parse,
+                     arrival: float) -> int:
         try:
             self._authorize(scope)
+            if self.draining:
+                raise _DRAINING
             body = await self._body(receive)
             if body is None:
                 return 499  # the client left before sending its request
             req = parse(body)
-            prepared = await self.pipeline.prepare(req, new_id("req"))
+            prepared = await self.pipeline.prepare(req, new_id("req"), arrival)
         except ApiError as e:
             return await _send_error(send, e)
         except Exception:
@@ -59,7 +85,7 @@ class GenerateHandler:
             work = self._stream(send, prepared, builder)
         else:
             work = self._whole(send, prepared, builder)
-        return await _until_disconnect(work, receive)
+        return await _until_disconnect(work, receive, self._work)
 
     async def _stream(self, send: Callable, prepared, builder: ResponseBuilder) -> int:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE})
@@ -72,6 +98,10 @@ class GenerateHandler:
             chunks += [sse(c) for c in builder.tail()]
         except ApiError as e:
             chunks.append(sse(e))
+        except asyncio.CancelledError:
+            if not self.expired:
+                raise
+            chunks.append(sse(_DRAINING))  # ended by the drain timeout: the client learns why
         except Exception:
             log.exception("unexpected error while streaming")
             chunks.append(sse(ApiError.internal()))
@@ -84,6 +114,10 @@ class GenerateHandler:
             body = encode(await builder.collect(self.pipeline.run(prepared)))
         except ApiError as e:
             return await _send_error(send, e)
+        except asyncio.CancelledError:
+            if not self.expired:
+                raise
+            return await _send_error(send, _DRAINING)
         except Exception:
             log.exception("unexpected error generating")
             return await _send_error(send, ApiError.internal())
@@ -112,15 +146,22 @@ class GenerateHandler:
                 return bytes(body)
 
 
+_DRAINING = ApiError(503, "The server is shutting down; retry on another instance.",
+                     type="service_unavailable_error", code="draining")
+
+
 async def _send_error(send: Callable, e: ApiError) -> int:
     await send({"type": "http.response.start", "status": e.status, "headers": _JSON})
     await send({"type": "http.response.body", "body": e.body(), "more_body": False})
     return e.status
 
 
-async def _until_disconnect(work: Any, receive: Callable) -> int:
-    """Run `work`; if the client disconnects first, cancel it (the worker-side request goes with it)."""
+async def _until_disconnect(work: Any, receive: Callable, active: set[asyncio.Future]) -> int:
+    """Run `work` (listed in `active` meanwhile); if the client disconnects first, cancel it (the
+    worker-side request goes with it)."""
     task = asyncio.ensure_future(work)
+    active.add(task)
+    task.add_done_callback(active.discard)
 
     async def watch() -> None:
         while (await receive())["type"] != "http.disconnect":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Steps of at most ~1.33x from 0.1 s up: a p99 read from the buckets is then within ~15% of the true one.
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10,
+            15, 20, 30, 45, 60, 90, 120)
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
@@ -13,11 +15,16 @@ class FrontendMetrics:
         self.requests = Counter("kvrelay_frontend_requests", "HTTP API requests by endpoint and status",
                                 ["endpoint", "status"], registry=registry)
         self.inflight = Gauge("kvrelay_frontend_inflight_requests", "requests being served", registry=registry)
-        self.ttft = Histogram("kvrelay_frontend_ttft_seconds", "time to first token", buckets=_LATENCY,
-                              registry=registry)
+        # TTFT, queue time and request duration all start when the request arrives (before its body is
+        # read): what a client waits for includes the frontend's own backlog.
+        self.ttft = Histogram("kvrelay_frontend_ttft_seconds", "time to first token, from arrival",
+                              buckets=_LATENCY, registry=registry)
+        self.queue = Histogram("kvrelay_frontend_queue_seconds", "time from arrival until the request is "
+                               "handed to a worker (body read, tokenized, routed)", buckets=_LATENCY,
+                               registry=registry)
         self.itl = Histogram("kvrelay_frontend_itl_seconds", "time between streamed outputs", buckets=_ITL,
                              registry=registry)
-        self.e2e = Histogram("kvrelay_frontend_request_seconds", "request duration", buckets=_LATENCY,
+        self.e2e = Histogram("kvrelay_frontend_request_seconds", "request duration, from arrival", buckets=_LATENCY,
                              registry=registry)
         self.prompt_tokens = Counter("kvrelay_frontend_prompt_tokens", "prompt tokens", registry=registry)
         self.cached_tokens = Counter("kvrelay_frontend_cached_prompt_tokens", "prompt tokens served from cache",

@@ -17,6 +17,12 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_TOP_LOGPROBS = 0  # engines report only the sampled token's logprob (no alternatives)
+MAX_JSON_DEPTH = 32  # nesting allowed inside free-form fields (tools, tool_calls, response_format)
+# Declared bounds of integer fields, so every accepted value fits the worker wire (msgpack int64/uint64).
+INT32_MAX = 2**31 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64 (msgspec bounds are int64; torch takes it)
+Count = Annotated[int, Meta(ge=1, le=INT32_MAX)]
+TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]
 
 # -- errors ---------------------------------------------------------------------------------------
 
@@ -89,14 +95,14 @@ class _Common(Struct, kw_only=True):
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    n: Count = 1
+    max_tokens: Count | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None  # < 1e-5 is greedy (as vLLM)
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Meta(ge=-1)] | None = None  # -1 or 0: off (vLLM)
-    seed: int | None = None
+    top_k: Annotated[int, Meta(ge=-1, le=INT32_MAX)] | None = None  # -1 or 0: off (vLLM)
+    seed: Annotated[int, Meta(ge=SEED_MIN, le=SEED_MAX)] | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Meta(ge=0)]] | None = None  # kvrelay/vLLM extension
+    stop_token_ids: list[TokenId] | None = None  # kvrelay/vLLM extension
     ignore_eos: bool = False
     user: str | None = None
     cache_salt: str | None = None
@@ -156,7 +162,7 @@ class _Common(Struct, kw_only=True):
 
 class ChatCompletionRequest(_Common, kw_only=True):
     messages: list[ChatMessage]
-    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -198,14 +204,21 @@ class ChatCompletionRequest(_Common, kw_only=True):
         _check(fmt == "text", f"type '{fmt}' is not supported; only 'text' is.", "response_format")
         _check(self.tool_choice in (None, "none", "auto"), "only 'none' or 'auto' is supported.",
                "tool_choice")
+        for name in ("tools", "response_format"):
+            _check(_depth(getattr(self, name)) <= MAX_JSON_DEPTH, f"nested deeper than {MAX_JSON_DEPTH} levels.",
+                   name)
+        for i, m in enumerate(self.messages):
+            if m.tool_calls is not UNSET:
+                _check(_depth(m.tool_calls) <= MAX_JSON_DEPTH, f"nested deeper than {MAX_JSON_DEPTH} levels.",
+                       f"messages[{i}].tool_calls")
 
 
 class CompletionRequest(_Common, kw_only=True):
     prompt: str | list[Any]
-    max_tokens: Annotated[int, Meta(ge=1)] | None = 16  # OpenAI's default for completions
+    max_tokens: Count | None = 16  # OpenAI's default for completions
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     echo: bool = False
-    best_of: int | None = None
+    best_of: Count | None = None
     suffix: str | None = None
     skip_special_tokens: bool = True
 
@@ -226,7 +239,8 @@ class CompletionRequest(_Common, kw_only=True):
                 _check(not any(isinstance(t, (str, list)) for t in self.prompt),
                        "batched prompts are not supported: send one string or one list of token ids.", "prompt")
                 _check(False, "token ids must be integers.", "prompt")
-            _check(min(self.prompt) >= 0, "token ids must be >= 0.", "prompt")
+            _check(min(self.prompt) >= 0 and max(self.prompt) <= INT32_MAX,
+                   f"token ids must be in [0, {INT32_MAX}].", "prompt")
         _check((self.logprobs or 0) <= MAX_TOP_LOGPROBS,
                "values > 0 are not supported: only the sampled token's logprob is returned (use logprobs=0).",
                "logprobs")
@@ -278,8 +292,18 @@ def _parse(body: bytes, cls: type[Any]) -> Any:
         raise ApiError.bad_request(f"Invalid request body: {msg}.") from None
     except msgspec.DecodeError as e:
         raise ApiError.bad_request(f"The request body is not valid JSON: {e}") from None
+    except RecursionError:  # msgspec decodes nested Any values recursively
+        raise ApiError.bad_request(f"The request body is nested too deeply (limit {MAX_JSON_DEPTH}).") from None
     req.validate()
     return req
+
+
+def _depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """Nesting depth of decoded JSON, counted up to `limit` + 1 (no deeper: the answer is "too deep")."""
+    if limit < 0 or not isinstance(value, (dict, list)):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(c, limit - 1) for c in children), default=0)
 
 
 def _check(ok: bool, message: str, param: str) -> None:

@@ -55,6 +55,7 @@ class Prepared:
     request: EngineRequest
     stops: list[str]
     skip_special_tokens: bool
+    arrival: float = field(default_factory=time.monotonic)  # when the HTTP request arrived (monotonic)
     usage: Usage = field(init=False)
 
     def __post_init__(self) -> None:
@@ -86,7 +87,8 @@ class Pipeline:
         except NoWorker:
             raise ApiError.no_worker(model) from None
 
-    async def prepare(self, req: ChatCompletionRequest | CompletionRequest, request_id: str) -> Prepared:
+    async def prepare(self, req: ChatCompletionRequest | CompletionRequest, request_id: str,
+                      arrival: float | None = None) -> Prepared:
         req.validate()
         card = await self.resolve_model(req.model)
         tok = self.tokenizer(card)
@@ -109,16 +111,19 @@ class Pipeline:
         sampling = SamplingParams(**req.sampling_kwargs(len(prompt), card.max_model_len, defaults))
         engine_req = EngineRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
                                    cache_salt=req.cache_salt or "")
-        return Prepared(req.model, card, tok, engine_req, req.stop_list, req.skip_special_tokens)
+        return Prepared(req.model, card, tok, engine_req, req.stop_list, req.skip_special_tokens,
+                        arrival if arrival is not None else time.monotonic())
 
     async def run(self, p: Prepared) -> AsyncIterator[Piece]:
         """Stream the response; the last piece has finish_reason. Raises ApiError on failure."""
         detok = IncrementalDetokenizer(p.tokenizer, p.request.prompt_token_ids,
                                        skip_special_tokens=p.skip_special_tokens, stop=p.stops)
         stop_ids = set(p.request.sampling.stop_token_ids) | p.tokenizer.eos_token_ids
-        start = last = time.monotonic()
+        start = p.arrival
         first = True
         self.metrics.prompt_tokens.inc(p.usage.prompt_tokens)
+        last = time.monotonic()
+        self.metrics.queue.observe(last - start)
         try:
             async for out in self.service.generate(p.model, p.card, p.request):
                 now = time.monotonic()

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
+import xxhash
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kvrelay.frontend.config import FrontendConfig
@@ -64,12 +65,12 @@ def _merge_backlog(out: EngineOutput, stream: RpcStream) -> EngineOutput:
 
 class FrontendService:
     def __init__(self, cfg: FrontendConfig, discovery: Discovery, events: EventPlane,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, internal_token: str = ""):
         self.cfg = cfg
         self.registry = registry or new_registry()
         self.pool = WorkerPool(discovery, cfg.namespace)
         self.events = events
-        self.rpc = RpcClient()
+        self.rpc = RpcClient(token=internal_token)  # the workers' internal token (runtime/auth.py)
         self.workers = WorkerClient(self.rpc)
         # G4 is shared by every worker: holding a block there gives no worker an edge, so it is not indexed.
         lower = ("G2", "G3") if cfg.lower_tier_weight > 0 else ()
@@ -134,6 +135,18 @@ class FrontendService:
     def models(self) -> list[str]:
         return self.pool.models()
 
+    def unready_models(self) -> dict[str, str]:
+        """Served models a request could not be routed for right now, with why. Empty = ready.
+        Routing needs an aggregated or decode worker (not suspended); with `require_prefill` the
+        deployment is disaggregated by design, so a prefill worker must be up too."""
+        missing = {}
+        for model in self.pool.models():
+            if not self.pool.workers(model):
+                missing[model] = "no aggregated or decode worker"
+            elif self.cfg.require_prefill and not self.pool.workers(model, roles=PREFILL_ROLES):
+                missing[model] = "no prefill worker"
+        return missing
+
     async def model_card(self, model: str) -> ModelCard:
         """The model's card, fetched once from one of its workers (tokenizer files, hashing params)."""
         card = self.cards.get(model)
@@ -155,8 +168,11 @@ class FrontendService:
             raise NoWorker(f"no reachable worker serves model {model!r}") from last_error
 
     def card_dir(self, card: ModelCard) -> Path:
-        """The card's tokenizer files on local disk (tokenizer loaders want a directory)."""
-        path = cache_dir() / "model-cards" / card.fingerprint
+        """The card's tokenizer files on local disk (tokenizer loaders want a directory). Keyed by the
+        fingerprint and a digest of the files: a changed template or tokenizer is a new directory, never
+        a stale copy (`kvrelay cache clean` removes old ones)."""
+        digest = xxhash.xxh3_64_hexdigest(msgspec.msgpack.encode(sorted(card.files.items())))
+        path = cache_dir() / "model-cards" / f"{card.fingerprint[:32]}-{digest}"
         if not (path / ".complete").exists():
             path.mkdir(parents=True, exist_ok=True)
             for name, data in card.files.items():

@@ -7,6 +7,9 @@ G2 and G3 are on by default, G4 only when given a URL:
   "off" = no G3. Under it a worker
   uses `<fingerprint[:16]>/slot-<n>`, the first slot no other live process has locked, so several
   workers share one base directory and a restarted worker finds its slot (and its blocks) again.
+- `disk_bytes` is a ceiling: a slot takes at most `DISK_FREE_SHARE` (10%) of the free space of its
+  filesystem (its own existing files counted as free), so a default never fills a user's disk; the
+  size chosen and why are logged when G3 opens. `kvrelay cache list|clean` shows and removes slots.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from kvrelay.kvbm.tiers.base import EventCallback
 
 log = logging.getLogger(__name__)
 MAX_DISK_SLOTS = 16
+DISK_FREE_SHARE = 0.10  # a G3 slot takes at most this share of its filesystem's free space
 
 
 class TierConfigError(ValueError):
@@ -116,10 +120,17 @@ async def _open_disk(cfg: TierConfig, block_bytes: int, fingerprint: str,
         raise TierConfigError(f"--kv-disk-bytes {cfg.disk_bytes} holds no block of {block_bytes} bytes")
     for n in range(MAX_DISK_SLOTS):
         directory = base / fingerprint[:16] / f"slot-{n}"
-        if _locked_elsewhere(directory):
+        if slot_in_use(directory):
             continue
-        store = await DiskStore.open(directory, block_bytes, cfg.disk_bytes, policy=cfg.policy,
-                                     on_event=on_event)
+        size, free = disk_bytes_bound(directory, cfg.disk_bytes)
+        if size < 4096 + block_bytes:
+            log.warning("KV tier G3 disabled: %s has %.1f GiB free; %.0f%% of it holds no block",
+                        directory, free / 2**30, 100 * DISK_FREE_SHARE)
+            return None
+        if size < cfg.disk_bytes:
+            log.info("KV tier G3: %.2f GiB instead of --kv-disk-bytes %.2f GiB (%.0f%% of %.1f GiB free)",
+                     size / 2**30, cfg.disk_bytes / 2**30, 100 * DISK_FREE_SHARE, free / 2**30)
+        store = await DiskStore.open(directory, block_bytes, size, policy=cfg.policy, on_event=on_event)
         if store.enabled:
             log.info("KV tier G3 at %s (%d blocks, O_DIRECT %s)", directory, store.num_slots, store.direct_io)
             return store
@@ -129,7 +140,20 @@ async def _open_disk(cfg: TierConfig, block_bytes: int, fingerprint: str,
     return None
 
 
-def _locked_elsewhere(directory: Path) -> bool:
+def disk_bytes_bound(directory: Path, requested: int) -> tuple[int, int]:
+    """(bytes a G3 slot in `directory` may take, free bytes counted): `requested`, capped at
+    DISK_FREE_SHARE of the filesystem's free space plus what the slot's own files already take."""
+    import shutil
+
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    own = sum(f.stat().st_size for f in directory.iterdir() if f.is_file()) if directory.is_dir() else 0
+    free = shutil.disk_usage(existing).free + own
+    return min(requested, int(free * DISK_FREE_SHARE)), free
+
+
+def slot_in_use(directory: Path) -> bool:
     """True if another live process holds this slot's lock (DiskStore flocks `lock` while open)."""
     import fcntl
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from kvrelay.perf.serve_process import Serve
 from kvrelay.runtime.discovery import DiscoveryConfig, list_instances, make_discovery
+from kvrelay.runtime.rpc import RpcClient
 from kvrelay.workers.api.client import WorkerClient
 from kvrelay.workers.api.messages import EngineRequest, SamplingParams
 
@@ -111,8 +112,8 @@ async def via_frontend(url: str, model: str, args: argparse.Namespace) -> tuple[
             c.transport.close()
 
 
-async def direct(address: str, args: argparse.Namespace) -> tuple[float, list[float]]:
-    client = WorkerClient()
+async def direct(address: str, args: argparse.Namespace, token: str = "") -> tuple[float, list[float]]:
+    client = WorkerClient(RpcClient(token=token))
 
     async def one(i: int) -> float:
         req = EngineRequest(request_id=f"direct-{i}-{time.monotonic_ns()}", prompt_token_ids=_prompt(i, args.prompt_tokens),
@@ -130,20 +131,21 @@ async def direct(address: str, args: argparse.Namespace) -> tuple[float, list[fl
         await client.close()
 
 
-async def measure(url: str, discovery_dir: str, args: argparse.Namespace, dynamo_url: str | None = None) -> dict:
+async def measure(url: str, discovery_dir: str, args: argparse.Namespace, dynamo_url: str | None = None,
+                  token: str = "") -> dict:
     disc = make_discovery(DiscoveryConfig(discovery="file", discovery_dir=discovery_dir))
     await disc.start()
     address = (await list_instances(disc, "default"))[0].address
     await disc.close()
     small = argparse.Namespace(**{**vars(args), "requests": 100})
     await via_frontend(url, "kvrelay-tiny", small)  # warm-up
-    await direct(address, small)
+    await direct(address, small, token)
     if dynamo_url:
         await via_frontend(dynamo_url, "kvrelay-tiny", small)
     rows: dict[str, list] = {"frontend": [], "direct": [], **({"dynamo": []} if dynamo_url else {})}
     for _ in range(args.repeats):
         rows["frontend"].append(await via_frontend(url, "kvrelay-tiny", args))
-        rows["direct"].append(await direct(address, args))
+        rows["direct"].append(await direct(address, args, token))
         if dynamo_url:
             rows["dynamo"].append(await via_frontend(dynamo_url, "kvrelay-tiny", args))
     out = {}
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 from kvrelay.workers.models.tiny import ensure_tiny_model
 
                 dyn = DynamoServe(args.dynamo_python, Path(tmp), str(ensure_tiny_model()), "kvrelay-tiny").start()
-            result = asyncio.run(measure(srv.base_url, srv.discovery_dir, args, dyn.base_url if dyn else None))
+            result = asyncio.run(measure(srv.base_url, srv.discovery_dir, args, dyn.base_url if dyn else None,
+                                         srv.internal_token))
         finally:
             srv.stop()
             if dyn is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -23,7 +24,8 @@ class Serve:
     def __init__(self, tmp: Path, *args: str, workers: int | None = 2, env: dict | None = None,
                  model: str = "tiny"):
         """`workers=None`: no `--workers` flag (for `--prefill-workers/--decode-workers`). `model` is
-        used unless `args` name one (`--model`); tests default to the fast tiny model."""
+        used unless `args` name one (`--model`); tests default to the fast tiny model. The run's
+        internal token is chosen here (`internal_token`) so that tests can call the workers directly."""
         self.port = free_port()
         self.discovery_dir = str(tmp / "discovery")
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -34,7 +36,8 @@ class Serve:
         if "--discovery" not in args:
             self.argv += ["--discovery-dir", self.discovery_dir]
         self.log = open(tmp / "serve.log", "w")  # noqa: SIM115 - closed in stop()
-        self.env = {**os.environ, **(env or {})}
+        self.env = {**os.environ, "KVRELAY_INTERNAL_TOKEN": secrets.token_urlsafe(16), **(env or {})}
+        self.internal_token = self.env["KVRELAY_INTERNAL_TOKEN"]
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
 

@@ -7,14 +7,20 @@
 - "auto": the same as "nixl" (the default for workers).
 The engine kinds do not interoperate: a peer's `add_peer` rejects metadata of the other kind with
 ValueError, and the caller prefills locally instead (DESIGN.md "Disaggregation").
+
+Binding (DESIGN.md "Trust boundary"): the TCP engine listens on `host` and requires `token`. NIXL has
+no authentication of its own, so its UCX listeners are confined to the network device that holds
+`host` (`UCX_NET_DEVICES`, unless the operator set it): with host 127.0.0.1 only loopback.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 from kvrelay.transfer.base import DEFAULT_TIMEOUT_S, TransferEngine
+from kvrelay.transfer.net_devices import device_of
 from kvrelay.transfer.nixl_engine import NixlTransferEngine
 from kvrelay.transfer.tcp_engine import TcpTransferEngine
 
@@ -25,11 +31,14 @@ KINDS = ("auto", "nixl", "tcp")
 
 def make_transfer_engine(kind: str, name: str, *, backends: Sequence[str] = ("UCX",), host: str = "127.0.0.1",
                          port: int = 0, advertise_host: str | None = None,
-                         timeout_s: float = DEFAULT_TIMEOUT_S) -> TransferEngine:
+                         timeout_s: float = DEFAULT_TIMEOUT_S, token: str = "") -> TransferEngine:
     """Build (not start) an engine; `await engine.start()` after registering its pools."""
     if kind not in KINDS:
         raise ValueError(f"transfer engine kind must be one of {KINDS}, got {kind!r}")
     if kind != "tcp":
+        device = device_of(host)
+        if device is not None and "UCX_NET_DEVICES" not in os.environ:  # read by UCX when the agent starts
+            os.environ["UCX_NET_DEVICES"] = device
         try:
             return NixlTransferEngine(name, backends, timeout_s=timeout_s)
         except ImportError as e:
@@ -37,4 +46,4 @@ def make_transfer_engine(kind: str, name: str, *, backends: Sequence[str] = ("UC
         except Exception as e:
             log.warning("NIXL agent %r with backends %s failed to start (%s: %s); KV transfers use the "
                         "TCP fallback", name, list(backends), type(e).__name__, e)
-    return TcpTransferEngine(name, host, port, advertise_host, timeout_s=timeout_s)
+    return TcpTransferEngine(name, host, port, advertise_host, timeout_s=timeout_s, token=token)

@@ -8,8 +8,9 @@ writes into its registered pools, and holds one `RpcClient` (one multiplexed TCP
 - notify: after the last byte is in place at the destination, one `kv_notify` call (one round trip).
 Works across processes and machines; msgpack frames only, no pickle. A peer whose process dies fails
 the transfer at once (connection lost / refused), a vanished host within the TCP keepalive (~8 s) or
-the transfer's timeout, whichever is first. The server trusts its clients as NIXL does: a registered
-pool is readable and writable by any peer that has the metadata (bind it to a private network).
+the transfer's timeout, whichever is first. With `token` (the deployment's internal token, the same
+on every peer) the block server refuses connections that do not present it, and this engine presents
+it to its peers; without one a registered pool is open to any peer that can reach the port.
 """
 
 from __future__ import annotations
@@ -50,13 +51,13 @@ class TcpTransferEngine:
     kind = "tcp"
 
     def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None,
-                 *, timeout_s: float = DEFAULT_TIMEOUT_S, notif_capacity: int = 4096):
-        self.name, self.timeout_s = name, timeout_s
+                 *, timeout_s: float = DEFAULT_TIMEOUT_S, notif_capacity: int = 4096, token: str = ""):
+        self.name, self.timeout_s, self._token = name, timeout_s, token
         self._advertise = advertise_host or (socket.gethostbyname(socket.gethostname())
                                              if host in ("", "0.0.0.0", "::") else host)
         self._box = NotificationBox(notif_capacity)
         self._pools: dict[str, PoolBytes] = {}
-        self._server = BlockServer(self._pools, self._box, host, port)
+        self._server = BlockServer(self._pools, self._box, host, port, token)
         self._peers: dict[str, _Peer] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._started = self._closed = False
@@ -100,7 +101,7 @@ class TcpTransferEngine:
         for pid, p in list(self._peers.items()):  # a restarted process that kept its name: same rule as NIXL
             if p.md.engine == md.engine:
                 self.remove_peer(pid)
-        self._peers[peer_id] = _Peer(metadata, md, RpcClient())
+        self._peers[peer_id] = _Peer(metadata, md, RpcClient(token=self._token))
 
     def remove_peer(self, peer_id: str) -> None:
         peer = self._peers.pop(peer_id, None)

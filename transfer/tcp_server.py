@@ -6,7 +6,8 @@ Endpoints (messages in tcp_wire.py) on a `kvrelay.runtime.rpc.RpcServer`:
 - `kv_write`: one `WriteRequest` chunk into the pool, bounds-checked, then `Ack`;
 - `kv_notify`: hands the notification to the engine's box, then `Ack`.
 Requests are checked against the pool's bounds; a bad one fails that call (`RemoteError` at the client)
-and nothing is read or written.
+and nothing is read or written. With a token (the deployment's internal token) a connection that does
+not present it is refused before any endpoint runs: nobody else can read or poison the pools.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from kvrelay.transfer.tcp_wire import Ack, Chunk, NotifyRequest, PoolBytes, Read
 
 
 class BlockServer:
-    def __init__(self, pools: dict[str, PoolBytes], box: NotificationBox, host: str, port: int):
+    def __init__(self, pools: dict[str, PoolBytes], box: NotificationBox, host: str, port: int, token: str = ""):
         self._pools, self._box = pools, box  # the engine's own dict: pools registered later are served too
         self.notifications = 0
-        self.rpc = RpcServer(host, port)
+        self.rpc = RpcServer(host, port, token=token)
         self.rpc.add_endpoint("kv_read", self._read, ReadRequest)
         self.rpc.add_endpoint("kv_write", self._write, WriteRequest)
         self.rpc.add_endpoint("kv_notify", self._notify, NotifyRequest)

@@ -39,6 +39,8 @@ class ProcessSettings:
     metrics_port: int = setting(0, "Prometheus /metrics port (0 = any free port, published in discovery "
                                 "as label 'metrics'; -1 = off)", _metrics_port)
     load_interval: float = setting(0.5, "seconds between load-metric publications", positive)
+    drain_timeout: float = setting(30.0, "on SIGTERM: seconds requests in flight may take to finish after "
+                                   "the worker left discovery (the rest fail over to other workers)", non_negative)
 
 
 @dataclass(frozen=True)

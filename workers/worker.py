@@ -8,7 +8,9 @@ prefill and decode roles own a transfer engine over the engine's G1 pool (worker
 
 Lifecycle: engine up -> RPC server up -> registered. Shutdown reverses it: deregister first (routers
 stop sending), then the server fails in-flight streams with `Cancelled` (frontends migrate them), then
-the engine stops.
+the engine stops. SIGTERM drains first (`drain`): deregistered, the requests in flight (and prefill
+handles waiting to be pulled) get up to `--drain-timeout` seconds to finish; the process then exits 0,
+which `kvrelay serve`'s supervisor reads as "removed on purpose" and does not restart.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from kvrelay.kvbm.events import KvEvent, KvSnapshot, LoadMetrics, kv_events_subj
 from kvrelay.runtime.config import ConfigError
 from kvrelay.runtime.discovery import Discovery, Instance, register_instance
 from kvrelay.runtime.events import EventPlane
-from kvrelay.runtime.rpc import RpcServer
+from kvrelay.runtime.rpc import RpcClient, RpcServer
 from kvrelay.workers.api.client import WorkerClient
 from kvrelay.workers.api.endpoints import Endpoint, Role
 from kvrelay.workers.api.messages import Empty, KvHandle, PrefillReply, ReleaseRequest
@@ -41,7 +43,10 @@ from kvrelay.workers.protocol import Engine, EngineOutput, EngineRequest, Engine
 log = logging.getLogger(__name__)
 
 
-MODEL_CARD_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json")
+# Every file the frontend's tokenizer reads (frontend/tokenizer.py): templates included, so a checkpoint
+# saved by current transformers (chat_template.jinja) has its chat template through the frontend too.
+MODEL_CARD_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json",
+                    "chat_template.jinja", "chat_template.json", "special_tokens_map.json")
 
 
 def build_engine(cfg: WorkerConfig, model_dir: str) -> Engine:
@@ -85,20 +90,25 @@ def resolve_model(cfg: WorkerConfig) -> tuple[str, str]:
 
 class Worker:
     def __init__(self, cfg: WorkerConfig, discovery: Discovery, events: EventPlane, engine: Engine | None = None,
-                 instance_id: str | None = None):
+                 instance_id: str | None = None, internal_token: str = ""):
+        """`internal_token`: required of every caller of the RPC and transfer ports, and presented to
+        other workers (runtime/auth.py)."""
         self.cfg, self.discovery, self.events = cfg, discovery, events
+        self.internal_token = internal_token
         self.model_dir, self.model_name = resolve_model(cfg)
         self.engine = engine or build_engine(cfg, self.model_dir)
         self.instance_id = instance_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.server = RpcServer(cfg.host, cfg.port)
+        self.server = RpcServer(cfg.host, cfg.port, token=internal_token)
         self.instance: Instance | None = None
         self._tasks: list[asyncio.Task] = []
         self._event_queue: asyncio.Queue[list[KvEvent]] = asyncio.Queue()
         self.transfer = None  # TransferEngine for prefill/decode roles with a real KV pool
         self.leases: PrefillLeases | None = None
         self.puller: TransferPuller | SimulatedPuller | None = None
-        self.peers = WorkerClient()  # decode role: `release` calls to prefill workers
+        self.peers = WorkerClient(RpcClient(token=internal_token))  # decode role: `release` calls to prefill workers
         self.metrics: MetricsServer | None = None
+        self.active = 0  # generate/prefill calls in flight (drain waits for them)
+        self._deregistered = False
 
     async def start(self) -> Instance:
         await self.engine.start()
@@ -138,12 +148,30 @@ class Worker:
                  self.instance.address, layout.num_blocks)
         return self.instance
 
-    async def close(self) -> None:
-        if self.instance is not None:
+    async def _deregister(self) -> None:
+        if self.instance is not None and not self._deregistered:
+            self._deregistered = True
             try:
                 await self.discovery.deregister(self.instance.key)
             except Exception:  # the lease expiring does the same, just later
                 log.warning("could not deregister %s", self.instance.key, exc_info=True)
+
+    async def drain(self, timeout: float) -> bool:
+        """Leave routing, then wait up to `timeout` s for the requests in flight and the prefill handles
+        not yet pulled. True if all finished; `close()` fails what is left (frontends migrate it)."""
+        await self._deregister()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        log.info("worker %s draining: %d requests in flight, up to %.0f s", self.instance_id, self.active, timeout)
+        while self.active or self.engine.stats().held_requests:
+            if loop.time() >= deadline:
+                log.warning("drain timeout: %d requests still in flight", self.active)
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def close(self) -> None:
+        await self._deregister()
         await self.server.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -170,7 +198,8 @@ class Worker:
             from kvrelay.transfer import make_transfer_engine
 
             self.transfer = make_transfer_engine(self.cfg.kv_transfer, self.instance_id, host=self.cfg.host,
-                                                 advertise_host=self.cfg.advertise_host or None)
+                                                 advertise_host=self.cfg.advertise_host or None,
+                                                 token=self.internal_token)
             self.transfer.register_pool("g1", pool, self.engine.kv_layout().block_bytes)
             await self.transfer.start()
             log.info("KV transfer: %s", self.transfer.kind)
@@ -187,13 +216,21 @@ class Worker:
     async def _generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         # Cancellation (client left, frontend aborted) arrives here as CancelledError; closing the
         # engine stream aborts the request in the engine and frees its blocks.
-        async for out in self.engine.generate(request):
-            yield out
+        self.active += 1
+        try:
+            async for out in self.engine.generate(request):
+                yield out
+        finally:
+            self.active -= 1
 
     async def _prefill(self, request: EngineRequest) -> AsyncIterator[PrefillReply]:
         """Compute the prompt, hold its blocks under a lease, hand back the first token and a handle."""
         assert self.leases is not None and self.instance is not None
-        result = await self.engine.prefill(request)  # cancelled -> the engine frees the blocks
+        self.active += 1
+        try:
+            result = await self.engine.prefill(request)  # cancelled -> the engine frees the blocks
+        finally:
+            self.active -= 1  # a held handle is waited for through held_requests
         handle = None
         if result.block_ids:
             self.leases.hold(request.request_id)
@@ -268,12 +305,15 @@ class Worker:
 
 
 async def run_worker(worker: Worker) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down in order."""
-    stop = asyncio.Event()
+    """Serve until SIGINT/SIGTERM, drain (a second signal cuts the drain short), shut down in order."""
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda: hurry.set() if stop.is_set() else stop.set())
     await worker.start()
     print(f"READY {worker.instance.address}", flush=True)  # noqa: T201 - parent processes wait for this line
     await stop.wait()
+    drain = asyncio.create_task(worker.drain(worker.cfg.drain_timeout))
+    await asyncio.wait({drain, asyncio.create_task(hurry.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    drain.cancel()
     await worker.close()

@@ -10,6 +10,7 @@ Invariants:
   from the server, or `RpcConnectionError` the moment the connection is lost (never a hang).
 - Leaving a stream early (break + exit of `async with`, `aclose()`, or cancellation of the task that
   is waiting on it) sends `Cancel`, so the server-side handler is cancelled too.
+- With a `token`, it is the first frame on every connection (the server's `Auth` check).
 - Received items are buffered per stream; past a high-water mark across the connection, reading from
   the socket pauses, so a slow consumer bounds memory and the server feels backpressure.
 """
@@ -31,7 +32,16 @@ from kvrelay.runtime.rpc.errors import (
     RpcCancelled,
     RpcConnectionError,
 )
-from kvrelay.runtime.rpc.frames import DEFAULT_MAX_FRAME, Call, Cancel, ClientInbound, End, Fail, _ItemIn
+from kvrelay.runtime.rpc.frames import (
+    DEFAULT_MAX_FRAME,
+    Auth,
+    Call,
+    Cancel,
+    ClientInbound,
+    End,
+    Fail,
+    _ItemIn,
+)
 from kvrelay.runtime.wire import decoder
 
 PAUSE_ITEMS, RESUME_ITEMS = 8192, 2048
@@ -181,8 +191,8 @@ class RpcStream:
 
 
 class RpcClient:
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, connect_timeout: float = 5.0):
-        self.max_frame, self.connect_timeout = max_frame, connect_timeout
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, connect_timeout: float = 5.0, token: str = ""):
+        self.max_frame, self.connect_timeout, self.token = max_frame, connect_timeout, token
         self._conns: dict[str, _ClientConnection] = {}
         self._connecting: dict[str, asyncio.Future[_ClientConnection]] = {}
 
@@ -228,6 +238,8 @@ class RpcClient:
             )
         except (OSError, asyncio.TimeoutError) as e:
             raise RpcConnectionError(f"cannot connect to {address}: {e or 'timeout'}") from None
+        if self.token:
+            conn.send(Auth(self.token))
         return conn
 
     async def close(self) -> None:

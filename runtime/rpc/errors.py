@@ -12,6 +12,7 @@ class FailKind(StrEnum):
     ENDPOINT_NOT_FOUND = "EndpointNotFound"
     INVALID_REQUEST = "InvalidRequest"  # the request did not decode as the endpoint's type
     CANCELLED = "Cancelled"
+    UNAUTHORIZED = "Unauthorized"  # the port requires the internal token and the connection gave none
 
 
 class RpcError(RuntimeError):

@@ -46,6 +46,13 @@ class Fail(msgspec.Struct, tag=5, array_like=True):
     message: str
 
 
+class Auth(msgspec.Struct, tag=6, array_like=True):
+    """The client's first frame when the server requires the internal token (DESIGN.md "Trust
+    boundary"); a server without a token ignores it."""
+
+    token: str
+
+
 class _CallIn(msgspec.Struct, tag=1, array_like=True):
     id: int
     endpoint: str
@@ -57,7 +64,7 @@ class _ItemIn(msgspec.Struct, tag=3, array_like=True):
     payload: msgspec.Raw
 
 
-ServerInbound = _CallIn | Cancel
+ServerInbound = _CallIn | Cancel | Auth
 ClientInbound = _ItemIn | End | Fail
 
 

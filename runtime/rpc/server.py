@@ -11,12 +11,15 @@ own task. Invariants:
 - Every call ends with exactly one of: `End` (handler returned), `Fail` (handler raised, endpoint
   unknown, bad request, server shutdown), or nothing (the client cancelled; it is not listening).
 - A malformed or oversized frame drops that one connection; other connections are unaffected.
+- With a `token`, a connection runs nothing until its first frame is `Auth` with that token; a call
+  before it is answered `Fail("Unauthorized")` and the connection is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,7 +28,16 @@ import msgspec
 
 from kvrelay.runtime.rpc.conn import FramedProtocol
 from kvrelay.runtime.rpc.errors import FailKind, RpcCancelled
-from kvrelay.runtime.rpc.frames import DEFAULT_MAX_FRAME, Cancel, End, Fail, Item, ServerInbound, _CallIn
+from kvrelay.runtime.rpc.frames import (
+    DEFAULT_MAX_FRAME,
+    Auth,
+    Cancel,
+    End,
+    Fail,
+    Item,
+    ServerInbound,
+    _CallIn,
+)
 from kvrelay.runtime.wire import decoder
 
 log = logging.getLogger(__name__)
@@ -45,12 +57,26 @@ class _ServerConnection(FramedProtocol):
         super().__init__(server.max_frame)
         self._server = server
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._authorized = not server.token
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._server._connections.add(self)
 
     def on_frame(self, frame: Any) -> None:
+        if isinstance(frame, Auth):
+            self._authorized = self._authorized or hmac.compare_digest(frame.token.encode(),
+                                                                       self._server.token.encode())
+            return
+        if not self._authorized:
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            log.warning("refused a call from %s without the internal token", peer)
+            if isinstance(frame, _CallIn):
+                self.send(Fail(frame.id, FailKind.UNAUTHORIZED, "this port requires the internal token"))
+                self._flush()
+            if self.transport is not None:
+                self.transport.close()  # after the Fail is written
+            return
         if isinstance(frame, Cancel):
             task = self._tasks.get(frame.id)
             if task is not None:
@@ -111,8 +137,8 @@ class _ServerConnection(FramedProtocol):
 
 
 class RpcServer:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, max_frame: int = DEFAULT_MAX_FRAME):
-        self.host, self.port, self.max_frame = host, port, max_frame
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, max_frame: int = DEFAULT_MAX_FRAME, token: str = ""):
+        self.host, self.port, self.max_frame, self.token = host, port, max_frame, token
         self._endpoints: dict[str, _Endpoint] = {}
         self._connections: set[_ServerConnection] = set()
         self._server: asyncio.base_events.Server | None = None

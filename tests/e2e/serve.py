@@ -26,11 +26,12 @@ def alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
-async def worker_stats(discovery: DiscoveryConfig, namespace: str = "default") -> dict[str, tuple[int, EngineStats]]:
-    """instance_id -> (pid, stats) for every registered worker."""
+async def worker_stats(discovery: DiscoveryConfig, namespace: str = "default",
+                       token: str = "") -> dict[str, tuple[int, EngineStats]]:
+    """instance_id -> (pid, stats) for every registered worker (`token`: the run's internal token)."""
     disc = make_discovery(discovery)
     await disc.start()
-    client = RpcClient()
+    client = RpcClient(token=token)
     try:
         out = {}
         for inst in await list_instances(disc, namespace):
@@ -42,10 +43,11 @@ async def worker_stats(discovery: DiscoveryConfig, namespace: str = "default") -
         await disc.close()
 
 
-async def wait_idle(discovery: DiscoveryConfig, timeout: float = 30.0) -> dict[str, tuple[int, EngineStats]]:
+async def wait_idle(discovery: DiscoveryConfig, timeout: float = 30.0,
+                    token: str = "") -> dict[str, tuple[int, EngineStats]]:
     deadline = time.monotonic() + timeout
     while True:
-        stats = await worker_stats(discovery)
+        stats = await worker_stats(discovery, token=token)
         if all(s.running == s.waiting == s.offload_pinned == 0 for _, s in stats.values()) or time.monotonic() > deadline:
             return stats
         await asyncio.sleep(0.1)

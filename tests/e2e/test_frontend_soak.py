@@ -69,7 +69,7 @@ def test_frontend_memory_stays_flat_under_sustained_load(tmp_path, monkeypatch):
             rss.append(rss_mb(srv.proc.pid))
         print(f"\nserve (frontend) RSS per round, MB: {' '.join(f'{x:.1f}' for x in rss)}")
         assert rss[-1] - rss[WARMUP - 1] < MAX_GROWTH_MB, rss
-        stats = asyncio.run(wait_idle(discovery))
+        stats = asyncio.run(wait_idle(discovery, token=srv.internal_token))
         m = metrics(srv.base_url)
         assert m["kvrelay_frontend_inflight_requests"] == 0
         assert m["kvrelay_router_inflight_requests"] == 0

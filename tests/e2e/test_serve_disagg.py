@@ -92,11 +92,11 @@ def test_serve_disaggregated_on_etcd_and_nats(tmp_path, etcd, nats):
         assert srv.stop() == 0
 
 
-async def _kill_prefill_worker_when_busy(discovery: DiscoveryConfig, request: threading.Thread) -> int:
+async def _kill_prefill_worker_when_busy(discovery: DiscoveryConfig, request: threading.Thread, token: str) -> int:
     """Start `request`, SIGKILL the prefill worker as soon as it runs it; returns the killed pid."""
     disc = make_discovery(discovery)
     await disc.start()
-    client = RpcClient()
+    client = RpcClient(token=token)
     try:
         inst = next(i for i in await list_instances(disc, "default") if i.role == "prefill")
         request.start()
@@ -130,7 +130,7 @@ def test_prefill_worker_sigkilled_mid_prefill_request_completes(tmp_path):
         _wait_all_workers(srv)
         result: dict = {}
         thread = threading.Thread(target=lambda: result.update(tokens=_complete(srv.base_url, prompt, 6)))
-        pid = asyncio.run(_kill_prefill_worker_when_busy(discovery, thread))
+        pid = asyncio.run(_kill_prefill_worker_when_busy(discovery, thread, srv.internal_token))
         thread.join(120)
         assert not thread.is_alive()
         assert result["tokens"] == want

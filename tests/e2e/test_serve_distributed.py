@@ -43,8 +43,8 @@ def test_worker_sigkill_mid_stream_migrates(tmp_path):
         for chunk in stream:
             texts.append(chunk.choices[0].text)
             if killed is None and len(texts) == 20:
-                busy = [(pid, wid) for wid, (pid, s) in asyncio.run(worker_stats(discovery)).items()
-                        if s.running > 0]
+                stats = asyncio.run(worker_stats(discovery, token=srv.internal_token))
+                busy = [(pid, wid) for wid, (pid, s) in stats.items() if s.running > 0]
                 assert len(busy) == 1, busy
                 killed = busy[0]
                 os.kill(killed[0], signal.SIGKILL)
@@ -58,7 +58,7 @@ def test_worker_sigkill_mid_stream_migrates(tmp_path):
         for i in range(6):
             r = client.completions.create(model=MODEL, prompt=f"after the crash {i}", max_tokens=3)
             assert r.choices[0].finish_reason in ("length", "stop")
-        registered = asyncio.run(worker_stats(discovery))
+        registered = asyncio.run(worker_stats(discovery, token=srv.internal_token))
         assert killed[1] not in registered
     finally:
         srv.stop()

@@ -117,7 +117,7 @@ def test_api_key(tmp_path):
 
 def test_200_cancelled_streams_free_every_block(served):
     discovery = DiscoveryConfig(discovery="file", discovery_dir=served.discovery_dir)
-    before = asyncio.run(wait_idle(discovery))
+    before = asyncio.run(wait_idle(discovery, token=served.internal_token))
 
     async def cancel_one(client: httpx.AsyncClient, i: int) -> None:
         body = {"model": MODEL, "prompt": f"request {i} " * 30, "max_tokens": 500, "stream": True,
@@ -138,7 +138,7 @@ def test_200_cancelled_streams_free_every_block(served):
             await asyncio.gather(*(guarded(i) for i in range(200)))
 
     asyncio.run(run())
-    after = asyncio.run(wait_idle(discovery))
+    after = asyncio.run(wait_idle(discovery, token=served.internal_token))
     for wid, (_, stats) in after.items():
         _, start = before[wid]
         assert stats.running == stats.waiting == 0, (wid, stats)

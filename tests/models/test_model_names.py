@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +52,19 @@ def test_model_list_shows_the_cached_default():
     first = out.stdout.splitlines()[0].split()
     assert first[:2] == [SMOLLM2, "cached"]
     assert f"{model_dir()} (540 MB)" in out.stdout
+
+
+def test_model_remove_deletes_only_the_cache_entry(tmp_path):
+    env = {**os.environ, "KVRELAY_CACHE_DIR": str(tmp_path)}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "kvrelay.cli.main", "model", *args], capture_output=True,
+                              text=True, timeout=120, env=env)
+
+    built = Path(run("tiny").stdout.strip())
+    assert built.is_dir() and built.is_relative_to(tmp_path)
+    out = run("remove", "tiny")
+    assert out.returncode == 0 and f"removed {built}" in out.stdout and not built.exists()
+    assert "nothing cached" in run("remove", "tiny").stdout
+    bad = run("remove", str(tmp_path))
+    assert bad.returncode == 2 and "is not a packaged model name" in bad.stderr

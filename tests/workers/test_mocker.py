@@ -240,7 +240,8 @@ def test_serve_16_mocker_workers_end_to_end(tmp_path: Path, model):
         print(f"64 concurrent completions in {time.monotonic() - t0:.2f}s")
         assert [r.status_code for r in replies] == [200] * 64, replies[0].text
         assert all(r.json()["usage"]["completion_tokens"] == 32 for r in replies)
-        stats = asyncio.run(wait_idle(DiscoveryConfig(discovery="file", discovery_dir=srv.discovery_dir)))
+        stats = asyncio.run(wait_idle(DiscoveryConfig(discovery="file", discovery_dir=srv.discovery_dir),
+                                    token=srv.internal_token))
         assert len(stats) == 16 and sum(s.generated_tokens for _, s in stats.values()) == 64 * 32
         assert all(s.used_blocks == 0 for _, s in stats.values())
         print(f"requests spread over {sum(1 for _, s in stats.values() if s.generated_tokens)} workers")

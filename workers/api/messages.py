@@ -4,6 +4,8 @@ request plane unchanged. The engine interface that produces them is `kvrelay.wor
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 
@@ -34,6 +36,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             raise RequestError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise RequestError("top_k must be >= 0")
+        if not math.isfinite(self.temperature):  # JSON has no inf, but msgpack callers can send one
+            raise RequestError("temperature must be finite")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise RequestError("seed must fit in 64 bits")
 
 
 class KvHandle(msgspec.Struct, frozen=True, kw_only=True):

@@ -60,6 +60,7 @@ class EngineCore:
         self.onboarded_blocks = 0
         self.reonboarded_blocks = 0  # of those, blocks of preempted sequences
         self.tickets: list[tuple[str, OnboardTicket]] = []  # see take_tickets
+        self.failed: list[str] = []  # see take_failed
         self._arrivals = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
@@ -137,6 +138,11 @@ class EngineCore:
         if seq is not None and self.scheduler.end_lookup(seq) and any(in_lower):
             seq.lower_hint = list(in_lower)
 
+    def take_failed(self) -> list[str]:
+        """Requests whose sampling failed since the last call (already aborted, blocks freed)."""
+        failed, self.failed = self.failed, []
+        return failed
+
     def take_tickets(self) -> list[tuple[str, OnboardTicket]]:
         """Loads planned for preempted sequences since the last call, for the loop to run."""
         tickets, self.tickets = self.tickets, []
@@ -206,6 +212,10 @@ class EngineCore:
                 self.scheduler.commit(seq, n)
         if self.cost is not None:
             self.cost.observe_prefill(sum(n for _, n in scheduled if n > 1), seconds)
+        for i in result.failed:  # only the rows that failed end (aborted: blocks freed); the batch goes on
+            rid = result.seqs[i].request_id
+            if self.abort(rid) is not None:
+                self.failed.append(rid)
         outputs = []
         for i, seq in enumerate(result.seqs):
             if seq.status is not Status.RUNNING:

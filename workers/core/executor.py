@@ -16,6 +16,7 @@ class StepResult(NamedTuple):
     seqs: list[Sequence]  # every scheduled sequence whose tokens reach its end, in any order
     tokens: list[int]  # the token sampled for seqs[i]
     logprobs: list[float] | None  # its logprob, or None when no sequence asked for logprobs
+    failed: tuple[int, ...] = ()  # indices into seqs whose sampling failed: those requests end, alone
 
 
 class Executor(Protocol):

@@ -71,7 +71,12 @@ class CoreRunner:
             arg.get_loop().call_soon_threadsafe(resolve, arg, snap)
 
     def route(self, outputs: list[EngineOutput], deliveries: Deliveries) -> None:
-        """A step's outputs to their streams; a prefill that parked becomes its `PrefillResult`."""
+        """A step's outputs to their streams; a prefill that parked becomes its `PrefillResult`; a
+        request whose sampling failed ends with an error (one request's bad row never fails another)."""
+        for rid in self.core.take_failed():
+            target = self.streams.pop(rid, None)
+            if target is not None:
+                deliveries.append((target, EngineError("sampling failed for this request's parameters")))
         for out in outputs:
             target = self.streams.get(out.request_id)
             if target is None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvrelay.workers.models.cache_entry import read_verified_manifest
-from kvrelay.workers.models.registry import PACKAGED, TINY, packaged_file
+from kvrelay.workers.models.registry import PACKAGED, TINY, ModelNotFound, packaged_file
 
 
 @dataclass(frozen=True)
@@ -45,3 +45,21 @@ def catalog() -> list[CatalogEntry]:
                              "built from kvrelay's own seed and corpus", tiny if built else None,
                              _size(tiny) if built else 0))
     return rows
+
+
+def cache_entry_of(spec: str) -> Path | None:
+    """The cache directory `spec` (a packaged name, `tiny`, or a .gguf file) converts or builds into;
+    None when its source is not installed. Raises ModelNotFound for anything else (an HF directory
+    is the user's own, never a cache entry)."""
+    from kvrelay.workers.models.gguf_convert import converted_path
+    from kvrelay.workers.models.tiny import tiny_model_path
+
+    if spec == TINY:
+        return tiny_model_path()
+    if spec in PACKAGED:
+        gguf = packaged_file(PACKAGED[spec])
+        return converted_path(gguf) if gguf is not None else None
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return converted_path(path.resolve())
+    raise ModelNotFound(f"{spec!r} is not a packaged model name, tiny, or a .gguf file")

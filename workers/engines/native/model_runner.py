@@ -19,5 +19,5 @@ class ModelRunner:
         batch = build_batch(scheduled, self.block_size, self.device)
         logits = self.model(batch.input_ids, batch.meta, self.kv_cache, batch.logits_index)
         seqs = batch.sample_seqs
-        tokens, logprobs = sample(logits, [s.sampling for s in seqs], [s.next_generator() for s in seqs])
-        return StepResult(seqs, tokens, logprobs)
+        tokens, logprobs, failed = sample(logits, [s.sampling for s in seqs], [s.next_generator() for s in seqs])
+        return StepResult(seqs, tokens, logprobs, tuple(failed))
