@@ -25,10 +25,10 @@ def promtool() -> str:
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, config: dict):
+    def __init__(self, workdir: Path, config: dict, port: int | None = None):
         if shutil.which("prometheus") is None:
             pytest.fail("prometheus not installed: apt-get install -y prometheus (see .ci/run)")
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / "prometheus.yml"
         self.config_path.write_text(yaml.safe_dump(config))

@@ -24,8 +24,8 @@ from tests.deploy.local_run import (
 from tests.deploy.prom import REPO, Prometheus, local_config
 from tests.servers import etcd_server
 
-# Compose variables a test run sets: the fast built-in model, small tiers, remote prefill from 32 tokens.
-TEST_VARS = {"KVRELAY_MODEL": "tiny", "KVRELAY_KV_HOST_BYTES": "32MiB", "KVRELAY_KV_DISK_BYTES": "32MiB",
+# Compose variables a test run sets: an internal token (frontend and workers must agree), the fast built-in model, small tiers, remote prefill from 32 tokens.
+TEST_VARS = {"KVRELAY_INTERNAL_TOKEN": "internal-compose", "KVRELAY_MODEL": "tiny", "KVRELAY_KV_HOST_BYTES": "32MiB", "KVRELAY_KV_DISK_BYTES": "32MiB",
              "KVRELAY_DISAGG_MIN_TOKENS": "32", "KVRELAY_PLANNER_INTERVAL": "1", "KVRELAY_API_KEY": "sk-compose"}
 
 
@@ -78,6 +78,20 @@ def test_compose_services_run_as_local_processes_and_serve(tmp_path):
         boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3.port}", region_name="us-east-1",
                      aws_access_key_id=worker_env["AWS_ACCESS_KEY_ID"],
                      aws_secret_access_key=worker_env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket="kvrelay-kv")
+        hosts.add("prometheus", 9090)
+        # Prometheus first (the planner reads from it), with the compose scrape config: targets mapped,
+        # the API-key file compose mounts written here
+        (tmp_path / "api-key").write_text(TEST_VARS["KVRELAY_API_KEY"])
+        raw = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
+        scrape = []
+        for job in raw["scrape_configs"]:
+            job = {**job, "static_configs": [{**sc, "targets": [hosts.text(t) for t in sc["targets"]]}
+                                             for sc in job["static_configs"]]}
+            if "authorization" in job:
+                assert job["authorization"]["credentials_file"] == "/etc/prometheus/api-key"
+                job["authorization"] = {**job["authorization"], "credentials_file": str(tmp_path / "api-key")}
+            scrape.append(job)
+        prom = Prometheus(tmp_path, local_config(scrape), port=hosts.ports[("prometheus", 9090)])
         for name, svc in services.items():
             env = hosts.env(compose_file.env_of(svc))
             procs.start(Container(name, hosts.argv(svc["command"], name), env))
@@ -89,10 +103,6 @@ def test_compose_services_run_as_local_processes_and_serve(tmp_path):
             wait_http(url, procs, timeout=90)
         wait_http(f"{frontend}/ready", procs, timeout=90)
 
-        raw = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
-        scrape = [{**job, "static_configs": [{**sc, "targets": [hosts.text(t) for t in sc["targets"]]}
-                                              for sc in job["static_configs"]]} for job in raw["scrape_configs"]]
-        prom = Prometheus(tmp_path, local_config(scrape))
         prom.wait_up(4)
 
         key = TEST_VARS["KVRELAY_API_KEY"]

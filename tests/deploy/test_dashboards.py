@@ -30,7 +30,10 @@ def test_promtool_checks_config_and_rules(tmp_path):
     r = subprocess.run([promtool(), "check", "rules", str(dashboards.RULES)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     cfg = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
-    cfg["rule_files"] = [str(dashboards.RULES.parent / "*.yml")]  # the compose mount, here
+    cfg["rule_files"] = [str(dashboards.RULES.parent / "*.yml")]  # compose's mounts, here
+    for job in cfg["scrape_configs"]:
+        if "authorization" in job:
+            job["authorization"]["credentials_file"] = str(REPO / "deploy/compose/api-key")
     (tmp_path / "p.yml").write_text(yaml.safe_dump(cfg))
     r = subprocess.run([promtool(), "check", "config", str(tmp_path / "p.yml")], capture_output=True, text=True)
     assert r.returncode == 0 and "1 rule files found" in r.stdout, r.stdout + r.stderr
