@@ -77,7 +77,7 @@ def test_planner_role_may_only_scale_the_two_worker_deployments():
 
 def test_secret_probes_and_grace():
     objs = render("values-disaggregated.yaml", "apiKey.value=sk-x", "drainTimeoutSeconds=90")
-    (secret,) = find(objs, "Secret")
+    (secret,) = find(objs, "Secret", "kvrelay-api-key")
     assert "sk-x" not in json.dumps(find(objs, "Deployment")) and "sk-x" not in json.dumps(find(objs, "ConfigMap"))
     assert secret["data"]["api-key"]
     for dep in find(objs, "Deployment"):
@@ -93,11 +93,18 @@ def test_secret_probes_and_grace():
     dec = find(gpu, "Deployment", "kvrelay-decode")[0]["spec"]["template"]["spec"]
     assert dec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert dec["nodeSelector"] == {"gpu": "h100"}
+    tokens = {}
+    for dep in find(objs, "Deployment"):
+        env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+        if dep["metadata"]["name"] != "kvrelay-planner":
+            tokens[dep["metadata"]["name"]] = env["KVRELAY_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
+            assert "--drain-timeout=90" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert set(tokens.values()) == {"kvrelay-internal-token"} and find(objs, "Secret", "kvrelay-internal-token")
     (fe3,) = find(render("values-disaggregated.yaml", "frontend.replicas=3"), "Deployment", "kvrelay-frontend")
     assert fe3["spec"]["replicas"] == 3
     kubernetes_validate.validate(fe3, K8S, strict=True)
     existing = render("values-aggregated.yaml", "apiKey.existingSecret=mine")
-    assert not find(existing, "Secret")
+    assert not find(existing, "Secret", "kvrelay-api-key")
     ref = find(existing, "Deployment", "kvrelay-frontend")[0]["spec"]["template"]["spec"]["containers"][0]["env"]
     assert ref[0]["valueFrom"]["secretKeyRef"]["name"] == "mine"
 
@@ -153,7 +160,7 @@ def test_rendered_containers_run_as_local_processes(tmp_path, values):
         prompt = "Helm check: " + " ".join(f"token{i}" for i in range(60))
         out = chat(frontend, models["data"][0]["id"], prompt, "sk-helm")
         assert out["choices"][0]["message"]["content"] and out["usage"]["completion_tokens"] > 0
-        metrics = httpx.get(f"{frontend}/metrics", timeout=5).text
+        metrics = httpx.get(f"{frontend}/metrics", headers={"Authorization": "Bearer sk-helm"}, timeout=5).text
         if "planner" in values:
             assert 'kvrelay_frontend_prefills_total{where="remote"} 1.0' in metrics
             planner = f"http://127.0.0.1:{hosts.ports[('kvrelay-planner', 9400)]}"

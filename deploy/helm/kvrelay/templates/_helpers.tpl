@@ -46,3 +46,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "kvrelay.terminationGrace" -}}
 {{ add .Values.drainTimeoutSeconds .Values.preStopSeconds 5 }}
 {{- end }}
+
+{{- define "kvrelay.internalTokenSecret" -}}
+{{- .Values.internalToken.existingSecret | default (printf "%s-internal-token" (include "kvrelay.fullname" .)) }}
+{{- end }}
+
+{{/* env entries every frontend and worker container carries */}}
+{{- define "kvrelay.internalTokenEnv" -}}
+- name: KVRELAY_INTERNAL_TOKEN
+  valueFrom:
+    secretKeyRef: {name: {{ include "kvrelay.internalTokenSecret" . }}, key: token}
+{{- end }}
