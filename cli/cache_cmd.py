@@ -61,8 +61,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def entries(kinds: tuple[str, ...] = KINDS) -> list[Entry]:
-    # Imported here: kvbm's tiers import torch, which `kvrelay --help` (and the mocker) must not pay for.
-    from kvrelay.kvbm.tier_config import default_cache_dir, slot_in_use
+    from kvrelay.kvbm.tier_config import (  # the tiers import torch: not at startup
+        default_cache_dir,
+        slot_in_use,
+    )
 
     found: list[Entry] = []
     kv = default_cache_dir()
@@ -95,11 +97,8 @@ def _cache(args: argparse.Namespace) -> int:
         shutil.rmtree(e.path, ignore_errors=True)
         freed += e.bytes
         print(f"removed {e.kind} {e.path}")
-    if any(e.kind == "g3" and not e.in_use for e in listed):  # empty fingerprint directories
-        from kvrelay.kvbm.tier_config import default_cache_dir
-
-        for parent in default_cache_dir().iterdir():
-            if parent.is_dir() and not any(parent.iterdir()):
-                parent.rmdir()
+    for fingerprint_dir in {e.path.parent for e in listed if e.kind == "g3" and not e.in_use}:
+        if not any(fingerprint_dir.iterdir()):  # its last slot went
+            fingerprint_dir.rmdir()
     print(f"freed {freed / 2**20:.1f} MiB")
     return 0

@@ -80,6 +80,8 @@ class GenerateHandler:
         except Exception:
             log.exception("unexpected error preparing %s", endpoint)
             return await _send_error(send, ApiError.internal())
+        if self.expired:  # it was still being prepared when the drain timed out
+            return await _send_error(send, _DRAINING)
         builder = ResponseBuilder(endpoint, prepared, req)
         if req.stream:
             work = self._stream(send, prepared, builder)

@@ -76,3 +76,31 @@ def test_frontend_ttft_matches_the_clients_under_a_saturated_worker(tmp_path):
           f"p99 in ({lower}, {upper}]")
     assert abs(frontend_mean - client_mean) <= 0.1 * client_mean
     assert 0.9 * lower <= client_p99 <= 1.1 * upper
+
+
+def test_ttft_counts_the_time_before_the_frontend_dispatches(tmp_path):
+    """A client that takes 1 s to send its body: that second is part of its TTFT, and of the frontend's
+    (the old timer started only after the body was read and tokenized)."""
+    srv = Serve(tmp_path, "--engine", "mocker", "--mocker-speedup", "1e9", workers=1).start()
+    try:
+        warm = httpx.post(f"{srv.base_url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+        assert warm.status_code == 200
+        name = "kvrelay_frontend_ttft_seconds"
+        _, sum0, count0 = histogram(httpx.get(f"{srv.base_url}/metrics").text, name)
+        _, qsum0, _ = histogram(httpx.get(f"{srv.base_url}/metrics").text, "kvrelay_frontend_queue_seconds")
+
+        def slow_body():
+            yield b'{"model": "kvrelay-tiny", '
+            time.sleep(1.0)
+            yield b'"prompt": "a slow upload", "max_tokens": 2}'
+
+        r = httpx.post(f"{srv.base_url}/v1/completions", content=slow_body(), timeout=30,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 200
+        text = httpx.get(f"{srv.base_url}/metrics").text
+        _, sum1, count1 = histogram(text, name)
+        _, qsum1, _ = histogram(text, "kvrelay_frontend_queue_seconds")
+    finally:
+        srv.stop()
+    assert count1 == count0 + 1
+    assert sum1 - sum0 >= 0.95 and qsum1 - qsum0 >= 0.95  # the upload is queue time and TTFT
