@@ -4,6 +4,7 @@ and raw, 5 to 1,500 tokens), batched together in one engine, identical at every 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvrelay.frontend.tokenizer import Tokenizer
@@ -24,6 +25,8 @@ def _prompts(tok: Tokenizer) -> list[list[int]]:
     return chats + raws
 
 
+# ~70 s on a quiet 2-core machine (two 135M-parameter models, 8 x 64 greedy tokens each); 170 s at load 9.
+@pytest.mark.timeout(600)
 def test_greedy_tokens_equal_transformers_on_the_same_gguf():
     from transformers import AutoModelForCausalLM
 
