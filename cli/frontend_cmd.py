@@ -8,11 +8,12 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.runtime import aio
 from kvrelay.runtime.auth import InternalAuthConfig
-from kvrelay.runtime.config import add_arguments, build
+from kvrelay.runtime.config import ConfigError, add_arguments, build
 from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
 from kvrelay.runtime.events import EventsConfig, make_event_plane
 from kvrelay.runtime.log import setup_logging
@@ -30,11 +31,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     fe, disc, ev = build(FrontendConfig, args), build(DiscoveryConfig, args), build(EventsConfig, args)
     token = build(InternalAuthConfig, args).token()
+    if disc.discovery == "mem":
+        raise ConfigError("--discovery mem: a frontend process alone never sees a worker; use file or etcd")
+    if ev.events == "inproc":
+        raise ConfigError("--events inproc: a frontend process alone never hears a worker's KV events; "
+                          "use zmq or nats")
     setup_logging(args.log_level)
+    from kvrelay.runtime.events.zmq_plane import ZmqBrokerUnreachable
+
     try:
         aio.run(_serve(fe, disc, ev, token))
     except KeyboardInterrupt:
         return 130
+    except ZmqBrokerUnreachable as e:  # the embedded shape's broker belongs to `kvrelay serve`
+        sys.stderr.write(f"kvrelay frontend: error: --events zmq: {e}\n")
+        return 1
     return 0
 
 

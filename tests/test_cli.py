@@ -62,3 +62,15 @@ def test_discovery_list_shows_registered_instances(tmp_path):
 
     stdout = asyncio.run(scenario())
     assert "w1" in stdout and "127.0.0.1:9" in stdout and "tiny" in stdout
+
+
+@pytest.mark.parametrize(("args", "code", "needle"), [
+    (["--discovery", "mem"], 2, "--discovery mem: a frontend process alone never sees a worker"),
+    (["--events", "inproc"], 2, "--events inproc: a frontend process alone never hears"),
+    (["--events", "zmq", "--zmq-pub-endpoint", "ipc:///tmp/kvrelay-no-broker-pub.sock",
+      "--zmq-sub-endpoint", "ipc:///tmp/kvrelay-no-broker-sub.sock", "--http-port", "0"], 1, "is not reachable"),
+])
+def test_frontend_refuses_planes_it_cannot_use_with_one_line(args, code, needle):
+    out = kvrelay("frontend", *args)
+    assert out.returncode == code, out.stderr
+    assert out.stderr.count("\n") == 1 and needle in out.stderr and "Traceback" not in out.stderr
