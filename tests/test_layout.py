@@ -12,7 +12,7 @@ from pathlib import Path
 from kvrelay.workers.api.endpoints import Endpoint, ErrorKind
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cli", "runtime", "frontend", "kvbm", "transfer", "kernels", "workers", "perf")
+PACKAGES = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name != "tests")
 
 
 def modules(folder: str) -> list[Path]:

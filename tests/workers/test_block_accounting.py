@@ -1,7 +1,8 @@
 """Property test: any interleaving of submits, aborts and steps (completions, preemptions, prefix hits)
 returns every block to the free pool, and reference counts never go negative.
 
-Runs the real engine (a 1-layer model) with a tiny pool so preemption and prefix sharing are common.
+Runs the real engine (a 1-layer model) with a tiny pool so preemption and prefix sharing are common,
+and the mocker's core (the same `EngineCore`, its executor computing nothing) with the same pool.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvrelay.workers.core.engine_core import EngineCore
 from kvrelay.workers.core.sequence import Status
+from kvrelay.workers.engines.mocker import MockerConfig, MockerEngine
 from kvrelay.workers.engines.native import LLMEngine, NativeEngineConfig
 from kvrelay.workers.protocol import EngineError, EngineRequest, SamplingParams
 from tests.workers.hf_models import build_hf_model
@@ -20,14 +23,16 @@ from tests.workers.hf_models import build_hf_model
 PREFIXES = [[7] * 9, [11, 12, 13] * 4, []]
 
 
-@pytest.fixture(scope="module")
-def engine_factory(tmp_path_factory):
+@pytest.fixture(scope="module", params=["native", "mocker"])
+def engine_factory(request, tmp_path_factory):
     path = str(build_hf_model("llama", tmp_path_factory.mktemp("m") / "micro", layers=1, hidden=32, vocab=64))
-    return lambda: LLMEngine(NativeEngineConfig(model=path, block_size=4, num_blocks=12,
-                                                max_num_batched_tokens=24, max_num_seqs=4, max_waiting=6))
+    limits = dict(block_size=4, num_blocks=12, max_num_batched_tokens=24, max_num_seqs=4, max_waiting=6)
+    if request.param == "mocker":
+        return lambda: MockerEngine(MockerConfig(model=path, speedup=0, **limits)).core
+    return lambda: LLMEngine(NativeEngineConfig(model=path, **limits))
 
 
-def check_invariants(engine: LLMEngine) -> None:
+def check_invariants(engine: EngineCore) -> None:
     pool = engine.pool
     refs = Counter(b.block_id for s in engine.scheduler.running for b in s.blocks)
     for block in pool.blocks:

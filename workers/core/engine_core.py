@@ -207,9 +207,10 @@ class EngineCore:
 
     def complete(self, scheduled: Scheduled, result: StepResult, seconds: float) -> list[EngineOutput]:
         """The step ran in `seconds`: commit its KV, append the sampled tokens, stop, park or go on."""
+        running, commit = Status.RUNNING, self.scheduler.commit
         for seq, n in scheduled:
-            if seq.status is Status.RUNNING:  # else aborted meanwhile: freed already, publish nothing
-                self.scheduler.commit(seq, n)
+            if seq.status is running:  # else aborted meanwhile: freed already, publish nothing
+                commit(seq, n)
         if self.cost is not None:
             self.cost.observe_prefill(sum(n for _, n in scheduled if n > 1), seconds)
         for i in result.failed:  # only the rows that failed end (aborted: blocks freed); the batch goes on
@@ -217,14 +218,15 @@ class EngineCore:
             if self.abort(rid) is not None:
                 self.failed.append(rid)
         outputs = []
-        for i, seq in enumerate(result.seqs):
-            if seq.status is not Status.RUNNING:
+        max_tokens = self.pool.num_blocks * self.block_size  # the most any sequence can ever hold
+        logprobs = result.logprobs if result.logprobs is not None else [None] * len(result.seqs)
+        for seq, token, logprob in zip(result.seqs, result.tokens, logprobs, strict=True):
+            if seq.status is not running:
                 continue
-            token = result.tokens[i]
-            seq.append(token, result.logprobs[i] if result.logprobs is not None and seq.sampling.logprobs else None)
+            seq.append(token, logprob if seq.sampling.logprobs else None)
             self.generated_tokens += 1
             reason = seq.stop_reason(token, self.eos, self.max_model_len)
-            if reason is None and -(-(seq.num_tokens + 1) // self.block_size) > self.pool.num_blocks:
+            if reason is None and seq.num_tokens + 1 > max_tokens:
                 reason = "length"  # the next token would not fit even the whole pool: stop, never livelock
             if reason is not None:
                 self.scheduler.finish(seq, reason)

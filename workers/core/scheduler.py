@@ -245,8 +245,9 @@ class Scheduler:
         """`n` more tokens of `seq` now have K/V in the cache: publish its newly full blocks."""
         seq.num_computed += n
         full = min(seq.num_computed // self.cfg.block_size, len(seq.hasher.hashes))
-        self.kv.publish(seq.blocks, seq.hasher.hashes, seq.num_published, full)
-        seq.num_published = max(seq.num_published, full)
+        if full > seq.num_published:  # most decode steps fill no block
+            self.kv.publish(seq.blocks, seq.hasher.hashes, seq.num_published, full)
+            seq.num_published = full
 
     def finish(self, seq: Sequence, reason: str) -> bool:
         """End `seq`. Returns False if its blocks are kept (it was PULLING): call `release_blocks` once

@@ -13,15 +13,11 @@ class MockExecutor:
         self.tokens = tokens
 
     def execute(self, scheduled: Scheduled) -> StepResult:
-        seqs: list[MockSequence] = []
-        tokens: list[int] = []
-        logprobs: list[float] = []
-        for seq, n in scheduled:
-            if seq.status is not Status.RUNNING or seq.num_computed + n < seq.num_tokens:
-                continue  # aborted while the step slept, or a prefill chunk short of the prompt's end
-            assert isinstance(seq, MockSequence)
-            h = seq.next_hash()
-            seqs.append(seq)
-            tokens.append(self.tokens.token(h, seq.sampling.ignore_eos))
-            logprobs.append(self.tokens.logprob(h))
+        # Skipped: sequences aborted while the step slept, and prefill chunks short of the prompt's end.
+        seqs: list[MockSequence] = [s for s, n in scheduled  # type: ignore[misc]  # the core makes MockSequences
+                                    if s.status is Status.RUNNING and s.num_computed + n >= s.num_tokens]
+        hashes = [s.next_hash() for s in seqs]
+        token, logprob = self.tokens.token, self.tokens.logprob
+        tokens = [token(h, s.sampling.ignore_eos) for h, s in zip(hashes, seqs, strict=True)]
+        logprobs = [logprob(h) if s.sampling.logprobs else 0.0 for h, s in zip(hashes, seqs, strict=True)]
         return StepResult(seqs, tokens, logprobs)  # type: ignore[arg-type]
