@@ -40,8 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ep.add_argument("--prompt-format", choices=["tokens", "text"], default=d.prompt_format,
                     help="tokens: prompt as token ids, exact lengths (kvrelay, vLLM, SGLang); text: decoded "
                          "words, for any endpoint (default tokens)")
-    ep.add_argument("--tokenizer", default="", metavar="DIR",
-                    help="directory with tokenizer.json (default: the kvrelay-tiny model's)")
+    ep.add_argument("--tokenizer", default="", metavar="DIR|NAME",
+                    help="directory with tokenizer.json, or a kvrelay model name (tiny, smollm2-135m-instruct); "
+                         "default: the kvrelay model the endpoint serves")
     ep.add_argument("--api-key", default=None, metavar="KEY", help="bearer token (default: $OPENAI_API_KEY, else none)")
     ep.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=d.ignore_eos,
                     help="send ignore_eos so outputs are exactly --output-len (default on; off for OpenAI)")
@@ -126,11 +127,13 @@ def _run(args: argparse.Namespace) -> int:
     from kvrelay.perf.bench.tokens import load_tokenizer
     from kvrelay.runtime import aio
 
-    if not cfg.tokenizer:
-        from kvrelay.workers.models.tiny import ensure_tiny_model
-
-        cfg = structs.replace(cfg, tokenizer=str(ensure_tiny_model()))
     api_key = args.api_key if args.api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+    if not os.path.isdir(cfg.tokenizer):
+        try:
+            cfg = structs.replace(cfg, tokenizer=_tokenizer_dir(cfg, api_key))
+        except (httpx.HTTPError, RuntimeError) as e:
+            sys.stderr.write(f"kvrelay bench: error: {cfg.url}: {type(e).__name__}: {e}\n")
+            return 1
     out = Path(args.out or f"bench-out/{cfg.workload}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         result = aio.run(run_benchmark(cfg, load_tokenizer(cfg.tokenizer), api_key=api_key, progress=args.progress))
@@ -141,6 +144,24 @@ def _run(args: argparse.Namespace) -> int:
     sys.stdout.write(report.markdown(result))
     sys.stdout.write("\nwrote " + ", ".join(str(p) for p in paths) + "\n")
     return 0 if result.summary.succeeded > 0 else 1
+
+
+def _tokenizer_dir(cfg, api_key: str) -> str:
+    """--tokenizer as a kvrelay model name, or (not given) the model the endpoint serves when it is one
+    of kvrelay's named models; anything else needs an explicit --tokenizer DIR."""
+    from kvrelay.perf.bench.client import discover_model
+    from kvrelay.runtime import aio
+    from kvrelay.workers.models.registry import PACKAGED, TINY, TINY_SERVED_NAME, resolve_model
+
+    name = cfg.tokenizer or cfg.model or aio.run(discover_model(cfg.url, api_key))
+    name = TINY if name == TINY_SERVED_NAME else name
+    if name != TINY and name not in PACKAGED:
+        if cfg.tokenizer:
+            raise ConfigError(f"--tokenizer: {name!r} is neither a directory holding tokenizer.json nor a "
+                              f"kvrelay model name ({TINY}, {', '.join(PACKAGED)})")
+        raise ConfigError(f"--tokenizer: {cfg.url} serves {name!r}, not a kvrelay model name; "
+                          f"give --tokenizer DIR (a directory with tokenizer.json)")
+    return str(resolve_model(name).path)
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """`kvrelay serve`: the embedded default — a frontend and N workers on one machine, one command.
 
-With no arguments: the built-in tiny model, 2 native workers, file discovery and ZMQ events under a
+With no arguments: SmolLM2-135M-Instruct (the packaged GGUF, converted once into the user cache),
+2 native workers, file discovery and ZMQ events under a
 private run directory, HTTP on 127.0.0.1:8000. `--prefill-workers N --decode-workers M` runs the
 disaggregated shape instead (DESIGN.md "Disaggregation"). `--discovery etcd --events nats` runs the same pieces
 on real servers. Ctrl-C (or SIGTERM) stops the frontend, then every worker; none is left running.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -28,19 +30,12 @@ from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
 from kvrelay.runtime.events import EventsConfig, make_event_plane
 from kvrelay.runtime.log import setup_logging
 from kvrelay.runtime.paths import default_run_dir
-from kvrelay.workers.config import WorkerConfig
+from kvrelay.workers.config import SERVE_GROUPS, WorkerConfig
 
 log = logging.getLogger("kvrelay.serve")
 
-# Worker settings `serve` passes through; the rest (host, port, role, ...) it decides itself.
-_WORKER_PASSTHROUGH = ("engine", "model", "served_model_name", "dtype", "device", "block_size", "kv_cache_bytes",
-                       "max_num_batched_tokens", "max_num_seqs", "max_waiting", "max_model_len",
-                       "mocker_speedup", "mocker_num_blocks", "mocker_prefill_us_per_token",
-                       "mocker_prefill_us_per_token_pair", "mocker_decode_base_ms", "mocker_decode_us_per_seq",
-                       "mocker_decode_us_per_kv_block", "mocker_transfer_gbps", "mocker_eos_probability",
-                       "mocker_seed", "kv_transfer", "kv_lease_s", "kv_host_bytes", "kv_disk_dir",
-                       "kv_disk_bytes", "kv_object_store", "kv_object_bytes", "kv_tier_policy", "kv_offload",
-                       "kv_onboard")
+# Worker settings `serve` passes through (whole groups); the rest (host, port, role, ...) it decides itself.
+_WORKER_PASSTHROUGH = tuple(f.name for group in SERVE_GROUPS for f in dataclasses.fields(group))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,12 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env KVRELAY_LOG_LEVEL)")
     p.add_argument("--planner", choices=("off", "load", "sla"), default="off",
                    help="rescale the worker pools with this policy (planner/README.md)")
-    add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig, PlannerConfig)
-    worker_group = argparse.ArgumentParser(add_help=False)
-    add_arguments(worker_group, WorkerConfig)
-    for action in worker_group._actions:
-        if action.dest in _WORKER_PASSTHROUGH:
-            p._add_action(action)
+    add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig, PlannerConfig, *SERVE_GROUPS)
     p.set_defaults(func=_run)
 
 
@@ -95,12 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     fe, disc, ev = build(FrontendConfig, args), build(DiscoveryConfig, args), build(EventsConfig, args)
     wk = build(WorkerConfig, args)
     setup_logging(args.log_level)
-    if not wk.model:
-        from kvrelay.workers.models.tiny import ensure_tiny_model
-
-        wk = replace(wk, model=str(ensure_tiny_model()), served_model_name=wk.served_model_name or "kvrelay-tiny")
-    elif not os.path.isdir(wk.model):
-        raise ConfigError(f"--model: {wk.model} is not a model directory")
+    wk = _resolve_model(wk)
     planner = None
     if args.planner != "off":
         from kvrelay.planner.service import make_policy
@@ -113,11 +98,27 @@ def _run(args: argparse.Namespace) -> int:
         return 130
 
 
+def _resolve_model(wk: WorkerConfig) -> WorkerConfig:
+    """Convert (GGUF) or build (tiny) the model once, here, so the workers start from the cached
+    directory instead of racing to convert it; they get its path and served name."""
+    from kvrelay.workers.models.gguf_file import GgufError
+    from kvrelay.workers.models.registry import ModelNotFound, resolve_model
+
+    try:
+        model = resolve_model(wk.model)
+    except (ModelNotFound, GgufError) as e:
+        raise ConfigError(f"--model: {e}") from None
+    log.info("model %s: %s", model.source, model.path)
+    return replace(wk, model=str(model.path), served_model_name=wk.served_model_name or model.served_name)
+
+
 def _worker_argv(wk: WorkerConfig, disc: DiscoveryConfig, ev: EventsConfig, fe: FrontendConfig) -> list[str]:
     argv = [sys.executable, "-m", "kvrelay.cli.main", "worker", "--namespace", fe.namespace]
     for name in _WORKER_PASSTHROUGH:
         value = getattr(wk, name)
-        if value not in ("", None):
+        if isinstance(value, bool):  # a switch takes no value: --x / --no-x
+            argv.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
+        elif value not in ("", None):
             argv += [flag_name(name), str(value)]
     for cfg in (disc, ev):
         for name, value in vars(cfg).items():
@@ -136,8 +137,9 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
     if ev.events == "zmq":
         from kvrelay.runtime.events.zmq_plane import ZmqBroker
 
-        pub = ev.zmq_pub_endpoint or f"ipc://{run_dir}/events-pub.sock"
-        sub = ev.zmq_sub_endpoint or f"ipc://{run_dir}/events-sub.sock"
+        sock_dir = _socket_dir(run_dir)
+        pub = ev.zmq_pub_endpoint or f"ipc://{sock_dir}/events-pub.sock"
+        sub = ev.zmq_sub_endpoint or f"ipc://{sock_dir}/events-sub.sock"
         broker = ZmqBroker(pub, sub)
         broker.start()
         ev = replace(ev, zmq_pub_endpoint=pub, zmq_sub_endpoint=sub)
@@ -186,8 +188,29 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
             await starting.result()  # the planner's connector stops its workers
         if broker is not None:
             broker.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        _remove_run_dir(run_dir)
     return 0
+
+
+# sockaddr_un.sun_path holds 108 bytes on Linux (104 on macOS): a deep cache dir cannot hold sockets.
+_MAX_SOCKET_PATH = 100
+
+
+def _socket_dir(run_dir: str) -> str:
+    """`run_dir` itself, or, when socket paths under it would be too long, a short private dir in the
+    temp dir, recorded as the symlink `run_dir/sockets` so that it is removed with the run dir."""
+    if len(os.path.join(run_dir, "events-sub.sock")) <= _MAX_SOCKET_PATH:
+        return run_dir
+    short = tempfile.mkdtemp(prefix="kvrelay-")
+    os.symlink(short, os.path.join(run_dir, "sockets"))  # found (and removed) with the run dir
+    return short
+
+
+def _remove_run_dir(run_dir: str) -> None:
+    sockets = os.path.join(run_dir, "sockets")
+    if os.path.islink(sockets):
+        shutil.rmtree(os.readlink(sockets), ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _ensure(path) -> str:

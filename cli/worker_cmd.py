@@ -24,9 +24,11 @@ def _run(args: argparse.Namespace) -> int:
     cfg = build(WorkerConfig, args)
     disc_cfg, ev_cfg = build(DiscoveryConfig, args), build(EventsConfig, args)
     setup_logging(args.log_level)
+    from kvrelay.workers.models.gguf_file import GgufError
+    from kvrelay.workers.models.registry import ModelNotFound
     from kvrelay.workers.worker import Worker, run_worker
 
-    model_errors: tuple[type[Exception], ...] = (FileNotFoundError,)
+    model_errors: tuple[type[Exception], ...] = (FileNotFoundError, ModelNotFound, GgufError)
     if cfg.engine == "native":  # native.config imports torch; other engines must not pay for it
         from kvrelay.workers.engines.native.config import UnsupportedModel
 

@@ -10,6 +10,7 @@ from kvrelay.runtime.config import non_negative, positive, setting
 
 @dataclass(frozen=True)
 class FrontendConfig:
+    group_title = "frontend (HTTP API, routing, disaggregation)"
     http_host: str = setting("127.0.0.1", "HTTP listen address")
     http_port: int = setting(8000, "HTTP listen port", lambda p: None if 0 <= p <= 65535 else "must be a TCP port")
     namespace: str = setting("default", "deployment namespace")

@@ -23,10 +23,11 @@ from kvrelay.frontend.openai_schema import (
 )
 from kvrelay.frontend.service import FrontendService
 from kvrelay.frontend.tokenizer import ChatTemplateError, Tokenizer
-from kvrelay.runtime.messages import EngineRequest, ModelCard, SamplingParams
 from kvrelay.runtime.rpc import RpcError
+from kvrelay.workers.api.endpoints import ErrorKind
+from kvrelay.workers.api.messages import EngineRequest, ModelCard, SamplingParams
 
-_REJECTED_STATUS = {"EngineOverloaded": 503}
+_REJECTED_STATUS = {ErrorKind.ENGINE_OVERLOADED: 503}
 
 
 @dataclass
@@ -147,7 +148,7 @@ class Pipeline:
             raise ApiError.no_worker(p.model) from None
         except WorkerRejected as e:
             raise ApiError(_REJECTED_STATUS.get(e.kind, 400), str(e),
-                           type="service_unavailable_error" if e.kind == "EngineOverloaded" else
+                           type="service_unavailable_error" if e.kind == ErrorKind.ENGINE_OVERLOADED else
                            "invalid_request_error") from None
         except RpcError as e:
             raise ApiError(503, f"The request failed on every worker that tried it: {e}",

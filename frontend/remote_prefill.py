@@ -23,22 +23,24 @@ from kvrelay.frontend.errors import WorkerRejected
 from kvrelay.frontend.router import BaseRouter, RouteRequest, WorkerState
 from kvrelay.frontend.worker_pool import WorkerPool
 from kvrelay.runtime.discovery import Instance
-from kvrelay.runtime.handle_release import HandleReleaser
-from kvrelay.runtime.messages import EngineRequest, KvHandle, PrefillReply
-from kvrelay.runtime.rpc import RemoteError, RpcCancelled, RpcClient, RpcConnectionError
+from kvrelay.runtime.rpc import RemoteError, RpcCancelled, RpcConnectionError
+from kvrelay.workers.api.client import WorkerClient
+from kvrelay.workers.api.endpoints import ErrorKind, Role
+from kvrelay.workers.api.handle_release import HandleReleaser
+from kvrelay.workers.api.messages import EngineRequest, KvHandle, PrefillReply
 
 log = logging.getLogger(__name__)
 
-PREFILL_ROLES = ("prefill",)
+PREFILL_ROLES = (Role.PREFILL,)
 
 
 class RemotePrefill:
-    def __init__(self, pool: WorkerPool, rpc: RpcClient, router: BaseRouter, min_tokens: int,
+    def __init__(self, pool: WorkerPool, workers: WorkerClient, router: BaseRouter, min_tokens: int,
                  state: Callable[[Instance, float], WorkerState], registry: CollectorRegistry,
                  suspend_s: float):
-        self.pool, self.rpc, self.router, self.min_tokens = pool, rpc, router, min_tokens
+        self.pool, self.workers, self.router, self.min_tokens = pool, workers, router, min_tokens
         self._state, self._suspend_s = state, suspend_s
-        self._releaser = HandleReleaser(rpc)
+        self._releaser = HandleReleaser(workers)
         self.prefills = Counter("kvrelay_frontend_prefills", "prefills by where they ran: local (on the "
                                 "decode or aggregated worker) or remote (on a prefill worker)", ["where"],
                                 registry=registry)
@@ -48,7 +50,7 @@ class RemotePrefill:
         self.prefills.labels(where="remote")
 
     def wanted(self, model: str, decode: Instance, route: RouteRequest, overlap_blocks: int) -> bool:
-        if decode.role != "decode" or not self.pool.workers(model, roles=PREFILL_ROLES):
+        if decode.role != Role.DECODE or not self.pool.workers(model, roles=PREFILL_ROLES):
             return False
         uncached = route.num_prompt_tokens - overlap_blocks * route.block_size
         return uncached >= self.min_tokens
@@ -65,7 +67,7 @@ class RemotePrefill:
             inst = self.pool.instances[decision.worker_id]
             try:
                 reply = None
-                async with self.rpc.call(inst.address, "prefill", request, PrefillReply) as stream:
+                async with self.workers.prefill(inst.address, request) as stream:
                     async for item in stream:  # read to the end: leaving early would cancel the lease
                         reply = item
                 if reply is None:
@@ -77,7 +79,7 @@ class RemotePrefill:
                 log.warning("request %s: prefill worker %s failed (%s); trying another", request.request_id,
                             inst.instance_id, e)
             except RemoteError as e:
-                if e.kind != "EngineOverloaded":
+                if e.kind != ErrorKind.ENGINE_OVERLOADED:
                     raise WorkerRejected(e.kind, e.remote_message) from None
             finally:
                 self.router.on_finish(request.request_id)

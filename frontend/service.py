@@ -36,10 +36,12 @@ from kvrelay.kvbm.events import KvSnapshot, LoadMetrics, load_subject
 from kvrelay.kvbm.hashing import block_hashes, root_hash
 from kvrelay.runtime.discovery import Discovery, Instance
 from kvrelay.runtime.events import EventPlane
-from kvrelay.runtime.messages import Empty, EngineOutput, EngineRequest, ModelCard
 from kvrelay.runtime.metrics import new_registry
 from kvrelay.runtime.paths import cache_dir
 from kvrelay.runtime.rpc import RemoteError, RpcCancelled, RpcClient, RpcConnectionError, RpcStream
+from kvrelay.workers.api.client import WorkerClient
+from kvrelay.workers.api.endpoints import ErrorKind, Role
+from kvrelay.workers.api.messages import EngineOutput, EngineRequest, ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class FrontendService:
         self.pool = WorkerPool(discovery, cfg.namespace)
         self.events = events
         self.rpc = RpcClient()
+        self.workers = WorkerClient(self.rpc)
         # G4 is shared by every worker: holding a block there gives no worker an edge, so it is not indexed.
         lower = ("G2", "G3") if cfg.lower_tier_weight > 0 else ()
         self.index = KvIndex(tiers=("G1", *lower))
@@ -77,7 +80,7 @@ class FrontendService:
         self.router = make_router(cfg.router_mode, index=self.index, histogram=hist,
                                   **(kv_opts if cfg.router_mode == "kv" else {}))
         self.decode_router = make_router("least-loaded", histogram=hist, label="decode")
-        self.remote = RemotePrefill(self.pool, self.rpc, make_router("kv", index=self.index, histogram=hist,
+        self.remote = RemotePrefill(self.pool, self.workers, make_router("kv", index=self.index, histogram=hist,
                                                                      label="prefill", **kv_opts),
                                     cfg.disagg_min_tokens, self._state, self.registry, SUSPEND_S)
         self.kv_events = KvEventsConsumer(events, cfg.namespace, self.index, self._resync)
@@ -122,7 +125,7 @@ class FrontendService:
         inst = self.pool.instances.get(worker_id)
         if inst is None:
             raise LookupError(f"worker {worker_id} is gone")
-        return await self.rpc.unary(inst.address, "kv_snapshot", Empty(), KvSnapshot)
+        return await self.workers.kv_snapshot(inst.address)
 
     # -- models -----------------------------------------------------------------------------------------
     def has_workers(self) -> bool:
@@ -141,9 +144,9 @@ class FrontendService:
             if model in self.cards:
                 return self.cards[model]
             last_error: Exception | None = None
-            for inst in self.pool.workers(model, roles=("agg", "decode", "prefill")):
+            for inst in self.pool.workers(model, roles=(Role.AGG, Role.DECODE, Role.PREFILL)):
                 try:
-                    card = await self.rpc.unary(inst.address, "model_card", Empty(), ModelCard)
+                    card = await self.workers.model_card(inst.address)
                 except (RpcConnectionError, RpcCancelled, RemoteError) as e:
                     last_error = e
                     continue
@@ -217,7 +220,7 @@ class FrontendService:
                         return
                     handle = reply.handle
                     attempt = msgspec.structs.replace(attempt, kv_handle=handle)
-                async with self.rpc.call(inst.address, "generate", attempt, EngineOutput) as stream:
+                async with self.workers.generate(inst.address, attempt) as stream:
                     async for out in stream:
                         out = _merge_backlog(out, stream)
                         generated += out.token_ids
@@ -236,7 +239,7 @@ class FrontendService:
                 log.warning("request %s: worker %s failed (%s); continuing on another worker after %d tokens",
                             request.request_id, inst.instance_id, e, len(generated))
             except RemoteError as e:
-                if e.kind == "EngineOverloaded" and len(excluded) + 1 < len(self.pool.workers(model)):
+                if e.kind == ErrorKind.ENGINE_OVERLOADED and len(excluded) + 1 < len(self.pool.workers(model)):
                     excluded.add(inst.instance_id)  # busy: try the others before giving up
                     continue
                 raise WorkerRejected(e.kind, e.remote_message) from None

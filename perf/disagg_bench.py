@@ -80,9 +80,9 @@ async def _handoff(args: argparse.Namespace, model: Path, disc_dir: Path, prefil
 
     from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
     from kvrelay.runtime.events.inproc import InprocBroker, InprocEventPlane
-    from kvrelay.runtime.messages import EngineRequest, PrefillReply, SamplingParams
-    from kvrelay.runtime.rpc import RpcClient
     from kvrelay.transfer import decode_metadata, load_nixl_api
+    from kvrelay.workers.api.client import WorkerClient
+    from kvrelay.workers.api.messages import EngineRequest, SamplingParams
     from kvrelay.workers.config import WorkerConfig
     from kvrelay.workers.worker import Worker
 
@@ -107,14 +107,14 @@ async def _handoff(args: argparse.Namespace, model: Path, disc_dir: Path, prefil
     raw_buf = torch.empty_like(kv)
     raw = api.nixl_agent("bench-raw", api.nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
     raw.register_memory(raw_buf)
-    rpc = RpcClient()
+    rpc = WorkerClient()
     rng = random.Random(1)
     ours, base, nbytes, peer = [], [], 0, None
     for i in range(args.repeats + 1):  # the first is a warm-up (connections, first-touch)
         prompt = [rng.randrange(3, 2000) for _ in range(args.tokens)]
         req = EngineRequest(request_id=uuid.uuid4().hex, prompt_token_ids=prompt,
                             sampling=SamplingParams(max_tokens=2, ignore_eos=True))
-        async with rpc.call(prefill_addr, "prefill", req, PrefillReply) as stream:
+        async with rpc.prefill(prefill_addr, req) as stream:
             replies = [r async for r in stream]
         handle = replies[0].handle
         md = decode_metadata(handle.transfer_metadata)

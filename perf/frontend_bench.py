@@ -27,8 +27,8 @@ from pathlib import Path
 
 from kvrelay.perf.serve_process import Serve
 from kvrelay.runtime.discovery import DiscoveryConfig, list_instances, make_discovery
-from kvrelay.runtime.messages import EngineOutput, EngineRequest, SamplingParams
-from kvrelay.runtime.rpc import RpcClient
+from kvrelay.workers.api.client import WorkerClient
+from kvrelay.workers.api.messages import EngineRequest, SamplingParams
 
 
 def _pct(xs: list[float], q: int) -> float:
@@ -112,14 +112,14 @@ async def via_frontend(url: str, model: str, args: argparse.Namespace) -> tuple[
 
 
 async def direct(address: str, args: argparse.Namespace) -> tuple[float, list[float]]:
-    client = RpcClient()
+    client = WorkerClient()
 
     async def one(i: int) -> float:
         req = EngineRequest(request_id=f"direct-{i}-{time.monotonic_ns()}", prompt_token_ids=_prompt(i, args.prompt_tokens),
                             sampling=SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
         t = time.perf_counter()
         ttft = None
-        async for _ in client.call(address, "generate", req, EngineOutput):
+        async for _ in client.generate(address, req):
             if ttft is None:
                 ttft = time.perf_counter() - t
         return ttft

@@ -20,13 +20,17 @@ def free_port() -> int:
 
 
 class Serve:
-    def __init__(self, tmp: Path, *args: str, workers: int | None = 2, env: dict | None = None):
-        """`workers=None`: no `--workers` flag (for `--prefill-workers/--decode-workers`)."""
+    def __init__(self, tmp: Path, *args: str, workers: int | None = 2, env: dict | None = None,
+                 model: str = "tiny"):
+        """`workers=None`: no `--workers` flag (for `--prefill-workers/--decode-workers`). `model` is
+        used unless `args` name one (`--model`); tests default to the fast tiny model."""
         self.port = free_port()
         self.discovery_dir = str(tmp / "discovery")
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.argv = [sys.executable, "-m", "kvrelay.cli.main", "serve", "--http-port", str(self.port),
                      *(["--workers", str(workers)] if workers is not None else []), *args]
+        if "--model" not in args:
+            self.argv += ["--model", model]
         if "--discovery" not in args:
             self.argv += ["--discovery-dir", self.discovery_dir]
         self.log = open(tmp / "serve.log", "w")  # noqa: SIM115 - closed in stop()

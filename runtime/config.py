@@ -5,6 +5,10 @@ is settable by the flag `--foo-bar` and the environment variable `KVRELAY_FOO_BA
 flag > environment > default. Field names are unique across every config class a command composes,
 so a flag always names exactly one setting. Invalid values raise `ConfigError` naming the flag; the CLI
 turns that into a one-line message and exit status 2.
+
+A config may be composed of groups: a dataclass inheriting from several dataclasses has all their fields
+(flat: `cfg.foo_bar`, one flag each), and `--help` lists each base's fields under its own heading
+(`group_title`, or the class name).
 """
 
 from __future__ import annotations
@@ -84,24 +88,44 @@ def _size(raw: str) -> int | None:
     return None
 
 
+def config_groups(cls: type) -> list[tuple[type, list[dataclasses.Field]]]:
+    """(declaring class, its fields) for each group of `cls`: its dataclass bases in declaration order,
+    then the fields `cls` declares itself (if any); a plain config is one group."""
+    bases = [b for b in cls.__bases__ if dataclasses.is_dataclass(b)]
+    own = cls.__dict__.get("__annotations__", {})
+    groups: list[tuple[type, list[dataclasses.Field]]] = []
+    for base in bases:
+        groups += config_groups(base)
+    fields = [f for f in dataclasses.fields(cls) if f.name in own]
+    if fields or not groups:
+        groups.append((cls, fields))
+    return groups
+
+
 def add_arguments(parser: argparse.ArgumentParser, *classes: type) -> None:
-    """Add one flag per field of each config class. Defaults stay unset so env vars can apply."""
-    for cls in classes:
-        group = parser.add_argument_group(cls.__name__)
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            tp, choices = _base_type(hints[f.name])
-            help_text = f"{f.metadata.get('help', '')} (env {env_name(f.name)}; default {f.default!r})"
-            if tp is bool:
-                group.add_argument(
-                    flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                    default=None, help=help_text,
-                )
-            else:
-                group.add_argument(
-                    flag_name(f.name), dest=f.name, default=None, choices=choices,
-                    help=help_text, metavar=None if choices else f.name.split("_")[-1].upper(),
-                )
+    """Add one flag per field of each config class, one help group per config group. Defaults stay
+    unset so env vars can apply."""
+    for composed in classes:
+        for cls, fields in config_groups(composed):
+            _add_group(parser, cls, fields)
+
+
+def _add_group(parser: argparse.ArgumentParser, cls: type, fields: list[dataclasses.Field]) -> None:
+    group = parser.add_argument_group(getattr(cls, "group_title", cls.__name__))
+    hints = typing.get_type_hints(cls)
+    for f in fields:
+        tp, choices = _base_type(hints[f.name])
+        help_text = f"{f.metadata.get('help', '')} (env {env_name(f.name)}; default {f.default!r})"
+        if tp is bool:
+            group.add_argument(
+                flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                default=None, help=help_text,
+            )
+        else:
+            group.add_argument(
+                flag_name(f.name), dest=f.name, default=None, choices=choices,
+                help=help_text, metavar=None if choices else f.name.split("_")[-1].upper(),
+            )
 
 
 def build(cls: type[C], args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None,

@@ -1,11 +1,22 @@
-"""Worker configuration: flags `--foo-bar` / env `KVRELAY_FOO_BAR` (see runtime/config.py)."""
+"""Worker configuration: flags `--foo-bar` / env `KVRELAY_FOO_BAR` (see runtime/config.py).
+
+`WorkerConfig` is flat (`cfg.kv_host_bytes`) but composed of groups, each its own heading in `--help`
+and each the one place its flags are declared: the process (`ProcessSettings`), the engine
+(`EngineSettings`), transfer (`TransferSettings`), the lower KV tiers (`KvTierSettings`) and the mocker
+(`MockerSettings`, derived from `MockerConfig`'s own fields). `kvrelay serve` passes `SERVE_GROUPS`
+through to its workers and decides the process settings itself.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from kvrelay.runtime.config import non_negative, positive, setting
+from kvrelay.workers.engines.mocker.config import WORKER_SETTINGS, MockerConfig
+from kvrelay.workers.models.registry import DEFAULT_MODEL
 
 
 def _port(value: int) -> str | None:
@@ -16,38 +27,51 @@ def _metrics_port(value: int) -> str | None:
     return None if -1 <= value <= 65535 else "must be a TCP port, 0 (any free port) or -1 (off)"
 
 
-def _probability(value: float) -> str | None:
-    return None if 0 <= value <= 1 else "must be in [0, 1]"
-
-
 @dataclass(frozen=True)
-class WorkerConfig:
-    engine: Literal["native", "mocker"] = setting("native", "engine adapter (mocker: simulated, no compute)")
+class ProcessSettings:
+    group_title = "worker process"
     role: Literal["agg", "prefill", "decode"] = setting("agg", "serving role")
-    model: str = setting("", "model directory (Hugging Face layout); empty = the built-in tiny model")
-    served_model_name: str = setting("", "name clients use in requests (default: the model's directory name)")
     namespace: str = setting("default", "deployment namespace")
     component: str = setting("backend", "discovery component this worker registers under")
     host: str = setting("127.0.0.1", "request-plane listen address")
     port: int = setting(0, "request-plane listen port (0 = any free port)", _port)
     advertise_host: str = setting("", "address peers use to reach this worker (default: --host)")
+    metrics_port: int = setting(0, "Prometheus /metrics port (0 = any free port, published in discovery "
+                                "as label 'metrics'; -1 = off)", _metrics_port)
+    load_interval: float = setting(0.5, "seconds between load-metric publications", positive)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    group_title = "engine"
+    engine: Literal["native", "mocker"] = setting("native", "engine adapter (mocker: simulated, no compute)")
+    model: str = setting(DEFAULT_MODEL, "smollm2-135m-instruct (packaged GGUF), tiny (built-in random "
+                         "Llama), a .gguf file, or a Hugging Face model directory")
+    served_model_name: str = setting("", "name clients use in requests (default: the model's directory name)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", "weights and KV dtype")
     device: str = setting("cpu", "torch device (cpu, cuda, cuda:1, ...)")
     block_size: int = setting(16, "tokens per KV block", positive)
-    kv_cache_bytes: int = setting(256 << 20, "bytes of the G1 KV pool", positive)
+    kv_cache_bytes: int = setting(0, "bytes of the G1 KV pool (0 = room for 16384 tokens of the model, "
+                                  "at least 256MiB)", non_negative)
     max_num_batched_tokens: int = setting(2048, "token budget of one engine step", positive)
     max_num_seqs: int = setting(64, "most sequences running at once", positive)
     max_waiting: int = setting(1024, "waiting-queue bound; more is rejected as busy", positive)
     max_model_len: int = setting(0, "context length (0 = the model's)", non_negative)
-    metrics_port: int = setting(0, "Prometheus /metrics port (0 = any free port, published in discovery "
-                                "as label 'metrics'; -1 = off)", _metrics_port)
-    load_interval: float = setting(0.5, "seconds between load-metric publications", positive)
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    group_title = "KV transfer (prefill/decode roles)"
     kv_transfer: Literal["auto", "nixl", "tcp", "none"] = setting(
         "auto", "prefill/decode roles: KV transport (auto = NIXL, TCP fallback if NIXL fails; none = no "
         "handoff, decode workers prefill locally)")
     kv_lease_s: float = setting(30.0, "prefill role: seconds a computed prompt's blocks wait to be pulled",
                                 positive)
-    # Lower KV tiers (native engine; kvbm/README.md). Sizes take units: 512MiB, 4GiB.
+
+
+@dataclass(frozen=True)
+class KvTierSettings:
+    group_title = "lower KV tiers G2/G3/G4 (kvbm/README.md; sizes take units: 512MiB, 4GiB)"
     kv_host_bytes: int = setting(512 << 20, "G2: bytes of host memory for KV blocks (0 = no G2)",
                                  non_negative)
     kv_disk_dir: str = setting("auto", "G3: base directory for KV blocks on local disk (auto = "
@@ -62,21 +86,36 @@ class WorkerConfig:
         "(write-through)")
     kv_onboard: Literal["cost", "always"] = setting(
         "cost", "load a lower-tier hit only when the measured cost model says it beats recompute, or always")
-    # --engine mocker only (workers/engines/mocker/README.md); defaults equal MockerConfig's.
-    mocker_speedup: float = setting(1.0, "mocker: divide simulated times by this (0 = never sleep)",
-                                    non_negative)
-    mocker_num_blocks: int = setting(16384, "mocker: KV blocks in the simulated pool", positive)
-    mocker_prefill_us_per_token: float = setting(20.0, "mocker: prefill cost per new token (us)",
-                                                 non_negative)
-    mocker_prefill_us_per_token_pair: float = setting(0.0005, "mocker: attention cost per (new token, "
-                                                      "attended token) pair (us)", non_negative)
-    mocker_decode_base_ms: float = setting(5.0, "mocker: fixed cost of a step with decodes (ms)",
-                                           non_negative)
-    mocker_decode_us_per_seq: float = setting(20.0, "mocker: decode cost per sequence (us)", non_negative)
-    mocker_decode_us_per_kv_block: float = setting(0.6, "mocker: decode cost per KV block read (us)",
-                                                   non_negative)
-    mocker_transfer_gbps: float = setting(100.0, "mocker: simulated KV transfer bandwidth (Gbit/s)",
-                                          positive)
-    mocker_eos_probability: float = setting(0.0, "mocker: chance per token of EOS unless ignore_eos",
-                                            _probability)
-    mocker_seed: int = setting(0, "mocker: seed of the generated tokens (equal on every worker)")
+
+
+def _mocker_settings() -> type:
+    """`mocker_<name>` for each of MockerConfig's WORKER_SETTINGS, with its default, help and check."""
+    fields = {f.name: f for f in dataclasses.fields(MockerConfig)}
+    hints = typing.get_type_hints(MockerConfig)
+    spec: list[tuple[str, Any, Any]] = [
+        (f"mocker_{name}", hints[name], setting(fields[name].default, "mocker: " + fields[name].metadata["help"],
+                                                fields[name].metadata["check"]))
+        for name in WORKER_SETTINGS]
+    cls = dataclasses.make_dataclass("MockerSettings", spec, frozen=True)
+    cls.__module__ = __name__
+    cls.group_title = "mocker (--engine mocker; workers/engines/mocker/README.md)"
+    return cls
+
+
+MockerSettings = _mocker_settings()
+
+
+@dataclass(frozen=True)
+class WorkerConfig(ProcessSettings, EngineSettings, TransferSettings, KvTierSettings, MockerSettings):  # type: ignore[misc, valid-type]
+    """Every worker setting, flat; `--help` shows one heading per group."""
+
+    def mocker_config(self, model_dir: str) -> MockerConfig:
+        """The mocker engine's config: the engine group's shared limits plus the mocker group."""
+        return MockerConfig(
+            model=model_dir, block_size=self.block_size, max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs, max_waiting=self.max_waiting,
+            max_model_len=self.max_model_len or MockerConfig.max_model_len,
+            **{name: getattr(self, f"mocker_{name}") for name in WORKER_SETTINGS})
+
+
+SERVE_GROUPS = (EngineSettings, TransferSettings, KvTierSettings, MockerSettings)  # passed through by serve

@@ -19,9 +19,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kvrelay.runtime.handle_release import HandleReleaser
-from kvrelay.runtime.messages import KvHandle
-from kvrelay.runtime.rpc import RpcClient
+from kvrelay.workers.api.client import WorkerClient
+from kvrelay.workers.api.handle_release import HandleReleaser
+from kvrelay.workers.api.messages import KvHandle
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ class PrefillLeases:
 class TransferPuller(HandleReleaser):
     """Pulls with the worker's transfer engine; the read's own notification frees the lease."""
 
-    def __init__(self, transfer: Any, rpc: RpcClient, pool: str = "g1"):
-        super().__init__(rpc)
+    def __init__(self, transfer: Any, workers: WorkerClient, pool: str = "g1"):
+        super().__init__(workers)
         self.transfer, self.pool = transfer, pool
 
     async def pull(self, handle: KvHandle, local_block_ids: list[int], start: int) -> bool:
@@ -105,8 +105,8 @@ class TransferPuller(HandleReleaser):
 class SimulatedPuller(HandleReleaser):
     """The mocker's link: sleeps for the modeled transfer time of the blocks, moves nothing."""
 
-    def __init__(self, seconds_for_blocks: Callable[[int], float], rpc: RpcClient):
-        super().__init__(rpc)
+    def __init__(self, seconds_for_blocks: Callable[[int], float], workers: WorkerClient):
+        super().__init__(workers)
         self.seconds_for_blocks = seconds_for_blocks
 
     async def pull(self, handle: KvHandle, local_block_ids: list[int], start: int) -> bool:

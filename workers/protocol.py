@@ -1,5 +1,6 @@
 """The engine interface every engine implements (native, vllm, sglang, trtllm, mocker). The messages
-that cross it live in `kvrelay.runtime.messages` (the frontend uses them without importing workers).
+that cross it live in `kvrelay.workers.api.messages` (the worker contract: the frontend, perf and the
+planner use them without importing engines).
 
 Invariants of `Engine.generate(request)`:
 - Yields one or more `EngineOutput`s; exactly the last has `finish_reason` set.
@@ -27,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import msgspec
 
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
-from kvrelay.runtime.messages import (
+from kvrelay.workers.api.messages import (
     EngineOutput,
     EngineRequest,
     EngineStats,
@@ -37,14 +38,13 @@ from kvrelay.runtime.messages import (
     RequestError,
     SamplingParams,
 )
+from kvrelay.workers.core.errors import EngineError, EngineOverloaded
+from kvrelay.workers.core.sequence import PREFILLED
 
 __all__ = [
-    "Engine", "EngineError", "EngineOutput", "EngineRequest", "EngineStats", "KvHandle", "KvLayout", "KvPuller",
+    "PREFILLED", "Engine", "EngineError", "EngineOverloaded", "EngineOutput", "EngineRequest", "EngineStats", "KvHandle", "KvLayout", "KvPuller",
     "ModelCard", "PrefillResult", "RequestError", "SamplingParams",
 ]
-
-PREFILLED = "prefilled"  # engine-internal finish reason of a prefill whose blocks stay held
-
 
 class PrefillResult(msgspec.Struct):
     output: EngineOutput  # the first token; finish_reason set only if it ended the request
@@ -60,10 +60,6 @@ class KvPuller(Protocol):
         the prefill worker free its lease. True once every byte is in place; False means recompute.
         Raises only CancelledError, and only after the transport stopped writing the blocks."""
         ...
-
-
-class EngineError(RequestError):
-    """A request the engine refuses; the message is safe to show a client."""
 
 
 @runtime_checkable

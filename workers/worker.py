@@ -29,8 +29,10 @@ from kvrelay.kvbm.events import KvEvent, KvSnapshot, LoadMetrics, kv_events_subj
 from kvrelay.runtime.config import ConfigError
 from kvrelay.runtime.discovery import Discovery, Instance, register_instance
 from kvrelay.runtime.events import EventPlane
-from kvrelay.runtime.messages import Empty, KvHandle, PrefillReply, ReleaseRequest
-from kvrelay.runtime.rpc import RpcClient, RpcServer
+from kvrelay.runtime.rpc import RpcServer
+from kvrelay.workers.api.client import WorkerClient
+from kvrelay.workers.api.endpoints import Endpoint, Role
+from kvrelay.workers.api.messages import Empty, KvHandle, PrefillReply, ReleaseRequest
 from kvrelay.workers.config import WorkerConfig
 from kvrelay.workers.kv_handoff import PrefillLeases, SimulatedPuller, TransferPuller
 from kvrelay.workers.metrics import MetricsServer
@@ -53,18 +55,9 @@ def build_engine(cfg: WorkerConfig, model_dir: str) -> Engine:
             tiers=tier_config(cfg),
         ))
     if cfg.engine == "mocker":
-        from kvrelay.workers.engines.mocker import MockerConfig, MockerEngine
+        from kvrelay.workers.engines.mocker import MockerEngine
 
-        return MockerEngine(MockerConfig(
-            model=model_dir, block_size=cfg.block_size, num_blocks=cfg.mocker_num_blocks,
-            max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-            max_waiting=cfg.max_waiting, max_model_len=cfg.max_model_len or MockerConfig.max_model_len,
-            speedup=cfg.mocker_speedup, prefill_us_per_token=cfg.mocker_prefill_us_per_token,
-            prefill_us_per_token_pair=cfg.mocker_prefill_us_per_token_pair,
-            decode_base_ms=cfg.mocker_decode_base_ms, decode_us_per_seq=cfg.mocker_decode_us_per_seq,
-            decode_us_per_kv_block=cfg.mocker_decode_us_per_kv_block, transfer_gbps=cfg.mocker_transfer_gbps,
-            eos_probability=cfg.mocker_eos_probability, seed=cfg.mocker_seed,
-        ))
+        return MockerEngine(cfg.mocker_config(model_dir), tiers=tier_config(cfg) if cfg.mocker_kv_tiers else None)
     raise ValueError(f"unknown engine {cfg.engine!r}")
 
 
@@ -83,15 +76,11 @@ def tier_config(cfg: WorkerConfig):
 
 
 def resolve_model(cfg: WorkerConfig) -> tuple[str, str]:
-    """(model directory, served name)."""
-    if cfg.model:
-        model_dir = cfg.model
-    else:
-        from kvrelay.workers.models.tiny import ensure_tiny_model
+    """(model directory, served name); converts a GGUF model on first use (workers/models/registry.py)."""
+    from kvrelay.workers.models.registry import resolve_model as resolve
 
-        model_dir = str(ensure_tiny_model())
-    name = cfg.served_model_name or ("kvrelay-tiny" if not cfg.model else Path(model_dir.rstrip("/")).name)
-    return model_dir, name
+    model = resolve(cfg.model)
+    return str(model.path), cfg.served_model_name or model.served_name
 
 
 class Worker:
@@ -108,7 +97,7 @@ class Worker:
         self.transfer = None  # TransferEngine for prefill/decode roles with a real KV pool
         self.leases: PrefillLeases | None = None
         self.puller: TransferPuller | SimulatedPuller | None = None
-        self.rpc = RpcClient()  # decode role: `release` calls to prefill workers
+        self.peers = WorkerClient()  # decode role: `release` calls to prefill workers
         self.metrics: MetricsServer | None = None
 
     async def start(self) -> Instance:
@@ -116,15 +105,15 @@ class Worker:
         await self.events.start()
         await self.discovery.start()
         self.engine.subscribe_kv_events(self._on_kv_events)
-        self.server.add_endpoint("generate", self._generate, EngineRequest)
-        self.server.add_endpoint("kv_snapshot", self._snapshot, Empty)
-        self.server.add_endpoint("stats", self._stats, Empty)
-        self.server.add_endpoint("model_card", self._model_card, Empty)
-        self.server.add_endpoint("transfer_stats", self._transfer_stats, Empty)
-        if self.cfg.role == "prefill":
+        self.server.add_endpoint(Endpoint.GENERATE, self._generate, EngineRequest)
+        self.server.add_endpoint(Endpoint.KV_SNAPSHOT, self._snapshot, Empty)
+        self.server.add_endpoint(Endpoint.STATS, self._stats, Empty)
+        self.server.add_endpoint(Endpoint.MODEL_CARD, self._model_card, Empty)
+        self.server.add_endpoint(Endpoint.TRANSFER_STATS, self._transfer_stats, Empty)
+        if self.cfg.role == Role.PREFILL:
             self.leases = PrefillLeases(self.engine.abort, self.cfg.kv_lease_s)
-            self.server.add_endpoint("prefill", self._prefill, EngineRequest)
-            self.server.add_endpoint("release", self._release, ReleaseRequest)
+            self.server.add_endpoint(Endpoint.PREFILL, self._prefill, EngineRequest)
+            self.server.add_endpoint(Endpoint.RELEASE, self._release, ReleaseRequest)
         await self._start_transfer()
         await self.server.start()
         layout = self.engine.kv_layout()
@@ -168,13 +157,13 @@ class Worker:
         await self.engine.close()
         if self.transfer is not None:
             await self.transfer.close()  # after the engine: no pull is still writing its pool
-        await self.rpc.close()
+        await self.peers.close()
         await self.discovery.close()
         await self.events.close()
 
     async def _start_transfer(self) -> None:
         """Prefill/decode roles: a transfer engine over the G1 pool; decode gets a puller."""
-        if self.cfg.role == "agg" or self.cfg.kv_transfer == "none":
+        if self.cfg.role == Role.AGG or self.cfg.kv_transfer == "none":
             return
         pool = self.engine.kv_pool()
         if pool is not None:
@@ -185,11 +174,11 @@ class Worker:
             self.transfer.register_pool("g1", pool, self.engine.kv_layout().block_bytes)
             await self.transfer.start()
             log.info("KV transfer: %s", self.transfer.kind)
-        if self.cfg.role == "decode":
+        if self.cfg.role == Role.DECODE:
             if self.transfer is not None:
-                self.puller = TransferPuller(self.transfer, self.rpc)
+                self.puller = TransferPuller(self.transfer, self.peers)
             else:  # the mocker: a simulated link
-                self.puller = SimulatedPuller(self.engine.simulated_transfer_seconds, self.rpc)
+                self.puller = SimulatedPuller(self.engine.simulated_transfer_seconds, self.peers)
             self.engine.set_kv_puller(self.puller)
         elif self.transfer is not None and self.leases is not None:
             self._tasks.append(asyncio.create_task(self.leases.consume(self.transfer)))

@@ -27,7 +27,7 @@ class BenchConfig(msgspec.Struct, kw_only=True):
     model: str = ""  # "" = the first model the endpoint lists at GET /v1/models
     endpoint: Literal["completions", "chat"] = "completions"
     prompt_format: Literal["tokens", "text"] = "tokens"
-    tokenizer: str = ""  # a directory holding tokenizer.json
+    tokenizer: str = ""  # a directory holding tokenizer.json, or a kvrelay model name
     workload: Workload = "random"
     seed: int = 0
     num_requests: int | None = None  # None: the workload's natural size (see workloads.natural_size)
@@ -142,7 +142,7 @@ def validate(cfg: BenchConfig) -> BenchConfig:
                  cfg.trace)
     _require(not (cfg.prompt_format == "tokens" and cfg.endpoint == "chat"), "--prompt-format",
              "tokens needs --endpoint completions (chat messages are text)", cfg.prompt_format)
-    if cfg.tokenizer:
+    if os.sep in cfg.tokenizer:  # a directory; a bare word is a model name, resolved by `kvrelay bench`
         _require(os.path.isfile(os.path.join(cfg.tokenizer, "tokenizer.json")), "--tokenizer",
                  "must be a directory holding tokenizer.json", cfg.tokenizer)
     return cfg

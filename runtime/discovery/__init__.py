@@ -26,6 +26,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DiscoveryConfig:
+    group_title = "discovery"
     discovery: Literal["file", "etcd", "mem"] = setting("file", "discovery backend")
     discovery_dir: str = setting("", "directory of the file backend (default: user cache dir)")
     etcd_endpoints: str = setting("127.0.0.1:2379", "etcd endpoint host:port (first reachable is used)")

@@ -17,6 +17,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class EventsConfig:
+    group_title = "event plane"
     events: Literal["zmq", "nats", "inproc"] = setting("zmq", "event plane backend")
     zmq_pub_endpoint: str = setting(
         "", "ZMQ endpoint publishers connect to (the broker's XSUB side; default: ipc in the run dir)")

@@ -26,6 +26,7 @@ import msgspec
 from kvrelay.runtime.rpc.conn import FramedProtocol, parse_address
 from kvrelay.runtime.rpc.errors import (
     EndpointNotFound,
+    FailKind,
     RemoteError,
     RpcCancelled,
     RpcConnectionError,
@@ -75,9 +76,9 @@ class _ClientConnection(FramedProtocol):
 
 
 def _error_from(fail: Fail, address: str) -> Exception:
-    if fail.kind == "EndpointNotFound":
+    if fail.kind == FailKind.ENDPOINT_NOT_FOUND:
         return EndpointNotFound(fail.kind, fail.message)
-    if fail.kind == "Cancelled":
+    if fail.kind == FailKind.CANCELLED:
         return RpcCancelled(f"{address} cancelled the call: {fail.message}")
     return RemoteError(fail.kind, fail.message)
 

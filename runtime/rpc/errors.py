@@ -3,6 +3,16 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
+
+class FailKind(StrEnum):
+    """The request plane's own failure kinds; any other `Fail.kind` is the handler's exception class name."""
+
+    ENDPOINT_NOT_FOUND = "EndpointNotFound"
+    INVALID_REQUEST = "InvalidRequest"  # the request did not decode as the endpoint's type
+    CANCELLED = "Cancelled"
+
 
 class RpcError(RuntimeError):
     """Base of every request-plane error."""

@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from kvrelay.runtime.rpc.conn import FramedProtocol
-from kvrelay.runtime.rpc.errors import RpcCancelled
+from kvrelay.runtime.rpc.errors import FailKind, RpcCancelled
 from kvrelay.runtime.rpc.frames import DEFAULT_MAX_FRAME, Cancel, End, Fail, Item, ServerInbound, _CallIn
 from kvrelay.runtime.wire import decoder
 
@@ -61,7 +61,7 @@ class _ServerConnection(FramedProtocol):
     def _start_call(self, call: _CallIn) -> None:
         endpoint = self._server._endpoints.get(call.endpoint)
         if endpoint is None:
-            self.send(Fail(call.id, "EndpointNotFound", f"no endpoint named {call.endpoint!r}"))
+            self.send(Fail(call.id, FailKind.ENDPOINT_NOT_FOUND, f"no endpoint named {call.endpoint!r}"))
             return
         if call.id in self._tasks:
             log.warning("duplicate call id %d; dropping connection", call.id)
@@ -71,7 +71,7 @@ class _ServerConnection(FramedProtocol):
             request = (bytes(call.payload) if endpoint.request_type is None
                        else decoder(endpoint.request_type).decode(call.payload))
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            self.send(Fail(call.id, "InvalidRequest", str(e)))
+            self.send(Fail(call.id, FailKind.INVALID_REQUEST, str(e)))
             return
         task = asyncio.get_running_loop().create_task(self._run(call.id, endpoint.handler, request))
         self._tasks[call.id] = task
@@ -85,10 +85,10 @@ class _ServerConnection(FramedProtocol):
             self.send(End(call_id))
         except asyncio.CancelledError:
             if self._server._closing:
-                self.send(Fail(call_id, "Cancelled", "server shutting down"))
+                self.send(Fail(call_id, FailKind.CANCELLED, "server shutting down"))
             # Otherwise the client cancelled (or left): nobody is listening for a reply.
         except RpcCancelled as e:
-            self.send(Fail(call_id, "Cancelled", str(e)))
+            self.send(Fail(call_id, FailKind.CANCELLED, str(e)))
         except Exception as e:  # the handler's failure is the caller's error, never the server's
             log.debug("handler for call %d raised", call_id, exc_info=True)
             self.send(Fail(call_id, type(e).__name__, str(e)))

@@ -13,7 +13,8 @@ from kvrelay.frontend.service import FrontendService
 from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
 from kvrelay.runtime.discovery.mem import MemStore
 from kvrelay.runtime.events.inproc import InprocBroker, InprocEventPlane
-from kvrelay.runtime.messages import Empty, EngineRequest, EngineStats, ModelCard, SamplingParams
+from kvrelay.workers.api.endpoints import Endpoint
+from kvrelay.workers.api.messages import Empty, EngineRequest, EngineStats, ModelCard, SamplingParams
 from kvrelay.workers.config import WorkerConfig
 from kvrelay.workers.worker import Worker
 
@@ -69,7 +70,7 @@ class Cluster:
         return [w for w in self.workers if w.cfg.role == role]
 
     async def stats(self, w: Worker) -> EngineStats:
-        return await self.service.rpc.unary(w.instance.address, "stats", Empty(), EngineStats)
+        return await self.service.rpc.unary(w.instance.address, Endpoint.STATS, Empty(), EngineStats)
 
     async def settle(self, timeout: float = 10.0) -> None:
         """Wait until no worker runs, waits or holds anything (leases released, pulls and offloads done)."""

@@ -13,14 +13,15 @@ from dataclasses import replace
 import pytest
 
 from kvrelay.frontend.config import FrontendConfig
-from kvrelay.runtime.messages import Empty
 from kvrelay.transfer import TransferStats
+from kvrelay.workers.api.endpoints import Endpoint
+from kvrelay.workers.api.messages import Empty
 from kvrelay.workers.config import WorkerConfig
 from tests.disagg.cluster import Cluster
 
 # 1 to 3,000 tokens: shorter than a block, exact multiples of the block size, and everything between.
 LENGTHS = [1, 3, 15, 16, 17, 31, 32, 33, 64, 100, 127, 250, 511, 700, 1000, 1333, 1600, 2048, 2500, 3000]
-CFG = WorkerConfig(kv_cache_bytes=96 << 20, max_num_batched_tokens=1024, kv_disk_bytes=256 << 20,
+CFG = WorkerConfig(model="tiny", kv_cache_bytes=96 << 20, max_num_batched_tokens=1024, kv_disk_bytes=256 << 20,
                    kv_host_bytes=64 << 20)
 
 
@@ -57,7 +58,7 @@ def test_disaggregated_tokens_equal_aggregated(reference, kind):
             await c.settle()
             prefill, decode = c.by_role("prefill")[0], c.by_role("decode")[0]
             stats = decode.engine.stats()
-            xfer = await c.service.rpc.unary(decode.instance.address, "transfer_stats", Empty(), TransferStats)
+            xfer = await c.service.rpc.unary(decode.instance.address, Endpoint.TRANSFER_STATS, Empty(), TransferStats)
             remote = c.service.remote.prefills.labels(where="remote")._value.get()
             return got, stats, prefill.engine.stats(), xfer, remote, decode.engine.kv_layout().block_bytes
 
@@ -121,7 +122,7 @@ def test_seeded_sampling_disaggregated_equals_aggregated():
 
 def test_mocker_disaggregated_equals_aggregated():
     """The mocker's prefill/decode roles: same tokens as its aggregated serving, blocks accounted."""
-    cfg = WorkerConfig(engine="mocker", mocker_speedup=0.0, mocker_num_blocks=4096)
+    cfg = WorkerConfig(model="tiny", engine="mocker", mocker_speedup=0.0, mocker_num_blocks=4096)
     prompts = _prompts(3)
 
     async def run(roles, **kw):
@@ -141,7 +142,7 @@ def test_mocker_disaggregated_equals_aggregated():
 def test_mocker_pull_takes_the_simulated_transfer_time():
     """At 0.1 Gbit/s a 1,600-token prompt's 100 blocks take 100 * block_bytes * 8 / 1e8 s to pull."""
     prompt = _prompts(5)[16]
-    cfg = WorkerConfig(engine="mocker", mocker_speedup=1.0, mocker_transfer_gbps=0.1)
+    cfg = WorkerConfig(model="tiny", engine="mocker", mocker_speedup=1.0, mocker_transfer_gbps=0.1)
 
     async def run():
         async with Cluster(["prefill", "decode"], cfg) as c:

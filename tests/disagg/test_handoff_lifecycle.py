@@ -13,13 +13,14 @@ import msgspec
 import pytest
 
 from kvrelay.frontend.config import FrontendConfig
-from kvrelay.runtime.messages import Empty, EngineOutput, EngineRequest, PrefillReply, SamplingParams
 from kvrelay.transfer import TransferStats
+from kvrelay.workers.api.endpoints import Endpoint
+from kvrelay.workers.api.messages import Empty, EngineOutput, EngineRequest, PrefillReply, SamplingParams
 from kvrelay.workers.config import WorkerConfig
 from tests.disagg.cluster import Cluster
 
 # No lower tiers: these tests time prefills, and a prompt found in G2/G3 would skip them.
-CFG = WorkerConfig(kv_cache_bytes=64 << 20, kv_transfer="tcp", kv_host_bytes=0, kv_disk_dir="off")
+CFG = WorkerConfig(model="tiny", kv_cache_bytes=64 << 20, kv_transfer="tcp", kv_host_bytes=0, kv_disk_dir="off")
 
 
 def _prompt(n: int, seed: int = 1) -> list[int]:
@@ -38,7 +39,7 @@ def _idle(stats) -> bool:
 
 async def _prefill(c: Cluster, prompt: list[int]) -> PrefillReply:
     prefill = c.by_role("prefill")[0]
-    async with c.service.rpc.call(prefill.instance.address, "prefill", _request(prompt), PrefillReply) as stream:
+    async with c.service.rpc.call(prefill.instance.address, Endpoint.PREFILL, _request(prompt), PrefillReply) as stream:
         replies = [r async for r in stream]
     assert len(replies) == 1
     reply = replies[0]
@@ -107,7 +108,7 @@ def test_below_the_threshold_prefill_stays_local():
         async with Cluster(["prefill", "decode"], CFG, FrontendConfig(disagg_min_tokens=64)) as c:
             short = [await c.generate(_prompt(n, n)) for n in (1, 10, 63)]
             decode = c.by_role("decode")[0]
-            xfer_short = await c.service.rpc.unary(decode.instance.address, "transfer_stats", Empty(), TransferStats)
+            xfer_short = await c.service.rpc.unary(decode.instance.address, Endpoint.TRANSFER_STATS, Empty(), TransferStats)
             long = await c.generate(_prompt(200))
             counts = {w: c.service.remote.prefills.labels(where=w)._value.get() for w in ("local", "remote")}
             return short, long, xfer_short, decode.engine.stats(), counts
@@ -161,7 +162,7 @@ def test_unusable_handles_are_recomputed_not_trusted():
                 reply = await _prefill(c, prompt)
                 req = replace_handle(_request(prompt, 6), tamper(reply.handle))
                 tokens = list(reply.output.token_ids)
-                async with c.service.rpc.call(decode.instance.address, "generate", req, EngineOutput) as stream:
+                async with c.service.rpc.call(decode.instance.address, Endpoint.GENERATE, req, EngineOutput) as stream:
                     async for out in stream:
                         tokens += out.token_ids
                 results.append(tokens)

@@ -10,8 +10,9 @@ from dataclasses import replace
 
 import pytest
 
-from kvrelay.runtime.messages import Empty
 from kvrelay.transfer import TransferStats
+from kvrelay.workers.api.endpoints import Endpoint
+from kvrelay.workers.api.messages import Empty
 from kvrelay.workers.config import WorkerConfig
 from tests.disagg.cluster import Cluster
 from tests.disagg.test_disagg_identity import _transfer_kinds
@@ -28,13 +29,13 @@ def _open_fds() -> int:
 @pytest.mark.parametrize("kind", _transfer_kinds())
 def test_1000_sequential_disaggregated_requests_leak_nothing(kind):
     rng = random.Random(11)
-    cfg = WorkerConfig(kv_cache_bytes=32 << 20, kv_transfer=kind, kv_disk_bytes=256 << 20,
+    cfg = WorkerConfig(model="tiny", kv_cache_bytes=32 << 20, kv_transfer=kind, kv_disk_bytes=256 << 20,
                        kv_host_bytes=64 << 20)
 
     async def snapshot(c: Cluster):
         out = []
         for w in c.workers:
-            xfer = await c.service.rpc.unary(w.instance.address, "transfer_stats", Empty(), TransferStats)
+            xfer = await c.service.rpc.unary(w.instance.address, Endpoint.TRANSFER_STATS, Empty(), TransferStats)
             s = w.engine.stats()
             out.append((s.free_blocks, s.total_blocks, s.held_requests, xfer.registered_regions,
                         xfer.prepped_dlists, xfer.peers, xfer.active_handles))

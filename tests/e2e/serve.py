@@ -9,8 +9,9 @@ from pathlib import Path
 
 from kvrelay.perf.serve_process import Serve
 from kvrelay.runtime.discovery import DiscoveryConfig, list_instances, make_discovery
-from kvrelay.runtime.messages import Empty, EngineStats
 from kvrelay.runtime.rpc import RpcClient
+from kvrelay.workers.api.endpoints import Endpoint
+from kvrelay.workers.api.messages import Empty, EngineStats
 
 __all__ = ["Serve", "alive", "wait_idle", "worker_stats"]
 
@@ -33,7 +34,7 @@ async def worker_stats(discovery: DiscoveryConfig, namespace: str = "default") -
     try:
         out = {}
         for inst in await list_instances(disc, namespace):
-            stats = await client.unary(inst.address, "stats", Empty(), EngineStats)
+            stats = await client.unary(inst.address, Endpoint.STATS, Empty(), EngineStats)
             out[inst.instance_id] = (int(inst.labels.get("pid", 0)), stats)
         return out
     finally:

@@ -14,8 +14,9 @@ import time
 import httpx
 
 from kvrelay.runtime.discovery import DiscoveryConfig, list_instances, make_discovery
-from kvrelay.runtime.messages import Empty, EngineStats
 from kvrelay.runtime.rpc import RpcClient
+from kvrelay.workers.api.endpoints import Endpoint
+from kvrelay.workers.api.messages import Empty, EngineStats
 from tests.e2e.serve import Serve, alive
 from tests.e2e.test_serve_openai import MODEL, check_openai_clients
 
@@ -100,7 +101,7 @@ async def _kill_prefill_worker_when_busy(discovery: DiscoveryConfig, request: th
         inst = next(i for i in await list_instances(disc, "default") if i.role == "prefill")
         request.start()
         while request.is_alive():
-            stats = await client.unary(inst.address, "stats", Empty(), EngineStats)
+            stats = await client.unary(inst.address, Endpoint.STATS, Empty(), EngineStats)
             if stats.running:
                 pid = int(inst.labels["pid"])
                 os.kill(pid, signal.SIGKILL)

@@ -14,7 +14,7 @@ from kvrelay.frontend.openai_schema import (
     parse_chat_request,
     parse_completion_request,
 )
-from kvrelay.runtime.messages import SamplingParams
+from kvrelay.workers.api.messages import SamplingParams
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")

@@ -7,7 +7,7 @@ import random
 
 from kvrelay.kvbm.hashing import BlockHasher, root_hash
 from kvrelay.kvbm.tier_config import TierConfig
-from kvrelay.runtime.messages import TierCounters
+from kvrelay.workers.api.messages import TierCounters
 from kvrelay.workers.engines.native import NativeEngine, NativeEngineConfig
 from kvrelay.workers.models.tiny import ensure_tiny_model
 from kvrelay.workers.protocol import EngineRequest, SamplingParams

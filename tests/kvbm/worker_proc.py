@@ -10,15 +10,16 @@ import sys
 import time
 from pathlib import Path
 
-from kvrelay.runtime.messages import Empty
 from kvrelay.runtime.rpc import RpcClient
+from kvrelay.workers.api.endpoints import Endpoint
+from kvrelay.workers.api.messages import Empty
 from kvrelay.workers.protocol import EngineOutput, EngineRequest, EngineStats, SamplingParams
 
 
 class WorkerProcess:
     def __init__(self, workdir: Path, *flags: str):
         self.log_path = workdir / f"worker-{time.monotonic_ns()}.log"
-        argv = [sys.executable, "-m", "kvrelay.cli.main", "worker", "--engine", "native", "--events", "inproc",
+        argv = [sys.executable, "-m", "kvrelay.cli.main", "worker", "--engine", "native", "--model", "tiny", "--events", "inproc",
                 "--discovery", "file", "--discovery-dir", str(workdir / "discovery"), *flags]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -54,7 +55,7 @@ async def generate(address: str, tokens: list[int], n: int = 12) -> tuple[list[i
     try:
         req = EngineRequest(request_id=f"t{time.monotonic_ns()}", prompt_token_ids=tokens,
                             sampling=SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0))
-        outs = await client.call(address, "generate", req, EngineOutput).collect()
+        outs = await client.call(address, Endpoint.GENERATE, req, EngineOutput).collect()
         return [t for o in outs for t in o.token_ids], max(o.num_cached_tokens for o in outs)
     finally:
         await client.close()
@@ -63,7 +64,7 @@ async def generate(address: str, tokens: list[int], n: int = 12) -> tuple[list[i
 async def stats(address: str) -> EngineStats:
     client = RpcClient()
     try:
-        return await client.unary(address, "stats", Empty(), EngineStats)
+        return await client.unary(address, Endpoint.STATS, Empty(), EngineStats)
     finally:
         await client.close()
 

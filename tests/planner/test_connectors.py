@@ -106,7 +106,8 @@ async def test_local_connector_starts_and_stops_worker_processes(tmp_path):
     broker.start()
 
     def argv(pool: Pool) -> list[str]:
-        return [sys.executable, "-m", "kvrelay.cli.main", "worker", "--engine", "mocker", "--role", pool.value,
+        return [sys.executable, "-m", "kvrelay.cli.main", "worker", "--engine", "mocker", "--model", "tiny",
+                "--role", pool.value,
                 "--kv-transfer", "none", "--discovery-dir", str(tmp_path / "d"), "--events", "zmq",
                 "--zmq-pub-endpoint", pub, "--zmq-sub-endpoint", sub, "--metrics-port", "-1"]
 

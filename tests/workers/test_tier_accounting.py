@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvrelay.kvbm.cost_model import CostModel
+from kvrelay.workers.core.onboard import OnboardTicket
+from kvrelay.workers.core.sequence import Status
 from kvrelay.workers.engines.native import LLMEngine, NativeEngineConfig
-from kvrelay.workers.engines.native.sequence import Status
-from kvrelay.workers.engines.onboard import OnboardTicket
 from kvrelay.workers.protocol import EngineError, EngineRequest, SamplingParams
 from tests.workers.hf_models import build_hf_model
 

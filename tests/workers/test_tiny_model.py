@@ -14,6 +14,7 @@ import pytest
 from kvrelay.cli import model_cmd
 from kvrelay.cli.parser import Parser
 from kvrelay.workers.models import tiny
+from kvrelay.workers.models.cache_entry import MANIFEST
 
 BUILD = "import sys; from pathlib import Path; from kvrelay.workers.models.tiny import build_tiny_model; " \
         "build_tiny_model(Path(sys.argv[1]))"
@@ -37,7 +38,7 @@ def hf(model_dir):
 
 def test_files_present(model_dir):
     assert set(digests(model_dir)) == {"config.json", "generation_config.json", "model.safetensors",
-                                       "tokenizer.json", "tokenizer_config.json", tiny.MANIFEST}
+                                       "tokenizer.json", "tokenizer_config.json", MANIFEST}
 
 
 def test_builds_are_byte_identical_in_process_and_across_processes(model_dir, tmp_path):

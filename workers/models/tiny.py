@@ -4,31 +4,30 @@ Built offline from a fixed seed and the shipped corpus.txt, so every build write
   config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
   kvrelay-manifest.json (sha256 of the others; written last, it marks a build as complete).
 
-A build is written into a hidden temp dir beside the target and renamed into place, so a reader
-sees either no model or a whole one; a concurrent builder that loses the race reuses the winner's.
+A build is installed as a cache entry (cache_entry.py): written beside the target, manifest last,
+renamed into place, so a reader sees either no model or a whole one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
-import json
 import os
-import shutil
-import tempfile
-import time
-import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from kvrelay.runtime.paths import cache_dir
+from kvrelay.workers.models.cache_entry import (
+    build_entry,
+    json_bytes,
+    read_verified_manifest,
+    write_json,
+    write_manifest,
+)
 
 FORMAT = 1  # bump when the builder's output changes for reasons not captured by _spec()
 SEED = 20240613
 INIT_STD = 0.2  # large on purpose: greedy next-token logits must have clear (not ~0) margins
-MANIFEST = "kvrelay-manifest.json"
 
 # Ids follow list order (0..3): the trainer assigns special tokens first.
 BOS, EOS, IM_START, IM_END = "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"
@@ -76,7 +75,7 @@ def _spec() -> dict[str, Any]:
 
 def version_tag() -> str:
     """Changes whenever the inputs of the build change, so a stale cache entry is never reused."""
-    h = hashlib.sha256(_json_bytes(_spec()) + _corpus())
+    h = hashlib.sha256(json_bytes(_spec()) + _corpus())
     return f"v{FORMAT}-{h.hexdigest()[:10]}"
 
 
@@ -93,7 +92,7 @@ def default_model_dir() -> Path:
 def ensure_tiny_model(out_dir: Path | None = None) -> Path:
     """Return `out_dir` (default: the cache path) holding a verified tiny model, building it if needed."""
     out = Path(out_dir) if out_dir is not None else tiny_model_path()
-    return out if _read_verified_manifest(out) is not None else build_tiny_model(out)
+    return out if read_verified_manifest(out) is not None else build_tiny_model(out)
 
 
 def build_tiny_model(out_dir: Path) -> Path:
@@ -101,59 +100,7 @@ def build_tiny_model(out_dir: Path) -> Path:
 
     Refuses (FileExistsError) to replace a non-empty directory that is not a tiny-model build.
     """
-    out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a model dir is ordinary data
-        _write_model(tmp)
-        _install(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already when the rename succeeded
-    return out
-
-
-def _install(tmp: Path, out: Path) -> None:
-    ours = (tmp / MANIFEST).read_bytes()
-    for _ in range(5):
-        try:
-            os.replace(tmp, out)  # atomic; succeeds onto a missing or empty dir only
-            return
-        except OSError as e:
-            if e.errno == errno.ENOTDIR:
-                raise FileExistsError(f"{out} exists and is not a directory") from None
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-        if _read_verified_manifest(out) == ours:
-            return  # an identical build is already in place (e.g. a concurrent builder won)
-        if not (out / MANIFEST).is_file():
-            raise FileExistsError(f"{out} exists and is not a kvrelay tiny model; not overwriting it")
-        trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        with contextlib.suppress(FileNotFoundError):  # someone else moved it aside first
-            os.replace(out, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-    raise RuntimeError(f"could not install tiny model at {out}: the directory keeps changing")
-
-
-def _sweep_stale_temps(out: Path, max_age_s: float = 3600.0) -> None:
-    """Remove temp dirs left by builds that were killed; a live build finishes in seconds."""
-    prefixes = (f".{out.name}.tmp-", f".{out.name}.old-")
-    for p in out.parent.iterdir():
-        with contextlib.suppress(OSError):
-            if p.name.startswith(prefixes) and time.time() - p.stat().st_mtime > max_age_s:
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def _read_verified_manifest(d: Path) -> bytes | None:
-    """The manifest's bytes if `d` is a complete build whose files match their recorded sha256."""
-    try:
-        raw = (d / MANIFEST).read_bytes()
-        files = json.loads(raw)["files"]
-        ok = all(_sha256(d / name) == digest for name, digest in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return raw if ok else None
+    return build_entry(Path(out_dir), _write_model, "tiny model")
 
 
 def _write_model(d: Path) -> None:
@@ -167,7 +114,7 @@ def _write_model(d: Path) -> None:
     bos, eos = ids[0], [ids[1], ids[3]]  # completions end at EOS, chat turns at IM_END
 
     (d / "tokenizer.json").write_bytes(tok.to_str(pretty=True).encode("utf-8") + b"\n")
-    _write_json(d / "tokenizer_config.json", {
+    write_json(d / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
         "model_max_length": ARCH["max_position_embeddings"],
@@ -175,20 +122,19 @@ def _write_model(d: Path) -> None:
         "model_input_names": ["input_ids", "attention_mask"],
         "chat_template": CHAT_TEMPLATE,
     })
-    _write_json(d / "config.json", {
+    write_json(d / "config.json", {
         **ARCH,
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
         "initializer_range": INIT_STD, "tie_word_embeddings": False, "use_cache": True,
         "torch_dtype": "float32", "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": ids[1],
     })
-    _write_json(d / "generation_config.json", {
+    write_json(d / "generation_config.json", {
         "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": ids[1], "do_sample": False,
     })
     _write_weights(d / "model.safetensors")
     # Last: its presence (after the directory rename) is what marks the build complete.
-    files = {p.name: _sha256(p) for p in sorted(d.iterdir())}
-    _write_json(d / MANIFEST, {"name": "tiny-llama", "version": version_tag(), "files": files})
+    write_manifest(d, {"name": "tiny-llama", "version": version_tag()})
 
 
 def _train_tokenizer():
@@ -250,15 +196,3 @@ def _write_weights(path: Path) -> None:
             tensors[name] = torch.rand(shape, generator=gen, dtype=torch.float32).mul_(2 * bound).sub_(bound)
     save_file(tensors, str(path), metadata={"format": "pt"})
     os.chmod(path, 0o644)  # safetensors creates it 0600; the other files get the usual umask modes
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_bytes(_json_bytes(obj))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

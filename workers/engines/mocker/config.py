@@ -15,27 +15,46 @@ from typing import Any
 
 import msgspec
 
+from kvrelay.runtime.config import non_negative, positive, setting
+
+
+def _probability(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be in [0, 1]"
+
+
+# MockerConfig fields that are worker flags (`--mocker-<name>`).
+WORKER_SETTINGS = ("speedup", "num_blocks", "prefill_us_per_token", "prefill_us_per_token_pair", "decode_base_ms",
+                   "decode_us_per_seq", "decode_us_per_kv_block", "transfer_gbps", "eos_probability", "seed",
+                   "kv_tiers")
+
 
 @dataclass(frozen=True)
 class MockerConfig:
+    # Fields declared with `setting` are also worker settings `--mocker-<name>` (WORKER_SETTINGS;
+    # workers/config.py derives them from here: one default, help and check per flag).
     model: str  # model directory (Hugging Face layout); needs config.json, tokenizer.json is optional
     block_size: int = 16
-    num_blocks: int = 16384  # simulated G1 pool
+    num_blocks: int = setting(16384, "KV blocks in the simulated pool", positive)
     max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
     max_num_seqs: int = 64
     max_waiting: int = 1024  # more waiting requests are rejected with EngineOverloaded
     max_model_len: int = 8192
     vocab_size: int = 0  # 0 = from the model directory
     # Timing model (see timing.py); defaults are roughly an 8B model on one H100.
-    prefill_us_per_token: float = 20.0  # linear cost of each new prompt token
-    prefill_us_per_token_pair: float = 0.0005  # attention: each new token x each token it attends to
-    decode_base_ms: float = 5.0  # fixed cost of a step that has decodes (weights read once)
-    decode_us_per_seq: float = 20.0  # per sequence decoded in the step
-    decode_us_per_kv_block: float = 0.6  # per KV block the decoding sequences read
-    speedup: float = 1.0  # every simulated time is divided by this; 0 or inf = never sleep
-    transfer_gbps: float = 100.0  # Gbit/s of the simulated prefill->decode KV handoff
-    eos_probability: float = 0.0  # chance per token of EOS (unless ignore_eos); 0 = exact lengths
-    seed: int = 0  # changes every generated token; all workers with one seed agree
+    prefill_us_per_token: float = setting(20.0, "prefill cost per new token (us)", non_negative)
+    prefill_us_per_token_pair: float = setting(0.0005, "attention cost per (new token, attended token) pair "
+                                               "(us)", non_negative)
+    decode_base_ms: float = setting(5.0, "fixed cost of a step with decodes (ms)", non_negative)
+    decode_us_per_seq: float = setting(20.0, "decode cost per sequence (us)", non_negative)
+    decode_us_per_kv_block: float = setting(0.6, "decode cost per KV block read (us)", non_negative)
+    speedup: float = setting(1.0, "divide simulated times by this (0 = never sleep)", non_negative)
+    transfer_gbps: float = setting(100.0, "simulated KV transfer bandwidth (Gbit/s)", positive)
+    eos_probability: float = setting(0.0, "chance per token of EOS unless ignore_eos", _probability)
+    seed: int = setting(0, "seed of the generated tokens (equal on every worker)")
+    kv_tiers: bool = setting(False, "open the lower KV tiers (--kv-host-bytes, --kv-disk-dir, --kv-object-store) "
+                             "like the native engine; the simulated G1 then takes num_blocks x block bytes of "
+                             "host memory and imports torch (off: no torch, no tier memory or disk, as 16 "
+                             "mockers on one machine want)")
 
     def validate(self) -> None:
         positive = ("block_size", "num_blocks", "max_num_batched_tokens", "max_num_seqs", "max_waiting",

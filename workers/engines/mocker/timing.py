@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from kvrelay.workers.core.sequence import Sequence
 from kvrelay.workers.engines.mocker.config import MockerConfig
-from kvrelay.workers.engines.native.sequence import Sequence
 
 
 class TimingModel:

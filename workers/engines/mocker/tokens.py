@@ -19,8 +19,8 @@ from collections.abc import Sequence as Seq
 import xxhash
 
 from kvrelay.kvbm.hashing import BlockHasher
-from kvrelay.workers.engines.native.sequence import Sequence
-from kvrelay.workers.protocol import SamplingParams
+from kvrelay.workers.api.messages import SamplingParams
+from kvrelay.workers.core.sequence import Sequence
 
 _MASK64 = (1 << 64) - 1
 
@@ -62,7 +62,7 @@ class TokenSource:
 
 
 class MockSequence(Sequence):
-    """A native-scheduler `Sequence` that also carries the running hash its next token comes from."""
+    """A core `Sequence` that also carries the running hash its next token comes from."""
 
     def __init__(self, request_id: str, prompt: list[int], sampling: SamplingParams, hasher: BlockHasher,
                  arrival: int, seed: int):

@@ -1,7 +1,6 @@
 """The native PyTorch engine: runs Llama/Qwen2/Qwen3 checkpoints on CPU or GPU with a paged KV cache.
 
-Exports load lazily (PEP 562) so that `scheduler` and `sequence`, which are torch-free and reused by
-the mocker engine, can be imported without importing torch.
+Exports load lazily (PEP 562): importing the package (as `kvrelay worker --help` does) imports no torch.
 """
 
 from __future__ import annotations
@@ -10,8 +9,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kvrelay.workers.engines.native.engine import NativeEngine
-    from kvrelay.workers.engines.native.llm_engine import EngineOverloaded, LLMEngine, NativeEngineConfig
+    from kvrelay.workers.core.engine_core import EngineOverloaded, LLMEngine, NativeEngineConfig
+    from kvrelay.workers.core.engine_loop import NativeEngine
 
 _EXPORTS = {"NativeEngine": "engine", "EngineOverloaded": "llm_engine", "LLMEngine": "llm_engine",
             "NativeEngineConfig": "llm_engine"}

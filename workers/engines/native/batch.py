@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from kvrelay.kernels import plan_decode_host
+from kvrelay.workers.core.sequence import Sequence
 from kvrelay.workers.engines.native.model import BatchMetadata, PrefillChunk
-from kvrelay.workers.engines.native.sequence import Sequence
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The engine side of onboarding from lower tiers (kvbm/tiered_kv.py), shared by engines that schedule
-with `native.scheduler.Scheduler`.
+"""The engine side of onboarding from lower tiers (kvbm/tiered_kv.py), owned by the core
+for every engine that schedules with `core.scheduler.Scheduler`.
 
 Flow: the loop looks the prompt's blocks up in the tiers (`TieredKv.lookup`) before adding the request;
 the engine thread walks the prompt's blocks (G1 hit or in a lower tier), keeps the prefix the cost
@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvrelay.kvbm.cost_model import CostModel
-from kvrelay.kvbm.tiered_kv import OnboardPlan
-from kvrelay.workers.engines.native.scheduler import Scheduler
-from kvrelay.workers.engines.native.sequence import Sequence
+from kvrelay.workers.core.scheduler import Scheduler
+from kvrelay.workers.core.sequence import Sequence
+
+if TYPE_CHECKING:  # tiered_kv imports torch: loaded only once a worker has lower tiers
+    from kvrelay.kvbm.tiered_kv import OnboardPlan
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ def plan_onboard(scheduler: Scheduler, seq: Sequence, in_lower: Seq[str | None],
 
     def cut(needs_load: list[bool]) -> int:
         return cost.best_cut([in_lower[i] if load else None for i, load in enumerate(needs_load)])
+
+    from kvrelay.kvbm.tiered_kv import OnboardPlan
 
     fresh_idx = scheduler.take_onboard(seq, [t is not None for t in in_lower], cut)
     if fresh_idx is None:

@@ -1,4 +1,4 @@
-"""A request's state inside the native engine."""
+"""A request's state inside the engine core (scheduler, KV blocks, output so far)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ import xxhash
 
 from kvrelay.kvbm.block_pool import Block
 from kvrelay.kvbm.hashing import BlockHasher
-from kvrelay.workers.protocol import EngineOutput, SamplingParams
+from kvrelay.workers.api.messages import EngineOutput, SamplingParams
 
 if TYPE_CHECKING:
-    import torch  # imported lazily below: the mocker engine reuses Sequence without torch
+    import torch  # imported lazily below: the core (and the mocker) run without torch
 
 
 def position_seed(seed: int, position: int) -> int:
     """A 64-bit generator seed for sampling position `position` of a request seeded with `seed`."""
     return xxhash.xxh3_64_intdigest(f"{seed}:{position}".encode())
+
+
+PREFILLED = "prefilled"  # engine-internal finish reason of a prefill whose blocks stay held
 
 
 class Status(enum.Enum):

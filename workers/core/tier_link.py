@@ -1,8 +1,9 @@
-"""The native engine's link to its lower tiers (kvbm/tiered_kv.py): the asyncio half of offload and
-onboarding, and the one path by which tier events and finished copies reach the engine thread.
+"""An engine core's link to its lower tiers (kvbm/tiered_kv.py): the asyncio half of offload and
+onboarding, and the one path by which tier events and finished copies reach the core's owner (its
+thread, or the event loop itself).
 
-`post(cmd, arg, extra)` puts a command in the engine thread's inbox; everything that crosses threads
-goes through it or through `call_soon_threadsafe`, nothing else.
+`post(cmd, arg, extra)` hands a command to the core's owner (runner.py); everything that crosses
+threads goes through it or through `call_soon_threadsafe`, nothing else.
 """
 
 from __future__ import annotations
@@ -12,38 +13,36 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from kvrelay.kvbm.hashing import BlockHasher, root_hash
 from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.kvbm.tiered_kv import TieredKv, TierFlow
 from kvrelay.kvbm.tiers import TierStats
-from kvrelay.runtime.messages import TierCounters
-from kvrelay.workers.engines.native.llm_engine import LLMEngine
-from kvrelay.workers.engines.onboard import OnboardTicket
-from kvrelay.workers.protocol import EngineRequest
+from kvrelay.workers.api.messages import EngineRequest, TierCounters
+from kvrelay.workers.core.commands import Command
+from kvrelay.workers.core.engine_core import EngineCore
+from kvrelay.workers.core.onboard import OnboardTicket
 
 log = logging.getLogger(__name__)
 Post = Callable[[str, Any, Any], None]
 
 
 class TierLink:
-    def __init__(self, tiers: TieredKv, core: LLMEngine, post: Post):
+    def __init__(self, tiers: TieredKv, core: EngineCore, post: Post):
         self.tiers, self.core, self.post = tiers, core, post
-        self.block_size = core.cfg.block_size
+        self.block_size = core.block_size
         self.loop = asyncio.get_running_loop()
         self._lookups: set[asyncio.Task] = set()  # parked preempted requests' lookups in flight
 
     @classmethod
-    async def open(cls, cfg: TierConfig, core: LLMEngine, post: Post) -> TierLink | None:
-        """Open the configured tiers over `core`'s G1 pool and switch its offloading on; None if no
-        tier could be opened (each one that failed said why)."""
-        rows = core.kv_cache.view(core.pool.num_blocks, -1).view(torch.uint8)
+    async def open(cls, cfg: TierConfig, core: EngineCore, rows: Any, post: Post) -> TierLink | None:
+        """Open the configured tiers over `core`'s G1 pool (`rows`: its bytes as a uint8 tensor
+        [num_blocks, block_bytes]) and switch its offloading on; None if no tier could be opened (each
+        one that failed said why)."""
 
         def sink(tier: str, kind: str, hashes: list[int]) -> None:
-            post("tier_event", (tier, kind, hashes), None)
+            post(Command.TIER_EVENT, (tier, kind, hashes), None)
 
-        tiers = await TieredKv.open(cfg, rows, core.cfg.block_size, core.fingerprint, sink=sink)
+        tiers = await TieredKv.open(cfg, rows, core.block_size, core.fingerprint, sink=sink)
         if not tiers.stores:
             return None
         core.enable_tiers(cfg.offload, tiers.cost)
@@ -72,9 +71,9 @@ class TierLink:
         try:
             got = await asyncio.shield(task)
         except BaseException:
-            self.post("onboarded", request_id, (ticket, await _settle(task, len(ticket.plan.hashes))))
+            self.post(Command.ONBOARDED, request_id, (ticket, await _settle(task, len(ticket.plan.hashes))))
             raise
-        self.post("onboarded", request_id, (ticket, got))
+        self.post(Command.ONBOARDED, request_id, (ticket, got))
 
     async def _relookup(self, request_id: str, hashes: list[int]) -> None:
         in_lower: list[str | None] = []
@@ -84,7 +83,7 @@ class TierLink:
         except Exception:  # a failed lookup costs a recompute, nothing else
             log.warning("lower-tier lookup for preempted request %s failed", request_id, exc_info=True)
         finally:  # always answered: the request is parked until then
-            self.post("replan", request_id, in_lower)
+            self.post(Command.REPLAN, request_id, in_lower)
 
     def _start_relookup(self, request_id: str, hashes: list[int]) -> None:
         task = self.loop.create_task(self._relookup(request_id, hashes))
@@ -118,10 +117,10 @@ class TierLink:
             try:
                 self.loop.call_soon_threadsafe(self._start_relookup, request_id, hashes)
             except RuntimeError:  # the loop is gone (shutdown): answer at once, nothing found
-                self.post("replan", request_id, [])
+                self.post(Command.REPLAN, request_id, [])
 
     def _offloaded(self, block_ids: list[int]) -> None:
-        self.post("offloaded", block_ids, None)
+        self.post(Command.OFFLOADED, block_ids, None)
 
 
 async def _settle(task: asyncio.Future, n: int) -> list[bool]:

@@ -1,7 +1,8 @@
-"""Engine thread -> event loops: each request's output stream, and batched deliveries.
+"""Core -> event loops: each request's output stream, and batched deliveries.
 
-The engine thread never touches an asyncio object directly: a step's items for every stream are grouped
-per loop and handed over with one `call_soon_threadsafe` each.
+An engine thread (thread_driver.py) never touches an asyncio object directly: a step's items for every
+stream are grouped per loop and handed over with one `call_soon_threadsafe` each. A core that runs on
+the loop itself (loop_driver.py) puts them on the queues directly.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from kvrelay.workers.engines.handoff import PullPlan
-from kvrelay.workers.engines.onboard import OnboardTicket
+from kvrelay.workers.core.handoff import PullPlan
+from kvrelay.workers.core.onboard import OnboardTicket
 from kvrelay.workers.protocol import EngineOutput, PrefillResult
 
 Item = EngineOutput | PrefillResult | PullPlan | OnboardTicket | Exception

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from kvrelay.runtime.messages import Empty, KvHandle, ReleaseRequest
-from kvrelay.runtime.rpc import RpcClient
+from kvrelay.workers.api.client import WorkerClient
+from kvrelay.workers.api.messages import KvHandle
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +19,8 @@ RELEASE_TIMEOUT_S = 5.0
 
 
 class HandleReleaser:
-    def __init__(self, rpc: RpcClient):
-        self.rpc = rpc
+    def __init__(self, workers: WorkerClient):
+        self.workers = workers
         self._tasks: set[asyncio.Task] = set()
 
     def release(self, handle: KvHandle) -> None:
@@ -30,8 +30,7 @@ class HandleReleaser:
 
     async def _release(self, handle: KvHandle) -> None:
         try:
-            await asyncio.wait_for(self.rpc.unary(handle.prefill_address, "release",
-                                                  ReleaseRequest(handle.request_id), Empty), RELEASE_TIMEOUT_S)
+            await asyncio.wait_for(self.workers.release(handle.prefill_address, handle.request_id), RELEASE_TIMEOUT_S)
         except Exception as e:
             log.debug("could not release KV handle %s at %s: %s", handle.request_id, handle.prefill_address, e)
 

@@ -27,8 +27,9 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from kvrelay.kvbm.block_pool import Block, BlockPool
-from kvrelay.workers.engines.native.sequence import Sequence, Status
+from kvrelay.kvbm.block_pool import Block
+from kvrelay.workers.core.kv_cache import KvCache
+from kvrelay.workers.core.sequence import Sequence, Status
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,8 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, pool: BlockPool,
-                 on_stored: Callable[[list[int], int | None], None] | None = None):
-        self.cfg, self.pool = cfg, pool
-        self._on_stored = on_stored  # told each run of newly cached hashes and the hash before it
+    def __init__(self, cfg: SchedulerConfig, kv: KvCache):
+        self.cfg, self.kv = cfg, kv  # blocks, prefix cache and their events: only through `kv`
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -95,23 +94,23 @@ class Scheduler:
         need = self._blocks_for(num_tokens) - len(seq.blocks)
         if need <= 0:
             return True
-        if need > self.pool.num_free:
+        if need > self.kv.num_free:
             return False
-        seq.blocks += self.pool.allocate(need)
+        seq.blocks += self.kv.allocate(need)
         return True
 
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Take a prefix hit and blocks for the first chunk; 0 (and no side effects) if they don't fit."""
         max_hit_blocks = (seq.num_tokens - 1) // self.cfg.block_size
-        hits = self.pool.lookup(seq.hasher.hashes[:max_hit_blocks])
+        hits = self.kv.lookup(seq.hasher.hashes[:max_hit_blocks])
         computed = len(hits) * self.cfg.block_size
         n = min(seq.num_tokens - computed, budget)
         need = self._blocks_for(computed + n) - len(hits)
         hits_free = sum(1 for b in hits if b.ref_count == 0)  # touching these removes them from free
-        if need > self.pool.num_free - hits_free:
+        if need > self.kv.num_free - hits_free:
             return 0
-        self.pool.touch(hits)
-        seq.blocks = hits + self.pool.allocate(need)
+        self.kv.touch(hits)
+        seq.blocks = hits + self.kv.allocate(need)
         seq.num_computed = computed
         seq.num_published = len(hits)
         seq.lower_hint = None  # admitted (and recomputed) before a load could be planned
@@ -128,7 +127,7 @@ class Scheduler:
         is admitted as usual) if G1 still has them all."""
         hashes = seq.hasher.hashes[:seq.lost_blocks]
         seq.lost_blocks = 0
-        if len(self.pool.lookup(hashes)) == len(hashes):
+        if len(self.kv.lookup(hashes)) == len(hashes):
             return False
         self.waiting.popleft()
         self.looking[seq.request_id] = seq
@@ -153,7 +152,7 @@ class Scheduler:
         self.preemptions += 1
 
     def _release(self, seq: Sequence) -> None:
-        self.pool.release(reversed(seq.blocks))
+        self.kv.release(reversed(seq.blocks))
         seq.blocks = []
         seq.num_published = 0
 
@@ -164,13 +163,13 @@ class Scheduler:
         leading prompt blocks were hits (the puller fills the rest), or None if blocks are short now:
         `seq` then stays waiting and is recomputed like a preempted sequence."""
         bs, n_prompt = self.cfg.block_size, len(seq.prompt)
-        hits = self.pool.lookup(seq.hasher.hashes[:n_prompt // bs])
+        hits = self.kv.lookup(seq.hasher.hashes[:n_prompt // bs])
         need = self._blocks_for(n_prompt) - len(hits)
-        if need > self.pool.num_free - sum(1 for b in hits if b.ref_count == 0):
+        if need > self.kv.num_free - sum(1 for b in hits if b.ref_count == 0):
             return None
         self.waiting.remove(seq)
-        self.pool.touch(hits)
-        seq.blocks = hits + self.pool.allocate(need)
+        self.kv.touch(hits)
+        seq.blocks = hits + self.kv.allocate(need)
         seq.num_computed = len(hits) * bs
         seq.num_published = len(hits)
         seq.admitted = True
@@ -202,18 +201,18 @@ class Scheduler:
         bs = self.cfg.block_size
         src: list[Block | None] = []  # a G1 hit, or None: to be loaded
         for i, h in enumerate(seq.hasher.hashes[:(seq.num_tokens - 1) // bs]):
-            block = self.pool.cached.get(h)
+            block = self.kv.cached.get(h)
             if block is None and not (i < len(in_lower) and in_lower[i]):
                 break
             src.append(block)
         src = src[:cut([b is None for b in src])]
         fresh_idx = [i for i, b in enumerate(src) if b is None]
         hits = [b for b in src if b is not None]
-        if not fresh_idx or len(fresh_idx) > self.pool.num_free - sum(1 for b in hits if b.ref_count == 0):
+        if not fresh_idx or len(fresh_idx) > self.kv.num_free - sum(1 for b in hits if b.ref_count == 0):
             return None
         self.waiting.remove(seq)
-        self.pool.touch(hits)
-        fresh = iter(self.pool.allocate(len(fresh_idx)))
+        self.kv.touch(hits)
+        fresh = iter(self.kv.allocate(len(fresh_idx)))
         seq.blocks = [b if b is not None else next(fresh) for b in src]
         seq.num_computed = seq.num_published = 0
         seq.status = Status.PULLING
@@ -225,7 +224,7 @@ class Scheduler:
         if seq.status is not Status.PULLING:
             return 0
         good = next((i for i, fine in zip(fresh_idx, ok, strict=True) if not fine), len(seq.blocks))
-        self.pool.release(reversed(seq.blocks[good:]))  # a failed block and all after it: recompute
+        self.kv.release(reversed(seq.blocks[good:]))  # a failed block and all after it: recompute
         seq.blocks = seq.blocks[:good]
         if not seq.admitted:  # a preempted sequence loaded back keeps its first admission's numbers
             seq.admitted = True
@@ -246,16 +245,7 @@ class Scheduler:
         """`n` more tokens of `seq` now have K/V in the cache: publish its newly full blocks."""
         seq.num_computed += n
         full = min(seq.num_computed // self.cfg.block_size, len(seq.hasher.hashes))
-        hashes = seq.hasher.hashes
-        run_start = None  # emit each contiguous run of newly cached blocks as one chain
-        for i in range(seq.num_published, full + 1):
-            cached = i < full and self.pool.cache(seq.blocks[i], hashes[i])
-            if cached and run_start is None:
-                run_start = i
-            elif not cached and run_start is not None:
-                if self._on_stored is not None:
-                    self._on_stored(hashes[run_start:i], hashes[run_start - 1] if run_start > 0 else None)
-                run_start = None
+        self.kv.publish(seq.blocks, seq.hasher.hashes, seq.num_published, full)
         seq.num_published = max(seq.num_published, full)
 
     def finish(self, seq: Sequence, reason: str) -> bool:

@@ -1,5 +1,5 @@
-"""The engine side of the prefill -> decode KV handoff, shared by the native and mocker engines (both
-schedule with `native.scheduler.Scheduler`). See DESIGN.md "Disaggregation" and workers/protocol.py.
+"""The engine side of the prefill -> decode KV handoff, owned by the engine core (every engine
+that schedules with `core.scheduler.Scheduler`). See DESIGN.md "Disaggregation" and workers/protocol.py.
 
 Invariant: a handle is used only if it describes exactly this sequence's prompt under this engine's
 model fingerprint and block size; anything else is recomputed. A wrong pull is never possible: at
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvrelay.runtime.messages import KvHandle
-from kvrelay.workers.engines.native.scheduler import Scheduler
-from kvrelay.workers.engines.native.sequence import Sequence
+from kvrelay.workers.api.messages import KvHandle
+from kvrelay.workers.core.scheduler import Scheduler
+from kvrelay.workers.core.sequence import Sequence
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The worker contract (messages, endpoint names, error kinds, a typed client)."""

@@ -1,0 +1,1 @@
+"""The engine-neutral core every engine builds on."""

@@ -1,0 +1,23 @@
+"""`ModelRunner`: the native engine's `Executor` (workers/core/executor.py): one scheduled step is one
+forward of the model over the paged KV cache, then sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from kvrelay.workers.core.executor import Scheduled, StepResult
+from kvrelay.workers.engines.native.batch import build_batch
+from kvrelay.workers.engines.native.sampler import sample
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int, device: str):
+        self.model, self.kv_cache, self.block_size, self.device = model, kv_cache, block_size, device
+
+    @torch.inference_mode()
+    def execute(self, scheduled: Scheduled) -> StepResult:
+        batch = build_batch(scheduled, self.block_size, self.device)
+        logits = self.model(batch.input_ids, batch.meta, self.kv_cache, batch.logits_index)
+        seqs = batch.sample_seqs
+        tokens, logprobs = sample(logits, [s.sampling for s in seqs], [s.next_generator() for s in seqs])
+        return StepResult(seqs, tokens, logprobs)
