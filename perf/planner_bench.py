@@ -139,13 +139,15 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=2.0, help="planner interval, s")
     ap.add_argument("--min-prefill", type=int, default=0, help="planners: fewest prefill workers (0: decode "
                     "workers prefill locally at low load)")
+    ap.add_argument("--keep", default="", help="write traces, serve logs and bench.json here (kept)")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     args = ap.parse_args()
     configs = [c for c in args.configs.split(",") if c]
     if not set(configs) <= set(CONFIGS):
         ap.error(f"--configs: choose from {','.join(CONFIGS)}")
     with tempfile.TemporaryDirectory(prefix="planner-bench-") as d:
-        tmp = Path(d)
+        tmp = Path(args.keep or d)
+        tmp.mkdir(parents=True, exist_ok=True)
         trace = tmp / "bursty.jsonl"
         write_trace(trace, args.duration)
         if args.mode == "simulate":

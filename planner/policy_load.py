@@ -9,7 +9,9 @@ decode.
 Scale-down re-prediction (Dynamo PR #9294): removing one of N workers moves its share onto the N-1
 survivors, so the load each survivor sees is `load * N / (N - 1)`; a worker is removed only if that
 re-predicted utilization stays under `high_util - hysteresis` and latency has room (p90 under
-`down_latency_fraction` of the target). Zero traffic steps down to the minimum (PR #11624).
+`down_latency_fraction` of the target), and only after it looked safe `down_stable_intervals` in a row
+(a single quiet sample of a noisy load caused remove/add flapping in simulation). Zero traffic steps
+down to the minimum (PR #11624).
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ class LoadConfig:
     queue_high: float = 1.0  # waiting sequences per worker that call for another worker
     down_latency_fraction: float = 0.6
     cooldown_intervals: int = 1  # intervals a pool holds after a change (its new worker warms up)
+    # a removal must be safe this many intervals in a row: one quiet sample of a noisy load is not a trend
+    down_stable_intervals: int = 3
 
 
 @dataclass(frozen=True)
 class LoadState:
     since_change: dict[Pool, int] = field(default_factory=dict)  # intervals since the pool last moved
+    down_ok: dict[Pool, int] = field(default_factory=dict)  # consecutive intervals a removal looked safe
 
 
 def _util(p: PoolObservation, workers: int) -> float:
@@ -76,7 +81,7 @@ def decide_load(obs: Observation | None, current: dict[Pool, int], state: LoadSt
         return Decision(dict(current), {p: "no observation this interval: no change" for p in Pool}), state
     desired: dict[Pool, float] = {}
     reasons: dict[Pool, str] = {}
-    since = dict(state.since_change)
+    since, down_ok = dict(state.since_change), dict(state.down_ok)
     prefills_pool = Pool.PREFILL if current.get(Pool.PREFILL, 0) > 0 else Pool.DECODE
     for pool in Pool:
         n = current.get(pool, 0)
@@ -84,6 +89,9 @@ def decide_load(obs: Observation | None, current: dict[Pool, int], state: LoadSt
         step, why = _pool_step(pool, obs, n, cfg, pool is prefills_pool)
         if hi == 0:
             step, why = 0, "pool disabled (max 0)"
+        down_ok[pool] = down_ok.get(pool, 0) + 1 if step < 0 else 0
+        if step < 0 and down_ok[pool] < cfg.down_stable_intervals:
+            step, why = 0, f"{why} ({down_ok[pool]}/{cfg.down_stable_intervals} intervals before removing one)"
         elif step and since.get(pool, cfg.cooldown_intervals) < cfg.cooldown_intervals:
             step, why = 0, f"cooldown ({why})"
         desired[pool] = n + step
@@ -92,4 +100,6 @@ def decide_load(obs: Observation | None, current: dict[Pool, int], state: LoadSt
     for pool in Pool:
         moved = decision.counts[pool] != current.get(pool, 0)
         since[pool] = 0 if moved else since.get(pool, cfg.cooldown_intervals) + 1
-    return decision, replace(state, since_change=since)
+        if moved:
+            down_ok[pool] = 0
+    return decision, replace(state, since_change=since, down_ok=down_ok)

@@ -10,7 +10,9 @@ estimated TTFT and ITL p90 meet their targets.
             N      = ceil((rate * OSL + backlog) / (c* / itl(c*)))  (tokens/s needed over tokens/s per worker;
              backlog = queued sequences * OSL / interval)
 
-Corrections are observed p90 / estimated p90 for the current deployment, smoothed and clamped, so a
+Removals need the load to fit with `down_margin` headroom for `down_stable_intervals` in a row (a
+predicted load hovering at a worker boundary must not add and remove one every other interval);
+additions happen at once. Corrections are observed p90 / estimated p90 for the current deployment, smoothed and clamped, so a
 profile that is optimistic or pessimistic for this traffic converges to what is seen. Without prefill
 workers (max prefill 0) decode workers prefill locally and are sized for both. With min prefill 0 the
 prefill pool is emptied while local prefill would take at most `local_prefill_share` of the decode
@@ -40,6 +42,9 @@ class SlaConfig:
     correction_alpha: float = 0.5
     # with min prefill 0: decode workers prefill locally while that takes at most this share of their time
     local_prefill_share: float = 0.15
+    down_margin: float = 0.1  # a removal must leave this much headroom on the predicted load
+    down_stable_intervals: int = 1  # ... for this many intervals in a row (simulated: the margin alone
+    # stops flapping at a boundary; each interval more costs ~3% of worker-seconds on the bursty trace)
 
 
 @dataclass
@@ -53,6 +58,7 @@ class SlaState:
     ttft_correction: float = 1.0
     itl_correction: float = 1.0
     estimates: dict[str, float] = field(default_factory=dict)
+    down_ok: dict[Pool, int] = field(default_factory=dict)  # consecutive intervals a removal was safe
 
     @classmethod
     def new(cls, kind: PredictorKind | str) -> SlaState:
@@ -133,28 +139,51 @@ def decide_sla(obs: Observation | None, current: dict[Pool, int], state: SlaStat
         state.itl_correction = _correct(state.itl_correction, obs.itl_p90,
                                         profile.itl(c_now, context) * state.itl_correction, cfg.correction_alpha)
     service = base_s * state.ttft_correction
-    lo_p, hi_p = bounds.limits(Pool.PREFILL if has_prefill else Pool.DECODE)
-    n_prefill = _smallest(lo_p, hi_p, lambda n: prefill_estimate(rate, service, n) <= cfg.ttft_target)
-    c_star = decode_concurrency(profile, context, cfg.itl_target / state.itl_correction, cap)
-    tokens_per_worker = c_star / (profile.itl(c_star, context) * state.itl_correction)
-    # the queued sequences' tokens are demand too: cleared over the next interval
-    backlog = obs.pool(Pool.DECODE).waiting * osl / max(obs.interval_s, 1e-9)
-    n_decode = math.ceil((rate * osl + backlog) / tokens_per_worker - 1e-9)
-    if has_prefill and lo_p == 0:  # can the decode workers prefill locally instead (no prefill worker)?
-        n_local = max(1, n_decode)
-        share = rate * service / n_local  # of each decode worker's time, taken from decoding
-        if share <= cfg.local_prefill_share and prefill_estimate(rate, service, n_local) <= cfg.ttft_target:
-            n_decode = math.ceil((rate * osl + backlog) / (tokens_per_worker * (1 - share)) - 1e-9)
-            return bounds.apply({Pool.PREFILL: 0, Pool.DECODE: n_decode}, {
-                Pool.PREFILL: f"decode workers prefill locally ({share:.0%} of their time)", Pool.DECODE:
-                f"{rate * osl:.0f} tok/s at {tokens_per_worker * (1 - share):.0f} tok/s/worker with local prefill"})
-    why_p = (f"rate {rate:.2f}/s, uncached ISL {isl * (1 - hit):.0f} -> TTFT est "
-             f"{prefill_estimate(rate, service, n_prefill):.3g}s (x{state.ttft_correction:.2f})")
-    why_d = f"{rate * osl:.0f} tok/s at {tokens_per_worker:.0f} tok/s/worker (c={c_star:.1f}, x{state.itl_correction:.2f})"
-    state.estimates = {"rate": rate, "isl": isl, "osl": osl, "hit": hit, "ttft_est": prefill_estimate(
-        rate, service, n_prefill)}
-    if has_prefill:
-        return bounds.apply({Pool.PREFILL: n_prefill, Pool.DECODE: n_decode},
-                            {Pool.PREFILL: why_p, Pool.DECODE: why_d})
-    return bounds.apply({Pool.PREFILL: 0, Pool.DECODE: max(n_prefill, n_decode)},
-                        {Pool.PREFILL: "pool disabled (max 0)", Pool.DECODE: f"{why_d}; local prefill: {why_p}"})
+
+    def size(rate: float) -> Decision:
+        lo_p, hi_p = bounds.limits(Pool.PREFILL if has_prefill else Pool.DECODE)
+        n_prefill = _smallest(lo_p, hi_p, lambda n: prefill_estimate(rate, service, n) <= cfg.ttft_target)
+        c_star = decode_concurrency(profile, context, cfg.itl_target / state.itl_correction, cap)
+        tokens_per_worker = c_star / (profile.itl(c_star, context) * state.itl_correction)
+        # the queued sequences' tokens are demand too: cleared over the next interval
+        backlog = obs.pool(Pool.DECODE).waiting * osl / max(obs.interval_s, 1e-9)
+        n_decode = math.ceil((rate * osl + backlog) / tokens_per_worker - 1e-9)
+        if has_prefill and lo_p == 0:  # can the decode workers prefill locally instead (no prefill worker)?
+            n_local = max(1, n_decode)
+            share = rate * service / n_local  # of each decode worker's time, taken from decoding
+            if share <= cfg.local_prefill_share and prefill_estimate(rate, service, n_local) <= cfg.ttft_target:
+                n_decode = math.ceil((rate * osl + backlog) / (tokens_per_worker * (1 - share)) - 1e-9)
+                return bounds.apply({Pool.PREFILL: 0, Pool.DECODE: n_decode}, {
+                    Pool.PREFILL: f"decode workers prefill locally ({share:.0%} of their time)", Pool.DECODE:
+                    f"{rate * osl:.0f} tok/s at {tokens_per_worker * (1 - share):.0f} tok/s/worker with local prefill"})
+        why_p = (f"rate {rate:.2f}/s, uncached ISL {isl * (1 - hit):.0f} -> TTFT est "
+                 f"{prefill_estimate(rate, service, n_prefill):.3g}s (x{state.ttft_correction:.2f})")
+        why_d = f"{rate * osl:.0f} tok/s at {tokens_per_worker:.0f} tok/s/worker (c={c_star:.1f}, x{state.itl_correction:.2f})"
+        state.estimates = {"rate": rate, "isl": isl, "osl": osl, "hit": hit, "ttft_est": prefill_estimate(
+            rate, service, n_prefill)}
+        if has_prefill:
+            return bounds.apply({Pool.PREFILL: n_prefill, Pool.DECODE: n_decode},
+                                {Pool.PREFILL: why_p, Pool.DECODE: why_d})
+        return bounds.apply({Pool.PREFILL: 0, Pool.DECODE: max(n_prefill, n_decode)},
+                            {Pool.PREFILL: "pool disabled (max 0)", Pool.DECODE: f"{why_d}; local prefill: {why_p}"})
+
+    decision = size(rate)
+    lower = [p for p in Pool if decision.counts[p] < current.get(p, 0)]
+    for p in Pool:
+        if p not in lower:
+            state.down_ok[p] = 0
+    if not lower:
+        return decision
+    # removing workers: the load must fit with a margin, and have fitted for a few intervals in a row
+    cautious = size(rate * (1 + cfg.down_margin))
+    counts, reasons = dict(decision.counts), dict(decision.reasons)
+    for p in lower:
+        target = min(current[p], max(decision.counts[p], cautious.counts[p]))
+        state.down_ok[p] = state.down_ok.get(p, 0) + 1 if target < current[p] else 0
+        if target < current[p] and state.down_ok[p] < cfg.down_stable_intervals:
+            reasons[p] = f"{reasons[p]}; {state.down_ok[p]}/{cfg.down_stable_intervals} intervals before removing"
+            target = current[p]
+        elif target == current[p]:
+            reasons[p] = f"{reasons[p]}; holds: not below {current[p]} with a {cfg.down_margin:.0%} margin"
+        counts[p] = target
+    return bounds.apply(counts, reasons)

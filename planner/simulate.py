@@ -107,6 +107,8 @@ class Simulation:
         self._window_done: list[SimRequest] = []
         self._window_arrived = 0
         self.max_workers = {p.value: n for p, n in initial.items()}
+        self.planner: Planner | None = None
+        self.counts: list[dict[Pool, int]] = []  # ready counts at every planning interval
 
     # -- event plumbing -------------------------------------------------------------------------------
     def _at(self, t: float, kind: str, obj: object = None) -> None:
@@ -253,9 +255,9 @@ class Simulation:
                 async def close(self) -> None:
                     pass
 
-            planner = Planner(_Observer(), _Connector(), policy, PlannerMetrics(CollectorRegistry()),
-                              interval=self.cfg.interval_s, scale_timeout=self.cfg.scale_timeout_s,
-                              clock=lambda: self.now)
+            planner = self.planner = Planner(_Observer(), _Connector(), policy, PlannerMetrics(CollectorRegistry()),
+                                             interval=self.cfg.interval_s, scale_timeout=self.cfg.scale_timeout_s,
+                                             clock=lambda: self.now)
             self._at(self.cfg.interval_s, "plan")
         while self._events:
             t, _, kind, obj = heapq.heappop(self._events)
@@ -263,6 +265,7 @@ class Simulation:
             if kind == "plan":
                 if any(r.finish != r.finish for r in self.requests) or t <= end_of_trace:
                     await planner.step()
+                    self.counts.append(self.ready())
                     self._at(t + self.cfg.interval_s, "plan")
                 continue
             self._handle(kind, obj)
