@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 
 from kvrelay.cli.supervisor import Child, _die_with_parent
@@ -45,8 +46,9 @@ async def start_planned_workers(roles: list[str], children: list[Child], planner
     async def run() -> None:
         while not server.port:  # noqa: ASYNC110 - the frontend starts concurrently; port is its only signal
             await asyncio.sleep(0.05)
+        planner_cfg = cfg if cfg.frontend_api_key else dataclasses.replace(cfg, frontend_api_key=fe.api_key)
         try:
-            await serve_planner(cfg, policy, discovery, fe.namespace, connector, stop,
+            await serve_planner(planner_cfg, policy, discovery, fe.namespace, connector, stop,
                                 frontend_urls=[f"http://{fe.http_host}:{server.port}"])
         finally:
             await connector.close()

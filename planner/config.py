@@ -33,6 +33,8 @@ class PlannerConfig:
     dry_run: bool = setting(False, "log decisions, never act on them")
     frontend_url: str = setting("http://127.0.0.1:8000", "frontend(s) whose /metrics to scrape (comma-separated)")
     prometheus_url: str = setting("", "read the same series from this Prometheus server instead of /metrics")
+    frontend_api_key: str = setting("", "bearer key for the frontends' /metrics when they run with --api-key "
+                                    "(prefer env KVRELAY_FRONTEND_API_KEY: argv is visible to other users)")
     planner_host: str = setting("127.0.0.1", "status/set/metrics HTTP listen address")
     planner_port: int = setting(0, "status/set/metrics HTTP port (0 = any free port, -1 = off)", _port)
     k8s_namespace: str = setting("default", "kubernetes: namespace of the Deployments")

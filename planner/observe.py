@@ -111,8 +111,9 @@ class Observer:
     or when the frontend could not be read: the planner then holds)."""
 
     def __init__(self, discovery: Discovery, namespace: str, frontend_urls: list[str],
-                 prometheus_url: str = "", timeout: float = 5.0):
+                 prometheus_url: str = "", timeout: float = 5.0, frontend_api_key: str = ""):
         self.discovery, self.namespace = discovery, namespace
+        self.frontend_api_key = frontend_api_key  # frontends started with --api-key guard /metrics with it
         self.frontend_urls, self.prometheus_url = frontend_urls, prometheus_url
         self.client = httpx.AsyncClient(timeout=timeout)
         self._prev: Scrape | None = None
@@ -136,7 +137,8 @@ class Observer:
                 log.warning("planner: prometheus query failed: %s", e)
                 return None
         scrape = Scrape()
-        frontends_ok = [await scrape_url(self.client, f"{u.rstrip('/')}/metrics", scrape) for u in self.frontend_urls]
+        frontends_ok = [await scrape_url(self.client, f"{u.rstrip('/')}/metrics", scrape, self.frontend_api_key)
+                        for u in self.frontend_urls]
         if self.frontend_urls and not any(frontends_ok):
             log.warning("planner: no frontend /metrics answered (%s)", ", ".join(self.frontend_urls))
             return None

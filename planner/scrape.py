@@ -62,10 +62,10 @@ def parse_exposition(text: str, into: Scrape | None = None) -> Scrape:
     return scrape
 
 
-async def scrape_url(client: httpx.AsyncClient, url: str, into: Scrape) -> bool:
+async def scrape_url(client: httpx.AsyncClient, url: str, into: Scrape, api_key: str = "") -> bool:
     """Adds one /metrics endpoint's series; False (and nothing added) when it cannot be read."""
     try:
-        r = await client.get(url)
+        r = await client.get(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
         r.raise_for_status()
     except httpx.HTTPError:
         return False

@@ -56,7 +56,7 @@ async def serve_planner(cfg: PlannerConfig, policy: Policy, discovery: Discovery
 
     registry = CollectorRegistry()
     urls = frontend_urls if frontend_urls is not None else [u for u in cfg.frontend_url.split(",") if u]
-    observer = Observer(discovery, namespace, urls, cfg.prometheus_url)
+    observer = Observer(discovery, namespace, urls, cfg.prometheus_url, frontend_api_key=cfg.frontend_api_key)
     planner = Planner(observer, connector, policy, PlannerMetrics(registry), interval=cfg.planner_interval,
                       scale_timeout=cfg.scale_timeout, dry_run=cfg.dry_run)
     control = None

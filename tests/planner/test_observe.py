@@ -73,6 +73,25 @@ async def test_observer_scrapes_frontend_and_workers(serve):
         await disc.close()
 
 
+async def test_observer_sends_the_api_key_of_a_guarded_frontend(tmp_path):
+    """A frontend started with --api-key guards /metrics: without the key the planner sees nothing (and
+    holds); with it the planner observes as usual."""
+    srv = Serve(tmp_path, "--engine", "mocker", "--api-key", "s3cret", workers=1).start()
+    disc = FileDiscovery(srv.discovery_dir, ttl=10)
+    await disc.start()
+    blind = Observer(disc, "default", [srv.base_url])
+    keyed = Observer(disc, "default", [srv.base_url], frontend_api_key="s3cret")
+    try:
+        assert await blind.scrape(await blind.workers()) is None
+        assert await keyed.next() is None  # baseline
+        assert (await keyed.next()) is not None
+    finally:
+        await blind.close()
+        await keyed.close()
+        await disc.close()
+        srv.stop()
+
+
 async def test_observer_reads_the_same_series_from_prometheus(serve, tmp_path):
     disc = FileDiscovery(serve.discovery_dir, ttl=10)
     await disc.start()
