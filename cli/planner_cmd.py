@@ -171,12 +171,18 @@ def _run(args: argparse.Namespace) -> int:
     if cfg.connector == "local":
         raise ConfigError("--connector local: runs inside `kvrelay serve --planner`; use kubernetes or virtual")
     if cfg.connector == "kubernetes":
+        from kubernetes.config import ConfigException
+
         from kvrelay.planner.connectors.kubernetes import KubernetesConnector
         from kvrelay.planner.observation import Pool
 
-        connector = KubernetesConnector(cfg.k8s_namespace, {Pool.PREFILL: cfg.k8s_prefill_deployment,
-                                                            Pool.DECODE: cfg.k8s_decode_deployment},
-                                        api_url=cfg.k8s_api_url)
+        try:
+            connector = KubernetesConnector(cfg.k8s_namespace, {Pool.PREFILL: cfg.k8s_prefill_deployment,
+                                                                Pool.DECODE: cfg.k8s_decode_deployment},
+                                            api_url=cfg.k8s_api_url)
+        except ConfigException as e:  # neither in a pod (service account) nor a kubeconfig
+            raise ConfigError(f"--connector kubernetes: no cluster to talk to ({e}); run it in a pod with "
+                              f"a service account, set KUBECONFIG, or give --k8s-api-url") from None
     else:
         from kvrelay.planner.connectors.virtual import VirtualConnector
 

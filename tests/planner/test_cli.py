@@ -4,6 +4,7 @@ running planner, bad flags one line and exit 2."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 
@@ -50,10 +51,13 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path):
     for argv in (["planner", "simulate"], ["planner", "simulate", "--trace", str(tmp_path / "missing")],
                  ["planner", "run", "--planner-policy", "sla"], ["planner", "run", "--min-decode", "5",
                                                                  "--max-decode", "2", "--connector", "virtual"],
-                 ["planner", "simulate", "--trace", str(tmp_path / "x"), "--static", "three"]):
+                 ["planner", "simulate", "--trace", str(tmp_path / "x"), "--static", "three"],
+                 # no cluster: not in a pod, no kubeconfig
+                 ["planner", "run", "--connector", "kubernetes", "--discovery-dir", str(tmp_path / "d")]):
         (tmp_path / "x").write_text('{"timestamp": 0, "input_length": 10, "output_length": 5}\n')
         r = subprocess.run([sys.executable, "-m", "kvrelay.cli.main", *argv], capture_output=True, text=True,
-                           timeout=60)
+                           timeout=60, env={**os.environ, "KUBECONFIG": str(tmp_path / "no-kubeconfig"),
+                                            "HOME": str(tmp_path)})
         assert r.returncode == 2, (argv, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
 
