@@ -7,7 +7,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Steps of at most ~1.33x from 0.1 s up: a p99 read from the buckets is then within ~15% of the true one.
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10,
             15, 20, 30, 45, 60, 90, 120)
-_ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+# Steps of at most ~1.25x from 10 ms to 100 ms, where ITL targets sit (a planner's 40 ms target could not
+# be told from 26 or 49 ms with 25/50 ms buckets, so the load policy kept adding workers).
+_ITL = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.035, 0.04, 0.045,
+        0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.125, 0.15, 0.2, 0.25, 0.35, 0.5, 0.75, 1, 2)
 
 
 class FrontendMetrics:
