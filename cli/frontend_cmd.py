@@ -33,10 +33,10 @@ def _run(args: argparse.Namespace) -> int:
     token = build(InternalAuthConfig, args).token()
     if disc.discovery == "mem":
         raise ConfigError("--discovery mem: a frontend process alone never sees a worker; use file or etcd")
-    if ev.events == "inproc":
-        raise ConfigError("--events inproc: a frontend process alone never hears a worker's KV events; "
-                          "use zmq or nats")
     setup_logging(args.log_level)
+    if ev.events == "inproc":  # it still routes (round-robin, least-loaded, kv by in-flight load only)
+        log.warning("--events inproc: this frontend hears no worker's KV events; the kv router runs "
+                    "without its index (use zmq or nats for KV-aware routing)")
     from kvrelay.runtime.events.zmq_plane import ZmqBrokerUnreachable
 
     try:

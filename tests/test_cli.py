@@ -66,7 +66,6 @@ def test_discovery_list_shows_registered_instances(tmp_path):
 
 @pytest.mark.parametrize(("args", "code", "needle"), [
     (["--discovery", "mem"], 2, "--discovery mem: a frontend process alone never sees a worker"),
-    (["--events", "inproc"], 2, "--events inproc: a frontend process alone never hears"),
     (["--events", "zmq", "--zmq-pub-endpoint", "ipc:///tmp/kvrelay-no-broker-pub.sock",
       "--zmq-sub-endpoint", "ipc:///tmp/kvrelay-no-broker-sub.sock", "--http-port", "0"], 1, "is not reachable"),
 ])
