@@ -155,3 +155,37 @@ def test_mocker_pull_takes_the_simulated_transfer_time():
     modeled, took = asyncio.run(run())
     assert modeled > 0.05
     assert took >= modeled
+
+
+def test_decode_worker_fed_by_handoffs_keeps_max_num_seqs():
+    """Handed-off sequences whose KV arrives while `max_num_seqs` run wait READY instead of joining the
+    batch: the decode worker never runs more than the limit, and every request still gets the tokens of
+    aggregated serving (the limit used to be ignored for pulled sequences)."""
+    cfg = WorkerConfig(model="tiny", engine="mocker", mocker_speedup=50.0, mocker_num_blocks=4096,
+                       max_num_seqs=2)
+    prompts = _prompts(4)[5:13]  # 8 prompts of 31..1,333 tokens
+
+    async def run(roles):
+        async with Cluster(roles, cfg) as c:
+            peak = 0
+            done = asyncio.Event()
+
+            async def watch():
+                nonlocal peak
+                while not done.is_set():
+                    peak = max(peak, max(w.engine.stats().running for w in c.workers))
+                    await asyncio.sleep(0.002)
+
+            watcher = asyncio.create_task(watch())
+            out = await asyncio.gather(*(c.generate(p, max_tokens=40) for p in prompts))
+            done.set()
+            await watcher
+            await c.settle()
+            return out, peak, [w.engine.stats() for w in c.workers]
+
+    want, _, _ = asyncio.run(run(["agg"]))
+    got, peak, stats = asyncio.run(run(["prefill", "decode"]))
+    assert got == want
+    assert peak <= 2, f"a decode worker ran {peak} sequences with --max-num-seqs 2"
+    assert stats[1].remote_prefills == len(prompts)
+    assert all(s.free_blocks == s.total_blocks and s.held_requests == 0 for s in stats)

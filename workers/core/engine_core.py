@@ -189,7 +189,7 @@ class EngineCore:
         self.kv.offloaded(block_ids)
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting)
+        return bool(self.scheduler.running or self.scheduler.waiting or self.scheduler.ready)
 
     # -- one step ---------------------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
@@ -251,7 +251,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         s, offload = self.scheduler, self.kv.offload
         return EngineStats(
-            running=len(s.running), waiting=len(s.waiting) + len(s.looking),
+            running=len(s.running), waiting=len(s.waiting) + len(s.looking) + len(s.ready),
             used_blocks=self.pool.num_blocks - self.pool.num_free, free_blocks=self.pool.num_free,
             total_blocks=self.pool.num_blocks, prefix_hit_tokens=s.prefix_hit_tokens,
             prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,

@@ -10,6 +10,11 @@ calls `commit()`. Invariants:
   sequence that lacks blocks for its scheduled tokens.
 - A prefix-cache hit never covers the last token: at least one token is computed, to get logits.
 
+A sequence whose KV arrived (pulled from a prefill worker, or loaded from a lower tier) while
+`max_num_seqs` sequences run waits READY, blocks held, in `ready`; each step first fills free running
+slots from `ready`, then from `waiting`. So `len(running) <= max_num_seqs` always (a decode worker fed
+by handoffs used to run unbounded batches), and a ready sequence is the first one preempted.
+
 Disaggregation adds two states outside `running`/`waiting`, each holding blocks: HELD (prefill role:
 `park` after the first token, until the engine aborts it once pulled or expired) and PULLING (decode
 role: `take_remote` allocated the prompt's blocks; `pulled` then runs it, or sends it back to waiting
@@ -46,6 +51,7 @@ class Scheduler:
         self.cfg, self.kv = cfg, kv  # blocks, prefix cache and their events: only through `kv`
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.ready: deque[Sequence] = deque()  # READY: KV in place, no running slot yet (FIFO)
         self.preemptions = 0
         self.prefix_hit_tokens = 0
         # With lower tiers (set by the engine): a preempted sequence whose blocks left G1 while it waited
@@ -61,12 +67,16 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
         preempted = False
+        while self.ready and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.ready.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget == 0:
                 continue  # preempted earlier in this loop
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self._reserve(seq, seq.num_computed + n):
-                victim = self.running[-1]
+                victim = self.ready[-1] if self.ready else self.running[-1]
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -74,7 +84,8 @@ class Scheduler:
             if seq.status is Status.RUNNING:
                 batch.append((seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.cfg.max_num_seqs:
+        while (self.waiting and budget > 0 and not preempted and not self.ready
+               and len(self.running) < self.cfg.max_num_seqs):
             seq = self.waiting[0]
             if seq.lost_blocks and self._park_for_lookup(seq):
                 continue
@@ -144,7 +155,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         if self.track_preempted and not seq.hold_kv:  # a prefill-role caller takes one ticket, first
             seq.lost_blocks = seq.num_computed // self.cfg.block_size
-        self.running.remove(seq)
+        (self.ready if seq.status is Status.READY else self.running).remove(seq)
         self._release(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING
@@ -183,9 +194,8 @@ class Scheduler:
         if seq.status is not Status.PULLING:
             return  # aborted meanwhile, or never pulled (take_remote found no blocks)
         if ok:
-            seq.status = Status.RUNNING
-            self.running.append(seq)
             self.commit(seq, len(seq.prompt) - seq.num_computed)  # publish the pulled full blocks
+            self._run_or_ready(seq)
         else:
             self._release(seq)
             seq.num_computed = 0
@@ -230,10 +240,18 @@ class Scheduler:
             seq.admitted = True
             seq.num_cached_prompt = min(good * self.cfg.block_size, len(seq.prompt))
             self.prefix_hit_tokens += seq.num_cached_prompt
-        seq.status = Status.RUNNING
-        self.running.append(seq)
         self.commit(seq, good * self.cfg.block_size)  # publish the loaded blocks
+        self._run_or_ready(seq)
         return sum(1 for i in fresh_idx if i < good)
+
+    def _run_or_ready(self, seq: Sequence) -> None:
+        """`seq`'s KV is in place: run it if a slot is free, else it waits READY (blocks held)."""
+        if len(self.running) < self.cfg.max_num_seqs and not self.ready:
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+        else:
+            seq.status = Status.READY
+            self.ready.append(seq)
 
     def park(self, seq: Sequence) -> None:
         """Prefill role: `seq` has its first token; keep its blocks, stop scheduling it."""
@@ -256,6 +274,8 @@ class Scheduler:
         loading = seq.status is Status.PULLING
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
+        elif seq.status is Status.READY:
+            self.ready.remove(seq)
         elif seq.status is Status.WAITING and self.looking.pop(seq.request_id, None) is None:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED

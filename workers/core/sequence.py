@@ -28,6 +28,7 @@ class Status(enum.Enum):
     RUNNING = "running"
     PULLING = "pulling"  # decode role: blocks allocated, KV being pulled from a prefill worker
     HELD = "held"  # prefill role: prompt computed, blocks pinned until the decode side pulled them
+    READY = "ready"  # KV in place (pulled or loaded from a tier), waiting for a running slot (max_num_seqs)
     FINISHED = "finished"
 
 
