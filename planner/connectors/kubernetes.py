@@ -33,9 +33,8 @@ class KubernetesConnector:
             conf = client.Configuration()
             conf.host = api_url
             conf.verify_ssl = verify_ssl
-            if token:
-                conf.api_key = {"authorization": token}
-                conf.api_key_prefix = {"authorization": "Bearer"}
+            if token:  # the whole header value: client versions differ in where they look up a prefix
+                conf.api_key = {"authorization": f"Bearer {token}"}
             api_client = client.ApiClient(conf)
         else:
             try:
