@@ -6,7 +6,8 @@ request counts against its worker from the moment it is routed. Its blocks are t
 shared by several in-flight prompts (a system prompt) counted once, as the worker's paged prefix
 cache holds it once. A worker's load is the larger of what it reports (`WorkerState`, from fresh
 `LoadMetrics`, which include this router's requests once the worker has them) and this router's own
-in-flight count, so nothing is counted twice.
+in-flight count, so nothing is counted twice. With several frontends (`peers`, a `PeerLoad`), the
+own count includes what the other frontends have in flight there (peer_load.py).
 
 The kv router's cost of a worker (lower is better):
     cost = overlap_weight * uncached_prefill_blocks + active_decode_blocks
@@ -129,6 +130,10 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def per_worker(self) -> dict[str, tuple[int, int]]:
+        """(requests, blocks) for every worker with something in flight."""
+        return {w: (n, self.blocks(w)) for w, n in self._reqs.items()}
+
 
 def decision_histogram(registry: CollectorRegistry | None) -> Histogram:
     return Histogram("kvrelay_router_decision_seconds", "Time to pick a worker for a request", ["router"],
@@ -146,6 +151,8 @@ class BaseRouter:
         self.inflight = InFlight()
         hist = histogram if histogram is not None else decision_histogram(registry)
         self.decision_seconds = hist.labels(router=label or self.name)
+        self.peers: Any = None  # a PeerLoad: other frontends' in-flight per worker (get(worker) -> (reqs, blocks))
+        self.on_change: Any = None  # called when this router's in-flight counts change
 
     def select(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
         if not workers:
@@ -156,16 +163,23 @@ class BaseRouter:
         decision = self._choose(request, workers)
         self.inflight.add(request.request_id, decision.worker_id, request)
         self.decision_seconds.observe(time.perf_counter() - start)
+        if self.on_change is not None:
+            self.on_change()
         return decision
 
     def on_finish(self, request_id: str) -> None:
         """The request ended (any way). Idempotent."""
-        self.inflight.finish(request_id)
+        if self.inflight.finish(request_id) and self.on_change is not None:
+            self.on_change()
 
     def load(self, w: WorkerState) -> tuple[int, int]:
-        """(active requests, active decode blocks): reported or own in-flight, whichever is larger."""
-        return (max(w.active_requests, self.inflight.requests(w.worker_id)),
-                max(w.active_decode_blocks, self.inflight.blocks(w.worker_id)))
+        """(active requests, active decode blocks): reported or in flight from the frontends (this one
+        and its peers), whichever is larger."""
+        reqs, blocks = self.inflight.requests(w.worker_id), self.inflight.blocks(w.worker_id)
+        if self.peers is not None:
+            peer_reqs, peer_blocks = self.peers.get(w.worker_id)
+            reqs, blocks = reqs + peer_reqs, blocks + peer_blocks
+        return max(w.active_requests, reqs), max(w.active_decode_blocks, blocks)
 
     def _choose(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
         raise NotImplementedError

@@ -18,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from kvrelay.frontend.config import FrontendConfig
 from kvrelay.frontend.errors import NoWorker, WorkerRejected
 from kvrelay.frontend.kv_events_consumer import KvEventsConsumer
 from kvrelay.frontend.kv_index import KvIndex
+from kvrelay.frontend.peer_load import PeerLoad
 from kvrelay.frontend.remote_prefill import PREFILL_ROLES, RemotePrefill
 from kvrelay.frontend.router import RouteRequest, WorkerState, decision_histogram, make_router
 from kvrelay.frontend.worker_pool import WorkerPool
@@ -84,6 +88,11 @@ class FrontendService:
         self.remote = RemotePrefill(self.pool, self.workers, make_router("kv", index=self.index, histogram=hist,
                                                                      label="prefill", **kv_opts),
                                     cfg.disagg_min_tokens, self._state, self.registry, SUSPEND_S)
+        # Other frontends of the deployment (more HTTP processes, replicas): their in-flight load counts too.
+        self.frontend_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.peer_load = PeerLoad(events, cfg.namespace, self.frontend_id, self._inflight_counts)
+        for r in self._routers():
+            r.peers, r.on_change = self.peer_load, self.peer_load.changed
         self.kv_events = KvEventsConsumer(events, cfg.namespace, self.index, self._resync)
         self.pool.on_removed.append(self.kv_events.remove_worker)
         self.pool.on_added.append(lambda inst: self.kv_events.add_worker(inst.instance_id))
@@ -105,17 +114,30 @@ class FrontendService:
         await self.kv_events.start()
         load_sub = await self.events.subscribe(load_subject(self.cfg.namespace))
         self._tasks.append(asyncio.create_task(self._consume_load(load_sub)))
+        await self.peer_load.start()
         await self.pool.start()
 
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.peer_load.close()
         await self.remote.close()
         await self.kv_events.close()
         await self.pool.close()
         await self.rpc.close()
         await self.events.close()
+
+    def _routers(self):
+        return (self.router, self.decode_router, self.remote.router)
+
+    def _inflight_counts(self) -> dict[str, tuple[int, int]]:
+        counts: dict[str, tuple[int, int]] = {}
+        for r in self._routers():
+            for w, (n, b) in r.inflight.per_worker().items():
+                n0, b0 = counts.get(w, (0, 0))
+                counts[w] = (n0 + n, b0 + b)
+        return counts
 
     async def _consume_load(self, sub) -> None:
         async for msg in sub:

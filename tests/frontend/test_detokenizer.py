@@ -225,7 +225,9 @@ def test_bytewise_fast_path_emits_what_the_window_path_emits(tok, data, ids, ski
                                                     stop=stops), steps)
     slow, slow_stop = stream(IncrementalDetokenizer(_WindowOnly(tok), tok.encode(PROMPT),
                                                     skip_special_tokens=skip, stop=stops), steps)
-    assert fast == slow and fast_stop == slow_stop
+    # The same text and stop; how it is split into steps may differ around invalid UTF-8 (the bytewise
+    # path emits a U+FFFD as soon as the bytes cannot complete a character).
+    assert fast == slow and getattr(fast_stop, "stop_str", None) == getattr(slow_stop, "stop_str", None)
 
 
 def test_output_bytes_match_decode_for_every_id(tok):
