@@ -1,19 +1,20 @@
-"""What the other frontends sharing this deployment have in flight on each worker (issue 19).
+"""The other frontends' in-flight requests, in this frontend's routers (issue 19).
 
 Several frontend processes (`--http-workers N` behind one port, or frontend replicas behind a load
-balancer) route to the same workers. Each router counts its own in-flight requests at decision time
-(router.py); to spread a burst across processes it must also count the others'. Each frontend
-publishes its per-worker in-flight counts on `kvrelay.<namespace>.router_load` and keeps the latest
-from every peer; the router adds the peers' sum to its own counts. The KV index needs no such
-exchange: every frontend subscribes to the workers' KV events itself and builds the same index.
+balancer) route to the same workers. A router counts the requests in flight at decision time
+(router.py `InFlight`); to spread a burst across processes, and to count a prompt block shared by
+requests of two frontends once, it must hold the others' requests too. So every frontend publishes
+what its routers do on `kvrelay.<namespace>.router_sync`: each routed request (router, worker, prompt
+block hashes) and each finished one; peers apply them to the same router's `InFlight`, under ids
+that cannot collide with their own. The KV index needs no such exchange: every frontend subscribes to
+the workers' KV events itself and builds the same index.
 
-- Publishing is coalesced: a change wakes the publisher, which sends at most one message per
-  `interval` (default 5 ms), so a burst costs a few messages, not one per request. A heartbeat every
-  `heartbeat` seconds re-sends the state (a new peer learns it; delivery is at-most-once).
-- A peer silent for `stale` seconds is forgotten (it died); one that closes publishes an empty state
-  first, so its load disappears at once.
-- Blocks are summed across frontends: a prompt block shared by requests of two frontends on one
-  worker counts twice (each frontend dedupes only its own), an overestimate of at most the shared part.
+- Coalesced: a change wakes the publisher, which sends the operations since the last message at most
+  once per `interval` (default 2 ms), so a burst costs a few messages, not one per request.
+- Delivery is at-most-once, so every `heartbeat` seconds the full state is sent instead; a peer
+  replaces everything it holds from that frontend with it (a lost message heals within a heartbeat).
+- A peer silent for `stale` seconds is forgotten (it died) and its requests are released; one that
+  closes says so first.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 
 import msgspec
 
@@ -30,41 +31,50 @@ from kvrelay.runtime.events import EventPlane, Subscription
 
 log = logging.getLogger(__name__)
 
-Counts = dict[str, tuple[int, int]]  # worker id -> (requests, distinct prompt blocks)
+ADD, FINISH = 0, 1
 
 
-class RouterLoad(msgspec.Struct, frozen=True):
+class Op(msgspec.Struct, array_like=True):
+    kind: int  # ADD | FINISH
+    router: str  # the router's label (its own name unless given one: kv, decode, prefill, ...)
+    request_id: str
+    worker_id: str = ""
+    hashes: list[int] = []
+    partial: int = 0  # the prompt's partial last block (0 or 1)
+
+
+class RouterSync(msgspec.Struct):
     frontend_id: str
-    workers: Counts
+    ops: list[Op]
+    full: bool = False  # ops are every request in flight (ADDs only): replace what this frontend held
+    leaving: bool = False
 
 
-def router_load_subject(namespace: str) -> str:
-    return f"kvrelay.{namespace}.router_load"
+def router_sync_subject(namespace: str) -> str:
+    return f"kvrelay.{namespace}.router_sync"
 
 
 class PeerLoad:
-    def __init__(self, events: EventPlane, namespace: str, frontend_id: str, snapshot: Callable[[], Counts], *,
-                 interval: float = 0.005, heartbeat: float = 1.0, stale: float = 3.0):
-        """`snapshot()`: this frontend's own in-flight counts per worker (what gets published)."""
-        self.events, self.subject, self.frontend_id = events, router_load_subject(namespace), frontend_id
-        self.snapshot, self.interval, self.heartbeat, self.stale = snapshot, interval, heartbeat, stale
-        self._peers: dict[str, tuple[float, Counts]] = {}  # frontend id -> (monotonic receive time, counts)
-        self._sum: Counts = {}
+    def __init__(self, events: EventPlane, namespace: str, frontend_id: str, routers: Mapping[str, object], *,
+                 interval: float = 0.002, heartbeat: float = 1.0, stale: float = 3.0):
+        """`routers`: label -> router (`BaseRouter`); each router's `sync` is pointed at this object."""
+        self.events, self.subject, self.frontend_id = events, router_sync_subject(namespace), frontend_id
+        self.routers, self.interval, self.heartbeat, self.stale = dict(routers), interval, heartbeat, stale
+        self._pending: list[Op] = []
         self._dirty = asyncio.Event()
+        self._held: dict[str, tuple[float, set[tuple[str, str]]]] = {}  # peer -> (last heard, {(router, id)})
         self._sub: Subscription | None = None
         self._tasks: list[asyncio.Task] = []
         self.published = 0
-
-    def get(self, worker_id: str) -> tuple[int, int]:
-        """The other frontends' (requests, blocks) in flight on this worker."""
-        return self._sum.get(worker_id, (0, 0))
+        for label, router in self.routers.items():
+            router.sync = self._recorder(label)
 
     def peers(self) -> list[str]:
-        return sorted(self._peers)
+        return sorted(self._held)
 
-    def changed(self) -> None:
-        """This frontend's counts changed (a request routed or finished): publish soon."""
-        self._dirty.set()
+    def peer_requests(self, label: str) -> int:
+        """Peers' requests held in router `label`'s in-flight accounting."""
+        return sum(1 for _, held in self._held.values() for r, _ in held if r == label)
 
     async def start(self) -> None:
         self._sub = await self.events.subscribe(self.subject)
@@ -74,52 +84,91 @@ class PeerLoad:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):  # leaving: our load goes with us
-            await self.events.publish(self.subject, RouterLoad(self.frontend_id, {}))
+        with contextlib.suppress(Exception):  # leaving: our requests go with us
+            await self.events.publish(self.subject, RouterSync(self.frontend_id, [], leaving=True))
         if self._sub is not None:
             await self._sub.close()
 
-    # -- internals --------------------------------------------------------------------------------------
+    # -- publishing -------------------------------------------------------------------------------------
+    def _recorder(self, label: str):
+        def record(request_id: str, worker_id: str | None, hashes: list[int] = (), partial: int = 0) -> None:
+            if worker_id is None:
+                self._pending.append(Op(FINISH, label, request_id))
+            else:
+                self._pending.append(Op(ADD, label, request_id, worker_id, list(hashes), partial))
+            self._dirty.set()
+        return record
+
+    def _full_state(self) -> list[Op]:
+        return [Op(ADD, label, rid, w, hashes, partial) for label, router in self.routers.items()
+                for rid, (w, hashes, partial) in router.inflight.entries() if not rid.startswith(_PEER)]
+
     async def _publish_loop(self) -> None:
+        last_full = 0.0
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), self.heartbeat)
             self._dirty.clear()
+            now = time.monotonic()
+            full = now - last_full >= self.heartbeat
+            ops, self._pending = (self._full_state() if full else self._pending), []
             try:
-                await self.events.publish(self.subject, RouterLoad(self.frontend_id, self.snapshot()))
+                await self.events.publish(self.subject, RouterSync(self.frontend_id, ops, full=full))
                 self.published += 1
-            except Exception:  # the event plane is down: routing goes on with own counts only
-                log.warning("could not publish router load", exc_info=True)
+                last_full = now if full else last_full
+            except Exception:  # the event plane is down: routing goes on with this frontend's own counts
+                log.warning("could not publish router sync", exc_info=True)
             self._expire()
             await asyncio.sleep(self.interval)
 
+    # -- receiving --------------------------------------------------------------------------------------
     async def _consume(self, sub: Subscription) -> None:
         async for msg in sub:
             try:
-                load = msg.decode(RouterLoad)
+                sync = msg.decode(RouterSync)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
-            if load.frontend_id == self.frontend_id:
+            if sync.frontend_id != self.frontend_id:
+                self._apply(sync)
+
+    def _apply(self, sync: RouterSync) -> None:
+        peer = sync.frontend_id
+        if sync.leaving:
+            self._drop(peer)
+            return
+        held = self._held.setdefault(peer, (0.0, set()))[1]
+        self._held[peer] = (time.monotonic(), held)
+        if sync.full:
+            keep = {(op.router, op.request_id) for op in sync.ops}
+            for label, rid in held - keep:
+                self._finish(held, label, rid, peer)
+        for op in sync.ops:
+            router = self.routers.get(op.router)
+            if router is None:
                 continue
-            if load.workers:
-                self._peers[load.frontend_id] = (time.monotonic(), load.workers)
+            pid = f"{_PEER}{peer}/{op.request_id}"
+            if op.kind == ADD:
+                router.inflight.add_entry(pid, op.worker_id, op.hashes, op.partial)
+                held.add((op.router, op.request_id))
             else:
-                self._peers.pop(load.frontend_id, None)
-            self._resum()
+                self._finish(held, op.router, op.request_id, peer)
+
+    def _finish(self, held: set, label: str, rid: str, peer: str) -> None:
+        held.discard((label, rid))
+        router = self.routers.get(label)
+        if router is not None:
+            router.inflight.finish(f"{_PEER}{peer}/{rid}")
+
+    def _drop(self, peer: str) -> None:
+        _, held = self._held.pop(peer, (0.0, set()))
+        for label, rid in list(held):
+            self._finish(held, label, rid, peer)
 
     def _expire(self) -> None:
         now = time.monotonic()
-        gone = [f for f, (t, _) in self._peers.items() if now - t > self.stale]
-        for f in gone:
-            del self._peers[f]
-        if gone:
-            self._resum()
+        for peer in [p for p, (t, _) in self._held.items() if now - t > self.stale]:
+            log.info("frontend %s went silent; releasing its %d requests", peer, len(self._held[peer][1]))
+            self._drop(peer)
 
-    def _resum(self) -> None:
-        total: dict[str, list[int]] = {}
-        for _, counts in self._peers.values():
-            for w, (reqs, blocks) in counts.items():
-                acc = total.setdefault(w, [0, 0])
-                acc[0] += reqs
-                acc[1] += blocks
-        self._sum = {w: (r, b) for w, (r, b) in total.items()}
+
+_PEER = "\x00peer:"  # prefix of peer requests' ids in a router's InFlight (never a request id of ours)

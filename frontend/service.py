@@ -90,9 +90,8 @@ class FrontendService:
                                     cfg.disagg_min_tokens, self._state, self.registry, SUSPEND_S)
         # Other frontends of the deployment (more HTTP processes, replicas): their in-flight load counts too.
         self.frontend_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.peer_load = PeerLoad(events, cfg.namespace, self.frontend_id, self._inflight_counts)
-        for r in self._routers():
-            r.peers, r.on_change = self.peer_load, self.peer_load.changed
+        self.peer_load = PeerLoad(events, cfg.namespace, self.frontend_id,
+                                  {r.label: r for r in (self.router, self.decode_router, self.remote.router)})
         self.kv_events = KvEventsConsumer(events, cfg.namespace, self.index, self._resync)
         self.pool.on_removed.append(self.kv_events.remove_worker)
         self.pool.on_added.append(lambda inst: self.kv_events.add_worker(inst.instance_id))
@@ -106,8 +105,8 @@ class FrontendService:
                              ["tier"], registry=self.registry)
         for tier in ("G1", *lower):
             index_blocks.labels(tier=tier).set_function(lambda tier=tier: self.index.num_hashes(tier))
-        Gauge("kvrelay_router_inflight_requests", "requests the routers count against workers",
-              registry=self.registry).set_function(lambda: len(self.router.inflight) + len(self.decode_router.inflight))
+        Gauge("kvrelay_router_inflight_requests", "requests this frontend's routers count against workers",
+              registry=self.registry).set_function(self._own_inflight)
 
     async def start(self) -> None:
         await self.events.start()
@@ -128,16 +127,9 @@ class FrontendService:
         await self.rpc.close()
         await self.events.close()
 
-    def _routers(self):
-        return (self.router, self.decode_router, self.remote.router)
-
-    def _inflight_counts(self) -> dict[str, tuple[int, int]]:
-        counts: dict[str, tuple[int, int]] = {}
-        for r in self._routers():
-            for w, (n, b) in r.inflight.per_worker().items():
-                n0, b0 = counts.get(w, (0, 0))
-                counts[w] = (n0 + n, b0 + b)
-        return counts
+    def _own_inflight(self) -> int:
+        """In flight from this frontend (the routers also hold the other frontends' requests)."""
+        return sum(len(r.inflight) - self.peer_load.peer_requests(r.label) for r in (self.router, self.decode_router))
 
     async def _consume_load(self, sub) -> None:
         async for msg in sub:

@@ -63,7 +63,7 @@ def hit_rate(workers: int, mode: str, args: argparse.Namespace, http_workers: in
             srv.stop()
     s = result.summary
     return {"workers": workers, "mode": mode, "http_workers": http_workers, "hit_rate": s.prefix_hit_rate,
-            "requests": s.succeeded, "failed": s.failed}
+            "requests": s.succeeded, "failed": s.failed, "errors": s.errors}
 
 
 def parser() -> argparse.ArgumentParser:

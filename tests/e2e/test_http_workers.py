@@ -30,15 +30,17 @@ LONG = {**CHAT, "max_tokens": 800}  # ~4 s at the mocker's 5 ms per step: in fli
 
 
 def test_two_http_processes_keep_the_multi_turn_prefix_hit_rate():
-    args = parser().parse_args([])  # 32 users x 6 turns, 200-token shared system prompt, 4 mocker workers
+    # 48 users x 8 turns (384 requests: a run's hit rate varies ~2% instead of ~4% at 32 x 6), a
+    # 200-token shared system prompt, 4 mocker workers
+    args = parser().parse_args(["--users", "48", "--turns", "8"])
     one, two = [], []
-    for _ in range(3):  # interleaved: the machine's noise falls on both alike
+    for _ in range(2):  # interleaved: the machine's noise falls on both alike
         one.append(hit_rate(4, "kv", args, http_workers=1))
         two.append(hit_rate(4, "kv", args, http_workers=2))
     rate1 = statistics.mean(r["hit_rate"] for r in one)
     rate2 = statistics.mean(r["hit_rate"] for r in two)
     print(f"\nprefix hit rate: 1 HTTP process {rate1:.3f}, 2 HTTP processes {rate2:.3f} ({rate2 / rate1:.3f}x)")
-    assert all(r["failed"] == 0 for r in one + two)
+    assert all(r["failed"] == 0 for r in one + two), [r["errors"] for r in one + two]
     assert rate2 >= 0.95 * rate1
 
 

@@ -1,4 +1,4 @@
-"""PeerLoad: frontends sharing workers see each other's in-flight load (issue 19), over a real ZMQ broker."""
+"""PeerLoad: frontends sharing workers hold each other's in-flight requests (issue 19), over a real ZMQ broker."""
 
 from __future__ import annotations
 
@@ -47,10 +47,13 @@ async def _frontend(broker: ZmqBroker, name: str, **kw):
     plane = _plane(broker)
     await plane.start()
     router = make_router("kv", index=KvIndex(), rng=random.Random(0), overlap_weight=2.0)
-    peers = PeerLoad(plane, "ns", name, router.inflight.per_worker, **kw)
-    router.peers, router.on_change = peers, peers.changed
+    peers = PeerLoad(plane, "ns", name, {router.label: router}, **kw)
     await peers.start()
     return plane, router, peers
+
+
+def _load(router, w: str) -> tuple[int, int]:
+    return router.inflight.requests(w), router.inflight.blocks(w)
 
 
 async def test_a_frontend_avoids_the_worker_another_frontend_just_loaded(broker):
@@ -60,13 +63,29 @@ async def test_a_frontend_avoids_the_worker_another_frontend_just_loaded(broker)
         await asyncio.sleep(0.2)  # both subscriptions live
         for i in range(10):  # alone, b would pick a's worker half the time: 2^-10 to pass by luck
             wa = a.select(_req(2 * i), workers).worker_id
-            await _until(lambda wa=wa: b_peers.get(wa) == (1, 4))
+            await _until(lambda wa=wa: _load(b, wa) == (1, 4))
             wb = b.select(_req(2 * i + 1), workers).worker_id
             assert wb != wa
-            await _until(lambda wb=wb: a_peers.get(wb) == (1, 4))
+            await _until(lambda wb=wb: _load(a, wb) == (1, 4))
             a.on_finish(f"r{2 * i}")
             b.on_finish(f"r{2 * i + 1}")
-            await _until(lambda wa=wa, wb=wb: a_peers.get(wb) == b_peers.get(wa) == (0, 0))
+            await _until(lambda: len(a.inflight) == len(b.inflight) == 0)
+    finally:
+        for plane, peers in ((pa, a_peers), (pb, b_peers)):
+            await peers.close()
+            await plane.close()
+
+
+async def test_a_block_shared_by_two_frontends_counts_once(broker):
+    (pa, a, a_peers), (pb, b, b_peers) = [await _frontend(broker, n) for n in ("a", "b")]
+    try:
+        await asyncio.sleep(0.2)
+        system = [7, 8, 9]  # a system prompt both frontends' requests start with
+        for router, rid in ((a, "x"), (b, "y")):
+            req = RouteRequest(request_id=rid, block_hashes=[*system, hash(rid)], num_prompt_tokens=4 * 16 + 3)
+            router.select(req, [WorkerState(worker_id="w0")])
+        # 3 shared + 2 own + 2 partial last blocks, as one frontend with both requests would count them
+        await _until(lambda: _load(a, "w0") == _load(b, "w0") == (2, 7))
     finally:
         for plane, peers in ((pa, a_peers), (pb, b_peers)):
             await peers.close()
@@ -81,17 +100,32 @@ async def test_a_peer_that_closes_or_goes_silent_is_forgotten(broker):
         await asyncio.sleep(0.2)
         a.select(_req(1), [WorkerState(worker_id="w0")])
         c.select(_req(2), [WorkerState(worker_id="w0")])
-        await _until(lambda: b_peers.get("w0")[0] == 2 and b_peers.peers() == ["a", "c"])
+        await _until(lambda: _load(b, "w0")[0] == 2 and b_peers.peers() == ["a", "c"])
         await a_peers.close()  # a leaves: it says so
-        await _until(lambda: b_peers.get("w0")[0] == 1)
+        await _until(lambda: _load(b, "w0")[0] == 1)
         for t in c_peers._tasks:  # c dies without a word: its heartbeats stop
             t.cancel()
-        await _until(lambda: b_peers.get("w0") == (0, 0) and b_peers.peers() == [], timeout=3)
+        await _until(lambda: _load(b, "w0") == (0, 0) and b_peers.peers() == [], timeout=3)
     finally:
         await c_peers.close()
         await b_peers.close()
         for p in (a_plane, b_plane, c_plane):
             await p.close()
+
+
+async def test_a_lost_message_heals_with_the_next_full_state(broker):
+    a_plane, a, a_peers = await _frontend(broker, "a", heartbeat=0.2)
+    b_plane, b, b_peers = await _frontend(broker, "b")
+    try:
+        await asyncio.sleep(0.3)
+        b.inflight.add_entry("\x00peer:a/ghost", "w0", [1, 2], 0)  # as if a's FINISH of it had been lost
+        b_peers._held.setdefault("a", (0.0, set()))[1].add(("kv", "ghost"))
+        a.select(_req(3), [WorkerState(worker_id="w1")])
+        await _until(lambda: _load(b, "w1") == (1, 4) and _load(b, "w0") == (0, 0))
+    finally:
+        for plane, peers in ((a_plane, a_peers), (b_plane, b_peers)):
+            await peers.close()
+            await plane.close()
 
 
 async def test_publishing_is_coalesced(broker):
