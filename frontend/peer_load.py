@@ -9,6 +9,7 @@ block hashes) and each finished one; peers apply them to the same router's `InFl
 that cannot collide with their own. The KV index needs no such exchange: every frontend subscribes to
 the workers' KV events itself and builds the same index.
 
+- A frontend with no peer (none heard within `stale`) sends only the heartbeats.
 - Coalesced: a change wakes the publisher, which sends the operations since the last message at most
   once per `interval` (default 2 ms), so a burst costs a few messages, not one per request.
 - Delivery is at-most-once, so every `heartbeat` seconds the full state is sent instead; a peer
@@ -92,6 +93,8 @@ class PeerLoad:
     # -- publishing -------------------------------------------------------------------------------------
     def _recorder(self, label: str):
         def record(request_id: str, worker_id: str | None, hashes: list[int] = (), partial: int = 0) -> None:
+            if not self._held:  # no peer heard of: the next full state (each heartbeat) is enough
+                return
             if worker_id is None:
                 self._pending.append(Op(FINISH, label, request_id))
             else:
@@ -104,10 +107,8 @@ class PeerLoad:
                 for rid, (w, hashes, partial) in router.inflight.entries() if not rid.startswith(_PEER)]
 
     async def _publish_loop(self) -> None:
-        last_full = 0.0
+        last_full = -self.heartbeat  # the first message is a full state: peers learn of us at once
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), self.heartbeat)
             self._dirty.clear()
             now = time.monotonic()
             full = now - last_full >= self.heartbeat
@@ -116,10 +117,13 @@ class PeerLoad:
                 await self.events.publish(self.subject, RouterSync(self.frontend_id, ops, full=full))
                 self.published += 1
                 last_full = now if full else last_full
-            except Exception:  # the event plane is down: routing goes on with this frontend's own counts
+            except Exception:  # the event plane is down: routing goes on; the next heartbeat retries in full
                 log.warning("could not publish router sync", exc_info=True)
+                last_full = now
             self._expire()
             await asyncio.sleep(self.interval)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), max(0.0, last_full + self.heartbeat - time.monotonic()))
 
     # -- receiving --------------------------------------------------------------------------------------
     async def _consume(self, sub: Subscription) -> None:

@@ -130,13 +130,31 @@ async def test_a_lost_message_heals_with_the_next_full_state(broker):
 
 async def test_publishing_is_coalesced(broker):
     plane, router, peers = await _frontend(broker, "a", interval=0.05)
+    b_plane, b, b_peers = await _frontend(broker, "b")
     try:
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.2)
+        assert peers.peers() == ["b"]
         before = peers.published
         for i in range(200):
             router.select(_req(i), [WorkerState(worker_id="w0")])
         await asyncio.sleep(0.12)
         assert peers.published - before <= 4  # 200 changes in one burst: a message or two, not 200
+        await _until(lambda: _load(b, "w0")[0] == 200)
+    finally:
+        for p, pl in ((peers, plane), (b_peers, b_plane)):
+            await p.close()
+            await pl.close()
+
+
+async def test_a_lone_frontend_sends_only_heartbeats(broker):
+    plane, router, peers = await _frontend(broker, "a", heartbeat=0.5)
+    try:
+        await asyncio.sleep(0.1)
+        before = peers.published
+        for i in range(50):
+            router.select(_req(i), [WorkerState(worker_id="w0")])
+            await asyncio.sleep(0.005)
+        assert peers.published - before <= 1  # nobody listens: no per-change messages
     finally:
         await peers.close()
         await plane.close()
