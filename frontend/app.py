@@ -179,7 +179,7 @@ class FrontendServer:
     async def prometheus(self, request: Request) -> Response:
         if not self._authorized(request):  # per-worker and per-model detail is not for anyone
             return _error(ApiError.invalid_api_key())
-        body = self.peer_metrics.render() if self.peer_metrics is not None else render(self.service.registry)
+        body = await self.peer_metrics.render() if self.peer_metrics is not None else render(self.service.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 

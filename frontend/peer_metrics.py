@@ -9,7 +9,11 @@ latest of each peer; /metrics renders its own samples merged with the peers' fre
   gauges that count things in flight), except `*_created` (the earliest) and the gauges in
   `MAX_GAUGES`, which describe state every process holds a copy of (the KV index): their maximum.
 - A peer silent for `stale` seconds is left out (it died; its counts go with it, as they would for a
-  restarted single process). Peer counts are up to `interval` old.
+  restarted single process).
+- Fresh at scrape time: the answering process asks its peers for a snapshot now (`...frontend_metrics_pull.
+  <group>`) and waits up to `pull_timeout` for every one of them, so a request that completed before the
+  scrape is counted whichever process served it; a peer that does not answer in time contributes its
+  last periodic snapshot.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 
 import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
@@ -48,10 +53,20 @@ class Family(msgspec.Struct, array_like=True):
 class MetricsSnapshot(msgspec.Struct):
     frontend_id: str
     families: list[Family]
+    answers: str = ""  # the pull (nonce) this snapshot answers, if any
+
+
+class MetricsPull(msgspec.Struct):
+    frontend_id: str
+    nonce: str
 
 
 def metrics_subject(namespace: str, group: str) -> str:
     return f"kvrelay.{namespace}.frontend_metrics.{group}"
+
+
+def pull_subject(namespace: str, group: str) -> str:
+    return f"kvrelay.{namespace}.frontend_metrics_pull.{group}"
 
 
 def snapshot(registry: CollectorRegistry) -> list[Family]:
@@ -98,8 +113,12 @@ def merge(snapshots: list[list[Family]]) -> bytes:
 
 class PeerMetrics:
     def __init__(self, events: EventPlane, namespace: str, group: str, frontend_id: str,
-                 registry: CollectorRegistry, *, interval: float = 1.0, stale: float = 5.0):
+                 registry: CollectorRegistry, *, interval: float = 1.0, stale: float = 5.0,
+                 pull_timeout: float = 0.5):
         self.events, self.subject = events, metrics_subject(namespace, group)
+        self.pull, self.pull_timeout = pull_subject(namespace, group), pull_timeout
+        self._waiting: dict[str, tuple[set[str], asyncio.Event]] = {}  # nonce -> (peers yet to answer, done)
+        self._pull_sub: Subscription | None = None
         self.frontend_id, self.registry, self.interval, self.stale = frontend_id, registry, interval, stale
         self._peers: dict[str, tuple[float, list[Family]]] = {}
         self._sub: Subscription | None = None
@@ -107,24 +126,39 @@ class PeerMetrics:
 
     async def start(self) -> None:
         self._sub = await self.events.subscribe(self.subject)
-        self._tasks = [asyncio.create_task(self._consume(self._sub)), asyncio.create_task(self._publish_loop())]
+        self._pull_sub = await self.events.subscribe(self.pull)
+        self._tasks = [asyncio.create_task(self._consume(self._sub)), asyncio.create_task(self._publish_loop()),
+                       asyncio.create_task(self._answer(self._pull_sub))]
 
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._sub is not None:
-            await self._sub.close()
+        for sub in (self._sub, self._pull_sub):
+            if sub is not None:
+                await sub.close()
 
     def peers(self) -> list[str]:
         now = time.monotonic()
         return sorted(f for f, (t, _) in self._peers.items() if now - t <= self.stale)
 
-    def render(self) -> bytes:
+    async def render(self) -> bytes:
+        peers = self.peers()
+        if not peers:
+            return render(self.registry)
+        nonce = uuid.uuid4().hex
+        done = asyncio.Event()
+        self._waiting[nonce] = (set(peers), done)
+        try:
+            await self.events.publish(self.pull, MetricsPull(self.frontend_id, nonce))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), self.pull_timeout)
+        except Exception:  # the event plane is down: the last snapshots will do
+            log.warning("could not pull peer metrics", exc_info=True)
+        finally:
+            del self._waiting[nonce]
         now = time.monotonic()
         fresh = [fams for t, fams in self._peers.values() if now - t <= self.stale]
-        if not fresh:
-            return render(self.registry)
         return merge([snapshot(self.registry), *fresh])
 
     async def _publish_loop(self) -> None:
@@ -141,3 +175,19 @@ class PeerMetrics:
                 snap = msg.decode(MetricsSnapshot)
                 if snap.frontend_id != self.frontend_id:
                     self._peers[snap.frontend_id] = (time.monotonic(), snap.families)
+                    waiting = self._waiting.get(snap.answers)
+                    if waiting is not None:
+                        waiting[0].discard(snap.frontend_id)
+                        if not waiting[0]:
+                            waiting[1].set()
+
+    async def _answer(self, sub: Subscription) -> None:
+        async for msg in sub:
+            try:
+                pull = msg.decode(MetricsPull)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            if pull.frontend_id != self.frontend_id:
+                with contextlib.suppress(Exception):
+                    await self.events.publish(self.subject, MetricsSnapshot(
+                        self.frontend_id, snapshot(self.registry), answers=pull.nonce))
