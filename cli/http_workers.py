@@ -26,7 +26,7 @@ from pathlib import Path
 
 from kvrelay.cli.supervisor import Child, Supervisor, child_env
 from kvrelay.runtime.auth import TOKEN_ENV
-from kvrelay.runtime.config import ConfigError, flag_name
+from kvrelay.runtime.config import ConfigError, env_name, flag_name
 
 MAX_AUTO = 8  # past this, one machine's frontend is better split into replicas (and workers need the cores)
 ENV = "KVRELAY_HTTP_WORKERS"
@@ -103,12 +103,22 @@ def group_id(args: argparse.Namespace, n: int) -> str:
     return uuid.uuid4().hex[:12] if n > 1 else ""
 
 
+SECRETS = ("api_key",)  # passed in the environment: a command line is visible to every local user
+
+
+def secret_env(*configs) -> dict[str, str]:
+    return {env_name(f.name): getattr(cfg, f.name) for cfg in configs for f in dataclasses.fields(cfg)
+            if f.name in SECRETS and getattr(cfg, f.name)}
+
+
 def config_flags(*configs) -> list[str]:
-    """Flags that rebuild these config dataclasses in a child."""
+    """Flags that rebuild these config dataclasses in a child (secrets excepted: `secret_env`)."""
     argv: list[str] = []
     for cfg in configs:
         for f in dataclasses.fields(cfg):
             value = getattr(cfg, f.name)
+            if f.name in SECRETS:
+                continue
             if isinstance(value, bool):
                 argv.append(flag_name(f.name) if value else "--no-" + flag_name(f.name)[2:])
             elif value not in ("", None):
@@ -122,7 +132,7 @@ class HttpWorkers:
     def __init__(self, n: int, sock: socket.socket, group: str, token: str, configs: tuple, log_level: str | None):
         argv = [sys.executable, "-m", "kvrelay.cli.main", "frontend", "--http-fd", str(sock.fileno()),
                 *config_flags(*configs), *(["--log-level", log_level] if log_level else [])]
-        env = {**child_env(1), GROUP_ENV: group, TOKEN_ENV: token}
+        env = {**child_env(1), **secret_env(*configs), GROUP_ENV: group, TOKEN_ENV: token}
         self.children = [Child(f"http-{i}", argv, env, pass_fds=(sock.fileno(),), new_session=True)
                           for i in range(1, n)]
         self.supervisor = Supervisor()

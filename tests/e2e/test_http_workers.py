@@ -155,6 +155,22 @@ def test_metrics_answer_for_every_http_process(tmp_path):
         srv.stop()
 
 
+def test_every_http_process_requires_the_api_key_and_none_shows_it(tmp_path):
+    srv = Serve(tmp_path, "--engine", "mocker", "--mocker-speedup", "1e9", "--api-key", "s3cret", workers=1,
+                http_workers=2).start()
+    try:
+        (child,) = srv.http_children()
+        assert b"s3cret" not in Path(f"/proc/{child}/cmdline").read_bytes()
+        body = {k: v for k, v in CHAT.items() if k != "stream_options"} | {"stream": False}
+        with httpx.Client(base_url=srv.base_url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as c:
+            assert {c.post("/v1/chat/completions", json=body).status_code for _ in range(12)} == {401}
+            ok = {c.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer s3cret"}).status_code
+                  for _ in range(12)}
+            assert ok == {200}
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("cmd", ["serve", "frontend"])
 @pytest.mark.parametrize("value", ["0", "-1", "two"])
 def test_bad_http_workers_is_a_one_line_error(cmd, value):
