@@ -122,7 +122,7 @@ def config_flags(*configs) -> list[str]:
             if isinstance(value, bool):
                 argv.append(flag_name(f.name) if value else "--no-" + flag_name(f.name)[2:])
             elif value not in ("", None):
-                argv += [flag_name(f.name), str(value)]
+                argv.append(f"{flag_name(f.name)}={value}")  # one token: a value may start with '-'
     return argv
 
 

@@ -114,7 +114,7 @@ def merge(snapshots: list[list[Family]]) -> bytes:
 class PeerMetrics:
     def __init__(self, events: EventPlane, namespace: str, group: str, frontend_id: str,
                  registry: CollectorRegistry, *, interval: float = 1.0, stale: float = 5.0,
-                 pull_timeout: float = 0.5):
+                 pull_timeout: float = 2.0):
         self.events, self.subject = events, metrics_subject(namespace, group)
         self.pull, self.pull_timeout = pull_subject(namespace, group), pull_timeout
         self._waiting: dict[str, tuple[set[str], asyncio.Event]] = {}  # nonce -> (peers yet to answer, done)
