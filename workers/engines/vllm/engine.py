@@ -83,6 +83,8 @@ class VllmEngine:
             args = engine_args(cfg, layers * 2 * kv_heads * head_dim * itemsize)
             self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self.stats_sink)])
         except Exception as e:
+            disarm(self._watchdog)  # vLLM's half-started processes go with it
+            self._watchdog = None
             raise EngineStartError(errors.reason(e)) from None
         vc = self.llm.vllm_config
         self.block_size = vc.cache_config.block_size
@@ -105,11 +107,11 @@ class VllmEngine:
         if self.subscriber is not None:
             await self.subscriber.close()
             self.subscriber = None
-        disarm(self._watchdog)
-        self._watchdog = None
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
+        disarm(self._watchdog)  # after vLLM's own shutdown: only stragglers are left to kill
+        self._watchdog = None
         shutil.rmtree(self.cfg.socket_dir, ignore_errors=True)
 
     # -- requests ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ then SIGKILLs the whole group, itself included.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -42,12 +43,39 @@ def guard_process_group() -> subprocess.Popen | None:
     if os.getpgrp() != os.getpid():  # never arm it over a group that holds other processes
         log.warning("could not lead a process group: vLLM's processes may outlive a killed worker")
         return None
-    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpgrp()), str(os.getpid())],
-                            stdin=subprocess.PIPE, close_fds=True)
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpgrp()), str(os.getpid())],
+                                stdin=subprocess.PIPE, close_fds=True)
+    atexit.register(disarm, watchdog)  # any exit that skipped the engine's close()
+    return watchdog
 
 
 def disarm(watchdog: subprocess.Popen | None) -> None:
-    """A clean shutdown: stop the watchdog without letting it reap (SIGKILL skips its handler)."""
-    if watchdog is not None and watchdog.poll() is None:
-        watchdog.kill()
-        watchdog.wait()
+    """This process is exiting on its own: SIGKILL what is left of vLLM below it, then stop the watchdog
+    without letting it reap (SIGKILL skips its handler; an EOF on its pipe at exit would reap us)."""
+    if watchdog is None or watchdog.poll() is not None:
+        return
+    for pid in descendants(os.getpid()):
+        if pid != watchdog.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+    watchdog.kill()
+    watchdog.wait()
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below `root` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out

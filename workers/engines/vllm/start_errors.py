@@ -50,10 +50,23 @@ class StartErrorLog:
                 m = _EXC_LINE.match(line.strip())
                 if m:
                     found = f"{m.group(1)}: {m.group(2)}"
-        own = str(e).splitlines()[0] if str(e) else type(e).__name__
+        own = one_line(str(e)) or type(e).__name__
         if found and "initialization failed" in own.lower():
             return f"vLLM failed to start: {found}"
         return f"vLLM failed to start: {type(e).__name__}: {own}"
+
+
+_MAX_CHARS = 400
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (pydantic's "1 validation error for ModelConfig / Value error, ...") as one
+    line: its informative lines joined, bounded."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if len(lines) > 1 and re.match(r"\d+ validation errors? for ", lines[0]):
+        lines = lines[1:]
+    text = "; ".join(lines)
+    return text if len(text) <= _MAX_CHARS else text[:_MAX_CHARS - 3] + "..."
 
 
 def model_shape(model_dir: str, dtype: str) -> tuple[int, int, int, int]:
