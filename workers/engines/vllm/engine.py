@@ -23,6 +23,7 @@ import asyncio
 import logging
 import os
 import shutil
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,9 @@ class VllmEngine:
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.cfg
-        if cfg.role != "agg":  # the NIXL side channel listens where kvrelay's worker does
+        if cfg.role != "agg":  # vLLM's NIXL side channel: where kvrelay's worker listens, on a free port
             os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", cfg.host)
+            os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_PORT", str(_free_port(cfg.host)))
         layers, kv_heads, head_dim, itemsize = model_shape(cfg.model, cfg.dtype)
         if cfg.guard_orphans:
             self._watchdog = guard_process_group()
@@ -136,6 +138,8 @@ class VllmEngine:
         params = None
         if handle is not None:
             params = self._usable_handle(request)
+            self.stats_sink.remote_prefills += 1
+            self.stats_sink.pull_failures += params is None
         n = len(request.prompt_token_ids)
         if params is None and handle is not None:  # recompute locally from the handle's first token
             async for out in self._stream(request, self._prompt(request, [handle.first_token]),
@@ -150,6 +154,7 @@ class VllmEngine:
                 first = False
                 assert handle is not None
                 if out.token_ids[0] != handle.first_token:  # sampled differently: continue from ours
+                    self.stats_sink.pull_failures += 1
                     log.info("request %s: decode sampled %d, prefill %d; recomputing from the prefill's token",
                              request.request_id, out.token_ids[0], handle.first_token)
                     await self.llm.abort(request.request_id)
@@ -297,14 +302,20 @@ class VllmEngine:
                         num_kv_heads=kv_heads, head_dim=head_dim, dtype=self.dtype, device=self.cfg.device)
 
     def stats(self) -> EngineStats:
-        s = self.stats_sink.engine_stats(self.num_blocks, self._in_flight)
-        return s
+        return self.stats_sink.engine_stats(self.num_blocks, self._in_flight, self.block_size)
 
     def set_kv_puller(self, puller: KvPuller) -> None:
         raise EngineError("the vLLM engine moves KV through vLLM's NixlConnector, not a kvrelay puller")
 
     def kv_pool(self) -> None:
         return None
+
+
+def _free_port(host: str) -> int:
+    """A port free now (vLLM binds it a moment later; its fixed default 5600 collides between workers)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def _engine_error(e: Exception) -> Exception:

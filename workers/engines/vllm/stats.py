@@ -17,6 +17,7 @@ class VllmStats:
         self.kv_usage = 0.0
         self.prompt_tokens = self.prefix_hit_tokens = self.generated_tokens = self.preemptions = 0
         self.external_hit_tokens = 0  # prompt tokens loaded by a KV connector (remote prefill)
+        self.remote_prefills = self.pull_failures = 0  # decode role: handles used / recomputed instead
 
     def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
         if scheduler_stats is not None:
@@ -31,14 +32,15 @@ class VllmStats:
             self.generated_tokens += iteration_stats.num_generation_tokens
             self.preemptions += iteration_stats.num_preempted_reqs
 
-    def engine_stats(self, total_blocks: int, in_flight: int) -> EngineStats:
+    def engine_stats(self, total_blocks: int, in_flight: int, block_size: int) -> EngineStats:
         # vLLM's gauges describe its last step; with nothing in flight it is idle whatever they said.
         running, waiting = (self.running, self.waiting) if in_flight else (0, 0)
         used = min(total_blocks, round(self.kv_usage * total_blocks))
         return EngineStats(running=running, waiting=waiting, used_blocks=used, free_blocks=total_blocks - used,
                            total_blocks=total_blocks, prefix_hit_tokens=self.prefix_hit_tokens,
                            prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
-                           preemptions=self.preemptions)
+                           preemptions=self.preemptions, remote_prefills=self.remote_prefills,
+                           pulled_blocks=self.external_hit_tokens // block_size, pull_failures=self.pull_failures)
 
 
 def stat_logger_factory(sink: VllmStats) -> Any:
