@@ -16,6 +16,7 @@ import pytest
 from kvrelay.perf.serve_process import Serve
 from kvrelay.runtime.discovery import DiscoveryConfig
 from tests.e2e.serve import alive, wait_idle, worker_stats
+from tests.e2e.test_serve_disagg import _metric
 from tests.models.smollm2 import model_dir
 from tests.vllm.conftest import MODEL, VllmServer, vllm_serve
 
@@ -163,3 +164,23 @@ def test_sigkill_of_a_worker_mid_stream_completes_on_the_other(served):
             pass
         assert time.monotonic() < deadline, served.read_log()
         time.sleep(1)
+
+
+def test_on_etcd_and_nats_events_reach_the_router(tmp_path, etcd, nats):
+    srv = vllm_serve(tmp_path, "--discovery", "etcd", "--etcd-endpoints", f"127.0.0.1:{etcd.port}",
+                     "--events", "nats", "--nats-url", f"nats://127.0.0.1:{nats.port}", workers=1)
+    try:
+        c = client(srv.base_url)
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                      temperature=0, max_tokens=24)
+        assert "Paris" in r.choices[0].message.content
+        long_prompt = " ".join(f"line {i} of the log." for i in range(150))
+        c.completions.create(model=MODEL, prompt=long_prompt, max_tokens=2, temperature=0)
+        deadline = time.monotonic() + 30  # the router's index learns the blocks from vLLM's events via NATS
+        while _metric(srv.base_url, "kvrelay_router_index_blocks{tier=\"G1\"}") < 4:
+            assert time.monotonic() < deadline, srv.read_log()
+            time.sleep(0.2)
+        again = c.completions.create(model=MODEL, prompt=long_prompt, max_tokens=2, temperature=0)
+        assert again.usage.prompt_tokens_details.cached_tokens >= again.usage.prompt_tokens - 64
+    finally:
+        srv.stop()
