@@ -123,6 +123,15 @@ def _resolve_model(wk: WorkerConfig) -> WorkerConfig:
     return replace(wk, model=str(model.path), served_model_name=wk.served_model_name or model.served_name)
 
 
+def _engine_env(wk: WorkerConfig, index: int, count: int) -> dict[str, str]:
+    """Per-worker environment an engine needs on a shared machine: vLLM on CPU gets its own cores."""
+    if wk.engine != "vllm" or wk.device != "cpu" or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return {}
+    from kvrelay.workers.engines.vllm.build import cpu_binding
+
+    return {"VLLM_CPU_OMP_THREADS_BIND": cpu_binding(index, count)}
+
+
 def _worker_argv(wk: WorkerConfig, disc: DiscoveryConfig, ev: EventsConfig, fe: FrontendConfig) -> list[str]:
     argv = [sys.executable, "-m", "kvrelay.cli.main", "worker", "--namespace", fe.namespace]
     for name in _WORKER_PASSTHROUGH:
@@ -130,7 +139,7 @@ def _worker_argv(wk: WorkerConfig, disc: DiscoveryConfig, ev: EventsConfig, fe: 
         if isinstance(value, bool):  # a switch takes no value: --x / --no-x
             argv.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
         elif value not in ("", None):
-            argv += [flag_name(name), str(value)]
+            argv.append(f"{flag_name(name)}={value}")  # one token: a value may start with '-' (--vllm-args)
     for cfg in (disc, ev):
         for name, value in vars(cfg).items():
             argv += [flag_name(name), str(value)]
@@ -161,7 +170,7 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
         raise ConfigError("--discovery mem cannot reach worker processes; use file or etcd")
     n = len(roles)
     threads = max(1, (os.cpu_count() or 1) // n)
-    supervisor = Supervisor()
+    supervisor = Supervisor(ready_timeout=600.0 if wk.engine == "vllm" else 120.0)  # vLLM loads and profiles first
     if not token:  # embedded shape: a fresh secret per run; workers get it in their environment, not argv
         token = new_token()
         log.info("internal token: generated for this run (worker RPC and KV transfer ports require it)")
@@ -176,7 +185,7 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
         loop.add_signal_handler(sig, http_workers.on_signal, server, extra, stop)
     try:
         children = [Child(f"{role}-{i}", [*_worker_argv(wk, disc, ev, fe), "--role", role],
-                          {**child_env(threads), TOKEN_ENV: token})
+                          {**child_env(threads), TOKEN_ENV: token, **_engine_env(wk, i, n)})
                     for i, role in enumerate(roles)]
         if planner is not None:  # the planner's local connector owns the workers instead of the supervisor
             from kvrelay.cli.serve_planner import start_planned_workers

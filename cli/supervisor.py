@@ -49,6 +49,9 @@ class Child:
         except (asyncio.TimeoutError, EOFError):
             await self.stop()
             raise RuntimeError(f"{self.name} did not become ready within {ready_timeout:.0f} s") from None
+        if line.startswith("FAILED "):  # the child's own reason it could not start
+            await self.stop()
+            raise RuntimeError(f"{self.name} failed to start: {line.split(' ', 1)[1]}")
         self.address = line.split(" ", 1)[1]
         asyncio.get_running_loop().create_task(self._drain_stdout())
         return self.address
@@ -60,7 +63,7 @@ class Child:
             if not raw:
                 raise EOFError
             line = raw.decode().strip()
-            if line.startswith("READY "):
+            if line.startswith(("READY ", "FAILED ")):
                 return line
 
     async def _drain_stdout(self) -> None:

@@ -39,9 +39,18 @@ def _run(args: argparse.Namespace) -> int:
         worker = Worker(cfg, make_discovery(disc_cfg), make_event_plane(ev_cfg), internal_token=token)
     except model_errors as e:
         raise ConfigError(f"--model: {e}") from None
+    start_errors: tuple[type[Exception], ...] = ()
+    if cfg.engine == "vllm":
+        from kvrelay.workers.engines.vllm.start_errors import EngineStartError
+
+        start_errors = (EngineStartError,)
     try:
         aio.run(run_worker(worker))
     except model_errors as e:
         sys.stderr.write(f"kvrelay worker: error: --model: {e}\n")
         return 2
+    except start_errors as e:  # the engine's own reason, one line; `kvrelay serve` reads FAILED
+        print(f"FAILED {e}", flush=True)  # noqa: T201 - the supervisor reads this line
+        sys.stderr.write(f"kvrelay worker: error: {e}\n")
+        return 1
     return 0

@@ -46,7 +46,8 @@ class ProcessSettings:
 @dataclass(frozen=True)
 class EngineSettings:
     group_title = "engine"
-    engine: Literal["native", "mocker"] = setting("native", "engine adapter (mocker: simulated, no compute)")
+    engine: Literal["native", "vllm", "mocker"] = setting(
+        "native", "engine adapter (vllm: vLLM's AsyncLLM, needs the vllm extra; mocker: simulated, no compute)")
     model: str = setting(DEFAULT_MODEL, "smollm2-135m-instruct (packaged GGUF), tiny (built-in random "
                          "Llama), a .gguf file, or a Hugging Face model directory")
     served_model_name: str = setting("", "name clients use in requests (default: the model's directory name)")
@@ -90,6 +91,13 @@ class KvTierSettings:
         "cost", "load a lower-tier hit only when the measured cost model says it beats recompute, or always")
 
 
+@dataclass(frozen=True)
+class VllmSettings:
+    group_title = "vLLM (--engine vllm; workers/engines/vllm/README.md)"
+    vllm_args: str = setting("", "more vLLM engine flags, shell-quoted, parsed by vLLM's own parser "
+                             "(e.g. '--enforce-eager --gpu-memory-utilization 0.8')")
+
+
 def _mocker_settings() -> type:
     """`mocker_<name>` for each of MockerConfig's WORKER_SETTINGS, with its default, help and check."""
     fields = {f.name: f for f in dataclasses.fields(MockerConfig)}
@@ -108,7 +116,7 @@ MockerSettings = _mocker_settings()
 
 
 @dataclass(frozen=True)
-class WorkerConfig(ProcessSettings, EngineSettings, TransferSettings, KvTierSettings, MockerSettings):  # type: ignore[misc, valid-type]
+class WorkerConfig(ProcessSettings, EngineSettings, TransferSettings, KvTierSettings, VllmSettings, MockerSettings):  # type: ignore[misc, valid-type]
     """Every worker setting, flat; `--help` shows one heading per group."""
 
     def mocker_config(self, model_dir: str) -> MockerConfig:
@@ -120,4 +128,4 @@ class WorkerConfig(ProcessSettings, EngineSettings, TransferSettings, KvTierSett
             **{name: getattr(self, f"mocker_{name}") for name in WORKER_SETTINGS})
 
 
-SERVE_GROUPS = (EngineSettings, TransferSettings, KvTierSettings, MockerSettings)  # passed through by serve
+SERVE_GROUPS = (EngineSettings, TransferSettings, KvTierSettings, VllmSettings, MockerSettings)  # passed through by serve

@@ -49,6 +49,10 @@ __all__ = [
 class PrefillResult(msgspec.Struct):
     output: EngineOutput  # the first token; finish_reason set only if it ended the request
     block_ids: list[int]  # the held prompt blocks, in order; empty when nothing is held
+    # An engine that moves KV itself (`owns_kv_transfer`, vLLM's NixlConnector): what its decode side
+    # needs to read the blocks, carried in the handle instead of the worker's transfer metadata.
+    transfer_params: bytes = b""
+    pool: str = "g1"  # the handle's pool name (KvHandle.pool)
 
 
 class KvPuller(Protocol):
@@ -65,6 +69,9 @@ class KvPuller(Protocol):
 @runtime_checkable
 class Engine(Protocol):
     fingerprint: str  # model fingerprint: root of every block hash (valid after start)
+    # True when the engine moves KV between workers itself (vLLM's connector): the worker then runs no
+    # transfer engine and no puller, and handles carry `PrefillResult.transfer_params`.
+    owns_kv_transfer: bool
     max_model_len: int  # context length in tokens (valid after start)
 
     async def start(self) -> None: ...

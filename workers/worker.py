@@ -63,6 +63,10 @@ def build_engine(cfg: WorkerConfig, model_dir: str) -> Engine:
         from kvrelay.workers.engines.mocker import MockerEngine
 
         return MockerEngine(cfg.mocker_config(model_dir), tiers=tier_config(cfg) if cfg.mocker_kv_tiers else None)
+    if cfg.engine == "vllm":
+        from kvrelay.workers.engines.vllm.build import build_vllm_engine
+
+        return build_vllm_engine(cfg, model_dir)
     raise ValueError(f"unknown engine {cfg.engine!r}")
 
 
@@ -191,7 +195,7 @@ class Worker:
 
     async def _start_transfer(self) -> None:
         """Prefill/decode roles: a transfer engine over the G1 pool; decode gets a puller."""
-        if self.cfg.role == Role.AGG or self.cfg.kv_transfer == "none":
+        if self.cfg.role == Role.AGG or self.cfg.kv_transfer == "none" or self.engine.owns_kv_transfer:
             return
         pool = self.engine.kv_pool()
         if pool is not None:
@@ -237,8 +241,8 @@ class Worker:
             handle = KvHandle(
                 request_id=request.request_id, prefill_instance=self.instance_id,
                 prefill_address=self.instance.address,
-                transfer_metadata=self.transfer.metadata() if self.transfer is not None else b"",
-                fingerprint=self.engine.fingerprint, block_ids=result.block_ids,
+                transfer_metadata=result.transfer_params or (self.transfer.metadata() if self.transfer else b""),
+                pool=result.pool, fingerprint=self.engine.fingerprint, block_ids=result.block_ids,
                 num_tokens=len(request.prompt_token_ids), first_token=result.output.token_ids[0],
                 lease_s=self.cfg.kv_lease_s)
         try:

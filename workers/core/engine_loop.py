@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 
 class EngineLoop:
+    owns_kv_transfer = False  # KV moves through the worker's transfer engine and the puller
+
     def __init__(self) -> None:
         self.core: EngineCore | None = None
         self.runner: CoreRunner | None = None
