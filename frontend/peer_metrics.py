@@ -129,6 +129,8 @@ class PeerMetrics:
         self._pull_sub = await self.events.subscribe(self.pull)
         self._tasks = [asyncio.create_task(self._consume(self._sub)), asyncio.create_task(self._publish_loop()),
                        asyncio.create_task(self._answer(self._pull_sub))]
+        with contextlib.suppress(Exception):  # the processes already up answer: we know them at once
+            await self.events.publish(self.pull, MetricsPull(self.frontend_id, "hello"))
 
     async def close(self) -> None:
         for t in self._tasks:
