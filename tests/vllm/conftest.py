@@ -7,15 +7,12 @@ so kvrelay-on-vLLM, vLLM's own server and kvrelay's native engine compute the sa
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from kvrelay.perf.serve_process import Serve, free_port
+from kvrelay.perf.serve_process import Serve
+from kvrelay.perf.vllm_process import VllmServer as _VllmServer
 from tests.models.smollm2 import model_dir
 
 pytestmark = pytest.mark.vllm
@@ -46,38 +43,10 @@ def vllm_serve(tmp: Path, *args: str, workers: int | None = 1, env: dict | None 
     return srv.start(timeout=START_S)
 
 
-class VllmServer:
+class VllmServer(_VllmServer):
     """vLLM's own OpenAI server on the same checkpoint and settings (the reference)."""
 
     def __init__(self, tmp: Path, *extra: str, cpus: str = ""):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log = open(tmp / "vllm-server.log", "w")  # noqa: SIM115 - closed in stop()
-        env = None
-        if cpus:
-            import os
-
-            env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": cpus}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir()),
-             "--served-model-name", MODEL, "--dtype", "float32", "--block-size", "32", "--enforce-eager",
-             "--enable-prefix-caching", "--kv-cache-memory-bytes", str(KV_BYTES), "--port", str(self.port), "--host", "127.0.0.1", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + START_S
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, Path(self.log.name).read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(Path(self.log.name).read_text()[-3000:])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        super().__init__(tmp, str(model_dir()), MODEL, "--dtype", "float32", "--block-size", "32",
+                         "--enforce-eager", "--kv-cache-memory-bytes", str(KV_BYTES), *extra, cpus=cpus,
+                         start_s=START_S)
