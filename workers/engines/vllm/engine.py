@@ -239,7 +239,10 @@ class VllmEngine:
     async def prefill(self, request: EngineRequest) -> PrefillResult:
         """The first token, with vLLM holding the prompt's blocks for the decode side (its lease)."""
         self._admit(request)
-        sampling = to_vllm(request.sampling, max_tokens=1, kv_transfer_params=dict(_PREFILL_PARAMS))
+        # A request that ends with its first token needs no handle: vLLM would hold its blocks for the
+        # decode side until its lease ran out.
+        hold = request.sampling.max_tokens > 1
+        sampling = to_vllm(request.sampling, max_tokens=1, kv_transfer_params=dict(_PREFILL_PARAMS) if hold else None)
         n = len(request.prompt_token_ids)
         final: Any = None
         async for out in self._raw(request, sampling):
