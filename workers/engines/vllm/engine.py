@@ -141,6 +141,10 @@ class VllmEngine:
             self.stats_sink.remote_prefills += 1
             self.stats_sink.pull_failures += params is None
         n = len(request.prompt_token_ids)
+        if handle is not None and request.sampling.max_tokens == 1:  # the handle's token was the whole answer
+            yield EngineOutput(request_id=request.request_id, token_ids=[], finish_reason="length",
+                               num_prompt_tokens=n)
+            return
         if params is None and handle is not None:  # recompute locally from the handle's first token
             async for out in self._stream(request, self._prompt(request, [handle.first_token]),
                                           to_vllm(request.sampling, max_tokens=request.sampling.max_tokens - 1),
