@@ -1,15 +1,18 @@
 """`kvrelay frontend`: the OpenAI frontend alone (the distributed shape: workers run elsewhere and are
 found through discovery). SIGTERM drains as `kvrelay serve` does: /ready 503, new requests refused,
-streams in flight get `--drain-timeout` seconds, the rest end with an SSE error event and `[DONE]`."""
+streams in flight get `--drain-timeout` seconds, the rest end with an SSE error event and `[DONE]`.
+`--http-workers N` serves the port from N processes (cli/http_workers.py); SIGTERM drains them all."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
+from kvrelay.cli import http_workers
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.runtime import aio
 from kvrelay.runtime.auth import InternalAuthConfig
@@ -25,12 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("frontend", help="run the OpenAI frontend only (workers are found through discovery)")
     add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig, InternalAuthConfig)
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env KVRELAY_LOG_LEVEL)")
+    http_workers.add_flags(p)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     fe, disc, ev = build(FrontendConfig, args), build(DiscoveryConfig, args), build(EventsConfig, args)
     token = build(InternalAuthConfig, args).token()
+    n = http_workers.count(args, ev.events)
     if disc.discovery == "mem":
         raise ConfigError("--discovery mem: a frontend process alone never sees a worker; use file or etcd")
     setup_logging(args.log_level)
@@ -40,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     from kvrelay.runtime.events.zmq_plane import ZmqBrokerUnreachable
 
     try:
-        aio.run(_serve(fe, disc, ev, token))
+        aio.run(_serve(fe, disc, ev, token, args, n))
     except KeyboardInterrupt:
         return 130
     except ZmqBrokerUnreachable as e:  # the embedded shape's broker belongs to `kvrelay serve`
@@ -49,18 +54,32 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, token: str) -> None:
+async def _serve(fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, token: str,
+                 args: argparse.Namespace, n: int) -> None:
     from kvrelay.frontend.app import FrontendServer
 
-    server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev), internal_token=token)
+    child = args.http_fd is not None
+    sock = http_workers.inherited(args.http_fd) if child else (
+        http_workers.listen(fe.http_host, fe.http_port) if n > 1 else None)
+    group = http_workers.group_id(args, n)
+    server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev), internal_token=token, http_group=group)
+    extra = http_workers.HttpWorkers(n, sock, group, token, (fe, disc, ev), args.log_level) if n > 1 else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal ends the drain at once
-        loop.add_signal_handler(sig, server.on_stop_signal, stop)
-    await server.start()
-    log.info("kvrelay frontend on http://%s:%d", fe.http_host, server.port)
+        loop.add_signal_handler(sig, http_workers.on_signal, server, extra, stop)
     try:
+        await server.start(sock)
+        if extra is not None:
+            await extra.start()
+        if child:
+            print(f"READY http-{os.getpid()}", flush=True)  # noqa: T201 - the owning process waits for this line
+        log.info("kvrelay frontend on http://%s:%d (%d HTTP process%s)", fe.http_host, server.port, n,
+                 "es" if n > 1 else "")
         await stop.wait()
-        await server.drain(fe.drain_timeout)
+        await asyncio.gather(server.drain(fe.drain_timeout),
+                             *([extra.stop(fe.drain_timeout)] if extra is not None else []))
     finally:
+        if extra is not None:
+            await extra.stop(0)
         await server.close()

@@ -23,6 +23,7 @@ import sys
 import tempfile
 from dataclasses import replace
 
+from kvrelay.cli import http_workers
 from kvrelay.cli.supervisor import Child, Supervisor, child_env
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.planner.config import PlannerConfig
@@ -53,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rescale the worker pools with this policy (planner/README.md)")
     add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig, InternalAuthConfig, PlannerConfig,
                   *SERVE_GROUPS)
+    http_workers.add_flags(p)
     p.set_defaults(func=_run)
 
 
@@ -90,6 +92,7 @@ def _run(args: argparse.Namespace) -> int:
     if "prefill" in roles:  # the operator asked for the disaggregated shape: ready means all of it is up
         fe = replace(fe, require_prefill=True)
     wk = build(WorkerConfig, args)
+    n_http = http_workers.count(args, ev.events)
     setup_logging(args.log_level)
     wk = _resolve_model(wk)
     planner = None
@@ -98,8 +101,10 @@ def _run(args: argparse.Namespace) -> int:
 
         planner = build(PlannerConfig, args, planner_policy=args.planner)
         planner = (planner, make_policy(planner))
+    sock = http_workers.listen(fe.http_host, fe.http_port) if n_http > 1 else None
     try:
-        return aio.run(_serve(roles, fe, disc, ev, wk, build(InternalAuthConfig, args).token(), planner))
+        return aio.run(_serve(roles, fe, disc, ev, wk, build(InternalAuthConfig, args).token(), planner,
+                              (n_http, sock, args.log_level)))
     except KeyboardInterrupt:
         return 130
 
@@ -142,7 +147,8 @@ def _worker_argv(wk: WorkerConfig, disc: DiscoveryConfig, ev: EventsConfig, fe: 
 
 
 async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, wk: WorkerConfig,
-                 token: str, planner=None) -> int:
+                 token: str, planner=None, http: tuple = (1, None, None)) -> int:
+    """`http`: (HTTP processes, their shared listening socket when more than one, their log level)."""
     from kvrelay.frontend.app import FrontendServer
 
     run_dir = tempfile.mkdtemp(prefix=f"serve-{os.getpid()}-", dir=_ensure(default_run_dir()))
@@ -168,12 +174,15 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
     if not token:  # embedded shape: a fresh secret per run; workers get it in their environment, not argv
         token = new_token()
         log.info("internal token: generated for this run (worker RPC and KV transfer ports require it)")
-    server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev), internal_token=token)
+    n_http, sock, log_level = http
+    group = http_workers.group_id(argparse.Namespace(), n_http)
+    server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev), internal_token=token, http_group=group)
+    extra = http_workers.HttpWorkers(n_http, sock, group, token, (fe, disc, ev), log_level) if sock else None
     stop = asyncio.Event()
     starting = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.on_stop_signal, stop)
+        loop.add_signal_handler(sig, http_workers.on_signal, server, extra, stop)
     try:
         children = [Child(f"{role}-{i}", [*_worker_argv(wk, disc, ev, fe), "--role", role],
                           {**child_env(threads), TOKEN_ENV: token, **_engine_env(wk, i, n)})
@@ -184,7 +193,9 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
             starting = asyncio.create_task(start_planned_workers(roles, children, planner, disc, fe, server, stop))
         else:
             starting = asyncio.create_task(supervisor.start(children))
-        await server.start()
+        await server.start(sock)
+        if extra is not None:  # the other HTTP processes (cli/http_workers.py)
+            await extra.start()
         done, _ = await asyncio.wait({starting, asyncio.create_task(stop.wait())},
                                      return_when=asyncio.FIRST_COMPLETED)
         if starting in done:
@@ -201,7 +212,10 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
     finally:
         log.info("stopping")
         if stop.is_set():  # drain the frontend first: the workers then have nothing left in flight
-            await server.drain(fe.drain_timeout)
+            await asyncio.gather(server.drain(fe.drain_timeout),
+                                 *([extra.stop(fe.drain_timeout)] if extra is not None else []))
+        if extra is not None:
+            await extra.stop(0)
         await server.close()
         await supervisor.stop()
         if planner is not None and starting is not None and starting.done() and not starting.cancelled() and starting.exception() is None:

@@ -28,15 +28,20 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class Child:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str]):
-        self.name, self.argv, self.env = name, argv, env
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = (),
+                 new_session: bool = False):
+        """`pass_fds`: file descriptors the child inherits (an HTTP child's listening socket).
+        `new_session`: a terminal's Ctrl-C does not reach the child; only the supervisor signals it."""
+        self.name, self.argv, self.env, self.pass_fds = name, argv, env, pass_fds
+        self.new_session = new_session
         self.proc: asyncio.subprocess.Process | None = None
         self.address: str | None = None
         self.restarts = 0
 
     async def start(self, ready_timeout: float) -> str:
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, env=self.env, stdout=asyncio.subprocess.PIPE, stderr=None,
+            *self.argv, env=self.env, stdout=asyncio.subprocess.PIPE, stderr=None, pass_fds=self.pass_fds,
+            start_new_session=self.new_session,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         try:
@@ -117,12 +122,12 @@ class Supervisor:
             except RuntimeError:
                 log.exception("restart of %s failed", child.name)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 10.0) -> None:
         self._stopping = True
         for t in self._watchers:
             t.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
-        await asyncio.gather(*(c.stop() for c in self.children))
+        await asyncio.gather(*(c.stop(grace) for c in self.children))
 
 
 def child_env(threads: int) -> dict[str, str]:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import socket
 
 import msgspec
 import uvicorn
@@ -26,6 +27,7 @@ from kvrelay.frontend.generate_handler import GenerateHandler
 from kvrelay.frontend.metrics import FrontendMetrics
 from kvrelay.frontend.openai_schema import ApiError, parse_chat_request, parse_completion_request
 from kvrelay.frontend.openapi import openapi_document
+from kvrelay.frontend.peer_metrics import PeerMetrics
 from kvrelay.frontend.pipeline import Pipeline
 from kvrelay.frontend.service import FrontendService
 from kvrelay.runtime.discovery import Discovery
@@ -40,9 +42,14 @@ def _error(e: ApiError) -> Response:
 
 
 class FrontendServer:
-    def __init__(self, cfg: FrontendConfig, discovery: Discovery, events: EventPlane, internal_token: str = ""):
+    def __init__(self, cfg: FrontendConfig, discovery: Discovery, events: EventPlane, internal_token: str = "",
+                 http_group: str = ""):
+        """`http_group`: the id shared by the HTTP processes of one frontend (`--http-workers N`); each
+        then answers /metrics for all of them (peer_metrics.py)."""
         self.cfg = cfg
         self.service = FrontendService(cfg, discovery, events, internal_token=internal_token)
+        self.peer_metrics = PeerMetrics(events, cfg.namespace, http_group, self.service.frontend_id,
+                                        self.service.registry) if http_group else None
         self.metrics = FrontendMetrics(self.service.registry)
         self.pipeline = Pipeline(self.service, self.metrics)
         self.app = self._build_app()
@@ -66,13 +73,17 @@ class FrontendServer:
             Route("/openapi.json", self.openapi, methods=["GET"]),
         ], exception_handlers={HTTPException: not_found})
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Serve on `cfg.http_host:http_port`, or on `sock`, a listening socket shared with other HTTP
+        processes of this frontend (they all accept from its one queue)."""
         await self.service.start()
+        if self.peer_metrics is not None:
+            await self.peer_metrics.start()
         config = uvicorn.Config(self.asgi, host=self.cfg.http_host, port=self.cfg.http_port, log_level="warning",
                                 interface="asgi3", proxy_headers=False,
                                 loop="none", lifespan="off", timeout_graceful_shutdown=5)
         self._uvicorn = _UvicornServer(config)
-        self._task = asyncio.create_task(self._uvicorn.serve())
+        self._task = asyncio.create_task(self._uvicorn.serve(sockets=[sock] if sock is not None else None))
         while not self._uvicorn.started:
             if self._task.done():  # e.g. the port is taken
                 self._task.result()
@@ -104,6 +115,8 @@ class FrontendServer:
         if self._uvicorn is not None and self._task is not None:
             self._uvicorn.should_exit = True
             await asyncio.gather(self._task, return_exceptions=True)
+        if self.peer_metrics is not None:
+            await self.peer_metrics.close()
         await self.service.close()
 
     # -- routes -----------------------------------------------------------------------------------------
@@ -166,7 +179,8 @@ class FrontendServer:
     async def prometheus(self, request: Request) -> Response:
         if not self._authorized(request):  # per-worker and per-model detail is not for anyone
             return _error(ApiError.invalid_api_key())
-        return Response(render(self.service.registry), media_type=CONTENT_TYPE_LATEST)
+        body = await self.peer_metrics.render() if self.peer_metrics is not None else render(self.service.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 class _UvicornServer(uvicorn.Server):

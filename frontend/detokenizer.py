@@ -14,10 +14,17 @@ Invariants of the emitted stream (what `step` and `finish` return, concatenated)
   incomplete multi-byte character split across byte-level tokens) is held back until completed;
 - it never contains any part of a stop string that later completes: the longest suffix that is a
   proper prefix of some stop string is held back until it is ruled out or completes.
+
+Fast path (issue 19): when the tokenizer `decodes_bytewise` (a lone ByteLevel decoder: decode(ids) is
+the lossy UTF-8 decode of the ids' concatenated bytes), a step appends each id's cached bytes to an
+incremental UTF-8 decoder instead of decoding a window: no tokenizer call per token. It emits the same
+text overall; an incomplete character is held back by the UTF-8 decoder itself (at most 3 bytes), and
+bytes that can never complete one become U+FFFD at once, exactly as the full decode has them.
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -45,6 +52,15 @@ class IncrementalDetokenizer:
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self._stops: tuple[str, ...] = tuple(dict.fromkeys(s for s in stop if s))  # "" would stop at once
+        self._pending = ""  # decoded text not yet emitted: a possible start of a stop string
+        self.stopped = False
+        self.stop_str: str | None = None
+        self.num_tokens = 0  # output tokens fed so far
+        self._utf8 = None
+        if getattr(tokenizer, "decodes_bytewise", False):  # context-free: the prompt is not needed
+            self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            self._bytes = tokenizer.output_bytes
+            return
         self._ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT:])
         self._prefix = 0
         self._read = len(self._ids)
@@ -53,10 +69,6 @@ class IncrementalDetokenizer:
             # The prompt ends inside a character; its bytes cannot serve as context. Start clean.
             self._ids, self._read, prefix_text = [], 0, ""
         self._done = len(prefix_text)  # chars of decode(ids[prefix:]) already taken (>= len(prefix_text))
-        self._pending = ""  # decoded text not yet emitted: a possible start of a stop string
-        self.stopped = False
-        self.stop_str: str | None = None
-        self.num_tokens = 0  # output tokens fed so far
 
     def step(self, new_ids: Sequence[int], *, stop_token: bool = False) -> Delta:
         """Feed the next output tokens; returns the text that is now safe to send.
@@ -68,7 +80,12 @@ class IncrementalDetokenizer:
             return Delta("", True, self.stop_str)
         self.num_tokens += len(new_ids)
         ids = new_ids[:-1] if stop_token and new_ids else new_ids
-        delta = self._emit(self._advance(ids))
+        if self._utf8 is not None:
+            skip, piece = self._skip, self._bytes
+            text = self._utf8.decode(b"".join([piece(i, skip) for i in ids])) if ids else ""
+        else:
+            text = self._advance(ids)
+        delta = self._emit(text)
         if stop_token and not delta.stopped:
             rest = self.finish()
             return Delta(delta.text + rest.text, rest.stopped, rest.stop_str)
@@ -78,6 +95,8 @@ class IncrementalDetokenizer:
         """The stream ended (length, EOS, abort): flush everything held back. Idempotent."""
         if self.stopped:
             return Delta("", True, self.stop_str)
+        if self._utf8 is not None:
+            return self._emit(self._utf8.decode(b"", final=True), final=True)
         window = self._decode(self._ids[self._prefix:])
         tail, self._done = window[self._done:], len(window)
         return self._emit(tail, final=True)

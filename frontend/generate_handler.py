@@ -94,9 +94,10 @@ class GenerateHandler:
         chunks = [sse(c) for c in builder.head()]
         try:
             async for piece in self.pipeline.run(prepared):
-                chunks += [sse(c) for c in builder.chunks(piece)]
-                await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
-                chunks = []
+                chunks.append(builder.sse(piece))
+                if piece.finish_reason is None:  # the last piece goes out with the tail: one write
+                    await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
+                    chunks = []
             chunks += [sse(c) for c in builder.tail()]
         except ApiError as e:
             chunks.append(sse(e))

@@ -12,6 +12,8 @@ from kvrelay.frontend.openai_responses import (
     chat_logprobs,
     completion,
     completion_logprobs,
+    encode,
+    sse,
     usage,
 )
 from kvrelay.frontend.pipeline import Piece, Prepared
@@ -25,6 +27,7 @@ class ResponseBuilder:
         self.want_logprobs = req.wants_logprobs
         self.chunker = (ChatChunker if self.chat else CompletionChunker)(prepared.model, self.include_usage)
         self._offset = 0  # characters of completion text emitted so far (completions' text_offset)
+        self._text_event: tuple[bytes, bytes] | None = None  # a text chunk's SSE bytes around its text
 
     def _logprobs(self, piece: Piece):
         if not self.want_logprobs or piece.logprobs is None:
@@ -49,6 +52,21 @@ class ResponseBuilder:
             out.append(self.chunker.content("", None, piece.finish_reason) if self.chat
                        else self.chunker.text("", None, piece.finish_reason))
         return out
+
+    def sse(self, piece: Piece) -> bytes:
+        """`chunks(piece)` as SSE bytes. A plain text piece (the per-token case) is one JSON string
+        encode between the pre-rendered bytes of this stream's text chunk, byte for byte what encoding
+        the chunk would give (the chunks of one stream differ only in the text)."""
+        if piece.finish_reason is not None or not piece.text or (self.want_logprobs and piece.logprobs is not None):
+            return b"".join([sse(c) for c in self.chunks(piece)])
+        if self._text_event is None:
+            mark = "\x00kvrelay-text\x00"
+            whole = sse(self.chunker.content(mark) if self.chat else self.chunker.text(mark))
+            before, after = whole.split(encode(mark))
+            self._text_event = (before, after)
+        self._offset += len(piece.text)
+        before, after = self._text_event
+        return before + encode(piece.text) + after
 
     def tail(self) -> list[Any]:
         if not self.include_usage:

@@ -6,7 +6,8 @@ request counts against its worker from the moment it is routed. Its blocks are t
 shared by several in-flight prompts (a system prompt) counted once, as the worker's paged prefix
 cache holds it once. A worker's load is the larger of what it reports (`WorkerState`, from fresh
 `LoadMetrics`, which include this router's requests once the worker has them) and this router's own
-in-flight count, so nothing is counted twice.
+in-flight count, so nothing is counted twice. With several frontends, the in-flight accounting holds
+the other frontends' requests too (peer_load.py feeds them in; `sync` tells it what this router did).
 
 The kv router's cost of a worker (lower is better):
     cost = overlap_weight * uncached_prefill_blocks + active_decode_blocks
@@ -95,11 +96,14 @@ class InFlight:
         self._partial: dict[str, int] = {}
 
     def add(self, request_id: str, worker_id: str, request: RouteRequest) -> None:
+        self.add_entry(request_id, worker_id, request.block_hashes, request.num_blocks - len(request.block_hashes))
+
+    def add_entry(self, request_id: str, worker_id: str, hashes: list[int], partial: int) -> None:
         self.finish(request_id)
-        partial = request.num_blocks - len(request.block_hashes)
-        self._by_id[request_id] = (worker_id, request.block_hashes, partial)
+        self._by_id[request_id] = (worker_id, hashes, partial)
+        request_hashes = hashes
         self._reqs[worker_id] = self._reqs.get(worker_id, 0) + 1
-        self._hashes.setdefault(worker_id, Counter()).update(request.block_hashes)
+        self._hashes.setdefault(worker_id, Counter()).update(request_hashes)
         self._partial[worker_id] = self._partial.get(worker_id, 0) + partial
 
     def finish(self, request_id: str) -> bool:
@@ -129,6 +133,10 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def entries(self) -> list[tuple[str, tuple[str, list[int], int]]]:
+        """(request id, (worker, block hashes, partial blocks)) of every request in flight."""
+        return list(self._by_id.items())
+
 
 def decision_histogram(registry: CollectorRegistry | None) -> Histogram:
     return Histogram("kvrelay_router_decision_seconds", "Time to pick a worker for a request", ["router"],
@@ -145,7 +153,11 @@ class BaseRouter:
         self.rng = rng if rng is not None else random.Random()
         self.inflight = InFlight()
         hist = histogram if histogram is not None else decision_histogram(registry)
-        self.decision_seconds = hist.labels(router=label or self.name)
+        self.label = label or self.name
+        self.decision_seconds = hist.labels(router=self.label)
+        # sync(request_id, worker_id | None, hashes, partial): told each request routed (worker) and
+        # finished (None), for the other frontends (peer_load.py).
+        self.sync: Any = None
 
     def select(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
         if not workers:
@@ -156,14 +168,19 @@ class BaseRouter:
         decision = self._choose(request, workers)
         self.inflight.add(request.request_id, decision.worker_id, request)
         self.decision_seconds.observe(time.perf_counter() - start)
+        if self.sync is not None:
+            self.sync(request.request_id, decision.worker_id, request.block_hashes,
+                      request.num_blocks - len(request.block_hashes))
         return decision
 
     def on_finish(self, request_id: str) -> None:
         """The request ended (any way). Idempotent."""
-        self.inflight.finish(request_id)
+        if self.inflight.finish(request_id) and self.sync is not None:
+            self.sync(request_id, None)
 
     def load(self, w: WorkerState) -> tuple[int, int]:
-        """(active requests, active decode blocks): reported or own in-flight, whichever is larger."""
+        """(active requests, active decode blocks): reported or in flight (from every frontend),
+        whichever is larger."""
         return (max(w.active_requests, self.inflight.requests(w.worker_id)),
                 max(w.active_decode_blocks, self.inflight.blocks(w.worker_id)))
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from kvrelay.frontend.config import FrontendConfig
 from kvrelay.frontend.errors import NoWorker, WorkerRejected
 from kvrelay.frontend.kv_events_consumer import KvEventsConsumer
 from kvrelay.frontend.kv_index import KvIndex
+from kvrelay.frontend.peer_load import PeerLoad
 from kvrelay.frontend.remote_prefill import PREFILL_ROLES, RemotePrefill
 from kvrelay.frontend.router import RouteRequest, WorkerState, decision_histogram, make_router
 from kvrelay.frontend.worker_pool import WorkerPool
@@ -84,6 +88,10 @@ class FrontendService:
         self.remote = RemotePrefill(self.pool, self.workers, make_router("kv", index=self.index, histogram=hist,
                                                                      label="prefill", **kv_opts),
                                     cfg.disagg_min_tokens, self._state, self.registry, SUSPEND_S)
+        # Other frontends of the deployment (more HTTP processes, replicas): their in-flight load counts too.
+        self.frontend_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.peer_load = PeerLoad(events, cfg.namespace, self.frontend_id,
+                                  {r.label: r for r in (self.router, self.decode_router, self.remote.router)})
         self.kv_events = KvEventsConsumer(events, cfg.namespace, self.index, self._resync)
         self.pool.on_removed.append(self.kv_events.remove_worker)
         self.pool.on_added.append(lambda inst: self.kv_events.add_worker(inst.instance_id))
@@ -97,25 +105,31 @@ class FrontendService:
                              ["tier"], registry=self.registry)
         for tier in ("G1", *lower):
             index_blocks.labels(tier=tier).set_function(lambda tier=tier: self.index.num_hashes(tier))
-        Gauge("kvrelay_router_inflight_requests", "requests the routers count against workers",
-              registry=self.registry).set_function(lambda: len(self.router.inflight) + len(self.decode_router.inflight))
+        Gauge("kvrelay_router_inflight_requests", "requests this frontend's routers count against workers",
+              registry=self.registry).set_function(self._own_inflight)
 
     async def start(self) -> None:
         await self.events.start()
         await self.kv_events.start()
         load_sub = await self.events.subscribe(load_subject(self.cfg.namespace))
         self._tasks.append(asyncio.create_task(self._consume_load(load_sub)))
+        await self.peer_load.start()
         await self.pool.start()
 
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.peer_load.close()
         await self.remote.close()
         await self.kv_events.close()
         await self.pool.close()
         await self.rpc.close()
         await self.events.close()
+
+    def _own_inflight(self) -> int:
+        """In flight from this frontend (the routers also hold the other frontends' requests)."""
+        return sum(len(r.inflight) - self.peer_load.peer_requests(r.label) for r in (self.router, self.decode_router))
 
     async def _consume_load(self, sub) -> None:
         async for msg in sub:

@@ -79,6 +79,10 @@ class Tokenizer:
         self._byte_fallback = _has_decoder(dec, "ByteFallback")
         self._byte_decoder = _gpt2_byte_decoder() if self._byte_level else {}
         self._token_bytes: dict[int, bytes] = {}
+        # decode() is then the lossy UTF-8 decode of the ids' concatenated `output_bytes` (GPT-2,
+        # Llama 3, Qwen, SmolLM2): the incremental detokenizer need not call the tokenizer at all.
+        self.decodes_bytewise: bool = dec.get("type") == "ByteLevel"
+        self._output_bytes: dict[int, bytes] = {}
 
         self.chat_templates: dict[str, str] = _load_chat_templates(d, cfg)
         self._compiled: dict[str, jinja2.Template] = {}
@@ -100,6 +104,25 @@ class Tokenizer:
         if b is None:
             b = self._compute_token_bytes(token_id)
             self._token_bytes[token_id] = b
+        return b
+
+    def output_bytes(self, token_id: int, skip_special_tokens: bool = True) -> bytes:
+        """With `decodes_bytewise`: the bytes this id adds to `decode` (b"" for a skipped special token
+        or an unknown id). A token the ByteLevel decoder cannot map char by char contributes its raw
+        UTF-8, as `tokenizers` does."""
+        if skip_special_tokens and token_id in self._special_ids:
+            return b""
+        b = self._output_bytes.get(token_id)
+        if b is None:
+            tok = self._added.get(token_id)
+            if tok is None:
+                tok = self._tok.id_to_token(token_id)
+            if tok is None:
+                b = b""
+            else:
+                mapped = [self._byte_decoder.get(c) for c in tok]
+                b = tok.encode("utf-8") if None in mapped else bytes(mapped)
+            self._output_bytes[token_id] = b
         return b
 
     def token_str(self, token_id: int) -> str:

@@ -2,6 +2,10 @@
 
     python -m kvrelay.perf.frontend_bench [--requests 2000] [--concurrency 16] [--workers 1]
 
+`--setting chat` is the streamed-chat setting instead (issue 19; perf/frontend_chat_bench.py:
+256-token prompts, 64 output tokens, kvrelay with 1..N HTTP processes vs Dynamo, optionally with
+aiperf as the load generator). What follows describes the default `--setting completions`.
+
 `kvrelay serve --engine mocker` with an effectively infinite speedup, so the engine returns at once
 and what is measured is the path in front of it. Both loads run interleaved in one run from this
 process (which also costs CPU on the same 2 cores):
@@ -163,16 +167,32 @@ async def measure(url: str, discovery_dir: str, args: argparse.Namespace, dynamo
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kvrelay.perf.frontend_bench")
-    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--setting", choices=("completions", "chat"), default="completions",
+                   help="completions: overhead vs direct (issue 4); chat: streamed chat vs Dynamo (issue 19)")
+    p.add_argument("--requests", type=int, default=None, help="per run (default 2000; chat: 500)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=None, help="default 128; chat: 256")
+    p.add_argument("--max-tokens", type=int, default=None, help="default 16; chat: 64")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", default=None)
     p.add_argument("--dynamo-python", default=None,
                    help="interpreter with ai-dynamo installed: also measure Dynamo's frontend + mocker")
+    from kvrelay.perf import frontend_chat_bench
+
+    frontend_chat_bench.add_arguments(p)
     args = p.parse_args(argv)
+    chat = args.setting == "chat"
+    for name, default, chat_default in (("requests", 2000, 500), ("prompt_tokens", 128, 256), ("max_tokens", 16, 64)):
+        if getattr(args, name) is None:
+            setattr(args, name, chat_default if chat else default)
+    if chat:
+        result = frontend_chat_bench.run(args)
+        result["config"] = vars(args)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         srv = Serve(Path(tmp), "--engine", "mocker", "--mocker-speedup", "1e9", "--router-mode", "kv",
                     workers=args.workers).start()

@@ -52,18 +52,18 @@ def best_possible_hit_rate(args: argparse.Namespace, block_size: int = 16) -> fl
     return cached / total
 
 
-def hit_rate(workers: int, mode: str, args: argparse.Namespace) -> dict:
+def hit_rate(workers: int, mode: str, args: argparse.Namespace, http_workers: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         srv = Serve(Path(tmp), "--engine", "mocker", "--mocker-speedup", str(args.speedup), "--router-mode", mode,
-                    workers=workers).start(timeout=120)
+                    workers=workers, http_workers=http_workers).start(timeout=120)
         try:
             cfg = workload_config(args, srv.base_url)
             result = asyncio.run(run_benchmark(cfg, load_tokenizer(cfg.tokenizer), progress=False))
         finally:
             srv.stop()
     s = result.summary
-    return {"workers": workers, "mode": mode, "hit_rate": s.prefix_hit_rate, "requests": s.succeeded,
-            "failed": s.failed}
+    return {"workers": workers, "mode": mode, "http_workers": http_workers, "hit_rate": s.prefix_hit_rate,
+            "requests": s.succeeded, "failed": s.failed, "errors": s.errors}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -22,10 +22,12 @@ def free_port() -> int:
 
 class Serve:
     def __init__(self, tmp: Path, *args: str, workers: int | None = 2, env: dict | None = None,
-                 model: str = "tiny"):
+                 model: str = "tiny", http_workers: int | None = 1):
         """`workers=None`: no `--workers` flag (for `--prefill-workers/--decode-workers`). `model` is
         used unless `args` name one (`--model`); tests default to the fast tiny model. The run's
-        internal token is chosen here (`internal_token`) so that tests can call the workers directly."""
+        internal token is chosen here (`internal_token`) so that tests can call the workers directly.
+        `http_workers`: HTTP processes (1 unless a test or benchmark asks for more: one process's
+        /metrics and child list are exact at once; None = serve's default, the cores available)."""
         self.port = free_port()
         self.discovery_dir = str(tmp / "discovery")
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -33,6 +35,8 @@ class Serve:
                      *(["--workers", str(workers)] if workers is not None else []), *args]
         if "--model" not in args:
             self.argv += ["--model", model]
+        if http_workers is not None and "--http-workers" not in args:
+            self.argv += ["--http-workers", str(http_workers)]
         if "--discovery" not in args:
             self.argv += ["--discovery-dir", self.discovery_dir]
         self.log = open(tmp / "serve.log", "w")  # noqa: SIM115 - closed in stop()
@@ -62,6 +66,11 @@ class Serve:
     def children(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split()]
+
+    def http_children(self) -> list[int]:
+        """The HTTP processes besides serve's own (`--http-workers N`: N-1 of them)."""
+        return [p for p in self.children()
+                if b"--http-fd" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")]
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int:
         if self.proc is None or self.proc.poll() is not None:

@@ -168,11 +168,14 @@ def test_work_per_step_does_not_grow_with_output(tok):
 
 def test_garbage_bytes_do_not_grow_the_window_forever(tok):
     lone = tok.encode("世", add_special_tokens=False)[0]  # a lead byte: never completes by itself
-    det = IncrementalDetokenizer(tok, [])
+    det = IncrementalDetokenizer(_WindowOnly(tok), [])
     for _ in range(200):
         det.step([lone])
     assert len(det._ids) - det._prefix <= 64
     assert det.finish().text.count(FFFD) > 0
+    fast = IncrementalDetokenizer(tok, [])  # the bytewise path holds at most one unfinished character
+    emitted = "".join(fast.step([lone]).text for _ in range(200))
+    assert emitted + fast.finish().text == tok.decode([lone] * 200)
 
 
 @pytest.mark.parametrize("skip", [True, False])
@@ -203,3 +206,31 @@ def test_sentencepiece_token_bytes(sp_tok):
     ids = sp_tok.encode(text, add_special_tokens=False)
     assert any(sp_tok._tok.id_to_token(i).startswith("<0x") for i in ids)
     assert b"".join(sp_tok.token_bytes(i) for i in ids) == b" " + text.encode()  # metaspace marks the first word
+
+
+class _WindowOnly:
+    """The tokenizer seen through `decode` alone: forces the sliding-window path on a byte-level vocab."""
+
+    def __init__(self, tok):
+        self.decode = tok.decode
+
+
+@SETTINGS
+@given(data=st.data(), ids=st.lists(st.integers(0, 2047), max_size=60), skip=st.booleans(),
+       stops=st.lists(st.text(st.sampled_from(ALPHABET), min_size=1, max_size=3), max_size=2))
+def test_bytewise_fast_path_emits_what_the_window_path_emits(tok, data, ids, skip, stops):
+    assert tok.decodes_bytewise  # the tiny vocab is GPT-2 style ByteLevel: `tok` takes the fast path
+    steps = chunks(data, ids)
+    fast, fast_stop = stream(IncrementalDetokenizer(tok, tok.encode(PROMPT), skip_special_tokens=skip,
+                                                    stop=stops), steps)
+    slow, slow_stop = stream(IncrementalDetokenizer(_WindowOnly(tok), tok.encode(PROMPT),
+                                                    skip_special_tokens=skip, stop=stops), steps)
+    # The same text and stop; how it is split into steps may differ around invalid UTF-8 (the bytewise
+    # path emits a U+FFFD as soon as the bytes cannot complete a character).
+    assert fast == slow and getattr(fast_stop, "stop_str", None) == getattr(slow_stop, "stop_str", None)
+
+
+def test_output_bytes_match_decode_for_every_id(tok):
+    for skip in (True, False):
+        for i in range(tok.vocab_size + 2):
+            assert tok.output_bytes(i, skip).decode("utf-8", "replace") == tok.decode([i], skip_special_tokens=skip)
