@@ -69,7 +69,7 @@ async def _serve(fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, to
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal ends the drain at once
         loop.add_signal_handler(sig, http_workers.on_signal, server, extra, stop)
     try:
-        await server.start(sock)
+        await server.start(sock, accept_when_ready=child)
         if extra is not None:
             await extra.start()
         if child:

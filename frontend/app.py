@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import socket
 
 import msgspec
@@ -56,6 +57,7 @@ class FrontendServer:
         self.generate = GenerateHandler(cfg, self.pipeline, self.metrics)
         self._uvicorn: uvicorn.Server | None = None
         self._task: asyncio.Task | None = None
+        self._waiting: asyncio.Task | None = None  # an extra HTTP process waiting to accept (start)
         self.port = cfg.http_port
         self._openapi: bytes | None = None
         self.draining = False  # set by drain(): /ready is 503 and new generate requests are refused
@@ -73,12 +75,30 @@ class FrontendServer:
             Route("/openapi.json", self.openapi, methods=["GET"]),
         ], exception_handlers={HTTPException: not_found})
 
-    async def start(self, sock: socket.socket | None = None) -> None:
+    async def start(self, sock: socket.socket | None = None, accept_when_ready: bool = False) -> None:
         """Serve on `cfg.http_host:http_port`, or on `sock`, a listening socket shared with other HTTP
-        processes of this frontend (they all accept from its one queue)."""
+        processes of this frontend (they all accept from its one queue). `accept_when_ready` (the extra
+        HTTP processes): take connections from the shared queue only once this process would route a
+        request for every model, so a client that saw another process's /ready 200 never lands on one
+        that has not found the workers yet."""
         await self.service.start()
         if self.peer_metrics is not None:
             await self.peer_metrics.start()
+        if accept_when_ready and sock is not None:
+            self.port = sock.getsockname()[1]
+            self._waiting = asyncio.create_task(self._accept_when_ready(sock))
+            return
+        await self._serve(sock)
+
+    async def _accept_when_ready(self, sock: socket.socket) -> None:
+        # Polled: readiness has many sources (discovery, model cards, load reports).
+        while not self.draining and not (self.service.models() and not self.service.unready_models()):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if not self.draining:
+            await self._serve(sock)
+            log.info("HTTP process %d accepting: its routers see every model's workers", os.getpid())
+
+    async def _serve(self, sock: socket.socket | None) -> None:
         config = uvicorn.Config(self.asgi, host=self.cfg.http_host, port=self.cfg.http_port, log_level="warning",
                                 interface="asgi3", proxy_headers=False,
                                 loop="none", lifespan="off", timeout_graceful_shutdown=5)
@@ -112,6 +132,9 @@ class FrontendServer:
                 await asyncio.wait_for(self.generate.idle.wait(), 5.0)
 
     async def close(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
+            await asyncio.gather(self._waiting, return_exceptions=True)
         if self._uvicorn is not None and self._task is not None:
             self._uvicorn.should_exit = True
             await asyncio.gather(self._task, return_exceptions=True)
