@@ -20,6 +20,7 @@ from kvrelay.cli import (
     worker_cmd,
 )
 from kvrelay.cli.parser import Parser
+from kvrelay.cli.supervisor import die_with_parent
 from kvrelay.runtime.config import ConfigError
 
 COMMANDS = (serve_cmd, frontend_cmd, runtime_cmds, model_cmd, worker_cmd, bench_cmd, planner_cmd, cache_cmd)
@@ -42,6 +43,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()  # a child of `kvrelay serve`/`frontend` (cli/supervisor.py): not one moment without its parent
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
