@@ -28,9 +28,11 @@ from kvrelay.cli.supervisor import Child, Supervisor, child_env
 from kvrelay.runtime.auth import TOKEN_ENV
 from kvrelay.runtime.config import ConfigError, env_name, flag_name
 
+SYNC_WAIT_S = 30.0  # `kvrelay serve`: how long the owner waits to see every worker before starting the others
 MAX_AUTO = 8  # past this, one machine's frontend is better split into replicas (and workers need the cores)
 ENV = "KVRELAY_HTTP_WORKERS"
 GROUP_ENV = "KVRELAY_HTTP_GROUP"  # set by the owner for its children: the id their /metrics is merged under
+GROUP_SIZE_ENV = "KVRELAY_HTTP_GROUP_SIZE"  # ... and how many HTTP processes the group has
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -96,11 +98,12 @@ def inherited(fd: int) -> socket.socket:
     return socket.socket(fileno=fd)
 
 
-def group_id(args: argparse.Namespace, n: int) -> str:
-    """The id this process's HTTP group merges /metrics under ("" for a lone process)."""
+def group_id(args: argparse.Namespace, n: int) -> tuple[str, int]:
+    """The id this process's HTTP group merges /metrics under ("" for a lone process), and how many HTTP
+    processes the group has (a scrape waits for every other one's counts)."""
     if getattr(args, "http_fd", None) is not None:
-        return os.environ.get(GROUP_ENV, "")
-    return uuid.uuid4().hex[:12] if n > 1 else ""
+        return os.environ.get(GROUP_ENV, ""), int(os.environ.get(GROUP_SIZE_ENV, "2"))
+    return (uuid.uuid4().hex[:12] if n > 1 else ""), n
 
 
 SECRETS = ("api_key",)  # passed in the environment: a command line is visible to every local user
@@ -129,10 +132,12 @@ def config_flags(*configs) -> list[str]:
 class HttpWorkers:
     """The N-1 HTTP processes besides the owner's own, supervised (a crashed one is restarted)."""
 
-    def __init__(self, n: int, sock: socket.socket, group: str, token: str, configs: tuple, log_level: str | None):
+    def __init__(self, n: int, sock: socket.socket, group: tuple[str, int], token: str, configs: tuple,
+                 log_level: str | None):
         argv = [sys.executable, "-m", "kvrelay.cli.main", "frontend", "--http-fd", str(sock.fileno()),
                 *config_flags(*configs), *(["--log-level", log_level] if log_level else [])]
-        env = {**child_env(1), **secret_env(*configs), GROUP_ENV: group, TOKEN_ENV: token}
+        env = {**child_env(1), **secret_env(*configs), GROUP_ENV: group[0],
+               GROUP_SIZE_ENV: str(group[1]), TOKEN_ENV: token}
         self.children = [Child(f"http-{i}", argv, env, pass_fds=(sock.fileno(),), new_session=True)
                           for i in range(1, n)]
         self.supervisor = Supervisor()

@@ -194,12 +194,17 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
         else:
             starting = asyncio.create_task(supervisor.start(children))
         await server.start(sock)
-        if extra is not None:  # the other HTTP processes (cli/http_workers.py)
-            await extra.start()
         done, _ = await asyncio.wait({starting, asyncio.create_task(stop.wait())},
                                      return_when=asyncio.FIRST_COMPLETED)
         if starting in done:
             starting.result()
+            if extra is not None and not stop.is_set():
+                # The other HTTP processes (cli/http_workers.py) start once every worker serves and this
+                # process's routers hold them all: each lists discovery at start and accepts only when
+                # its routers hold that list too, so no process answers 'no models' for a registered
+                # worker another one already routes to.
+                await server.service.sync_workers(http_workers.SYNC_WAIT_S)
+                await extra.start()
             shape = ", ".join(f"{roles.count(r)} {r}" for r in ("agg", "prefill", "decode") if r in roles)
             log.info("kvrelay serving %s on http://%s:%d with workers: %s", wk.served_model_name or wk.model,
                      fe.http_host, server.port, shape)

@@ -37,6 +37,8 @@ from kvrelay.runtime.metrics import CONTENT_TYPE_LATEST, render
 
 log = logging.getLogger(__name__)
 
+ACCEPT_WAIT_S = 30.0  # the longest an extra HTTP process waits for every model to be routable before accepting
+
 
 def _error(e: ApiError) -> Response:
     return Response(e.body(), status_code=e.status, media_type="application/json")
@@ -44,20 +46,21 @@ def _error(e: ApiError) -> Response:
 
 class FrontendServer:
     def __init__(self, cfg: FrontendConfig, discovery: Discovery, events: EventPlane, internal_token: str = "",
-                 http_group: str = ""):
-        """`http_group`: the id shared by the HTTP processes of one frontend (`--http-workers N`); each
-        then answers /metrics for all of them (peer_metrics.py)."""
+                 http_group: tuple[str, int] = ("", 1)):
+        """`http_group`: the id shared by the HTTP processes of one frontend (`--http-workers N`) and N;
+        each then answers /metrics for all of them (peer_metrics.py)."""
         self.cfg = cfg
         self.service = FrontendService(cfg, discovery, events, internal_token=internal_token)
-        self.peer_metrics = PeerMetrics(events, cfg.namespace, http_group, self.service.frontend_id,
-                                        self.service.registry) if http_group else None
+        group, size = http_group
+        self.peer_metrics = PeerMetrics(events, cfg.namespace, group, self.service.frontend_id,
+                                        self.service.registry, peers=size - 1) if group else None
         self.metrics = FrontendMetrics(self.service.registry)
         self.pipeline = Pipeline(self.service, self.metrics)
         self.app = self._build_app()
         self.generate = GenerateHandler(cfg, self.pipeline, self.metrics)
         self._uvicorn: uvicorn.Server | None = None
         self._task: asyncio.Task | None = None
-        self._waiting: asyncio.Task | None = None  # an extra HTTP process waiting to accept (start)
+        self._stop_requested = False  # a stop signal came (an extra HTTP process then never starts accepting)
         self.port = cfg.http_port
         self._openapi: bytes | None = None
         self.draining = False  # set by drain(): /ready is 503 and new generate requests are refused
@@ -77,26 +80,36 @@ class FrontendServer:
 
     async def start(self, sock: socket.socket | None = None, accept_when_ready: bool = False) -> None:
         """Serve on `cfg.http_host:http_port`, or on `sock`, a listening socket shared with other HTTP
-        processes of this frontend (they all accept from its one queue). `accept_when_ready` (the extra
-        HTTP processes): take connections from the shared queue only once this process would route a
-        request for every model, so a client that saw another process's /ready 200 never lands on one
-        that has not found the workers yet."""
+        processes of this frontend (they all accept from its one queue). Returns once accepting; by then
+        the routers hold every worker discovery listed at start (bounded: FrontendService.start).
+        `accept_when_ready` (the extra HTTP processes): also wait, up to ACCEPT_WAIT_S, until this
+        process would route a request for every model, so a client that saw another process's /ready
+        200 never lands on one that would answer 'no models' or 503 no_worker."""
         await self.service.start()
         if self.peer_metrics is not None:
             await self.peer_metrics.start()
         if accept_when_ready and sock is not None:
-            self.port = sock.getsockname()[1]
-            self._waiting = asyncio.create_task(self._accept_when_ready(sock))
-            return
+            if not await self._wait_routable(ACCEPT_WAIT_S):
+                return  # stopped while waiting: never accept
         await self._serve(sock)
 
-    async def _accept_when_ready(self, sock: socket.socket) -> None:
+    async def _wait_routable(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         # Polled: readiness has many sources (discovery, model cards, load reports).
-        while not self.draining and not (self.service.models() and not self.service.unready_models()):  # noqa: ASYNC110
+        while not (self.service.models() and not self.service.unready_models()):
+            if self._stop_requested:
+                return False
+            if loop.time() > deadline:
+                log.warning("HTTP process %d accepting after %.0f s although not every model is routable "
+                            "here (%s)", os.getpid(), timeout,
+                            "; ".join(f"{m}: {why}" for m, why in sorted(self.service.unready_models().items()))
+                            or "no worker registered")
+                return True
             await asyncio.sleep(0.05)
-        if not self.draining:
-            await self._serve(sock)
-            log.info("HTTP process %d accepting: its routers see every model's workers", os.getpid())
+        log.info("HTTP process %d accepting: its routers see %d worker(s) serving %s", os.getpid(),
+                 len(self.service.pool.instances), ", ".join(self.service.models()))
+        return not self._stop_requested
 
     async def _serve(self, sock: socket.socket | None) -> None:
         config = uvicorn.Config(self.asgi, host=self.cfg.http_host, port=self.cfg.http_port, log_level="warning",
@@ -116,6 +129,7 @@ class FrontendServer:
         `drain`); a second one ends what is still in flight now."""
         if stop.is_set():
             self.generate.expire()
+        self._stop_requested = True
         stop.set()
 
     async def drain(self, timeout: float) -> None:
@@ -132,9 +146,6 @@ class FrontendServer:
                 await asyncio.wait_for(self.generate.idle.wait(), 5.0)
 
     async def close(self) -> None:
-        if self._waiting is not None:
-            self._waiting.cancel()
-            await asyncio.gather(self._waiting, return_exceptions=True)
         if self._uvicorn is not None and self._task is not None:
             self._uvicorn.should_exit = True
             await asyncio.gather(self._task, return_exceptions=True)

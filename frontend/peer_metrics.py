@@ -11,9 +11,10 @@ latest of each peer; /metrics renders its own samples merged with the peers' fre
 - A peer silent for `stale` seconds is left out (it died; its counts go with it, as they would for a
   restarted single process).
 - Fresh at scrape time: the answering process asks its peers for a snapshot now (`...frontend_metrics_pull.
-  <group>`) and waits up to `pull_timeout` for every one of them, so a request that completed before the
-  scrape is counted whichever process served it; a peer that does not answer in time contributes its
-  last periodic snapshot.
+  <group>`) and waits up to `pull_timeout` until `peers` of them (the group's size less one, known from
+  the start; not only the peers heard from lately, which a loaded machine delays) have answered, so a
+  request that completed before the scrape is counted whichever process served it; a peer that does
+  not answer in time (it died, or the machine is overloaded for seconds) contributes its last snapshot.
 """
 
 from __future__ import annotations
@@ -113,11 +114,12 @@ def merge(snapshots: list[list[Family]]) -> bytes:
 
 class PeerMetrics:
     def __init__(self, events: EventPlane, namespace: str, group: str, frontend_id: str,
-                 registry: CollectorRegistry, *, interval: float = 1.0, stale: float = 5.0,
-                 pull_timeout: float = 2.0):
+                 registry: CollectorRegistry, *, peers: int = 0, interval: float = 1.0, stale: float = 5.0,
+                 pull_timeout: float = 5.0):
         self.events, self.subject = events, metrics_subject(namespace, group)
         self.pull, self.pull_timeout = pull_subject(namespace, group), pull_timeout
-        self._waiting: dict[str, tuple[set[str], asyncio.Event]] = {}  # nonce -> (peers yet to answer, done)
+        self.expected = peers  # the other HTTP processes of the group
+        self._waiting: dict[str, tuple[set[str], asyncio.Event, int]] = {}  # nonce -> (answered, done, wanted)
         self._pull_sub: Subscription | None = None
         self.frontend_id, self.registry, self.interval, self.stale = frontend_id, registry, interval, stale
         self._peers: dict[str, tuple[float, list[Family]]] = {}
@@ -145,12 +147,13 @@ class PeerMetrics:
         return sorted(f for f, (t, _) in self._peers.items() if now - t <= self.stale)
 
     async def render(self) -> bytes:
-        peers = self.peers()
-        if not peers:
+        known = self.peers()
+        want = self.expected or len(known)  # answers that complete the pull
+        if not want:
             return render(self.registry)
         nonce = uuid.uuid4().hex
         done = asyncio.Event()
-        self._waiting[nonce] = (set(peers), done)
+        self._waiting[nonce] = (set(), done, want)
         try:
             await self.events.publish(self.pull, MetricsPull(self.frontend_id, nonce))
             with contextlib.suppress(asyncio.TimeoutError):
@@ -158,7 +161,10 @@ class PeerMetrics:
         except Exception:  # the event plane is down: the last snapshots will do
             log.warning("could not pull peer metrics", exc_info=True)
         finally:
-            del self._waiting[nonce]
+            answered, _, _ = self._waiting.pop(nonce)
+        if len(answered) < want:
+            log.warning("/metrics: %d of %d other HTTP processes answered within %.1f s; the others' last "
+                        "snapshots are used", len(answered), want, self.pull_timeout)
         now = time.monotonic()
         fresh = [fams for t, fams in self._peers.values() if now - t <= self.stale]
         return merge([snapshot(self.registry), *fresh])
@@ -179,9 +185,10 @@ class PeerMetrics:
                     self._peers[snap.frontend_id] = (time.monotonic(), snap.families)
                     waiting = self._waiting.get(snap.answers)
                     if waiting is not None:
-                        waiting[0].discard(snap.frontend_id)
-                        if not waiting[0]:
-                            waiting[1].set()
+                        answered, done, want = waiting
+                        answered.add(snap.frontend_id)
+                        if len(answered) >= want:
+                            done.set()
 
     async def _answer(self, sub: Subscription) -> None:
         async for msg in sub:

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 LOAD_STALE_S = 5.0
 SUSPEND_S = 30.0  # how long a worker whose connection broke is kept out of routing
+SYNC_WAIT_S = 10.0  # how long start() waits for the pool to hold the workers discovery listed
 
 
 def _merge_backlog(out: EngineOutput, stream: RpcStream) -> EngineOutput:
@@ -115,6 +116,16 @@ class FrontendService:
         self._tasks.append(asyncio.create_task(self._consume_load(load_sub)))
         await self.peer_load.start()
         await self.pool.start()
+        await self.sync_workers(SYNC_WAIT_S)
+
+    async def sync_workers(self, timeout: float) -> bool:
+        """Wait until the routers hold every worker discovery lists now (bounded; logged if not): a
+        process that answers before its watch caught up says 'no worker' for registered workers."""
+        missing = await self.pool.wait_covering(timeout)
+        if missing:
+            log.warning("routing before discovery's workers are all seen: %d listed worker(s) still "
+                        "missing after %.0f s: %s", len(missing), timeout, ", ".join(sorted(missing)))
+        return not missing
 
     async def close(self) -> None:
         for t in self._tasks:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 from kvrelay.kvbm.events import LoadMetrics
-from kvrelay.runtime.discovery import Discovery, Instance, watch_instances
+from kvrelay.runtime.discovery import Discovery, Instance, list_instances, watch_instances
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,31 @@ class WorkerPool:
         now = asyncio.get_running_loop().time()
         return [i for i in self.instances.values() if i.model == model and i.role in roles
                 and self._suspended.get(i.instance_id, 0.0) <= now]
+
+    async def wait_covering(self, timeout: float) -> set[str]:
+        """Wait until this pool holds every worker discovery lists now (the watch is a poll or a stream
+        behind the store: a process that routes before it caught up answers 'no worker' for workers
+        that are registered). A listed worker whose entry is gone meanwhile is no longer waited for.
+        Returns the instance ids still missing after `timeout` (empty: covered)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            want = {i.instance_id for i in await list_instances(self.discovery, self.namespace, self.component)}
+        except Exception as e:  # e.g. etcd unreachable: the watch retries on its own; nothing to wait for
+            log.warning("cannot list workers to wait for: %s", e)
+            return set()
+        while True:
+            missing = want - self.instances.keys()
+            remaining = deadline - loop.time()
+            if not missing or remaining <= 0:
+                return missing
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
+            except asyncio.TimeoutError:  # nothing new: has one of them left discovery since?
+                with contextlib.suppress(Exception):
+                    want &= {i.instance_id for i in await list_instances(self.discovery, self.namespace,
+                                                                           self.component)}
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         loop = asyncio.get_running_loop()
