@@ -82,7 +82,7 @@ class RemotePrefill:
                 if e.kind != ErrorKind.ENGINE_OVERLOADED:
                     raise WorkerRejected(e.kind, e.remote_message) from None
             finally:
-                self.router.on_finish(request.request_id)
+                self.router.on_finish(route.request_id)  # the router counted it under the route's id
             excluded.add(inst.instance_id)
             self.failovers.inc()
 

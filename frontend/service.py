@@ -243,8 +243,12 @@ class FrontendService:
                 decision = self.router.select(route, states)
                 overlap = decision.overlap_blocks
             inst = self.pool.instances[decision.worker_id]
+            # Each attempt has its own id on the workers: a migrated attempt may reach a prefill worker
+            # that still holds the previous attempt's handle (its release is in flight), and a worker
+            # refuses an id it already holds. Routers keep counting the request under its own id.
             attempt = msgspec.structs.replace(
-                request, prompt_token_ids=tokens,
+                request, request_id=request.request_id if not migrations else f"{request.request_id}-m{migrations}",
+                prompt_token_ids=tokens,
                 sampling=msgspec.structs.replace(sampling, max_tokens=sampling.max_tokens - len(generated)))
             handle, finished = None, False
             try:

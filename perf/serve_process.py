@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,6 +19,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, timeout: float, log: Callable[[], str], what: str,
+                  poll_s: float = 0.1) -> None:
+    """Polls `url` until it answers 200; the process exiting first or `timeout` passing raises with
+    the tail of its log (what a failed start needs to be understood)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{what} exited early: {log()}"
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll_s)
+    raise TimeoutError(f"{what} not ready in {timeout}s: {log()}")
 
 
 class Serve:
@@ -48,16 +65,8 @@ class Serve:
     def start(self, timeout: float = 60.0) -> Serve:
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"serve exited early: {self.read_log()}"
-            try:
-                if httpx.get(f"{self.base_url}/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"serve not ready in {timeout}s: {self.read_log()}")
+        wait_until_up(self.proc, f"{self.base_url}/ready", timeout, self.read_log, "serve")
+        return self
 
     def read_log(self) -> str:
         self.log.flush()

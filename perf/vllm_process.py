@@ -6,12 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
-from kvrelay.perf.serve_process import free_port
+from kvrelay.perf.serve_process import free_port, wait_until_up
 
 
 class VllmServer:
@@ -27,17 +24,11 @@ class VllmServer:
              "--served-model-name", served_name, "--port", str(self.port), "--host", "127.0.0.1",
              "--enable-prefix-caching", "--enable-prompt-tokens-details", *extra],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + start_s
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.read_log()
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(self.read_log())
+        try:
+            wait_until_up(self.proc, f"{self.base_url}/health", start_s, self.read_log, "vLLM's server", poll_s=0.5)
+        except (AssertionError, TimeoutError):
+            self.stop()
+            raise
 
     def read_log(self) -> str:
         self.log.flush()

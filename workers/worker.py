@@ -42,6 +42,10 @@ from kvrelay.workers.protocol import Engine, EngineOutput, EngineRequest, Engine
 
 log = logging.getLogger(__name__)
 
+# How long a draining worker keeps serving after deregistering: file discovery's watchers poll every
+# <= 0.25 s and etcd watches deliver in milliseconds, so 1 s covers a routing decision made just before.
+_LEAVE_GRACE_S = 1.0
+
 
 # Every file the frontend's tokenizer reads (frontend/tokenizer.py): templates included, so a checkpoint
 # saved by current transformers (chat_template.jinja) has its chat template through the frontend too.
@@ -162,12 +166,19 @@ class Worker:
 
     async def drain(self, timeout: float) -> bool:
         """Leave routing, then wait up to `timeout` s for the requests in flight and the prefill handles
-        not yet pulled. True if all finished; `close()` fails what is left (frontends migrate it)."""
+        not yet pulled. True if all finished; `close()` fails what is left (frontends migrate it).
+
+        The worker keeps serving for at least `_LEAVE_GRACE_S` after deregistering, even when idle: a
+        router sees the removal only on its next discovery poll or watch event, and a request it routed
+        here before that must be served, not refused (the planner benchmark's scale-downs showed
+        'connection refused' on prefills and a migrated decode)."""
         await self._deregister()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        left_at = loop.time()
+        deadline = left_at + timeout
+        grace_until = left_at + min(_LEAVE_GRACE_S, timeout)
         log.info("worker %s draining: %d requests in flight, up to %.0f s", self.instance_id, self.active, timeout)
-        while self.active or self.engine.stats().held_requests:
+        while self.active or self.engine.stats().held_requests or loop.time() < grace_until:
             if loop.time() >= deadline:
                 log.warning("drain timeout: %d requests still in flight", self.active)
                 return False

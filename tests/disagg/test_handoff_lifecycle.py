@@ -204,3 +204,33 @@ def test_prefill_worker_lost_mid_prefill_moves_to_the_other_prefill_worker():
     assert failovers == 1
     assert other.prompt_tokens == len(prompt)  # the survivor prefilled it
     assert decode.remote_prefills == 1 and decode.pull_failures == 0
+
+
+def test_migration_after_a_dead_decode_worker_reprefills_on_the_same_prefill_worker():
+    """A decode worker that died before its deregistration was seen (a scale-down race): the attempt
+    routed to it fails to connect after its remote prefill, and the migrated attempt prefills again on
+    the same prefill worker, which may still hold the first attempt's handle. Every request completes
+    with the tokens of an uninterrupted run (seen in the planner benchmark as "duplicate request id")."""
+    from kvrelay.perf.serve_process import free_port
+    from kvrelay.runtime.discovery import register_instance
+
+    prompts = [_prompt(200, 10 + i) for i in range(6)]
+
+    async def run():
+        async with Cluster(["agg"], CFG) as ref:
+            want = [await ref.generate(p, max_tokens=6) for p in prompts]
+        async with Cluster(["prefill", "decode"], CFG) as c:
+            real = c.by_role("decode")[0].instance
+            dead = msgspec.structs.replace(real, instance_id=f"{real.instance_id}-dead",
+                                           address=f"127.0.0.1:{free_port()}")  # nothing listens there
+            await register_instance(c._disc(), dead)
+            await c.service.pool.wait_for(lambda: dead.instance_id in c.service.pool.instances, 10)
+            got = await asyncio.gather(*(c.generate(p, max_tokens=6) for p in prompts))
+            await c.settle()
+            prefill = c.by_role("prefill")[0].engine.stats()
+            return want, got, c.service.migrations._value.get(), prefill
+
+    want, got, migrations, prefill = asyncio.run(run())
+    assert got == want
+    assert migrations >= 1  # some attempts went to the dead worker and moved on
+    assert _idle(prefill)

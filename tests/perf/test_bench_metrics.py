@@ -22,7 +22,9 @@ from kvrelay.perf.bench.tokens import token_pool
 from kvrelay.perf.bench.workloads import workload
 from tests.perf.bench_helpers import bench_argv, fake_endpoint, tiny_tokenizer
 
-TTFT, ITL, OUT, IN, CONC, N = 0.200, 0.020, 32, 64, 4, 24
+# TTFT 0.4 s: the harness's TTFT rightly includes the request's own send and the server's parse, 3-5 ms
+# here at load average 3 and more under a full CI run; at 0.2 s that already took 2.5% of the 5% bar.
+TTFT, ITL, OUT, IN, CONC, N = 0.400, 0.020, 32, 64, 4, 24
 
 
 @pytest.fixture(scope="module")
