@@ -153,23 +153,32 @@ class VllmEngine:
             return
         sampling = to_vllm(request.sampling, kv_transfer_params=params)
         first = handle is not None
-        async for out in self._stream(request, self._prompt(request), sampling, n, deferred=handle is not None):
-            if first and out.token_ids:  # vLLM decodes from the prompt and samples the first token again
-                first = False
-                assert handle is not None
-                if out.token_ids[0] != handle.first_token:  # sampled differently: continue from ours
-                    self.stats_sink.pull_failures += 1
-                    log.info("request %s: decode sampled %d, prefill %d; recomputing from the prefill's token",
-                             request.request_id, out.token_ids[0], handle.first_token)
-                    await self.llm.abort(request.request_id)
-                    async for rest in self._stream(request, self._prompt(request, [handle.first_token]),
-                                                   to_vllm(request.sampling, max_tokens=request.sampling.max_tokens - 1),
-                                                   n + 1, deferred=False, rid_suffix="-r"):
-                        yield msgspec.structs.replace(rest, num_prompt_tokens=n)
-                    return
-                out = msgspec.structs.replace(out, token_ids=out.token_ids[1:],
-                                              logprobs=out.logprobs[1:] if out.logprobs else out.logprobs)
-            yield out
+        mismatch = False
+        stream = self._stream(request, self._prompt(request), sampling, n, deferred=handle is not None)
+        try:
+            async for out in stream:
+                if first and out.token_ids:  # vLLM decodes from the prompt and samples the first token again
+                    first = False
+                    assert handle is not None
+                    if out.token_ids[0] != handle.first_token:  # sampled differently: continue from ours
+                        self.stats_sink.pull_failures += 1
+                        log.info("request %s: decode sampled %d, prefill %d; recomputing from the prefill's "
+                                 "token", request.request_id, out.token_ids[0], handle.first_token)
+                        mismatch = True
+                        break
+                    out = msgspec.structs.replace(out, token_ids=out.token_ids[1:],
+                                                  logprobs=out.logprobs[1:] if out.logprobs else out.logprobs)
+                yield out
+        finally:
+            # Closed before any recompute starts, so the request counts once in `_in_flight`.
+            await stream.aclose()
+        if mismatch:
+            assert handle is not None and self.llm is not None
+            await self.llm.abort(request.request_id)  # the cancelled pump aborts too; this does it now
+            async for rest in self._stream(request, self._prompt(request, [handle.first_token]),
+                                           to_vllm(request.sampling, max_tokens=request.sampling.max_tokens - 1),
+                                           n + 1, deferred=False, rid_suffix="-r"):
+                yield msgspec.structs.replace(rest, num_prompt_tokens=n)
 
     def _usable_handle(self, request: EngineRequest) -> dict | None:
         """vLLM's kv_transfer_params from the handle, or None (recompute) if it is not for this engine."""
