@@ -37,6 +37,10 @@ from kvrelay.runtime.metrics import CONTENT_TYPE_LATEST, render
 
 log = logging.getLogger(__name__)
 
+# Idle keep-alive connections stay open this long. It must exceed the clients' own pool expiry (httpx 5 s,
+# aiohttp 15 s) and a load balancer's idle timeout (60 s is common): with uvicorn's default of 5 s a
+# client reusing a connection the server was closing at that moment got a ReadError (planner benchmark).
+KEEP_ALIVE_S = 65
 ACCEPT_WAIT_S = 30.0  # the longest an extra HTTP process waits for every model to be routable before accepting
 
 
@@ -114,7 +118,8 @@ class FrontendServer:
     async def _serve(self, sock: socket.socket | None) -> None:
         config = uvicorn.Config(self.asgi, host=self.cfg.http_host, port=self.cfg.http_port, log_level="warning",
                                 interface="asgi3", proxy_headers=False,
-                                loop="none", lifespan="off", timeout_graceful_shutdown=5)
+                                loop="none", lifespan="off", timeout_graceful_shutdown=5,
+                                timeout_keep_alive=KEEP_ALIVE_S)
         self._uvicorn = _UvicornServer(config)
         self._task = asyncio.create_task(self._uvicorn.serve(sockets=[sock] if sock is not None else None))
         while not self._uvicorn.started:

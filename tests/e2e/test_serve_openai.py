@@ -154,3 +154,23 @@ def test_interrupt_leaves_no_process(tmp_path):
     while any(alive(p) for p in children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in children)
+
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_pool_expiry(served):
+    """A connection idle for longer than httpx's keep-alive expiry (5 s, uvicorn's default too) is still
+    open: a client reusing it at that moment must not race the server's close (a ReadError otherwise)."""
+    import socket
+
+    host, port = served.base_url.removeprefix("http://").split(":")
+    request = f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock, sock.makefile("rb") as f:
+        for pause in (0, 6):
+            time.sleep(pause)
+            sock.sendall(request)
+            status = f.readline()
+            assert status.startswith(b"HTTP/1.1 200"), status  # b"" if the server had closed it
+            length = 0
+            while (line := f.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            assert b"kvrelay-tiny" in f.read(length)
