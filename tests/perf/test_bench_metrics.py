@@ -8,6 +8,7 @@ import subprocess
 from itertools import islice
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 from msgspec import structs
@@ -20,11 +21,12 @@ from kvrelay.perf.bench.metrics import BenchResult, stat, summarize
 from kvrelay.perf.bench.runner import run_benchmark
 from kvrelay.perf.bench.tokens import token_pool
 from kvrelay.perf.bench.workloads import workload
-from tests.perf.bench_helpers import bench_argv, fake_endpoint, tiny_tokenizer
+from tests.perf.bench_helpers import bench_argv, fake_endpoint, tiny_tokenizer, tiny_tokenizer_dir
 
-# TTFT 0.4 s: the harness's TTFT rightly includes the request's own send and the server's parse, 3-5 ms
-# here at load average 3 and more under a full CI run; at 0.2 s that already took 2.5% of the 5% bar.
-TTFT, ITL, OUT, IN, CONC, N = 0.400, 0.020, 32, 64, 4, 24
+# TTFT 1 s: the harness's TTFT rightly includes two process wake-ups (the server reading the request, the
+# client reading the first chunk), and on a loaded 2-core machine each waits for a time slice: +4 ms at
+# load average 3, +12 ms beside CI's slow lane, +22 ms in one CI run, which at 0.4 s failed the 5% bar.
+TTFT, ITL, OUT, IN, CONC, N = 1.000, 0.020, 32, 64, 4, 24
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +48,15 @@ def near(measured: float | None, truth: float, rel: float = 0.05) -> bool:
     return measured is not None and abs(measured - truth) <= rel * truth
 
 
-async def test_scripted_timings_within_5_percent(fake, tok):
+def test_scripted_timings_within_5_percent(fake, tmp_path):
+    """`kvrelay bench run` in its own process, as a user runs it, against the scripted server."""
     before = len(server_log(fake))
-    cfg = BenchConfig(url=fake, input_len=IN, output_len=OUT, num_requests=N, concurrency=CONC, warmup=CONC)
-    s = (await run_benchmark(cfg, tok, progress=False)).summary
+    run = subprocess.run([*bench_argv(), "run", "--url", fake, "--tokenizer", tiny_tokenizer_dir(),
+                          "--input-len", str(IN), "--output-len", str(OUT), "--num-requests", str(N),
+                          "--concurrency", str(CONC), "--warmup", str(CONC), "--out", str(tmp_path / "out"),
+                          "--no-plots", "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    s = msgspec.json.decode((tmp_path / "out" / "bench.json").read_bytes(), type=BenchResult).summary
     e2e = TTFT + (OUT - 1) * ITL  # each request, by the script; a closed loop runs N/CONC of them back to back
     truth = {"ttft": TTFT * 1e3, "itl": ITL * 1e3, "tpot": ITL * 1e3, "e2e": e2e * 1e3,
              "req/s": CONC / e2e, "tok/s": CONC * OUT / e2e}

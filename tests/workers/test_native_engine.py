@@ -78,7 +78,11 @@ def test_sampling_seed_is_reproducible_and_params_apply(llama):
 
     a = sample("a", temperature=1.5, seed=7, logprobs=True)
     b = sample("b", temperature=1.5, seed=7, logprobs=True)
-    assert a == b and len(a[1]) == 8 and all(lp <= 0 for lp in a[1])
+    # The same tokens; logprobs equal up to float rounding (CI once saw several 1e-6 apart, in prefill
+    # and decode steps alike): b prefills only what the prefix cache lacks, and a loaded machine's CPU
+    # BLAS may split a reduction over fewer threads
+    assert a[0] == b[0] and b[1] == pytest.approx(a[1], abs=1e-4)
+    assert len(a[1]) == 8 and all(lp <= 0 for lp in a[1])
     greedy = sample("g")[0]
     top1 = sample("k", temperature=5.0, top_k=1, seed=1)[0]
     assert top1 == greedy  # top_k=1 is greedy whatever the temperature
