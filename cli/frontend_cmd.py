@@ -74,8 +74,12 @@ async def _serve(fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, to
             await extra.start()
         if child:
             print(f"READY http-{os.getpid()}", flush=True)  # noqa: T201 - the owning process waits for this line
-        log.info("kvrelay frontend on http://%s:%d (%d HTTP process%s)", fe.http_host, server.port, n,
-                 "es" if n > 1 else "")
+        if child:  # one of the owner's group: its size is the group's, not this process's own count (1)
+            log.info("HTTP process %d serving http://%s:%d (one of %d)", os.getpid(), fe.http_host, server.port,
+                     group[1])
+        else:
+            log.info("kvrelay frontend on http://%s:%d (%d HTTP process%s)", fe.http_host, server.port, n,
+                     "es" if n > 1 else "")
         await stop.wait()
         await asyncio.gather(server.drain(fe.drain_timeout),
                              *([extra.stop(fe.drain_timeout)] if extra is not None else []))
