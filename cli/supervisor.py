@@ -41,7 +41,9 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG(SIGTERM) for the calling process: from `die_with_parent` at a child's start, and as
+    the planner's local connector's preexec_fn (between its fork and exec)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -53,7 +55,7 @@ class Child:
         `new_session`: a terminal's Ctrl-C does not reach the child; only the supervisor signals it."""
         self.name, self.argv, self.env, self.pass_fds = name, argv, env, pass_fds
         self.new_session = new_session
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: _Process | None = None
         self.address: str | None = None
         self.restarts = 0
 
