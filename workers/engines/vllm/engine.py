@@ -20,6 +20,7 @@ EngineCore in the field; the read has finished once a token exists).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -71,7 +72,9 @@ class VllmEngine:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
-        cfg = self.cfg
+        # Never a native engine's fingerprint: vLLM's KV layout differs, so handles must not cross.
+        self.fingerprint = "vllm-" + model_fingerprint(self.cfg.model)
+        cfg = self.cfg = dataclasses.replace(self.cfg, fingerprint=self.fingerprint)
         if cfg.role != "agg":  # vLLM's NIXL side channel: where kvrelay's worker listens, on a free port
             os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", cfg.host)
             os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_PORT", str(_free_port(cfg.host)))
@@ -94,8 +97,6 @@ class VllmEngine:
         self.max_model_len = vc.model_config.max_model_len
         self.dtype = str(vc.model_config.dtype).removeprefix("torch.")
         self.shape = (layers, kv_heads, head_dim)
-        # Never a native engine's fingerprint: vLLM's KV layout differs, so handles must not cross.
-        self.fingerprint = "vllm-" + model_fingerprint(cfg.model)
         self.mapper = VllmEventMapper(self.fingerprint, self.block_size, self.events)
         pub, replay = cfg.event_endpoints()
         self.subscriber = VllmEventSubscriber(pub, replay, self._on_batch, self._on_lost)

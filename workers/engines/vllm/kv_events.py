@@ -10,7 +10,9 @@ tagged union whose encoding changed across vLLM releases:
   "parent_block_hash": ..., "token_ids": ..., "block_size": ..., "lora_name": ..., "extra_keys": ...}`.
 
 Both decode; unknown fields and unknown event types are ignored, so a new vLLM field cannot break
-indexing. vLLM's own block hashes are opaque here (their algorithm is vLLM's setting): kvrelay's hash is
+indexing. kvrelay's own tier connector (tier_connector.py) publishes its G2/G3/G4 events on the same
+stream, marked `ownership="kvrelay"`, with kvrelay hashes and the tier in `medium` + `locality`; they
+go to the tier mirrors of the `KvEventLog`. vLLM's own block hashes are opaque here (their algorithm is vLLM's setting): kvrelay's hash is
 recomputed from each stored block's token ids, chained from its parent's kvrelay hash, so the router's
 index and every tier speak one hash. The map vLLM hash -> kvrelay hash is the G1 mirror a snapshot reads.
 
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 _STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium")
 _REMOVED_FIELDS = ("block_hashes", "medium")
 _G1_MEDIA = (None, "GPU")  # vLLM's own KV cache; CPU/STORAGE are its offloading tiers
+TIER_OWNERSHIP = "kvrelay"  # events of kvrelay's tier connector (tier_connector.py): kvrelay hashes
+_TIERS = {("CPU", "LOCAL"): "G2", ("STORAGE", "LOCAL"): "G3", ("STORAGE", "REMOTE"): "G4"}
 
 
 def decode_batch(payload: bytes) -> list[dict[str, Any]]:
@@ -65,7 +69,9 @@ class VllmEventMapper:
     def apply(self, events: list[dict[str, Any]]) -> None:
         for e in events:
             kind = e["type"]
-            if kind == "BlockStored" and e.get("medium") in _G1_MEDIA:
+            if e.get("ownership") == TIER_OWNERSHIP and kind in ("BlockStored", "BlockRemoved"):
+                self._tier(e)
+            elif kind == "BlockStored" and e.get("medium") in _G1_MEDIA:
                 self._stored(e)
             elif kind == "BlockRemoved" and e.get("medium") in _G1_MEDIA:
                 gone = [self.held.pop(_key(h)) for h in e.get("block_hashes") or [] if _key(h) in self.held]
@@ -73,6 +79,14 @@ class VllmEventMapper:
                     self.log.g1_removed(gone)
             elif kind == "AllBlocksCleared":
                 self.clear()
+
+    def _tier(self, e: dict[str, Any]) -> None:
+        """A kvrelay tier's event: its hashes are kvrelay's already; the tier is in medium + locality.
+        Other owners' CPU/STORAGE events (vLLM's own offloading) carry vLLM hashes and stay ignored."""
+        tier = _TIERS.get((e.get("medium"), e.get("locality")))
+        hashes = [h for h in e.get("block_hashes") or [] if isinstance(h, int)]
+        if tier is not None and hashes:
+            self.log.tier_event(tier, "stored" if e["type"] == "BlockStored" else "removed", hashes)
 
     def clear(self) -> None:
         """Forget every block (vLLM cleared its cache, or events were lost beyond replay)."""

@@ -1,0 +1,173 @@
+"""kvrelay's lower tiers inside vLLM's worker process: the tier loop, the staging rows, the events.
+
+The connector's worker half (`tier_worker.py`) runs in vLLM's worker process, next to vLLM's KV
+tensors; so do the tier stores and the cost model. What this owns:
+- an asyncio loop on its own thread, where `TieredKv`, every tier store and the lookup server
+  (`tier_lookup.py`, the scheduler half's questions) run;
+- the staging rows: a uint8 `[rows, block_bytes]` buffer that is `TieredKv`'s "G1" (a tier row is
+  block-contiguous, vLLM's cache is per layer, so every move goes through a row: the worker half
+  gathers/scatters between rows and vLLM's tensors, the tiers copy between rows and themselves);
+- which rows are free (a lock-protected free list: the worker thread takes rows, the loop gives them
+  back when a copy has finished);
+- the tier events, queued until the worker half hands them to the scheduler half (vLLM's worker
+  metadata), which publishes them on vLLM's KV-event stream.
+
+Invariants: a row is owned by exactly one of {free list, a load in flight, a save in flight}; saves
+may hold at most `SAVE_SHARE` of the rows, so a load always finds rows unless loads fill them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvrelay.kvbm.tier_config import TierConfig
+from kvrelay.kvbm.tiered_kv import TieredKv
+from kvrelay.workers.api.messages import TierCounters
+from kvrelay.workers.core.tier_link import tier_counters
+from kvrelay.workers.engines.vllm.tier_lookup import LookupServer
+
+log = logging.getLogger("kvrelay.vllm.tiers")
+SAVE_SHARE = 0.5  # at most this share of the staging rows hold saves in flight
+DEFAULT_STAGING_BYTES = 128 << 20
+
+
+@dataclass(frozen=True)
+class TierSettings:
+    """What the worker process tells the connector (vLLM's `kv_connector_extra_config`, JSON)."""
+
+    key: str  # the engine's private directory: where the lookup socket lives
+    fingerprint: str
+    block_size: int
+    tiers: TierConfig
+    staging_bytes: int = DEFAULT_STAGING_BYTES
+
+    def to_extra(self) -> dict[str, Any]:
+        t = self.tiers
+        return {"key": self.key, "fingerprint": self.fingerprint, "block_size": self.block_size, "staging_bytes": self.staging_bytes,
+                "tiers": {"host_bytes": t.host_bytes, "disk_dir": t.disk_dir, "disk_bytes": t.disk_bytes,
+                          "object_store": t.object_store, "object_bytes": t.object_bytes, "policy": t.policy,
+                          "offload": t.offload, "onboard": t.onboard}}
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> TierSettings:
+        return cls(key=str(extra["key"]), fingerprint=extra["fingerprint"], block_size=int(extra["block_size"]),
+                   tiers=TierConfig(**extra["tiers"]),
+                   staging_bytes=int(extra.get("staging_bytes", DEFAULT_STAGING_BYTES)))
+
+
+class TierRuntime:
+    def __init__(self, settings: TierSettings):
+        self.settings = settings
+        self.tiered: TieredKv | None = None  # None until the worker half registered vLLM's caches
+        self._lookups: LookupServer | None = None
+        self.rows: torch.Tensor | None = None
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="kvrelay-tiers", daemon=True)
+        self._thread.start()
+        self._lock = threading.Lock()
+        self._free: list[int] = []
+        self._saving = 0  # rows held by saves in flight
+        self._events: deque[tuple[str, str, list[int]]] = deque()
+        self.known: set[int] = set()  # hashes some tier holds (from the tiers' events): saves skip them
+        self._held: dict[str, set[int]] = {}
+        self.save_skipped = 0  # blocks not saved: no free row (counted, like the native offload_skipped)
+        self.onboarded = 0  # blocks loaded into vLLM's cache (the intact prefix of each load: what vLLM used)
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def open(self, block_bytes: int) -> bool:
+        """Allocate the staging rows, open the tiers and the lookup server (blocking: at engine start).
+        False if no tier opened (each one that failed said why); lookups then answer misses."""
+        n = max(2, self.settings.staging_bytes // max(1, block_bytes))
+        self.rows = torch.zeros((n, block_bytes), dtype=torch.uint8)
+        self._free = list(range(n))
+        self.tiered = self.run(TieredKv.open(self.settings.tiers, self.rows, self.settings.block_size,
+                                             self.settings.fingerprint, sink=self._on_event))
+        self.run(self._serve_lookups())
+        if not self.tiered.stores:
+            return False
+        log.info("kvrelay tiers under vLLM: %s; %d staging rows of %d B (%.0f MiB); offload write-through, "
+                 "onboard %s", ", ".join(self.tiered.tiers), n, block_bytes, n * block_bytes / 2**20,
+                 self.settings.tiers.onboard)
+        return True
+
+    async def _serve_lookups(self) -> None:
+        self._lookups = LookupServer(self.settings.key, self.tiered, self.num_rows)
+
+    def close(self) -> None:
+        if self.tiered is not None:
+            try:
+                if self._lookups is not None:
+                    self.run(self._lookups.close(), timeout=5)
+                self.run(self.tiered.close(), timeout=30)
+            except Exception:
+                log.exception("closing kvrelay's tiers failed")
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+    # -- the loop thread --------------------------------------------------------------------------------
+    def submit(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro, timeout: float | None = None) -> Any:
+        return self.submit(coro).result(timeout)
+
+    def call(self, fn, *args) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    # -- staging rows -----------------------------------------------------------------------------------
+    @property
+    def num_rows(self) -> int:
+        return 0 if self.rows is None else self.rows.shape[0]
+
+    def take_rows(self, n: int, *, save: bool) -> list[int] | None:
+        with self._lock:
+            if n > len(self._free) or (save and self._saving + n > self.num_rows * SAVE_SHARE):
+                return None
+            rows, self._free = self._free[:n], self._free[n:]  # lowest first: runs of rows coalesce copies
+            if save:
+                self._saving += n
+            return rows
+
+    def give_rows(self, rows: list[int], *, save: bool) -> None:
+        with self._lock:
+            self._free.extend(rows)
+            self._free.sort()
+            if save:
+                self._saving -= len(rows)
+
+    @property
+    def rows_in_use(self) -> int:
+        with self._lock:
+            return self.num_rows - len(self._free)
+
+    # -- events and stats -------------------------------------------------------------------------------
+    def _on_event(self, tier: str, kind: str, hashes: list[int]) -> None:  # on the loop thread
+        held = self._held.setdefault(tier, set())
+        if kind == "stored":
+            held.update(hashes)
+            self.known.update(hashes)
+        else:
+            held.difference_update(hashes)
+            for h in hashes:
+                if not any(h in other for other in self._held.values()):
+                    self.known.discard(h)
+        self._events.append((tier, kind, hashes))
+
+    def take_events(self) -> list[tuple[str, str, list[int]]]:
+        out = []
+        while self._events:
+            out.append(self._events.popleft())
+        return out
+
+    def counters(self) -> list[TierCounters]:
+        return [] if self.tiered is None else [tier_counters(s, f) for s, f in self.tiered.stats()]
+
+
