@@ -19,3 +19,14 @@ def test_every_package_is_listed_in_pyproject():
             rel = init.parent.relative_to(ROOT / folder).parts
             found.add(".".join((name, *rel)))
     assert found == listed, f"missing from pyproject: {found - listed}; listed but absent: {listed - found}"
+
+
+def test_no_top_level_folder_shadows_an_installed_package():
+    """Under pytest the repository root is on sys.path, so a package folder there named like an
+    installed distribution's module (transformers >= 5.25 imports `kernels`) would be imported instead."""
+    from importlib.metadata import packages_distributions
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    installed = packages_distributions()
+    clashes = {folder: installed[folder] for folder in cfg["package-dir"].values() if folder in installed}
+    assert not clashes, f"top-level folders shadow installed packages: {clashes}"
