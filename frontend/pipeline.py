@@ -27,7 +27,10 @@ from kvrelay.runtime.rpc import RpcError
 from kvrelay.workers.api.endpoints import ErrorKind
 from kvrelay.workers.api.messages import EngineRequest, ModelCard, SamplingParams
 
-_REJECTED_STATUS = {ErrorKind.ENGINE_OVERLOADED: 503}
+# What a worker's refusal means for the client: its mistake (400), a full queue (503); anything else the
+# engine raised is the server's failure (500), never the client's.
+_REJECTED_STATUS = {ErrorKind.ENGINE_ERROR: 400, ErrorKind.ENGINE_OVERLOADED: 503}
+_REJECTED_TYPE = {400: "invalid_request_error", 503: "service_unavailable_error"}
 
 
 @dataclass
@@ -152,9 +155,8 @@ class Pipeline:
         except NoWorker:
             raise ApiError.no_worker(p.model) from None
         except WorkerRejected as e:
-            raise ApiError(_REJECTED_STATUS.get(e.kind, 400), str(e),
-                           type="service_unavailable_error" if e.kind == ErrorKind.ENGINE_OVERLOADED else
-                           "invalid_request_error") from None
+            status = _REJECTED_STATUS.get(e.kind, 500)
+            raise ApiError(status, str(e), type=_REJECTED_TYPE.get(status, "server_error")) from None
         except RpcError as e:
             raise ApiError(503, f"The request failed on every worker that tried it: {e}",
                            type="service_unavailable_error", code="worker_failed") from None
