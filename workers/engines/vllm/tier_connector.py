@@ -215,7 +215,8 @@ class KvrelayTierConnector(KVConnectorBase_V1):
             n -= len(spec.get(req_id, ()))  # draft tokens may be rejected: never save their blocks
             computed = req.num_computed_tokens
             prompt_tokens += max(0, min(computed + n, req.num_prompt_tokens) - computed)
-            scheduled.append((req_id, computed, n, req.all_token_ids, manager.get_block_ids(req_id)[0]))
+            scheduled.append((req_id, computed, n, req.all_token_ids,
+                              lambda req_id=req_id: manager.get_block_ids(req_id)[0]))
         loads, saves = self._sched.step(scheduled)
         return TierMetadata(loads, saves, prompt_tokens)
 

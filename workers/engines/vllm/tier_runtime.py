@@ -76,8 +76,11 @@ class TierRuntime:
         self._free: list[int] = []
         self._saving = 0  # rows held by saves in flight
         self._events: deque[tuple[str, str, list[int]]] = deque()
-        self.known: set[int] = set()  # hashes some tier holds (from the tiers' events): saves skip them
-        self._held: dict[str, set[int]] = {}
+        # Hashes the fastest tier holds (from its events): a save skips them. The hierarchy is inclusive
+        # (a save goes to every tier), so a block the fastest tier lost is saved again, everywhere.
+        t = settings.tiers
+        self._top = "G2" if t.host_bytes else "G3" if t.disk_dir != "off" else "G4"
+        self.known: set[int] = set()
         self.save_skipped = 0  # blocks not saved: no free row (counted, like the native offload_skipped)
         self.onboarded = 0  # blocks loaded into vLLM's cache (the intact prefix of each load: what vLLM used)
 
@@ -150,15 +153,11 @@ class TierRuntime:
 
     # -- events and stats -------------------------------------------------------------------------------
     def _on_event(self, tier: str, kind: str, hashes: list[int]) -> None:  # on the loop thread
-        held = self._held.setdefault(tier, set())
-        if kind == "stored":
-            held.update(hashes)
-            self.known.update(hashes)
-        else:
-            held.difference_update(hashes)
-            for h in hashes:
-                if not any(h in other for other in self._held.values()):
-                    self.known.discard(h)
+        if tier == self._top:
+            if kind == "stored":
+                self.known.update(hashes)
+            else:
+                self.known.difference_update(hashes)
         self._events.append((tier, kind, hashes))
 
     def take_events(self) -> list[tuple[str, str, list[int]]]:

@@ -23,7 +23,7 @@ about; a block is offered for saving at most once per request, and only once all
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvrelay.kvbm.hashing import BlockHasher, root_hash
@@ -124,22 +124,25 @@ class TierScheduler:
             st.loaded_from[t] = st.loaded_from.get(t, 0) + self.block_size
         st.plan = None
 
-    def step(self, scheduled: Sequence[tuple[str, int, int, Sequence[int], Sequence[int]]]) -> tuple[
+    def step(self, scheduled: Sequence[tuple[str, int, int, Sequence[int], Callable[[], Sequence[int]]]]) -> tuple[
             list[LoadJob], list[SaveJob]]:
         """scheduled: (req_id, tokens computed before this step, tokens it computes, all known token
-        ids, vLLM's block ids) per request in this step."""
+        ids, a function giving vLLM's block ids) per request in this step (the ids are asked for only
+        when a block is to be saved: most steps are decode steps that fill none)."""
         loads, self._loads = self._loads, []
         saves: list[SaveJob] = []
         bs = self.block_size
-        for req_id, computed, scheduled_tokens, tokens, block_ids in scheduled:
+        for req_id, computed, scheduled_tokens, tokens, get_block_ids in scheduled:
             st = self.reqs.get(req_id)
             if st is None:
                 continue
             if st.saved is None:
                 st.saved = computed // bs  # vLLM's own hits and loaded blocks: already somewhere
-            full = min((computed + scheduled_tokens) // bs, len(tokens) // bs, len(block_ids))
+            full = min((computed + scheduled_tokens) // bs, len(tokens) // bs)
             if full <= st.saved:
                 continue
+            block_ids = get_block_ids()
+            full = min(full, len(block_ids))
             hashes = st.hashes(tokens, full, bs)
             saves.append(SaveJob(hashes[st.saved:full], list(block_ids[st.saved:full])))
             st.saved = full
