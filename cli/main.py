@@ -20,8 +20,8 @@ from kvrelay.cli import (
     worker_cmd,
 )
 from kvrelay.cli.parser import Parser
-from kvrelay.cli.supervisor import die_with_parent
 from kvrelay.runtime.config import ConfigError
+from kvrelay.runtime.spawn import die_with_parent
 
 COMMANDS = (serve_cmd, frontend_cmd, runtime_cmds, model_cmd, worker_cmd, bench_cmd, planner_cmd, cache_cmd)
 

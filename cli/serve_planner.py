@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import logging
 
-from kvrelay.cli.supervisor import Child, _die_with_parent
+from kvrelay.cli.supervisor import Child
 from kvrelay.planner.connectors.local import LocalConnector
 from kvrelay.planner.observation import Pool
 from kvrelay.runtime.discovery import make_discovery
@@ -31,7 +31,7 @@ async def start_planned_workers(roles: list[str], children: list[Child], planner
         return [*base_argv, "--role", "prefill" if pool is Pool.PREFILL else
                 ("decode" if "prefill" in roles or "decode" in roles else "agg")]
 
-    connector = LocalConnector(argv, env=template.env, preexec_fn=_die_with_parent)
+    connector = LocalConnector(argv, env=template.env)
     initial = {Pool.PREFILL: roles.count("prefill"), Pool.DECODE: roles.count("decode") + roles.count("agg")}
     await connector.scale(initial)
     deadline = asyncio.get_running_loop().time() + ready_timeout

@@ -6,46 +6,20 @@ Invariants: a child never outlives the supervisor (PR_SET_PDEATHSIG on Linux del
 if the supervisor dies, even by SIGKILL); `stop()` sends SIGTERM, waits, then SIGKILLs stragglers, so
 after it returns no child is running.
 
-Children are spawned by CPython's subprocess (vfork + exec, no Python code between them), never by the
-event loop's own spawn: uvloop forks and runs the interpreter's after-fork handlers in the child, and
-in a process with gRPC threads (etcd discovery) such a child dies of SIGSEGV before exec (3 of 120
-spawns here; a frontend whose extra HTTP process died so at start exited). The child sets its own
-PR_SET_PDEATHSIG at start (`die_with_parent`, from `PARENT_ENV`), then checks its parent is still there.
+Children are started by `runtime.spawn` (CPython's vfork + exec, never the event loop's fork; why there).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
-import subprocess
-import sys
+
+from kvrelay.runtime.spawn import ChildProcess, spawn
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-PARENT_ENV = "KVRELAY_DIE_WITH_PARENT"  # the supervisor's pid: the child dies (SIGTERM) with it
-
-
-def die_with_parent() -> None:
-    """In a child started by `Child` (cli/main.py calls it first): SIGTERM when the supervisor dies, and
-    exit at once if it died before this ran."""
-    parent = os.environ.pop(PARENT_ENV, "")
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    _die_with_parent()
-    if os.getppid() != int(parent):
-        os._exit(1)
-
-
-def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG(SIGTERM) for the calling process: from `die_with_parent` at a child's start, and as
-    the planner's local connector's preexec_fn (between its fork and exec)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Child:
@@ -55,16 +29,12 @@ class Child:
         `new_session`: a terminal's Ctrl-C does not reach the child; only the supervisor signals it."""
         self.name, self.argv, self.env, self.pass_fds = name, argv, env, pass_fds
         self.new_session = new_session
-        self.proc: _Process | None = None
+        self.proc: ChildProcess | None = None
         self.address: str | None = None
         self.restarts = 0
 
     async def start(self, ready_timeout: float) -> str:
-        # vfork + exec: returns as soon as the child exec'd (blocking only that long, by design; see above)
-        popen = subprocess.Popen(self.argv, env={**self.env, PARENT_ENV: str(os.getpid())},  # noqa: ASYNC220
-                                 stdout=subprocess.PIPE, stderr=None, pass_fds=self.pass_fds,
-                                 start_new_session=self.new_session)
-        self.proc = await _Process.wrap(popen)
+        self.proc = await spawn(self.argv, self.env, self.pass_fds, self.new_session)
         try:
             line = await asyncio.wait_for(self._ready_line(), ready_timeout)
         except (asyncio.TimeoutError, EOFError):
@@ -105,59 +75,6 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
-
-
-class _Process:
-    """The asyncio.subprocess.Process surface `Child` uses, over a `subprocess.Popen`: stdout read through
-    the loop, the exit awaited through a pidfd (no thread per child)."""
-
-    def __init__(self, popen: subprocess.Popen, stdout: asyncio.StreamReader):
-        self.popen, self.pid, self.stdout = popen, popen.pid, stdout
-        self._exited: asyncio.Future | None = None
-
-    @classmethod
-    async def wrap(cls, popen: subprocess.Popen) -> _Process:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), popen.stdout)
-        return cls(popen, reader)
-
-    @property
-    def returncode(self) -> int | None:
-        return self.popen.poll()
-
-    def send_signal(self, sig: int) -> None:
-        self.popen.send_signal(sig)
-
-    def kill(self) -> None:
-        self.popen.kill()
-
-    async def wait(self) -> int:
-        if self.popen.poll() is not None:
-            return self.popen.returncode
-        if self._exited is None:
-            self._exited = asyncio.ensure_future(self._wait_exit())
-        return await asyncio.shield(self._exited)
-
-    async def _wait_exit(self) -> int:
-        loop = asyncio.get_running_loop()
-        try:
-            fd = os.pidfd_open(self.pid)
-        except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): poll
-            while self.popen.poll() is None:  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
-            return self.popen.returncode
-        try:
-            exited = loop.create_future()
-            loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
-            try:
-                if self.popen.poll() is None:
-                    await exited
-            finally:
-                loop.remove_reader(fd)
-        finally:
-            os.close(fd)
-        return self.popen.wait()
 
 
 class Supervisor:

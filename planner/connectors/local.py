@@ -15,12 +15,13 @@ import signal
 from collections.abc import Callable
 
 from kvrelay.planner.observation import Pool
+from kvrelay.runtime.spawn import ChildProcess, spawn
 
 log = logging.getLogger(__name__)
 
 
 class LocalWorker:
-    def __init__(self, name: str, pool: Pool, proc: asyncio.subprocess.Process):
+    def __init__(self, name: str, pool: Pool, proc: ChildProcess):
         self.name, self.pool, self.proc = name, pool, proc
         self.address: str | None = None
         self.stopping = False
@@ -46,8 +47,9 @@ class LocalConnector:
     kind = "local"
 
     def __init__(self, argv: Callable[[Pool], list[str]], env: dict[str, str] | None = None,
-                 stop_grace: float = 60.0, preexec_fn: Callable[[], None] | None = None):
-        self.argv, self.env, self.stop_grace, self.preexec_fn = argv, env, stop_grace, preexec_fn
+                 stop_grace: float = 60.0):
+        """Workers are started by `runtime.spawn` (vfork + exec; each dies with this process)."""
+        self.argv, self.env, self.stop_grace = argv, env, stop_grace
         self.workers: list[LocalWorker] = []
         self._stops: set[asyncio.Task] = set()
         self._n = 0
@@ -74,8 +76,7 @@ class LocalConnector:
 
     async def _start(self, pool: Pool) -> None:
         self._n += 1
-        proc = await asyncio.create_subprocess_exec(*self.argv(pool), env=self.env, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=None, preexec_fn=self.preexec_fn)
+        proc = await spawn(self.argv(pool), self.env)
         worker = LocalWorker(f"{pool.value}-p{self._n}", pool, proc)
         self.workers.append(worker)
         log.info("planner: started %s (pid %d)", worker.name, proc.pid)
