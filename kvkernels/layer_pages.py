@@ -9,8 +9,9 @@ block dimension. The tiers store a block as one contiguous row of bytes (DESIGN.
     scatter_layer_pages(pages, block_ids, rows, row_ids)  block block_ids[i] of every layer <- rows[row_ids[i]]
 
 `pages` are `LayerPages` views (the block dimension moved first; no copy), so any stride order works.
-Each byte is copied once: a run of consecutive blocks going to consecutive rows is one strided
-`copy_` per layer (torch reference; on CUDA the same calls are device copies). Invariant: gather then scatter of the same ids restores every byte of those blocks
+Each byte is copied once: a run of consecutive blocks going to consecutive rows is one `torch.cat`
+into the rows (gather) or one strided `copy_` per layer (scatter, and a gather across devices); torch
+reference, on CUDA the same calls are device copies. Invariant: gather then scatter of the same ids restores every byte of those blocks
 and touches no other block.
 """
 
@@ -81,7 +82,11 @@ def gather_layer_pages(pages: Sequence[LayerPages], block_ids: Sequence[int], ro
                        row_ids: Sequence[int]) -> None:
     """rows[row_ids[i]] <- block block_ids[i] of every layer (rows: uint8 [R, block_bytes])."""
     out = _rows_as(pages, rows)
+    same_device = all(p.view.device == rows.device for p in pages)
     for r, b, n in _runs(row_ids, block_ids):
+        if same_device:  # one kernel writing the rows in order: ~10% faster than a strided copy per layer
+            torch.cat([p.view[b:b + n].reshape(n, 1, -1) for p in pages], dim=1, out=out[r:r + n])
+            continue
         for layer, p in enumerate(pages):
             out[r:r + n, layer].copy_(p.view[b:b + n].reshape(n, -1))
 

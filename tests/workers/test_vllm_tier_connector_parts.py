@@ -195,3 +195,28 @@ def test_tier_stats_are_found_alone_or_under_multiconnector():
     assert tier_snapshot(ours) is ours
     assert tier_snapshot({"NixlConnector": {"x": 1}, "KvrelayTierConnector": ours}) is ours
     assert tier_snapshot({"NixlConnector": {"x": 1}}) is None and tier_snapshot(None) is None
+
+
+def test_a_save_larger_than_the_free_rows_saves_its_leading_blocks_and_counts_the_rest(tmp_path):
+    block = 3 * 2 * BS * 16 * 4
+    rt = TierRuntime(TierSettings(key=str(tmp_path), fingerprint=FP, block_size=BS, staging_bytes=4 * block,
+                                  tiers=TierConfig(host_bytes=4 << 20, disk_dir="off")))
+    try:
+        worker = TierWorker(rt, NUM_BLOCKS)
+        worker.register({f"l.{i}": t for i, t in enumerate(caches())})
+        assert rt.num_rows == 4  # saves may hold 2
+        worker.save([SaveJob([1, 2, 3, 4, 5], [0, 1, 2, 3, 4])])
+        assert rt.save_skipped == 3
+        wait_for(lambda: rt.rows_in_use == 0 and {1, 2} <= rt.known)
+        assert 3 not in rt.known
+    finally:
+        rt.close()
+    sized = TierRuntime(TierSettings(key=str(tmp_path / "b"), fingerprint=FP, block_size=BS, staging_bytes=1,
+                                     tiers=TierConfig(host_bytes=0, disk_dir="off")))
+    try:
+        (tmp_path / "b").mkdir()
+        w = TierWorker(sized, NUM_BLOCKS)
+        w.register({"l.0": caches()[0]}, step_blocks=8)
+        assert sized.num_rows == 16  # two steps of 8 new blocks each
+    finally:
+        sized.close()

@@ -127,7 +127,8 @@ class KvrelayTierConnector(KVConnectorBase_V1):
     # -- worker half ------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         if not self._off:
-            self._worker.register(kv_caches)
+            step_tokens = self._vllm_config.scheduler_config.max_num_batched_tokens
+            self._worker.register(kv_caches, step_blocks=-(-step_tokens // self._settings.block_size))
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

@@ -47,7 +47,7 @@ class TierSettings:
     fingerprint: str
     block_size: int
     tiers: TierConfig
-    staging_bytes: int = DEFAULT_STAGING_BYTES
+    staging_bytes: int = DEFAULT_STAGING_BYTES  # at least; more if two engine steps' new blocks need more
 
     def to_extra(self) -> dict[str, Any]:
         t = self.tiers
@@ -85,10 +85,10 @@ class TierRuntime:
         self.onboarded = 0  # blocks loaded into vLLM's cache (the intact prefix of each load: what vLLM used)
 
     # -- lifecycle --------------------------------------------------------------------------------------
-    def open(self, block_bytes: int) -> bool:
+    def open(self, block_bytes: int, min_rows: int = 0) -> bool:
         """Allocate the staging rows, open the tiers and the lookup server (blocking: at engine start).
         False if no tier opened (each one that failed said why); lookups then answer misses."""
-        n = max(2, self.settings.staging_bytes // max(1, block_bytes))
+        n = max(2, min_rows, self.settings.staging_bytes // max(1, block_bytes))
         self.rows = torch.zeros((n, block_bytes), dtype=torch.uint8)
         self._free = list(range(n))
         self.tiered = self.run(TieredKv.open(self.settings.tiers, self.rows, self.settings.block_size,
@@ -131,8 +131,11 @@ class TierRuntime:
         return 0 if self.rows is None else self.rows.shape[0]
 
     def take_rows(self, n: int, *, save: bool) -> list[int] | None:
+        """A load takes all n rows or none (None); a save takes as many as it may (possibly [])."""
         with self._lock:
-            if n > len(self._free) or (save and self._saving + n > self.num_rows * SAVE_SHARE):
+            if save:
+                n = max(0, min(n, len(self._free), int(self.num_rows * SAVE_SHARE) - self._saving))
+            elif n > len(self._free):
                 return None
             rows, self._free = self._free[:n], self._free[n:]  # lowest first: runs of rows coalesce copies
             if save:

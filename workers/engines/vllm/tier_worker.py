@@ -46,8 +46,10 @@ class TierWorker:
         self._errors: set[int] = set()
         self._t0 = 0.0
 
-    def register(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
-        """vLLM's caches, one per attention layer; opens the tiers sized to a block of all of them."""
+    def register(self, kv_caches: Mapping[str, torch.Tensor], step_blocks: int = 0) -> None:
+        """vLLM's caches, one per attention layer; opens the tiers sized to a block of all of them, with
+        staging rows for at least two steps' worth of new blocks (`step_blocks`: vLLM's token budget per
+        step in blocks), so a long prompt's prefill is saved whole."""
         seen: set[int] = set()
         pages = []
         for name in sorted(kv_caches, key=_layer_order):
@@ -57,7 +59,7 @@ class TierWorker:
             seen.add(t.data_ptr())
             pages.append(LayerPages.of(t, self.num_blocks))
         self.pages = pages
-        self.enabled = bool(pages) and self.rt.open(block_bytes(pages))
+        self.enabled = bool(pages) and self.rt.open(block_bytes(pages), min_rows=2 * step_blocks)
 
     # -- loads ------------------------------------------------------------------------------------------
     def mark_step(self) -> None:
@@ -110,10 +112,11 @@ class TierWorker:
             keep = [i for i, h in enumerate(job.hashes) if h not in self.rt.known]
             if not keep:
                 continue
-            rows = self.rt.take_rows(len(keep), save=True)
-            if rows is None:
-                self.rt.save_skipped += len(keep)
+            rows = self.rt.take_rows(len(keep), save=True)  # as many as are free: the leading blocks
+            self.rt.save_skipped += len(keep) - len(rows)
+            if not rows:
                 continue
+            keep = keep[:len(rows)]
             hashes = [job.hashes[i] for i in keep]
             try:
                 gather_layer_pages(self.pages, [job.block_ids[i] for i in keep], self.rt.rows, rows)
