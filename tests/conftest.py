@@ -52,3 +52,17 @@ def nats(tmp_path) -> ServerProcess:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3-compatible server (moto) for G4. Workers configured by URL (--kv-object-store) take
+    credentials from the environment, like boto."""
+    from tests.kvbm.helpers import S3
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+    server = S3(tmp_path_factory.mktemp("moto"))
+    server.proc.start()
+    yield server
+    server.proc.stop()

@@ -23,7 +23,6 @@ from kvrelay.kvbm.tiers.object_format import object_key
 from kvrelay.runtime.discovery import DiscoveryConfig, list_instances, make_discovery
 from tests.e2e.serve import worker_stats
 from tests.e2e.test_serve_disagg import _metric, _wait_all_workers
-from tests.kvbm.helpers import S3
 from tests.models.smollm2 import model_dir
 from tests.vllm.conftest import MODEL, vllm_serve
 
@@ -112,18 +111,6 @@ def flip_g3_byte(disk_dir: Path, h: int) -> None:
                 f.write(bytes([byte[0] ^ 0x20]))
             return
     raise AssertionError(f"block {h:x} is in no G3 index under {disk_dir}")
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    import os
-
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
-    server = S3(tmp_path_factory.mktemp("moto"))
-    server.proc.start()
-    yield server
-    server.proc.stop()
 
 
 @pytest.fixture(scope="module")
