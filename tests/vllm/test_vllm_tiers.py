@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import struct
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 
 from kvrelay.kvbm.fingerprint import model_fingerprint
 from kvrelay.kvbm.hashing import block_hashes, root_hash
+from kvrelay.kvbm.tiers import disk_index
 from kvrelay.kvbm.tiers.object_format import object_key
 from kvrelay.runtime.discovery import DiscoveryConfig, list_instances, make_discovery
 from tests.e2e.serve import worker_stats
@@ -114,16 +114,15 @@ def hashes(prompt: list[int]) -> list[int]:
 
 
 def flip_g3_byte(disk_dir: Path, h: int) -> None:
-    """Flip one byte of block `h` in a stopped worker's G3 (kvbm/tiers/disk_index.py's log format)."""
-    header, record, crc = struct.Struct("<8sIIQQQ"), struct.Struct("<IIQQQ"), 8
+    """Flip one byte of block `h` in a stopped worker's G3, found through G3's own index log format."""
     for log in disk_dir.rglob("index.log"):
         data = log.read_bytes()
-        slot_bytes = header.unpack_from(data)[4]
+        slot_bytes = disk_index._HEADER.unpack_from(data)[4]
         slot = None
-        for off in range(header.size + crc, len(data) - record.size - crc + 1, record.size + crc):
-            op, s, seq_hash, _, _ = record.unpack_from(data, off)
+        for off in range(disk_index.HEADER_BYTES, len(data) - disk_index.RECORD_BYTES + 1, disk_index.RECORD_BYTES):
+            op, s, seq_hash, _, _ = disk_index._RECORD.unpack_from(data, off)
             if seq_hash == h:
-                slot = s if op == 1 else None
+                slot = s if op == disk_index.PUT else None
         if slot is not None:
             with open(log.parent / "blocks.dat", "r+b") as f:
                 f.seek(slot * slot_bytes + 4321)

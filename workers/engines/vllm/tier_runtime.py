@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 from collections import deque
@@ -50,11 +51,8 @@ class TierSettings:
     staging_bytes: int = DEFAULT_STAGING_BYTES  # at least; more if two engine steps' new blocks need more
 
     def to_extra(self) -> dict[str, Any]:
-        t = self.tiers
-        return {"key": self.key, "fingerprint": self.fingerprint, "block_size": self.block_size, "staging_bytes": self.staging_bytes,
-                "tiers": {"host_bytes": t.host_bytes, "disk_dir": t.disk_dir, "disk_bytes": t.disk_bytes,
-                          "object_store": t.object_store, "object_bytes": t.object_bytes, "policy": t.policy,
-                          "offload": t.offload, "onboard": t.onboard}}
+        return {"key": self.key, "fingerprint": self.fingerprint, "block_size": self.block_size,
+                "staging_bytes": self.staging_bytes, "tiers": dataclasses.asdict(self.tiers)}
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> TierSettings:
