@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
+from kvrelay.workers.api.messages import EngineRequest, SamplingParams
 from kvrelay.workers.engines.native import LLMEngine, NativeEngineConfig
-from kvrelay.workers.protocol import EngineRequest, SamplingParams
 
 MODELS = {
     # name: (hidden, layers, heads, kv_heads, intermediate, vocab)

@@ -25,8 +25,8 @@ import tempfile
 import time
 
 from kvrelay.kvbm.tier_config import TierConfig
+from kvrelay.workers.api.messages import EngineRequest, SamplingParams
 from kvrelay.workers.engines.native import NativeEngine, NativeEngineConfig
-from kvrelay.workers.protocol import EngineRequest, SamplingParams
 
 
 async def ttft(eng: NativeEngine, tokens: list[int]) -> tuple[float, int]:
@@ -40,8 +40,9 @@ async def ttft(eng: NativeEngine, tokens: list[int]) -> tuple[float, int]:
 
 async def settle(eng: NativeEngine) -> None:
     while True:
-        if eng.tiers is not None:
-            await eng.tiers.drain()
+        tiers = eng.loops.get("tiers")
+        if tiers is not None:
+            await tiers.drain()
         await asyncio.sleep(0.02)
         if eng.stats().offload_pinned == 0:
             return
@@ -82,7 +83,7 @@ async def main(args: argparse.Namespace) -> dict:
                 times[name].append(t)
                 cached[name].append(c)
                 await settle(eng)
-        cost = engines["G2"].tiers.tiers.cost if engines["G2"].tiers else None
+        cost = engines["G2"].loops.get("tiers").tiers.cost if engines["G2"].loops.get("tiers") else None
         result = {
             "tokens": args.tokens, "repeats": args.repeats,
             "block_bytes": engines["cold"].kv_layout().block_bytes,
@@ -90,7 +91,8 @@ async def main(args: argparse.Namespace) -> dict:
             "cached_tokens": {k: statistics.median(v) for k, v in cached.items()},
             "speedup_vs_cold": {k: round(statistics.median(times["cold"]) / statistics.median(times[k]), 1)
                                 for k in ("G2", "G3")},
-            "g3_direct_io": engines["G3"].tiers.tiers.stores[0].direct_io if engines["G3"].tiers else None,
+            "g3_direct_io": (engines["G3"].loops.get("tiers").tiers.stores[0].direct_io
+                         if engines["G3"].loops.get("tiers") else None),
             "prefill_tokens_per_s": round(cost.prefill_tokens_per_s) if cost else None,
         }
     finally:

@@ -1,6 +1,9 @@
 """The package's shape, checked over its import graph and source (DESIGN.md "Layout"):
 - no engine under workers/engines/<x>/ imports another engine's package, nor the frontend;
 - runtime/ is planes only: it imports no other kvrelay package and defines no model or KV types;
+- workers/core is engine-neutral and below the worker: it imports kvbm, workers/api and itself only
+  (never workers/protocol, the worker, an engine or the frontend), and its scheduler and sequence know
+  KV from elsewhere only through the KV-source door (no tier, handoff or peer names);
 - endpoint names and engine error kinds are never string literals outside workers/api.
 """
 
@@ -52,6 +55,29 @@ def test_runtime_is_planes_only():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef):
                 assert not any(w in node.name for w in kv_or_model), f"{path} defines {node.name}"
+
+
+def test_core_imports_only_kvbm_api_and_itself():
+    allowed = ("kvrelay.kvbm", "kvrelay.workers.api", "kvrelay.workers.core")
+    for path in modules("workers/core"):
+        for name in imports(path):
+            if name.startswith("kvrelay."):
+                assert name.startswith(allowed), f"{path} imports {name}"
+
+
+def test_scheduler_and_sequence_know_one_door_for_foreign_kv():
+    for file in ("scheduler.py", "sequence.py"):
+        path = ROOT / "workers" / "core" / file
+        for name in imports(path):
+            assert not name.startswith("kvrelay.workers.core.kv_sources.") or name.startswith(
+                "kvrelay.workers.core.kv_sources.kv_door"), f"{path} imports {name}"
+        code = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+        tree = ast.parse(code)
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
+            n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        for word in ("tier", "onboard", "offload", "handle", "pull", "peer", "lower"):
+            hits = sorted(n for n in names if word in n.lower())
+            assert not hits, f"{path} names {hits}: KV from elsewhere goes through kv_sources/"
 
 
 def _literal_arg(call: ast.Call, index: int) -> str | None:

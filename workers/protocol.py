@@ -25,45 +25,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, runtime_checkable
 
-import msgspec
-
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
-from kvrelay.workers.api.messages import (
-    EngineOutput,
-    EngineRequest,
-    EngineStats,
-    KvHandle,
-    KvLayout,
-    ModelCard,
-    RequestError,
-    SamplingParams,
-)
-from kvrelay.workers.core.errors import EngineError, EngineOverloaded
-from kvrelay.workers.core.sequence import PREFILLED
-
-__all__ = [
-    "PREFILLED", "Engine", "EngineError", "EngineOverloaded", "EngineOutput", "EngineRequest", "EngineStats", "KvHandle", "KvLayout", "KvPuller",
-    "ModelCard", "PrefillResult", "RequestError", "SamplingParams",
-]
-
-class PrefillResult(msgspec.Struct):
-    output: EngineOutput  # the first token; finish_reason set only if it ended the request
-    block_ids: list[int]  # the held prompt blocks, in order; empty when nothing is held
-    # An engine that moves KV itself (`owns_kv_transfer`, vLLM's NixlConnector): what its decode side
-    # needs to read the blocks, carried in the handle instead of the worker's transfer metadata.
-    transfer_params: bytes = b""
-    pool: str = "g1"  # the handle's pool name (KvHandle.pool)
-
-
-class KvPuller(Protocol):
-    """How a decode engine gets a handle's blocks; the worker provides it (transfer engine, or a
-    simulated link for the mocker)."""
-
-    async def pull(self, handle: KvHandle, local_block_ids: list[int], start: int) -> bool:
-        """Copy `handle.block_ids[start:]` into `local_block_ids` (same length; may be empty), then let
-        the prefill worker free its lease. True once every byte is in place; False means recompute.
-        Raises only CancelledError, and only after the transport stopped writing the blocks."""
-        ...
+from kvrelay.workers.api.messages import EngineOutput, EngineRequest, EngineStats, KvLayout
+from kvrelay.workers.api.prefill import KvPuller, PrefillResult
 
 
 @runtime_checkable

@@ -34,11 +34,20 @@ from kvrelay.runtime.events import EventPlane
 from kvrelay.runtime.rpc import RpcClient, RpcServer
 from kvrelay.workers.api.client import WorkerClient
 from kvrelay.workers.api.endpoints import Endpoint, Role
-from kvrelay.workers.api.messages import Empty, KvHandle, PrefillReply, ReleaseRequest
+from kvrelay.workers.api.messages import (
+    Empty,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    KvHandle,
+    ModelCard,
+    PrefillReply,
+    ReleaseRequest,
+)
 from kvrelay.workers.config import WorkerConfig
 from kvrelay.workers.kv_handoff import PrefillLeases, SimulatedPuller, TransferPuller
 from kvrelay.workers.metrics import MetricsServer
-from kvrelay.workers.protocol import Engine, EngineOutput, EngineRequest, EngineStats, ModelCard
+from kvrelay.workers.protocol import Engine
 
 log = logging.getLogger(__name__)
 

@@ -75,7 +75,7 @@ def test_flipped_byte_in_g3_is_a_miss_and_a_recompute(tmp_path):
         await eng.start()
         try:
             cold = await serve_then_evict(eng, p)
-            store = eng.tiers.tiers.stores[0]
+            store = eng.loops.get("tiers").tiers.stores[0]
             h5 = block_hashes(eng, p)[5]
             slot = store._slots.map[h5]
             with open(tmp_path / "g3" / eng.core.fingerprint[:16] / "slot-0" / "blocks.dat", "r+b") as f:

@@ -7,10 +7,9 @@ import random
 
 from kvrelay.kvbm.hashing import BlockHasher, root_hash
 from kvrelay.kvbm.tier_config import TierConfig
-from kvrelay.workers.api.messages import TierCounters
+from kvrelay.workers.api.messages import EngineRequest, SamplingParams, TierCounters
 from kvrelay.workers.engines.native import NativeEngine, NativeEngineConfig
 from kvrelay.workers.models.tiny import ensure_tiny_model
-from kvrelay.workers.protocol import EngineRequest, SamplingParams
 
 BLOCK = 16
 
@@ -37,14 +36,16 @@ async def generate(eng: NativeEngine, tokens: list[int], n: int = 12, rid: str |
 
 
 async def settle(eng: NativeEngine, timeout: float = 10.0) -> None:
-    """Wait until no offload copy is in flight (every pinned block was released)."""
+    """Wait until no tier copy is in flight (every pinned block was released, every load reported)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
+    tiers = eng.loops.get("tiers") if eng.loops is not None else None
     while loop.time() < end:
-        if eng.tiers is not None:
-            await eng.tiers.drain()
+        if tiers is not None:
+            await tiers.drain()
         await asyncio.sleep(0.05)
-        if eng.stats().offload_pinned == 0 and (eng.tiers is None or not eng.tiers.tiers._offloads):
+        if (eng.stats().offload_pinned == 0 and (tiers is None or not tiers.tiers._offloads)
+                and not eng.core.loading_aborted):
             return
     raise AssertionError("offloads did not settle")
 

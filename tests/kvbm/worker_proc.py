@@ -12,8 +12,7 @@ from pathlib import Path
 
 from kvrelay.runtime.rpc import RpcClient
 from kvrelay.workers.api.endpoints import Endpoint
-from kvrelay.workers.api.messages import Empty
-from kvrelay.workers.protocol import EngineOutput, EngineRequest, EngineStats, SamplingParams
+from kvrelay.workers.api.messages import Empty, EngineOutput, EngineRequest, EngineStats, SamplingParams
 
 
 class WorkerProcess:

@@ -13,11 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvrelay.workers.api.errors import EngineError
+from kvrelay.workers.api.messages import EngineRequest, SamplingParams
 from kvrelay.workers.core.engine_core import EngineCore
 from kvrelay.workers.core.sequence import Status
 from kvrelay.workers.engines.mocker import MockerConfig, MockerEngine
 from kvrelay.workers.engines.native import LLMEngine, NativeEngineConfig
-from kvrelay.workers.protocol import EngineError, EngineRequest, SamplingParams
 from tests.workers.hf_models import build_hf_model
 
 PREFIXES = [[7] * 9, [11, 12, 13] * 4, []]

@@ -14,10 +14,12 @@ import httpx
 import pytest
 
 from kvrelay.runtime.discovery import DiscoveryConfig
+from kvrelay.workers.api.errors import EngineError, EngineOverloaded
+from kvrelay.workers.api.messages import EngineOutput, EngineRequest, SamplingParams
 from kvrelay.workers.config import WorkerConfig
-from kvrelay.workers.engines.mocker import EngineOverloaded, MockerConfig, MockerEngine
+from kvrelay.workers.engines.mocker import MockerConfig, MockerEngine
 from kvrelay.workers.models.tiny import ensure_tiny_model
-from kvrelay.workers.protocol import Engine, EngineError, EngineOutput, EngineRequest, SamplingParams
+from kvrelay.workers.protocol import Engine
 from kvrelay.workers.worker import build_engine
 from tests.e2e.serve import Serve, alive, wait_idle
 

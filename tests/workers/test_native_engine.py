@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 
-from kvrelay.workers.engines.native import EngineOverloaded, LLMEngine, NativeEngine, NativeEngineConfig
-from kvrelay.workers.protocol import EngineError, EngineRequest, SamplingParams
+from kvrelay.workers.api.errors import EngineError, EngineOverloaded
+from kvrelay.workers.api.messages import EngineRequest, SamplingParams
+from kvrelay.workers.engines.native import LLMEngine, NativeEngine, NativeEngineConfig
 from tests.workers.hf_models import build_hf_model
 from tests.workers.test_native_vs_hf import run_engine
 

@@ -14,8 +14,8 @@ import random
 import pytest
 import torch
 
+from kvrelay.workers.api.messages import EngineRequest, SamplingParams
 from kvrelay.workers.engines.native import LLMEngine, NativeEngineConfig
-from kvrelay.workers.protocol import EngineRequest, SamplingParams
 from tests.workers.hf_models import FAMILIES, build_hf_model
 
 MARGIN_TOL = 1e-3

@@ -10,8 +10,9 @@ import asyncio
 import pytest
 
 import kvrelay.workers.engines.native.sampler as sampler
+from kvrelay.workers.api.errors import EngineError
+from kvrelay.workers.api.messages import EngineRequest, SamplingParams
 from kvrelay.workers.engines.native import NativeEngine, NativeEngineConfig
-from kvrelay.workers.protocol import EngineError, EngineRequest, SamplingParams
 from tests.workers.hf_models import build_hf_model
 from tests.workers.test_native_engine import prompts
 

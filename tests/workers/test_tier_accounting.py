@@ -3,8 +3,9 @@ submits (some with lower-tier hits), aborts, steps, offload batches, load report
 lookups of preempted sequences (which may then load back) returns every block, keeps reference counts
 exact, and never pins more than the offload bound.
 
-The loop side is played synchronously here: offload batches complete in any order, and onboard reports
-arrive with random per-block failures (a tier miss or a corrupt block).
+The tier source's loop half is played synchronously here, through the core's KV-source door: save
+batches complete in any order, and load reports arrive with random per-block failures (a tier miss or a
+corrupt block).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvrelay.kvbm.cost_model import CostModel
-from kvrelay.workers.core.onboard import OnboardTicket
+from kvrelay.workers.api.errors import EngineError
+from kvrelay.workers.api.messages import EngineRequest, SamplingParams
+from kvrelay.workers.core.kv_sources.tiers import TierLoad, TierLookup, TierSave, TierSource
 from kvrelay.workers.core.sequence import Status
 from kvrelay.workers.engines.native import LLMEngine, NativeEngineConfig
-from kvrelay.workers.protocol import EngineError, EngineRequest, SamplingParams
 from tests.workers.hf_models import build_hf_model
 
 PREFIXES = [[7] * 9, [11, 12, 13] * 4, []]
@@ -31,10 +33,10 @@ def model_path(tmp_path_factory):
     return str(build_hf_model("llama", tmp_path_factory.mktemp("m") / "micro", layers=1, hidden=32, vocab=64))
 
 
-def check(engine: LLMEngine, loading: dict[str, OnboardTicket]) -> None:
-    pool, tracker = engine.pool, engine.offload
-    assert tracker is not None
-    holders = [s for s in engine.seqs.values() if s.status in (Status.RUNNING, Status.PULLING)]
+def check(engine: LLMEngine, tracker, loading: dict[str, TierLoad]) -> None:
+    pool = engine.pool
+    holders = [s for s in engine.seqs.values()
+               if s.status in (Status.RUNNING, Status.READY, Status.HELD, Status.WAITING_FOR_KV)]
     holders += list(engine.loading_aborted.values())
     refs = Counter(b.block_id for s in holders for b in s.blocks)
     refs.update(tracker._inflight.keys())
@@ -44,7 +46,7 @@ def check(engine: LLMEngine, loading: dict[str, OnboardTicket]) -> None:
     assert tracker.pinned <= tracker.max_pinned
     for rid in loading:
         seq = engine.seqs.get(rid) or engine.loading_aborted.get(rid)
-        assert seq is not None and (seq.status is Status.PULLING or rid in engine.loading_aborted)
+        assert seq is not None and (seq.status is Status.WAITING_FOR_KV or rid in engine.loading_aborted)
 
 
 op = st.one_of(
@@ -64,28 +66,33 @@ op = st.one_of(
 def test_offload_and_onboard_keep_block_accounting_exact(model_path, mode, ops):
     engine = LLMEngine(NativeEngineConfig(model=model_path, block_size=4, num_blocks=12, max_num_batched_tokens=24,
                                           max_num_seqs=4, max_waiting=6))
-    engine.enable_tiers(mode, CostModel(engine.kv_layout().block_bytes, 4, always=True))
+    source = TierSource(engine.kv, 4, mode, CostModel(engine.kv_layout().block_bytes, 4, always=True))
+    engine.door.add_source(source)
+    tracker = source.pins
     batches: list[list[int]] = []
-    loading: dict[str, OnboardTicket] = {}
+    loading: dict[str, TierLoad] = {}
     lookups: list[tuple[str, list[int]]] = []  # parked preempted sequences awaiting their tier lookup
     submitted = 0
 
     def take() -> None:
-        batch = engine.take_offload()
-        if batch is not None:
-            batches.append(batch[1])
-        lookups.extend(engine.take_lookups())
-        loading.update(engine.take_tickets())
+        for job in engine.door.take_jobs():
+            if isinstance(job, TierSave):
+                batches.append(job.block_ids)
+            elif isinstance(job, TierLookup):
+                lookups.append((job.request_id, job.hashes))
+            else:
+                assert isinstance(job, TierLoad) and job.request_id not in loading  # one load at a time
+                loading[job.request_id] = job
 
     def answer(i: int, seed: int) -> None:
         rid, hashes = lookups.pop(i % len(lookups))
         rng = random.Random(seed)
-        engine.replan(rid, ["G2" if rng.random() < 0.7 else None for _ in hashes])
+        engine.kv_answered("tiers", rid, ["G2" if rng.random() < 0.7 else None for _ in hashes])
 
     def report(rid: str, seed: int) -> None:
-        ticket = loading.pop(rid)
+        job = loading.pop(rid)
         rng = random.Random(seed)
-        engine.onboarded(rid, ticket, [rng.random() < 0.8 for _ in ticket.plan.hashes])
+        engine.kv_loaded(rid, [rng.random() < 0.8 for _ in job.hashes])
 
     for o in ops:
         if o[0] == "submit":
@@ -94,13 +101,11 @@ def test_offload_and_onboard_keep_block_accounting_exact(model_path, mode, ops):
             rid = str(submitted)
             submitted += 1
             try:
-                got = engine.add_request(EngineRequest(request_id=rid, prompt_token_ids=prompt,
-                                                       sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True)),
-                                         in_lower=["G2" if x else None for x in lower])
+                engine.add_request(EngineRequest(request_id=rid, prompt_token_ids=prompt,
+                                                 sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True)),
+                                   hints={"tiers": ["G2" if x else None for x in lower]})
             except EngineError:
                 continue  # queue full is a valid outcome
-            if isinstance(got, OnboardTicket):
-                loading[rid] = got
         elif o[0] == "abort":
             engine.abort(str(o[1]))
         elif o[0] == "step":
@@ -109,20 +114,20 @@ def test_offload_and_onboard_keep_block_accounting_exact(model_path, mode, ops):
         elif o[0] == "offload":
             take()
             if batches:
-                engine.offloaded(batches.pop(o[1] % len(batches)))
+                engine.kv_saved("tiers", batches.pop(o[1] % len(batches)))
         elif o[0] == "answer":
             if lookups:
                 answer(o[1], o[2])
         elif loading:
             report(sorted(loading)[o[1] % len(loading)], o[2])
         take()
-        check(engine, loading)
+        check(engine, tracker, loading)
     for rid in list(loading):
         report(rid, 0)
     for _ in range(2000):
         take()
         while batches:
-            engine.offloaded(batches.pop())
+            engine.kv_saved("tiers", batches.pop())
         while lookups:
             answer(0, len(lookups))
         for rid in list(loading):
@@ -130,10 +135,10 @@ def test_offload_and_onboard_keep_block_accounting_exact(model_path, mode, ops):
         if not engine.has_work():
             break
         engine.step()
-        check(engine, loading)
+        check(engine, tracker, loading)
     take()
     while batches:
-        engine.offloaded(batches.pop())
+        engine.kv_saved("tiers", batches.pop())
     assert not engine.has_work() and not engine.seqs and not engine.loading_aborted
-    assert not lookups and not engine.scheduler.looking and not engine.tickets
+    assert not lookups and not engine.scheduler.asking and not engine.scheduler.loading
     assert engine.pool.num_free == engine.pool.num_blocks

@@ -1,7 +1,8 @@
 """`EngineCore`: the engine-neutral, synchronous core: add requests, run steps, emit outputs. One
 thread (or one event loop) owns it, so no state here needs a lock. What is engine-specific is the
-`Executor` (executor.py) that runs a scheduled step; everything else, from admission checks to
-handoff, onboarding and KV events, is here once for every engine (workers/README.md).
+`Executor` (executor.py) that runs a scheduled step; KV that the steps do not compute comes through
+one door (`self.door`, kv_sources/: the prefill handoff, the lower tiers). Everything else, from
+admission checks to KV events, is here once for every engine (workers/README.md).
 
 Invariants:
 - A request is checked whole before it is queued: a refused one raises `EngineError` and holds nothing.
@@ -9,17 +10,19 @@ Invariants:
   the step runs outside the owner's thread of control, was finished and freed at once).
 - A sequence that would need more blocks than the whole pool for its next token stops with "length":
   it could never be scheduled again.
+- Blocks a source is filling are freed only once it reported, even if the request ended meanwhile
+  (`loading_aborted`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from collections.abc import Sequence as Seq
 from time import perf_counter
+from typing import Any
 
-from kvrelay.kvbm.cost_model import CostModel
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.kvbm.hashing import BlockHasher, root_hash
+from kvrelay.workers.api.errors import EngineError, EngineOverloaded
 from kvrelay.workers.api.messages import (
     EngineOutput,
     EngineRequest,
@@ -27,71 +30,56 @@ from kvrelay.workers.api.messages import (
     RequestError,
     SamplingParams,
 )
-from kvrelay.workers.core.errors import EngineError, EngineOverloaded
+from kvrelay.workers.api.prefill import PREFILLED
 from kvrelay.workers.core.executor import Executor, Scheduled, StepResult
-from kvrelay.workers.core.handoff import HandoffCounters, PullPlan, finish_pull, plan_pull
 from kvrelay.workers.core.kv_cache import KvCache
-from kvrelay.workers.core.onboard import OnboardTicket, plan_onboard
-from kvrelay.workers.core.scheduler import Scheduler, SchedulerConfig
-from kvrelay.workers.core.sequence import PREFILLED, Sequence, Status
+from kvrelay.workers.core.kv_sources.kv_door import KvDoor
+from kvrelay.workers.core.limits import EngineLimits
+from kvrelay.workers.core.scheduler import Scheduler
+from kvrelay.workers.core.sequence import Sequence, Status
 
 NewSequence = Callable[[str, list[int], SamplingParams, BlockHasher, int], Sequence]
 
 
 class EngineCore:
-    def __init__(self, sched: SchedulerConfig, num_blocks: int, executor: Executor, fingerprint: str,
+    def __init__(self, limits: EngineLimits, num_blocks: int, executor: Executor, fingerprint: str,
                  eos_ids: Iterable[int], vocab_limit: int, new_sequence: NewSequence = Sequence):
         self.executor = executor
+        self.limits = limits
         self.fingerprint = fingerprint  # root of every block hash
         self.eos = frozenset(eos_ids)
         self.vocab_limit = vocab_limit  # prompt ids must be in [0, vocab_limit)
-        self.max_model_len = sched.max_model_len
-        self.block_size = sched.block_size
-        self.max_waiting = sched.max_waiting
+        self.max_model_len = limits.max_model_len
+        self.block_size = limits.block_size
         self.kv = KvCache(num_blocks)
         self.pool = self.kv.pool
-        self.scheduler = Scheduler(sched, self.kv)
+        self.door = KvDoor()
+        self.scheduler = Scheduler(limits, self.kv, self.door)
         self._new_sequence = new_sequence
         self.seqs: dict[str, Sequence] = {}
-        self.held: set[str] = set()  # prefill role: parked request ids (their blocks stay allocated)
-        self.handoff = HandoffCounters()
-        self.cost: CostModel | None = None  # set by enable_tiers
-        self.loading_aborted: dict[str, Sequence] = {}  # aborted while PULLING: blocks freed on report
-        self.onboarded_blocks = 0
-        self.reonboarded_blocks = 0  # of those, blocks of preempted sequences
-        self.tickets: list[tuple[str, OnboardTicket]] = []  # see take_tickets
+        self.hold: set[str] = set()  # prefill role: park these after their first token, blocks kept
+        self.held: set[str] = set()  # parked request ids (their blocks stay allocated until aborted)
+        self.loading_aborted: dict[str, Sequence] = {}  # ended while a source filled its blocks
         self.failed: list[str] = []  # see take_failed
         self._arrivals = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
 
     # -- requests ---------------------------------------------------------------------------------------
-    def enable_tiers(self, mode: str, cost: CostModel) -> None:
-        """Lower tiers are open: offload blocks to them (`take_offload`) and weigh onboards by `cost`."""
-        self.kv.enable_offload(mode)
-        self.cost = cost
-        self.scheduler.track_preempted = True
-
-    def add_request(self, req: EngineRequest, hold: bool = False,
-                    in_lower: Seq[str | None] | None = None) -> PullPlan | OnboardTicket | None:
-        """Queue a request. `hold`: prefill role (park after the first token, blocks kept). A request with
-        a `kv_handle` gets its blocks now; the returned plan says what to pull into them. `in_lower`
-        (per leading prompt block: the lower tier holding it, or None) may return a ticket to onboard."""
+    def add_request(self, req: EngineRequest, hold: bool = False, hints: dict[str, Any] | None = None) -> None:
+        """Queue a request. `hold`: prefill role (park after the first token, blocks kept). `hints`: per
+        KV source, what its loop half found before (a request with a `kv_handle` continues from the
+        handle's first token, its prompt's KV pulled by the handoff source)."""
         self._check(req)
-        n = len(req.prompt_token_ids)
         hasher = BlockHasher(self.block_size, root_hash(self.fingerprint, req.cache_salt), req.lora_name.encode())
         seq = self._new_sequence(req.request_id, req.prompt_token_ids, req.sampling, hasher, self._arrivals)
-        seq.hold_kv = hold
         self._arrivals += 1
         self.seqs[seq.request_id] = seq
-        self.scheduler.waiting.append(seq)
-        self.prompt_tokens += n
-        if req.kv_handle is None:
-            if in_lower and any(in_lower) and self.cost is not None:
-                return plan_onboard(self.scheduler, seq, in_lower, self.cost)
-            return None
-        seq.continue_from(req.kv_handle.first_token)
-        return plan_pull(self.scheduler, seq, req.kv_handle, self.fingerprint, self.handoff)
+        if hold:
+            self.hold.add(seq.request_id)
+        self.prompt_tokens += len(req.prompt_token_ids)
+        self.door.add(seq, req, hints or {})
+        self.scheduler.add(seq)
 
     def _check(self, req: EngineRequest) -> None:
         try:
@@ -110,86 +98,58 @@ class EngineCore:
             raise EngineError(f"the prompt needs more KV blocks than this worker has ({self.pool.num_blocks})")
         if req.request_id in self.seqs:
             raise EngineError(f"duplicate request id {req.request_id!r}")
-        if len(self.scheduler.waiting) + len(self.scheduler.looking) >= self.max_waiting:
-            raise EngineOverloaded(f"server busy: {self.max_waiting} requests already waiting")
+        if len(self.scheduler.waiting) + len(self.scheduler.asking) >= self.limits.max_waiting:
+            raise EngineOverloaded(f"server busy: {self.limits.max_waiting} requests already waiting")
 
-    def pulled(self, request_id: str, plan: PullPlan, ok: bool) -> None:
-        if not self._loader_reported(request_id):
-            finish_pull(self.scheduler, self.seqs.get(request_id), plan, ok, self.handoff)
-
-    def onboarded(self, request_id: str, ticket: OnboardTicket, ok: list[bool]) -> None:
+    # -- what KV sources report -------------------------------------------------------------------------
+    def kv_loaded(self, request_id: str, ok: list[bool]) -> None:
+        """A source's load into a request's blocks ended (`ok` per block it filled)."""
+        seq = self.loading_aborted.pop(request_id, None)
+        if seq is not None:  # it ended while loading: its blocks are free only now
+            self.door.dropped(request_id)
+            self.scheduler.release_blocks(seq)
+            return
         seq = self.seqs.get(request_id)
-        if not self._loader_reported(request_id) and seq is not None:
-            again = seq.admitted
-            n = self.scheduler.onboarded(seq, ticket.fresh_idx, ok)
-            self.onboarded_blocks += n
-            self.reonboarded_blocks += n if again else 0
+        if seq is None:
+            return
+        fresh, kept = self.scheduler.kv_arrived(seq, ok)
+        if fresh:
+            self.door.arrived(seq, fresh, kept)
 
-    def take_lookups(self) -> list[tuple[str, list[int]]]:
-        """(request id, block hashes) of preempted sequences parked until a lower-tier lookup answers
-        (`replan`); every one must be answered, even with no hits, or it stays parked."""
-        lookups, self.scheduler.lookups = self.scheduler.lookups, []
-        return lookups
-
-    def replan(self, request_id: str, in_lower: Seq[str | None]) -> None:
-        """A parked sequence's lookup answered: it waits at the head again, with the answer as a hint
-        for `_onboard_head` (it was preempted for lack of blocks: they may be short now)."""
+    def kv_answered(self, source: str, request_id: str, answer: Any) -> None:
         seq = self.seqs.get(request_id)
-        if seq is not None and self.scheduler.end_lookup(seq) and any(in_lower):
-            seq.lower_hint = list(in_lower)
+        if seq is not None:
+            self.door.answered(source, request_id, answer)
+            self.scheduler.kv_answered(seq)
+
+    def kv_saved(self, source: str, block_ids: list[int]) -> None:
+        self.door.saved(source, block_ids)
 
     def take_failed(self) -> list[str]:
         """Requests whose sampling failed since the last call (already aborted, blocks freed)."""
         failed, self.failed = self.failed, []
         return failed
 
-    def take_tickets(self) -> list[tuple[str, OnboardTicket]]:
-        """Loads planned for preempted sequences since the last call, for the loop to run."""
-        tickets, self.tickets = self.tickets, []
-        return tickets
-
-    def _onboard_head(self) -> None:
-        """Before scheduling: if the head of the queue is a preempted sequence with blocks in a lower
-        tier, load them (when blocks allow and the cost model agrees) instead of recomputing them."""
-        waiting = self.scheduler.waiting
-        if not waiting or waiting[0].lower_hint is None or self.cost is None:
-            return
-        seq = waiting[0]
-        ticket = plan_onboard(self.scheduler, seq, seq.lower_hint, self.cost)
-        if ticket is not None:
-            seq.lower_hint = None
-            self.tickets.append((seq.request_id, ticket))
-
-    def _loader_reported(self, request_id: str) -> bool:
-        """True if the request was aborted while loading: its blocks are free only now."""
-        seq = self.loading_aborted.pop(request_id, None)
-        if seq is not None:
-            self.scheduler.release_blocks(seq)
-        return seq is not None
-
     def abort(self, request_id: str) -> EngineOutput | None:
-        """End a request in any state (a held prefill included) and free its blocks (a PULLING one's
-        once its loader reports: it may still be writing them)."""
+        """End a request in any state (a held prefill included) and free its blocks (a loading one's once
+        its source reports: it may still be writing them)."""
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return None
-        self.held.discard(request_id)
-        if not self.scheduler.finish(seq, "abort"):
-            self.loading_aborted[request_id] = seq
+        self._end(seq, "abort")
         return seq.take_output()
 
-    @property
-    def offload(self):  # the OffloadTracker, once tiers are enabled
-        return self.kv.offload
-
-    def take_offload(self) -> tuple[list[int], list[int]] | None:
-        return self.kv.take_offload()
-
-    def offloaded(self, block_ids: list[int]) -> None:
-        self.kv.offloaded(block_ids)
+    def _end(self, seq: Sequence, reason: str) -> None:
+        rid = seq.request_id
+        self.hold.discard(rid)
+        self.held.discard(rid)
+        if not self.scheduler.finish(seq, reason):
+            self.loading_aborted[rid] = seq
+        self.door.finished(rid)
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting or self.scheduler.ready)
+        s = self.scheduler
+        return bool(s.running or s.waiting or s.ready)
 
     # -- one step ---------------------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
@@ -202,7 +162,6 @@ class EngineCore:
         return self.complete(scheduled, result, perf_counter() - t0)
 
     def schedule(self) -> Scheduled:
-        self._onboard_head()
         return self.scheduler.schedule()
 
     def complete(self, scheduled: Scheduled, result: StepResult, seconds: float) -> list[EngineOutput]:
@@ -211,8 +170,7 @@ class EngineCore:
         for seq, n in scheduled:
             if seq.status is running:  # else aborted meanwhile: freed already, publish nothing
                 commit(seq, n)
-        if self.cost is not None:
-            self.cost.observe_prefill(sum(n for _, n in scheduled if n > 1), seconds)
+        self.door.observe_step(sum(n for _, n in scheduled if n > 1), seconds)
         for i in result.failed:  # only the rows that failed end (aborted: blocks freed); the batch goes on
             rid = result.seqs[i].request_id
             if self.abort(rid) is not None:
@@ -229,9 +187,10 @@ class EngineCore:
             if reason is None and seq.num_tokens + 1 > max_tokens:
                 reason = "length"  # the next token would not fit even the whole pool: stop, never livelock
             if reason is not None:
-                self.scheduler.finish(seq, reason)
                 del self.seqs[seq.request_id]
-            elif seq.hold_kv:
+                self._end(seq, reason)
+            elif seq.request_id in self.hold:
+                self.hold.discard(seq.request_id)
                 self.scheduler.park(seq)
                 self.held.add(seq.request_id)
                 seq.finish_reason = PREFILLED
@@ -249,15 +208,10 @@ class EngineCore:
         return self.kv.snapshot()
 
     def stats(self) -> EngineStats:
-        s, offload = self.scheduler, self.kv.offload
+        s = self.scheduler
         return EngineStats(
-            running=len(s.running), waiting=len(s.waiting) + len(s.looking) + len(s.ready),
+            running=len(s.running), waiting=len(s.waiting) + len(s.asking) + len(s.ready),
             used_blocks=self.pool.num_blocks - self.pool.num_free, free_blocks=self.pool.num_free,
             total_blocks=self.pool.num_blocks, prefix_hit_tokens=s.prefix_hit_tokens,
             prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
-            preemptions=s.preemptions, held_requests=len(self.held), remote_prefills=self.handoff.remote_prefills,
-            pulled_blocks=self.handoff.pulled_blocks, pull_failures=self.handoff.pull_failures,
-            onboarded_blocks=self.onboarded_blocks, reonboarded_blocks=self.reonboarded_blocks,
-            offload_pinned=offload.pinned if offload is not None else 0,
-            offload_skipped=offload.skipped if offload is not None else 0,
-        )
+            preemptions=s.preemptions, held_requests=len(self.held), **self.door.counters())

@@ -1,14 +1,14 @@
-"""`EngineLoop`: the asyncio face of an `EngineCore` (implements `workers.protocol.Engine`) for every
-engine that runs the core: request streams, pulls and onboards, snapshots, stats. How the core is
-driven is the subclass's: its own thread (`ThreadDriver`, the native engine: torch releases the GIL
-inside kernels) or steps on the event loop (`LoopDriver`, the mocker: it only sleeps).
+"""`EngineLoop`: the asyncio face of an `EngineCore` (implements `workers.protocol.Engine` for every
+engine that runs the core): request streams, the KV sources' loop halves, snapshots, stats. Who owns
+the core and steps it is a `CoreDriver` composed into it (driver.py): its own thread (`ThreadDriver`)
+or the event loop (`LoopDriver`). An engine supplies the core (`_attach`) and its layout.
 
-The loop side reaches the core only through `_post(cmd, arg, extra)` (runner.py's commands), and
-the core reaches a request only through its `Stream`.
+The loop side reaches the core only through `driver.post(command)` (commands.py), and the core reaches
+a request only through its `Stream`.
 
 Invariant: every request handed to the core ends with exactly one final output or one exception
 delivered to its stream; a stream whose consumer leaves early sends an abort, so its blocks are freed.
-Blocks allocated for a pull or an onboard stay out of reach until the loader reports, whatever happens.
+Blocks a KV source is filling stay out of reach until it reports, whatever happens.
 """
 
 from __future__ import annotations
@@ -21,18 +21,20 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
-from kvrelay.workers.api.messages import EngineOutput, EngineRequest, EngineStats, KvLayout
-from kvrelay.workers.core.commands import Command
+from kvrelay.workers.api.errors import EngineError
+from kvrelay.workers.api.messages import EngineOutput, EngineRequest, EngineStats
+from kvrelay.workers.api.prefill import KvPuller, PrefillResult
+from kvrelay.workers.core.commands import Abort, Add, Snapshot
+from kvrelay.workers.core.driver import CoreDriver, Sink
 from kvrelay.workers.core.engine_core import EngineCore
-from kvrelay.workers.core.errors import EngineError
-from kvrelay.workers.core.handoff import PullPlan
-from kvrelay.workers.core.onboard import OnboardTicket
+from kvrelay.workers.core.kv_sources.handoff import HandoffSource
+from kvrelay.workers.core.kv_sources.handoff_loop import HandoffLoop
+from kvrelay.workers.core.kv_sources.loops import SourceLoops
 from kvrelay.workers.core.runner import CoreRunner
 from kvrelay.workers.core.streams import Stream
-from kvrelay.workers.protocol import KvPuller, PrefillResult
 
-if TYPE_CHECKING:  # tier_link imports torch; an engine without tiers (the mocker) never loads it
-    from kvrelay.workers.core.tier_link import TierLink
+if TYPE_CHECKING:  # kvbm's tiers import torch; an engine without tiers (the mocker) never loads them
+    from kvrelay.kvbm.tier_config import TierConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,48 +42,58 @@ log = logging.getLogger(__name__)
 class EngineLoop:
     owns_kv_transfer = False  # KV moves through the worker's transfer engine and the puller
 
-    def __init__(self) -> None:
+    def __init__(self, driver: CoreDriver):
+        self.driver = driver
         self.core: EngineCore | None = None
-        self.runner: CoreRunner | None = None
-        self.tiers: TierLink | None = None  # G2/G3/G4, when configured and any opened
-        self._puller: KvPuller | None = None
-        self._kv_sink: tuple[asyncio.AbstractEventLoop, Callable[[list[KvEvent]], None]] | None = None
+        self.loops: SourceLoops | None = None  # the KV sources' loop halves
+        self._sink: Sink | None = None
         self._no_handle_reason = "no transfer engine"
 
-    # -- what a driver supplies -------------------------------------------------------------------------
+    async def _attach(self, core: EngineCore, tiers: TierConfig | None = None,
+                      rows: Callable[[], Any] | None = None) -> None:
+        """Run `core`: its KV sources (the handoff always; the lower tiers when `tiers` opens any, over
+        `rows()`, the G1 pool as uint8 [num_blocks, block_bytes]), then the driver."""
+        if self.driver.running:
+            return
+        self.core = core
+        self.loops = SourceLoops(asyncio.get_running_loop(), self.driver.post)
+        core.door.add_source(HandoffSource(core.block_size, core.fingerprint))
+        if tiers is not None and tiers.any and rows is not None:
+            await self._open_tiers(core, tiers, rows())
+        await self.driver.start(core, CoreRunner(core, self._publish, self.loops.submit))
+
+    async def _open_tiers(self, core: EngineCore, cfg: TierConfig, rows: Any) -> None:
+        from kvrelay.workers.core.kv_sources.tiers import TierSource  # tiers_loop imports torch
+        from kvrelay.workers.core.kv_sources.tiers_loop import TiersLoop
+
+        assert self.loops is not None
+        half = await TiersLoop.open(cfg, rows, core.block_size, core.fingerprint, core.pool.cached, self.driver.post)
+        if half is not None:
+            core.door.add_source(TierSource(core.kv, core.block_size, cfg.offload, half.tiers.cost))
+            self.loops.add(half)
+
     @property
     def running(self) -> bool:
-        raise NotImplementedError
-
-    def _post(self, cmd: str, arg: Any, extra: Any) -> None:
-        raise NotImplementedError
-
-    def _publish(self, events: list[KvEvent]) -> None:
-        """Hand KV events to the sink, in order; called by the core's owner."""
-        raise NotImplementedError
-
-    async def _stop_driver(self) -> None:
-        """Stop stepping; every request still in flight ends with "engine shut down"."""
-        raise NotImplementedError
+        return self.driver.running
 
     async def close(self) -> None:
         if not self.running:
             return
-        if self.tiers is not None:
-            await self.tiers.drain()  # copies in flight finish (and unpin) before the core stops
-        await self._stop_driver()
-        if self.tiers is not None:
-            await self.tiers.close()
+        assert self.loops is not None
+        await self.loops.drain()  # saves in flight finish (and unpin) before the core stops
+        await self.driver.stop()
+        await self.loops.close()
 
     # -- Engine protocol --------------------------------------------------------------------------------
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if not self.running:
             raise EngineError("engine is not running")
-        if request.kv_handle is not None and self._puller is None:
+        assert self.loops is not None
+        if request.kv_handle is not None and self.loops.get("handoff") is None:
             raise EngineError(f"this worker cannot take a KV handle ({self._no_handle_reason})")
-        in_lower = await self.tiers.lookup(request) if self.tiers is not None and request.kv_handle is None else None
+        hints = await self.loops.before_add(request)
         stream = Stream(asyncio.get_running_loop())
-        self._post(Command.ADD, (request, False, in_lower), stream)
+        self.driver.post(Add(request, stream, hints=hints))
         finished = False
         try:
             while True:
@@ -89,70 +101,61 @@ class EngineLoop:
                 if isinstance(item, Exception):
                     finished = True
                     raise item
-                if isinstance(item, (PullPlan, OnboardTicket)):
-                    await self._load(request, item)
-                    continue
+                assert isinstance(item, EngineOutput)
                 finished = item.finish_reason is not None
                 yield item
                 if finished:
                     return
         finally:
             if not finished:
-                self._post(Command.ABORT, request.request_id, None)
+                self._abort(request.request_id)
 
-    async def _load(self, request: EngineRequest, item: PullPlan | OnboardTicket) -> None:
-        """Fill the blocks the core allocated (pull from a prefill worker, or onboard from tiers) and
-        report to the core, always: until it hears back it keeps those blocks out of reach."""
-        if isinstance(item, PullPlan):
-            assert self._puller is not None and request.kv_handle is not None
-            try:  # a cancelled pull returns only once the transport stopped writing the blocks
-                ok = await self._puller.pull(request.kv_handle, item.local_block_ids, item.start)
-            except BaseException:
-                self._post(Command.PULLED, request.request_id, (item, False))
-                raise
-            self._post(Command.PULLED, request.request_id, (item, ok))
-            return
-        assert self.tiers is not None
-        await self.tiers.onboard(request.request_id, item)
+    def _abort(self, request_id: str) -> None:
+        self.driver.post(Abort(request_id))
+        if self.loops is not None:
+            self.loops.cancel(request_id)
 
     async def abort(self, request_id: str) -> None:
-        self._post(Command.ABORT, request_id, None)
+        self._abort(request_id)
 
     async def prefill(self, request: EngineRequest) -> PrefillResult:
         if not self.running:
             raise EngineError("engine is not running")
-        in_lower = await self.tiers.lookup(request) if self.tiers is not None else None
+        assert self.loops is not None
+        hints = await self.loops.before_add(request)
         stream = Stream(asyncio.get_running_loop())
-        self._post(Command.ADD, (request, True, in_lower), stream)
+        self.driver.post(Add(request, stream, hold=True, hints=hints))
         done = False
         try:
             item = await stream.queue.get()
-            if isinstance(item, OnboardTicket):
-                await self._load(request, item)
-                item = await stream.queue.get()
             done = True
             if isinstance(item, Exception):
                 raise item
             if isinstance(item, PrefillResult):
                 return item
-            assert isinstance(item, EngineOutput) and item.finish_reason is not None
+            assert item.finish_reason is not None
             return PrefillResult(item, [])  # the first token ended it (stop, max_tokens=1): nothing held
         finally:
             if not done:  # cancelled mid-prefill: free its blocks
-                self._post(Command.ABORT, request.request_id, None)
+                self._abort(request.request_id)
 
     def set_kv_puller(self, puller: KvPuller) -> None:
-        self._puller = puller
+        assert self.loops is not None, "start() first"
+        self.loops.add(HandoffLoop(puller))
 
     def subscribe_kv_events(self, sink: Callable[[list[KvEvent]], None]) -> None:
         """`sink` is called on the current event loop with each step's KV events, in event_id order."""
-        self._kv_sink = (asyncio.get_running_loop(), sink)
+        self._sink = (asyncio.get_running_loop(), sink)
+
+    def _publish(self, events: list[KvEvent]) -> None:
+        if self._sink is not None:
+            self.driver.publish(self._sink, events)
 
     async def kv_snapshot(self) -> KvSnapshot:
         """What the worker's tiers hold, consistent with the event stream: every event with id <=
         last_event_id was handed to the sink before this returns."""
-        fut = asyncio.get_running_loop().create_future()
-        self._post(Command.SNAPSHOT, fut, None)
+        fut: asyncio.Future[KvSnapshot] = asyncio.get_running_loop().create_future()
+        self.driver.post(Snapshot(fut))
         return await fut
 
     @property
@@ -165,22 +168,7 @@ class EngineLoop:
         assert self.core is not None, "start() first"
         return self.core.max_model_len
 
-    def kv_layout(self) -> KvLayout:
-        raise NotImplementedError
-
-    def _core_stats(self) -> EngineStats:
-        assert self.core is not None, "start() first"
-        return self.core.stats()
-
     def stats(self) -> EngineStats:
-        s = self._core_stats()
-        return s if self.tiers is None else msgspec.structs.replace(s, tiers=self.tiers.counters())
-
-    async def _open_tiers(self, cfg: Any, rows: Any) -> None:
-        """Open the lower tiers over `rows` (the G1 pool as uint8 [num_blocks, block_bytes])."""
-        assert self.core is not None and self.runner is not None
-        if cfg is not None and cfg.any:
-            from kvrelay.workers.core.tier_link import TierLink
-
-            self.tiers = await TierLink.open(cfg, self.core, rows, self._post)
-            self.runner.tiers = self.tiers
+        s = self.driver.stats()
+        tiers = self.loops.get("tiers") if self.loops is not None else None
+        return s if tiers is None else msgspec.structs.replace(s, tiers=tiers.counters())

@@ -1,5 +1,5 @@
-"""`KvCache`: the one thing the scheduler talks to about KV: the G1 `BlockPool` (prefix cache, LRU),
-the worker's `KvEventLog` (every tier's events, numbered once) and the offload pins to lower tiers.
+"""`KvCache`: the one thing the scheduler talks to about G1: the `BlockPool` (prefix cache, LRU) and the
+worker's `KvEventLog` (every tier's events, numbered once).
 
 Invariants: every block the pool publishes or evicts is one `stored`/`removed` G1 event, emitted in
 the order it happened; `snapshot()` agrees exactly with the events numbered so far (kv_events.py).
@@ -12,14 +12,12 @@ from collections.abc import Iterable, Sequence
 from kvrelay.kvbm.block_pool import Block, BlockPool
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.workers.core.kv_events import KvEventLog
-from kvrelay.workers.core.offload import OffloadTracker
 
 
 class KvCache:
     def __init__(self, num_blocks: int):
         self.events = KvEventLog()
         self.pool = BlockPool(num_blocks, on_evict=self.events.g1_removed)
-        self.offload: OffloadTracker | None = None  # set by enable_offload (lower tiers open)
 
     # -- what the scheduler uses ------------------------------------------------------------------------
     @property
@@ -57,17 +55,6 @@ class KvCache:
             elif not cached and run_start is not None:
                 self.events.g1_stored(hashes[run_start:i], hashes[run_start - 1] if run_start > 0 else None)
                 run_start = None
-
-    # -- lower tiers ------------------------------------------------------------------------------------
-    def enable_offload(self, mode: str) -> None:
-        self.offload = OffloadTracker(self.pool, mode, max_pinned=self.pool.num_blocks // 4)
-
-    def take_offload(self) -> tuple[list[int], list[int]] | None:
-        return self.offload.take() if self.offload is not None else None
-
-    def offloaded(self, block_ids: list[int]) -> None:
-        if self.offload is not None:
-            self.offload.done(block_ids)
 
     # -- events -----------------------------------------------------------------------------------------
     def drain_events(self) -> list[KvEvent]:

@@ -1,74 +1,76 @@
 """`CoreRunner`: what the owner of an `EngineCore` does around each step, the same whether the core
 runs on its own thread (thread_driver.py) or on the event loop (loop_driver.py): apply commands from
-the asyncio side, route each output to its request's stream, run the lower tiers' bookkeeping, and
-hand KV events on in event_id order.
+the asyncio side (commands.py, one `match`), route each output to its request's stream, hand the KV
+sources' jobs to their loop halves, and hand KV events on in event_id order.
 
-Commands (`post(cmd, arg, extra)`): add, abort, pulled, onboarded, offloaded, replan, tier_event,
-snapshot. Invariant: every request whose `add` succeeded ends with exactly one final item (an output
-with a finish reason, a `PrefillResult`, or an exception) on its stream.
+Invariant: every request whose `Add` succeeded ends with exactly one final item (an output with a
+finish reason, a `PrefillResult`, or an exception) on its stream.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kvrelay.kvbm.events import KvEvent
+from kvrelay.workers.api.errors import EngineError
 from kvrelay.workers.api.messages import EngineOutput
-from kvrelay.workers.core.commands import Command
+from kvrelay.workers.api.prefill import PREFILLED, PrefillResult
+from kvrelay.workers.core.commands import (
+    Abort,
+    Add,
+    Command,
+    KvAnswered,
+    KvLoaded,
+    KvSaved,
+    KvTierEvents,
+    Snapshot,
+    Wake,
+)
 from kvrelay.workers.core.engine_core import EngineCore
-from kvrelay.workers.core.errors import EngineError
-from kvrelay.workers.core.sequence import PREFILLED
 from kvrelay.workers.core.streams import Item, Stream, resolve
-from kvrelay.workers.protocol import PrefillResult
-
-if TYPE_CHECKING:  # tier_link imports torch; an engine without tiers (the mocker) never loads it
-    from kvrelay.workers.core.tier_link import TierLink
 
 log = logging.getLogger(__name__)
 Deliveries = list[tuple[Stream, Item]]
 
 
 class CoreRunner:
-    def __init__(self, core: EngineCore, publish: Callable[[list[KvEvent]], None]):
-        self.core, self.publish = core, publish
+    def __init__(self, core: EngineCore, publish: Callable[[list[KvEvent]], None],
+                 submit: Callable[[list[Any]], None]):
+        """`publish`: hands KV events to the sink; `submit`: hands KV-source jobs to their loop halves."""
+        self.core, self.publish, self.submit = core, publish, submit
         self.streams: dict[str, Stream] = {}  # owner only
-        self.tiers: TierLink | None = None
 
-    def command(self, cmd: str, arg: Any, extra: Any, deliveries: Deliveries) -> None:
+    def command(self, cmd: Command, deliveries: Deliveries) -> None:
         core = self.core
-        if cmd == Command.ADD:
-            request, hold, in_lower = arg
-            try:
-                plan = core.add_request(request, hold, in_lower)
-            except EngineError as e:
-                deliveries.append((extra, e))
-            else:
-                self.streams[request.request_id] = extra
-                if plan is not None:
-                    deliveries.append((extra, plan))
-        elif cmd == Command.ABORT:
-            out = core.abort(arg)
-            target = self.streams.pop(arg, None)
-            if out is not None and target is not None:
-                deliveries.append((target, out))
-        elif cmd == Command.PULLED:
-            plan, ok = extra
-            core.pulled(arg, plan, ok)
-        elif cmd == Command.ONBOARDED:
-            ticket, got = extra
-            core.onboarded(arg, ticket, got)
-        elif cmd == Command.OFFLOADED:
-            core.offloaded(arg)
-        elif cmd == Command.REPLAN:  # a parked preempted request's lookup answered
-            core.replan(arg, extra)
-        elif cmd == Command.TIER_EVENT:
-            core.kv.events.tier_event(*arg)
-        elif cmd == Command.SNAPSHOT:
-            self.publish_events()  # events up to the snapshot reach the sink first
-            snap = core.kv_snapshot()
-            arg.get_loop().call_soon_threadsafe(resolve, arg, snap)
+        match cmd:
+            case Add(request=request, stream=stream, hold=hold, hints=hints):
+                try:
+                    core.add_request(request, hold, hints)
+                except EngineError as e:
+                    deliveries.append((stream, e))
+                else:
+                    self.streams[request.request_id] = stream
+            case Abort(request_id=rid):
+                out = core.abort(rid)
+                target = self.streams.pop(rid, None)
+                if out is not None and target is not None:
+                    deliveries.append((target, out))
+            case KvLoaded(request_id=rid, ok=ok):
+                core.kv_loaded(rid, ok)
+            case KvAnswered(source=source, request_id=rid, answer=answer):
+                core.kv_answered(source, rid, answer)
+            case KvSaved(source=source, block_ids=block_ids):
+                core.kv_saved(source, block_ids)
+            case KvTierEvents(tier=tier, kind=kind, hashes=hashes):
+                core.kv.events.tier_event(tier, kind, hashes)
+            case Snapshot(future=fut):
+                self.publish_events()  # events up to the snapshot reach the sink first
+                snap = core.kv_snapshot()
+                fut.get_loop().call_soon_threadsafe(resolve, fut, snap)
+            case Wake():
+                pass
 
     def route(self, outputs: list[EngineOutput], deliveries: Deliveries) -> None:
         """A step's outputs to their streams; a prefill that parked becomes its `PrefillResult`; a
@@ -96,24 +98,11 @@ class CoreRunner:
         deliveries.extend((s, error) for s in self.streams.values())
         self.streams.clear()
 
-    def before_step(self) -> None:
-        if self.tiers is not None:
-            self.tiers.flush_offload()
-
-    def after_step(self, deliveries: Deliveries) -> None:
-        """Lower tiers: offload what the step made evictable, look parked requests up, and hand the
-        loads planned for preempted requests to their streams."""
-        if self.tiers is None:
-            return
-        core = self.core
-        self.tiers.flush_offload()
-        self.tiers.relookup(core.take_lookups())
-        for rid, ticket in core.take_tickets():
-            target = self.streams.get(rid)
-            if target is not None:
-                deliveries.append((target, ticket))
-            else:  # nobody to run the load: unwind it as all-missed
-                core.onboarded(rid, ticket, [False] * len(ticket.plan.hashes))
+    def flush_jobs(self) -> None:
+        """Hand the KV sources' new jobs (loads, lookups, saves of pinned blocks) to their loop halves."""
+        jobs = self.core.door.take_jobs()
+        if jobs:
+            self.submit(jobs)
 
     def publish_events(self) -> None:
         events = self.core.drain_kv_events()
@@ -123,4 +112,3 @@ class CoreRunner:
     def step_failed(self, e: Exception, deliveries: Deliveries) -> None:
         log.exception("engine step failed; failing every in-flight request")
         self.fail_all(EngineError(f"engine failure: {e}"), deliveries)
-

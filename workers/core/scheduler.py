@@ -10,57 +10,59 @@ calls `commit()`. Invariants:
   sequence that lacks blocks for its scheduled tokens.
 - A prefix-cache hit never covers the last token: at least one token is computed, to get logits.
 
-A sequence whose KV arrived (pulled from a prefill worker, or loaded from a lower tier) while
-`max_num_seqs` sequences run waits READY, blocks held, in `ready`; each step first fills free running
-slots from `ready`, then from `waiting`. So `len(running) <= max_num_seqs` always (a decode worker fed
-by handoffs used to run unbounded batches), and a ready sequence is the first one preempted.
+KV from elsewhere comes through one door (`KvDoor`, kv_sources/): before a waiting sequence is admitted
+(when it is queued, and whenever it is at the head) the door says how many tokens after G1's own hit
+its sources can supply. The sequence then waits for KV (WAITING_FOR_KV): in `asking` while a source
+still looks (no blocks held), or in `loading` with blocks for the hit and fresh blocks for the source
+to fill, which stay out of reach until `kv_arrived` (a finished sequence keeps them: `finish` returns
+False). It then runs from the longest prefix that arrived intact. Invariant: a WAITING sequence is in
+`waiting`; a WAITING_FOR_KV one in exactly one of `asking` and `loading`.
 
-Disaggregation adds two states outside `running`/`waiting`, each holding blocks: HELD (prefill role:
-`park` after the first token, until the engine aborts it once pulled or expired) and PULLING (decode
-role: `take_remote` allocated the prompt's blocks; `pulled` then runs it, or sends it back to waiting
-to be recomputed). Onboarding from lower tiers uses PULLING too: `take_onboard` gives a waiting
-sequence its G1 prefix hits plus fresh blocks for the blocks the tiers hold, `onboarded` runs it from
-the longest prefix that arrived intact. `finish` frees the blocks of a sequence in any state, except
-that a PULLING sequence keeps them (`keep_blocks`) until its loader reports: a transport or tier may
-still be writing them.
+A sequence whose KV arrived while `max_num_seqs` sequences run waits READY, blocks held, in `ready`;
+each step first fills free running slots from `ready`, then from `waiting`. So `len(running) <=
+max_num_seqs` always, and a ready sequence is the first one preempted. HELD (`park`): out of the
+scheduler's sight with its blocks kept (the prefill role's prompt, until the decode side has it).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from kvrelay.kvbm.block_pool import Block
 from kvrelay.workers.core.kv_cache import KvCache
+from kvrelay.workers.core.kv_sources.kv_door import KvDoor
+from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.core.sequence import Sequence, Status
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
-    block_size: int = 16
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
-    max_waiting: int = 1024
-    max_model_len: int = 4096
+class _Fetch:
+    """A load in flight for a sequence: `fresh` (indices into its blocks) are being filled, up to token
+    `end`; `first`: this is the sequence's first admission (its cached-token count is set here)."""
+
+    fresh: list[int]
+    end: int
+    counts_as_cached: bool
+    first: bool
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, kv: KvCache):
+    def __init__(self, cfg: EngineLimits, kv: KvCache, door: KvDoor):
         self.cfg, self.kv = cfg, kv  # blocks, prefix cache and their events: only through `kv`
+        self.door = door  # KV from anywhere but this engine's steps: only through `door`
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.ready: deque[Sequence] = deque()  # READY: KV in place, no running slot yet (FIFO)
+        self.asking: dict[str, Sequence] = {}  # WAITING_FOR_KV, no blocks: a source is still looking
+        self.loading: dict[str, tuple[Sequence, _Fetch]] = {}  # WAITING_FOR_KV, blocks being filled
         self.preemptions = 0
         self.prefix_hit_tokens = 0
-        # With lower tiers (set by the engine): a preempted sequence whose blocks left G1 while it waited
-        # is parked in `looking` and its hashes queued in `lookups` for the engine to look up in the
-        # tiers; `end_lookup` puts it back at the head. Invariant: a WAITING sequence is in exactly one of
-        # `waiting` and `looking`.
-        self.track_preempted = False
-        self.looking: dict[str, Sequence] = {}
-        self.lookups: list[tuple[str, list[int]]] = []
+
+    def add(self, seq: Sequence) -> None:
+        """Queue `seq` (WAITING); if a source has its KV, the load starts now, not at its turn."""
+        self.waiting.append(seq)
+        self._fetch(seq)
 
     # -- scheduling -------------------------------------------------------------------------------------
     def schedule(self) -> list[tuple[Sequence, int]]:
@@ -87,7 +89,7 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted and not self.ready
                and len(self.running) < self.cfg.max_num_seqs):
             seq = self.waiting[0]
-            if seq.lost_blocks and self._park_for_lookup(seq):
+            if self._fetch(seq):
                 continue
             n = self._admit(seq, budget)
             if n == 0:
@@ -124,7 +126,6 @@ class Scheduler:
         seq.blocks = hits + self.kv.allocate(need)
         seq.num_computed = computed
         seq.num_published = len(hits)
-        seq.lower_hint = None  # admitted (and recomputed) before a load could be planned
         if not seq.admitted:
             seq.admitted = True
             seq.num_cached_prompt = min(computed, len(seq.prompt))
@@ -132,29 +133,73 @@ class Scheduler:
         seq.status = Status.RUNNING
         return n
 
-    def _park_for_lookup(self, seq: Sequence) -> bool:
-        """`seq` (preempted, at the head) lost blocks from G1 while it waited: park it and queue a lookup
-        of those blocks in the lower tiers, so they are loaded rather than recomputed. False (and it
-        is admitted as usual) if G1 still has them all."""
-        hashes = seq.hasher.hashes[:seq.lost_blocks]
-        seq.lost_blocks = 0
-        if len(self.kv.lookup(hashes)) == len(hashes):
+    def _fetch(self, seq: Sequence) -> bool:
+        """Ask the door about waiting `seq`. True if it left `waiting` to wait for KV: in `asking` (a
+        source is looking), or in `loading` with its blocks (G1's hit, G1 blocks the source may reuse,
+        fresh blocks for the rest). False: nothing to load, or blocks are short (the match is dropped)
+        and it is admitted as usual."""
+        bs, hashes = self.cfg.block_size, seq.hasher.hashes
+        hits = self.kv.lookup(hashes[:(seq.num_tokens - 1) // bs])
+        match = self.door.match(seq, len(hits))
+        if match is None:
+            self.waiting.remove(seq)
+            seq.status = Status.WAITING_FOR_KV
+            self.asking[seq.request_id] = seq
+            return True
+        if match.num_tokens <= 0:
             return False
-        self.waiting.popleft()
-        self.looking[seq.request_id] = seq
-        self.lookups.append((seq.request_id, hashes))
+        end = len(hits) * bs + match.num_tokens
+        src: list[Block | None] = list(hits)  # a block G1 has, or None: fresh, to be filled
+        for i in range(len(hits), self._blocks_for(end)):
+            src.append(self.kv.cached.get(hashes[i]) if match.reuse_cached and i < len(hashes) else None)
+        fresh = [i for i, b in enumerate(src) if b is None]
+        cached = [b for b in src if b is not None]
+        if not fresh or len(fresh) > self.kv.num_free - sum(1 for b in cached if b.ref_count == 0):
+            self.door.allocated(seq, None)
+            return False
+        self.waiting.remove(seq)
+        self.kv.touch(cached)
+        new = iter(self.kv.allocate(len(fresh)))
+        seq.blocks = [b if b is not None else next(new) for b in src]
+        self.door.allocated(seq, fresh)  # before `admitted` changes: a source may count re-admissions
+        seq.num_computed, seq.num_published = len(hits) * bs, len(hits)
+        first = not seq.admitted
+        if first:
+            seq.admitted = True
+            seq.num_cached_prompt = min(seq.num_computed, len(seq.prompt))
+            self.prefix_hit_tokens += seq.num_cached_prompt
+        seq.status = Status.WAITING_FOR_KV
+        self.loading[seq.request_id] = (seq, _Fetch(fresh, end, match.counts_as_cached, first))
         return True
 
-    def end_lookup(self, seq: Sequence) -> bool:
-        """The lookup for a parked `seq` came back: it waits at the head again. False if it ended meanwhile."""
-        if self.looking.pop(seq.request_id, None) is None:
-            return False
-        self.waiting.appendleft(seq)
-        return True
+    def kv_answered(self, seq: Sequence) -> None:
+        """A source that was looking for `seq`'s KV has its answer: `seq` waits at the head again."""
+        if self.asking.pop(seq.request_id, None) is not None:
+            seq.status = Status.WAITING
+            self.waiting.appendleft(seq)
+
+    def kv_arrived(self, seq: Sequence, ok: list[bool]) -> tuple[list[int], int]:
+        """The load into `seq`'s fresh blocks ended (`ok` per fresh block, in order): keep the leading
+        blocks that are all intact, release the rest, and run `seq` from there (the rest is computed).
+        Returns (the fresh indices, how many leading blocks were kept)."""
+        entry = self.loading.pop(seq.request_id, None)
+        if entry is None:
+            return [], 0
+        fetch = entry[1]
+        kept = next((i for i, fine in zip(fetch.fresh, ok, strict=True) if not fine), len(seq.blocks))
+        self.kv.release(reversed(seq.blocks[kept:]))  # a failed block and all after it: recompute
+        seq.blocks = seq.blocks[:kept]
+        computed = min(kept * self.cfg.block_size, fetch.end)
+        if fetch.first and fetch.counts_as_cached:
+            cached = min(computed, len(seq.prompt))
+            self.prefix_hit_tokens += cached - seq.num_cached_prompt
+            seq.num_cached_prompt = cached
+        self.commit(seq, computed - seq.num_computed)  # publish what arrived
+        self._run_or_ready(seq)
+        return fetch.fresh, kept
 
     def _preempt(self, seq: Sequence) -> None:
-        if self.track_preempted and not seq.hold_kv:  # a prefill-role caller takes one ticket, first
-            seq.lost_blocks = seq.num_computed // self.cfg.block_size
+        self.door.preempted(seq, seq.num_computed // self.cfg.block_size)
         (self.ready if seq.status is Status.READY else self.running).remove(seq)
         self._release(seq)
         seq.num_computed = 0
@@ -167,83 +212,6 @@ class Scheduler:
         seq.blocks = []
         seq.num_published = 0
 
-    # -- disaggregation ---------------------------------------------------------------------------------
-    def take_remote(self, seq: Sequence) -> int | None:
-        """Decode role: take `seq` (waiting; prompt + the remote first token) out of the queue and give it
-        blocks for its prompt: prefix hits from this pool, fresh blocks for the rest. Returns how many
-        leading prompt blocks were hits (the puller fills the rest), or None if blocks are short now:
-        `seq` then stays waiting and is recomputed like a preempted sequence."""
-        bs, n_prompt = self.cfg.block_size, len(seq.prompt)
-        hits = self.kv.lookup(seq.hasher.hashes[:n_prompt // bs])
-        need = self._blocks_for(n_prompt) - len(hits)
-        if need > self.kv.num_free - sum(1 for b in hits if b.ref_count == 0):
-            return None
-        self.waiting.remove(seq)
-        self.kv.touch(hits)
-        seq.blocks = hits + self.kv.allocate(need)
-        seq.num_computed = len(hits) * bs
-        seq.num_published = len(hits)
-        seq.admitted = True
-        seq.num_cached_prompt = seq.num_computed
-        self.prefix_hit_tokens += seq.num_computed
-        seq.status = Status.PULLING
-        return len(hits)
-
-    def pulled(self, seq: Sequence, ok: bool) -> None:
-        """The pull for a PULLING `seq` ended: run it (its prompt KV is in place), or recompute it."""
-        if seq.status is not Status.PULLING:
-            return  # aborted meanwhile, or never pulled (take_remote found no blocks)
-        if ok:
-            self.commit(seq, len(seq.prompt) - seq.num_computed)  # publish the pulled full blocks
-            self._run_or_ready(seq)
-        else:
-            self._release(seq)
-            seq.num_computed = 0
-            seq.status = Status.WAITING
-            self.waiting.appendleft(seq)
-
-    def take_onboard(self, seq: Sequence, in_lower: Seq[bool], cut: Callable[[list[bool]], int]) -> list[int] | None:
-        """`seq` is waiting: just added, or preempted (then its tokens include output). `in_lower[i]`: a
-        lower tier holds block i. Walk its full blocks (never the last token's) while each is in G1 or
-        a lower tier; `cut(needs_load)` says how many leading ones are worth taking. Returns the
-        indices (into `seq.blocks`) of the fresh blocks to fill, with `seq` now PULLING; None (no side
-        effects) if nothing is to be loaded or blocks are short."""
-        bs = self.cfg.block_size
-        src: list[Block | None] = []  # a G1 hit, or None: to be loaded
-        for i, h in enumerate(seq.hasher.hashes[:(seq.num_tokens - 1) // bs]):
-            block = self.kv.cached.get(h)
-            if block is None and not (i < len(in_lower) and in_lower[i]):
-                break
-            src.append(block)
-        src = src[:cut([b is None for b in src])]
-        fresh_idx = [i for i, b in enumerate(src) if b is None]
-        hits = [b for b in src if b is not None]
-        if not fresh_idx or len(fresh_idx) > self.kv.num_free - sum(1 for b in hits if b.ref_count == 0):
-            return None
-        self.waiting.remove(seq)
-        self.kv.touch(hits)
-        fresh = iter(self.kv.allocate(len(fresh_idx)))
-        seq.blocks = [b if b is not None else next(fresh) for b in src]
-        seq.num_computed = seq.num_published = 0
-        seq.status = Status.PULLING
-        return fresh_idx
-
-    def onboarded(self, seq: Sequence, fresh_idx: list[int], ok: list[bool]) -> int:
-        """The load into `seq.blocks[fresh_idx]` ended (`ok` per block): keep the leading blocks that are
-        all intact, release the rest, and run `seq` from there. Returns the blocks loaded and kept."""
-        if seq.status is not Status.PULLING:
-            return 0
-        good = next((i for i, fine in zip(fresh_idx, ok, strict=True) if not fine), len(seq.blocks))
-        self.kv.release(reversed(seq.blocks[good:]))  # a failed block and all after it: recompute
-        seq.blocks = seq.blocks[:good]
-        if not seq.admitted:  # a preempted sequence loaded back keeps its first admission's numbers
-            seq.admitted = True
-            seq.num_cached_prompt = min(good * self.cfg.block_size, len(seq.prompt))
-            self.prefix_hit_tokens += seq.num_cached_prompt
-        self.commit(seq, good * self.cfg.block_size)  # publish the loaded blocks
-        self._run_or_ready(seq)
-        return sum(1 for i in fresh_idx if i < good)
-
     def _run_or_ready(self, seq: Sequence) -> None:
         """`seq`'s KV is in place: run it if a slot is free, else it waits READY (blocks held)."""
         if len(self.running) < self.cfg.max_num_seqs and not self.ready:
@@ -254,7 +222,8 @@ class Scheduler:
             self.ready.append(seq)
 
     def park(self, seq: Sequence) -> None:
-        """Prefill role: `seq` has its first token; keep its blocks, stop scheduling it."""
+        """Stop scheduling running `seq` but keep its blocks (HELD) until `finish` (the prefill role:
+        the decode side pulls them)."""
         self.running.remove(seq)
         seq.status = Status.HELD
 
@@ -268,16 +237,18 @@ class Scheduler:
             seq.num_published = full
 
     def finish(self, seq: Sequence, reason: str) -> bool:
-        """End `seq`. Returns False if its blocks are kept (it was PULLING): call `release_blocks` once
-        the loader has reported."""
+        """End `seq`. Returns False if its blocks are kept (a source is filling them): call
+        `release_blocks` once the source has reported."""
         seq.finish_reason = reason
-        loading = seq.status is Status.PULLING
+        loading = self.loading.pop(seq.request_id, None) is not None
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.READY:
             self.ready.remove(seq)
-        elif seq.status is Status.WAITING and self.looking.pop(seq.request_id, None) is None:
+        elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+        elif seq.status is Status.WAITING_FOR_KV:
+            self.asking.pop(seq.request_id, None)
         seq.status = Status.FINISHED
         if not loading:
             self._release(seq)

@@ -20,15 +20,14 @@ def position_seed(seed: int, position: int) -> int:
     return xxhash.xxh3_64_intdigest(f"{seed}:{position}".encode())
 
 
-PREFILLED = "prefilled"  # engine-internal finish reason of a prefill whose blocks stay held
-
-
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    PULLING = "pulling"  # decode role: blocks allocated, KV being pulled from a prefill worker
-    HELD = "held"  # prefill role: prompt computed, blocks pinned until the decode side pulled them
-    READY = "ready"  # KV in place (pulled or loaded from a tier), waiting for a running slot (max_num_seqs)
+    # KV from elsewhere (kv_sources/): the door is still asking where it is (no blocks held), or blocks
+    # are allocated and a source is filling them (they stay out of reach until it reports).
+    WAITING_FOR_KV = "waiting_for_kv"
+    HELD = "held"  # finished for the scheduler, blocks kept for a consumer (prefill role: the decode pull)
+    READY = "ready"  # KV in place (it came from elsewhere), waiting for a running slot (max_num_seqs)
     FINISHED = "finished"
 
 
@@ -55,9 +54,6 @@ class Sequence:
         hasher.extend(self.prompt)
         self.arrival = arrival
         self.admitted = False
-        self.lost_blocks = 0  # preempted with lower tiers on: full blocks it had computed
-        self.lower_hint: list[str | None] | None = None  # their lookup: the tier holding each block
-        self.hold_kv = False  # prefill role: park after the first token instead of decoding on
         self.finish_reason: str | None = None
         self.num_emitted = 0  # output tokens already sent to the caller
         self.generator: torch.Generator | None = None
@@ -109,7 +105,7 @@ class Sequence:
                             num_cached_tokens=self.num_cached_prompt)
 
     def continue_from(self, first_token: int) -> None:
-        """Decode role: the prefill worker sampled the first token; it is output, already emitted."""
+        """The first token was sampled elsewhere (a prefill worker): it is output, already emitted."""
         self.append(first_token, 0.0 if self.sampling.logprobs else None)
         self.num_emitted = 1
 

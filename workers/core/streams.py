@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from kvrelay.workers.core.handoff import PullPlan
-from kvrelay.workers.core.onboard import OnboardTicket
-from kvrelay.workers.protocol import EngineOutput, PrefillResult
+from kvrelay.workers.api.messages import EngineOutput
+from kvrelay.workers.api.prefill import PrefillResult
 
-Item = EngineOutput | PrefillResult | PullPlan | OnboardTicket | Exception
+# What a request's stream carries: outputs, a prefill's result (prefill role), or the error ending it.
+Item = EngineOutput | PrefillResult | Exception
 
 
 class Stream:

@@ -16,11 +16,10 @@ from kvrelay.kvbm.fingerprint import model_fingerprint
 from kvrelay.kvbm.hashing import BlockHasher
 from kvrelay.workers.api.messages import KvLayout, SamplingParams
 from kvrelay.workers.core.engine_core import EngineCore
-from kvrelay.workers.core.errors import EngineOverloaded  # re-exported: the mocker's overload error
+from kvrelay.workers.core.engine_loop import EngineLoop
 from kvrelay.workers.core.executor import Scheduled
+from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.core.loop_driver import LoopDriver
-from kvrelay.workers.core.runner import CoreRunner
-from kvrelay.workers.core.scheduler import SchedulerConfig
 from kvrelay.workers.engines.mocker.config import MockerConfig, ModelInfo
 from kvrelay.workers.engines.mocker.executor import MockExecutor
 from kvrelay.workers.engines.mocker.timing import TimingModel
@@ -28,15 +27,13 @@ from kvrelay.workers.engines.mocker.tokens import MockSequence, TokenSource
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineOverloaded", "MockerEngine"]
 
-
-class MockerEngine(LoopDriver):
-    task_name = "kvrelay-mocker"
+class MockerEngine(EngineLoop):
+    core: EngineCore
 
     def __init__(self, cfg: MockerConfig, tiers: Any = None):
         """`tiers`: a `kvbm.tier_config.TierConfig` to open G2/G3/G4 with when `cfg.kv_tiers`."""
-        super().__init__()
+        super().__init__(LoopDriver(self.step_time, "kvrelay-mocker"))
         cfg.validate()
         self.cfg, self.tier_cfg = cfg, tiers
         self.info = ModelInfo.from_dir(cfg.model)
@@ -49,7 +46,7 @@ class MockerEngine(LoopDriver):
             return MockSequence(rid, prompt, sampling, hasher, arrival, cfg.seed)
 
         self.core = EngineCore(
-            SchedulerConfig(block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            EngineLimits(block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
                             max_num_seqs=cfg.max_num_seqs, max_waiting=cfg.max_waiting,
                             max_model_len=cfg.max_model_len),
             cfg.num_blocks, MockExecutor(self.tokens),
@@ -57,12 +54,11 @@ class MockerEngine(LoopDriver):
             fingerprint=f"mocker-{model_fingerprint(cfg.model)}", eos_ids=self.info.eos_ids,
             vocab_limit=max(vocab, max(self.info.excluded_ids, default=-1) + 1),  # prompts may hold specials
             new_sequence=new_sequence)
-        self.runner = CoreRunner(self.core, self._publish)
         self.pool, self.scheduler = self.core.pool, self.core.scheduler
         self._no_handle_reason = "no KV puller"
 
     async def start(self) -> None:
-        await self._start_loop(self.tier_cfg if self.cfg.kv_tiers else None, self._g1_rows)
+        await self._attach(self.core, self.tier_cfg if self.cfg.kv_tiers else None, self._g1_rows)
 
     def _g1_rows(self) -> Any:
         """With lower tiers: G1 as real bytes (zeros; the mocker's tokens never read KV) so the tiers

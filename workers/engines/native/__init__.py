@@ -9,12 +9,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kvrelay.workers.core.engine_core import EngineOverloaded, LLMEngine, NativeEngineConfig
-    from kvrelay.workers.core.engine_loop import NativeEngine
+    from kvrelay.workers.engines.native.engine import NativeEngine
+    from kvrelay.workers.engines.native.llm_engine import LLMEngine, NativeEngineConfig
 
-_EXPORTS = {"NativeEngine": "engine", "EngineOverloaded": "llm_engine", "LLMEngine": "llm_engine",
-            "NativeEngineConfig": "llm_engine"}
-__all__ = ["EngineOverloaded", "LLMEngine", "NativeEngine", "NativeEngineConfig"]
+_EXPORTS = {"NativeEngine": "engine", "LLMEngine": "llm_engine", "NativeEngineConfig": "llm_engine"}
+__all__ = ["LLMEngine", "NativeEngine", "NativeEngineConfig"]
 
 
 def __getattr__(name: str) -> Any:

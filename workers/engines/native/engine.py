@@ -1,25 +1,29 @@
-"""`NativeEngine`: the native engine as an `Engine` (workers/protocol.py): its `LLMEngine` core run on
-one dedicated thread by the core's `ThreadDriver` (workers/core/thread_driver.py)."""
+"""`NativeEngine`: the native engine as an `Engine` (workers/protocol.py): its `LLMEngine` core stepped
+on one dedicated thread (the core's `ThreadDriver`, workers/core/thread_driver.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from kvrelay.workers.api.messages import KvLayout
+from kvrelay.workers.core.engine_loop import EngineLoop
 from kvrelay.workers.core.thread_driver import ThreadDriver
 from kvrelay.workers.engines.native.llm_engine import LLMEngine, NativeEngineConfig
 
 
-class NativeEngine(ThreadDriver):
-    thread_name = "kvrelay-native-engine"
+class NativeEngine(EngineLoop):
     core: LLMEngine | None
 
     def __init__(self, cfg: NativeEngineConfig):
-        super().__init__()
+        super().__init__(ThreadDriver("kvrelay-native-engine"))
         self.cfg = cfg
 
     async def start(self) -> None:
-        await self._start_thread(lambda: LLMEngine(self.cfg), self.cfg.tiers, LLMEngine.kv_rows)
+        if self.running:
+            return
+        core = await asyncio.to_thread(LLMEngine, self.cfg)  # loading the model takes a while
+        await self._attach(core, self.cfg.tiers, core.kv_rows)
 
     def kv_pool(self) -> Any:
         assert self.core is not None, "start() first"

@@ -15,9 +15,7 @@ from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.kvbm.tiers.disk import aligned_empty
 from kvrelay.workers.api.messages import KvLayout
 from kvrelay.workers.core.engine_core import EngineCore
-from kvrelay.workers.core.errors import EngineOverloaded
-from kvrelay.workers.core.scheduler import SchedulerConfig
-from kvrelay.workers.core.sequence import Status
+from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.native.config import DTYPES
 from kvrelay.workers.engines.native.loader import load_model
 from kvrelay.workers.engines.native.model_runner import ModelRunner
@@ -60,7 +58,7 @@ class LLMEngine(EngineCore):
         else:
             self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=cfg.device)
         super().__init__(
-            SchedulerConfig(block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            EngineLimits(block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
                             max_num_seqs=cfg.max_num_seqs, max_waiting=cfg.max_waiting,
                             max_model_len=cfg.max_model_len or m.max_position_embeddings),
             num_blocks, ModelRunner(self.model, self.kv_cache, cfg.block_size, cfg.device),
@@ -76,5 +74,3 @@ class LLMEngine(EngineCore):
                         block_size=self.cfg.block_size, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
                         dtype=str(self.dtype).removeprefix("torch."), device=str(self.kv_cache.device))
 
-
-__all__ = ["EngineOverloaded", "LLMEngine", "NativeEngineConfig", "Status"]

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvrelay.workers.protocol import SamplingParams
+from kvrelay.workers.api.messages import SamplingParams
 
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 

@@ -33,8 +33,9 @@ import msgspec
 
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.kvbm.fingerprint import model_fingerprint
+from kvrelay.workers.api.errors import EngineError, EngineOverloaded
 from kvrelay.workers.api.messages import EngineOutput, EngineRequest, EngineStats, KvLayout
-from kvrelay.workers.core.errors import EngineError, EngineOverloaded
+from kvrelay.workers.api.prefill import KvPuller, PrefillResult
 from kvrelay.workers.core.kv_events import KvEventLog
 from kvrelay.workers.engines.vllm.config import VllmEngineConfig, engine_args
 from kvrelay.workers.engines.vllm.event_subscriber import VllmEventSubscriber
@@ -43,7 +44,6 @@ from kvrelay.workers.engines.vllm.orphan_guard import disarm, guard_process_grou
 from kvrelay.workers.engines.vllm.sampling import to_output, to_vllm
 from kvrelay.workers.engines.vllm.start_errors import EngineStartError, StartErrorLog, model_shape
 from kvrelay.workers.engines.vllm.stats import VllmStats, stat_logger_factory
-from kvrelay.workers.protocol import KvPuller, PrefillResult
 
 log = logging.getLogger(__name__)
 

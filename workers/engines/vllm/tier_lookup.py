@@ -25,6 +25,7 @@ import zmq
 import zmq.asyncio
 
 from kvrelay.kvbm.tiered_kv import TieredKv
+from kvrelay.workers.core.kv_sources.tiers import load_plan
 
 log = logging.getLogger("kvrelay.vllm.tiers")
 GIVE_UP_S = 5.0
@@ -38,13 +39,8 @@ async def answer(tiered: TieredKv, hashes: list[int], local: int, limit: int) ->
     """The tiers of the blocks after `local` worth loading (kvbm's lookup and cost model), at most
     `limit` (the staging rows a load can take)."""
     found = await tiered.lookup(hashes, set(hashes[:local]).__contains__)
-    run: list[str] = []
-    for tier in found[local:local + limit]:
-        if tier is None:
-            break
-        run.append(tier)
-    cut = tiered.cost.best_cut([None] * local + run) - local
-    return run[:max(0, cut)]
+    plan = load_plan(found, [True] * local, tiered.cost, limit)
+    return [t for t in plan[local:] if t is not None]
 
 
 class LookupServer:

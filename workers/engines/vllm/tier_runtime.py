@@ -32,7 +32,7 @@ import torch
 from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.kvbm.tiered_kv import TieredKv
 from kvrelay.workers.api.messages import TierCounters
-from kvrelay.workers.core.tier_link import tier_counters
+from kvrelay.workers.core.kv_sources.tiers_loop import tier_counters
 from kvrelay.workers.engines.vllm.tier_lookup import LookupServer
 
 log = logging.getLogger("kvrelay.vllm.tiers")
