@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from kvrelay.workers.api.messages import EngineRequest, SamplingParams
+from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.native import LLMEngine, NativeEngineConfig
 
 MODELS = {
@@ -58,7 +59,7 @@ def sync(device: str) -> None:
 
 class Ours:
     def __init__(self, path: str, device: str = "cpu"):
-        self.engine = LLMEngine(NativeEngineConfig(model=path, max_num_batched_tokens=4096, max_num_seqs=64,
+        self.engine = LLMEngine(NativeEngineConfig(model=path, limits=EngineLimits(max_num_batched_tokens=4096),
                                                    kv_cache_bytes=1 << 30, device=device))
         self.n = 0
 

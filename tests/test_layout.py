@@ -1,8 +1,8 @@
 """The package's shape, checked over its import graph and source (DESIGN.md "Layout"):
 - no engine under workers/engines/<x>/ imports another engine's package, nor the frontend;
 - runtime/ is planes only: it imports no other kvrelay package and defines no model or KV types;
-- workers/core is engine-neutral and below the worker: it imports kvbm, workers/api and itself only
-  (never workers/protocol, the worker, an engine or the frontend), and its scheduler and sequence know
+- workers/core is engine-neutral and below the worker: it imports kvbm, workers/api, itself and the
+  settings helpers of runtime/config.py only (never workers/protocol, the worker, an engine or the frontend), and its scheduler and sequence know
   KV from elsewhere only through the KV-source door (no tier, handoff or peer names);
 - endpoint names and engine error kinds are never string literals outside workers/api.
 """
@@ -58,7 +58,7 @@ def test_runtime_is_planes_only():
 
 
 def test_core_imports_only_kvbm_api_and_itself():
-    allowed = ("kvrelay.kvbm", "kvrelay.workers.api", "kvrelay.workers.core")
+    allowed = ("kvrelay.kvbm", "kvrelay.workers.api", "kvrelay.workers.core", "kvrelay.runtime.config")
     for path in modules("workers/core"):
         for name in imports(path):
             if name.startswith("kvrelay."):

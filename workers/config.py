@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from kvrelay.runtime.config import non_negative, positive, setting
+from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.mocker.config import WORKER_SETTINGS, MockerConfig
 from kvrelay.workers.models.registry import DEFAULT_MODEL
 
@@ -53,13 +54,27 @@ class EngineSettings:
     served_model_name: str = setting("", "name clients use in requests (default: the model's directory name)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", "weights and KV dtype")
     device: str = setting("cpu", "torch device (cpu, cuda, cuda:1, ...)")
-    block_size: int = setting(16, "tokens per KV block", positive)
     kv_cache_bytes: int = setting(0, "bytes of the G1 KV pool (0 = room for 16384 tokens of the model, "
                                   "at least 256MiB)", non_negative)
-    max_num_batched_tokens: int = setting(2048, "token budget of one engine step", positive)
-    max_num_seqs: int = setting(64, "most sequences running at once", positive)
-    max_waiting: int = setting(1024, "waiting-queue bound; more is rejected as busy", positive)
-    max_model_len: int = setting(0, "context length (0 = the model's)", non_negative)
+
+
+def _derived_settings(name: str, source: type, title: str, prefix: str = "", names: tuple[str, ...] = ()) -> type:
+    """A settings group whose fields are `source`'s own (`prefix` + name), with their defaults, help and
+    checks: the flags of a group that another package declares, declared once there."""
+    fields = {f.name: f for f in dataclasses.fields(source)}
+    hints = typing.get_type_hints(source)
+    spec: list[tuple[str, Any, Any]] = [
+        (prefix + n, hints[n], setting(fields[n].default, (f"{prefix.rstrip('_')}: " if prefix else "")
+                                       + fields[n].metadata["help"], fields[n].metadata["check"]))
+        for n in (names or tuple(fields))]
+    cls = dataclasses.make_dataclass(name, spec, frozen=True)
+    cls.__module__ = __name__
+    cls.group_title = title
+    return cls
+
+
+# The engine limits (block size, step budget, sequences, waiting bound, context), from EngineLimits.
+EngineLimitSettings = _derived_settings("EngineLimitSettings", EngineLimits, "engine limits")
 
 
 @dataclass(frozen=True)
@@ -98,34 +113,23 @@ class VllmSettings:
                              "(e.g. '--enforce-eager --gpu-memory-utilization 0.8')")
 
 
-def _mocker_settings() -> type:
-    """`mocker_<name>` for each of MockerConfig's WORKER_SETTINGS, with its default, help and check."""
-    fields = {f.name: f for f in dataclasses.fields(MockerConfig)}
-    hints = typing.get_type_hints(MockerConfig)
-    spec: list[tuple[str, Any, Any]] = [
-        (f"mocker_{name}", hints[name], setting(fields[name].default, "mocker: " + fields[name].metadata["help"],
-                                                fields[name].metadata["check"]))
-        for name in WORKER_SETTINGS]
-    cls = dataclasses.make_dataclass("MockerSettings", spec, frozen=True)
-    cls.__module__ = __name__
-    cls.group_title = "mocker (--engine mocker; workers/engines/mocker/README.md)"
-    return cls
-
-
-MockerSettings = _mocker_settings()
+# mocker_<name> for each of MockerConfig's WORKER_SETTINGS.
+MockerSettings = _derived_settings("MockerSettings", MockerConfig,
+                                   "mocker (--engine mocker; workers/engines/mocker/README.md)", "mocker_",
+                                   WORKER_SETTINGS)
 
 
 @dataclass(frozen=True)
-class WorkerConfig(ProcessSettings, EngineSettings, TransferSettings, KvTierSettings, VllmSettings, MockerSettings):  # type: ignore[misc, valid-type]
+class WorkerConfig(ProcessSettings, EngineSettings, EngineLimitSettings, TransferSettings, KvTierSettings, VllmSettings, MockerSettings):  # type: ignore[misc, valid-type]
     """Every worker setting, flat; `--help` shows one heading per group."""
 
+    def limits(self) -> EngineLimits:
+        return EngineLimits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineLimits)})
+
     def mocker_config(self, model_dir: str) -> MockerConfig:
-        """The mocker engine's config: the engine group's shared limits plus the mocker group."""
-        return MockerConfig(
-            model=model_dir, block_size=self.block_size, max_num_batched_tokens=self.max_num_batched_tokens,
-            max_num_seqs=self.max_num_seqs, max_waiting=self.max_waiting,
-            max_model_len=self.max_model_len or MockerConfig.max_model_len,
-            **{name: getattr(self, f"mocker_{name}") for name in WORKER_SETTINGS})
+        """The mocker engine's config: the engine limits plus the mocker group."""
+        return MockerConfig(model=model_dir, limits=self.limits(),
+                            **{name: getattr(self, f"mocker_{name}") for name in WORKER_SETTINGS})
 
 
-SERVE_GROUPS = (EngineSettings, TransferSettings, KvTierSettings, VllmSettings, MockerSettings)  # passed through by serve
+SERVE_GROUPS = (EngineSettings, EngineLimitSettings, TransferSettings, KvTierSettings, VllmSettings, MockerSettings)  # passed through by serve

@@ -67,9 +67,8 @@ def build_engine(cfg: WorkerConfig, model_dir: str) -> Engine:
         from kvrelay.workers.engines.native import NativeEngine, NativeEngineConfig
 
         return NativeEngine(NativeEngineConfig(
-            model=model_dir, dtype=cfg.dtype, device=cfg.device, block_size=cfg.block_size,
-            kv_cache_bytes=cfg.kv_cache_bytes, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_num_seqs=cfg.max_num_seqs, max_waiting=cfg.max_waiting, max_model_len=cfg.max_model_len,
+            model=model_dir, dtype=cfg.dtype, device=cfg.device, limits=cfg.limits(),
+            kv_cache_bytes=cfg.kv_cache_bytes,
             tiers=tier_config(cfg),
         ))
     if cfg.engine == "mocker":

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.native import LLMEngine, NativeEngineConfig
 from tests.workers.hf_models import FAMILIES, build_hf_model
 from tests.workers.test_native_vs_hf import NEW_TOKENS, PROMPT_LENS, ROPES, compare, run_engine
@@ -23,7 +24,7 @@ def test_greedy_on_cuda_matches_transformers_on_cuda(family, tmp_path):
     path = build_hf_model(family, tmp_path / family, rope=ROPES[family])
     rng = random.Random(4321)
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in PROMPT_LENS]
-    engine = LLMEngine(NativeEngineConfig(model=str(path), device="cuda", max_num_batched_tokens=300,
+    engine = LLMEngine(NativeEngineConfig(model=str(path), device="cuda", limits=EngineLimits(max_num_batched_tokens=300),
                                           num_blocks=512))
     assert engine.kv_cache.is_cuda
     ours = run_engine(engine, prompts, NEW_TOKENS)

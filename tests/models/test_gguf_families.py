@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType as T
 from safetensors.numpy import load_file
 
 from kvrelay.frontend.tokenizer import Tokenizer
+from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.native import LLMEngine, NativeEngineConfig
 from kvrelay.workers.models.gguf_convert import ensure_converted
 from kvrelay.workers.models.gguf_file import GgufFile
@@ -143,7 +144,7 @@ def test_gguf_family_matches_transformers_gguf_loader(family, tiny_tokenizer, tm
     rng = random.Random(7)
     prompts = [[rng.randrange(4, VOCAB) for _ in range(n)] for n in PROMPT_LENS]
     prompts[1] = ours.chat_prompt_ids(chat)
-    engine = LLMEngine(NativeEngineConfig(model=str(out), max_num_batched_tokens=64, num_blocks=64))
+    engine = LLMEngine(NativeEngineConfig(model=str(out), limits=EngineLimits(max_num_batched_tokens=64), num_blocks=64))
     got = run_engine(engine, prompts, NEW_TOKENS)
     hf = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=path.name, dtype=torch.float32).eval()
     matched = total = 0

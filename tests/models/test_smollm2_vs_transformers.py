@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvrelay.frontend.tokenizer import Tokenizer
+from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.native import LLMEngine, NativeEngineConfig
 from tests.models.smollm2 import chat_prompt, gguf_path, model_dir, raw_prompt
 from tests.workers.test_native_vs_hf import run_engine
@@ -33,7 +34,8 @@ def test_greedy_tokens_equal_transformers_on_the_same_gguf():
     tok = Tokenizer(model_dir())
     prompts = _prompts(tok)
     assert min(map(len, prompts)) == 5 and max(map(len, prompts)) == 1500
-    engine = LLMEngine(NativeEngineConfig(model=str(model_dir()), num_blocks=1024, max_num_batched_tokens=1024))
+    engine = LLMEngine(NativeEngineConfig(model=str(model_dir()), num_blocks=1024,
+                                          limits=EngineLimits(max_num_batched_tokens=1024)))
     ours = run_engine(engine, prompts, NEW_TOKENS)
     assert "Paris" in tok.decode(ours[0])
 

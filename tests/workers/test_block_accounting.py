@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from kvrelay.workers.api.errors import EngineError
 from kvrelay.workers.api.messages import EngineRequest, SamplingParams
 from kvrelay.workers.core.engine_core import EngineCore
+from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.core.sequence import Status
 from kvrelay.workers.engines.mocker import MockerConfig, MockerEngine
 from kvrelay.workers.engines.native import LLMEngine, NativeEngineConfig
@@ -27,10 +28,10 @@ PREFIXES = [[7] * 9, [11, 12, 13] * 4, []]
 @pytest.fixture(scope="module", params=["native", "mocker"])
 def engine_factory(request, tmp_path_factory):
     path = str(build_hf_model("llama", tmp_path_factory.mktemp("m") / "micro", layers=1, hidden=32, vocab=64))
-    limits = dict(block_size=4, num_blocks=12, max_num_batched_tokens=24, max_num_seqs=4, max_waiting=6)
+    limits = EngineLimits(block_size=4, max_num_batched_tokens=24, max_num_seqs=4, max_waiting=6)
     if request.param == "mocker":
-        return lambda: MockerEngine(MockerConfig(model=path, speedup=0, **limits)).core
-    return lambda: LLMEngine(NativeEngineConfig(model=path, **limits))
+        return lambda: MockerEngine(MockerConfig(model=path, speedup=0, num_blocks=12, limits=limits)).core
+    return lambda: LLMEngine(NativeEngineConfig(model=path, num_blocks=12, limits=limits))
 
 
 def check_invariants(engine: EngineCore) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import subprocess
 import sys
@@ -17,7 +18,9 @@ from kvrelay.runtime.discovery import DiscoveryConfig
 from kvrelay.workers.api.errors import EngineError, EngineOverloaded
 from kvrelay.workers.api.messages import EngineOutput, EngineRequest, SamplingParams
 from kvrelay.workers.config import WorkerConfig
+from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.mocker import MockerConfig, MockerEngine
+from kvrelay.workers.engines.mocker.config import DEFAULT_MAX_MODEL_LEN
 from kvrelay.workers.models.tiny import ensure_tiny_model
 from kvrelay.workers.protocol import Engine
 from kvrelay.workers.worker import build_engine
@@ -30,7 +33,11 @@ def model() -> str:
 
 
 def mocker(model: str, **kw) -> MockerEngine:
-    return MockerEngine(MockerConfig(model=model, **{"speedup": 0.0, **kw}))
+    """A mocker at `speedup` 0; engine-limit keywords (block_size, max_num_seqs, ...) go to its limits."""
+    names = {f.name for f in dataclasses.fields(EngineLimits)}
+    limits = EngineLimits(**{k: v for k, v in kw.items() if k in names}).for_model(DEFAULT_MAX_MODEL_LEN)
+    return MockerEngine(MockerConfig(model=model, limits=limits,
+                                     **{"speedup": 0.0, **{k: v for k, v in kw.items() if k not in names}}))
 
 
 def prompt(length: int, seed: int = 0) -> list[int]:

@@ -10,6 +10,7 @@ import torch
 
 from kvrelay.workers.api.errors import EngineError, EngineOverloaded
 from kvrelay.workers.api.messages import EngineRequest, SamplingParams
+from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.native import LLMEngine, NativeEngine, NativeEngineConfig
 from tests.workers.hf_models import build_hf_model
 from tests.workers.test_native_vs_hf import run_engine
@@ -120,7 +121,7 @@ def test_seeded_sampling_continues_identically_from_any_point(llama):
 
 
 def test_limits_raise_clear_errors(llama):
-    engine = LLMEngine(NativeEngineConfig(model=llama, num_blocks=4, max_waiting=2, max_model_len=100))
+    engine = LLMEngine(NativeEngineConfig(model=llama, num_blocks=4, limits=EngineLimits(max_waiting=2, max_model_len=100)))
     with pytest.raises(EngineError, match="context is 100"):
         engine.add_request(EngineRequest(request_id="x", prompt_token_ids=[5] * 100))
     with pytest.raises(EngineError, match="more KV blocks"):

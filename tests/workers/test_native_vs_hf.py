@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kvrelay.workers.api.messages import EngineRequest, SamplingParams
+from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.native import LLMEngine, NativeEngineConfig
 from tests.workers.hf_models import FAMILIES, build_hf_model
 
@@ -68,7 +69,7 @@ def test_greedy_matches_transformers(family, tmp_path):
     path = build_hf_model(family, tmp_path / family, rope=ROPES[family])
     rng = random.Random(1234)
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in PROMPT_LENS]
-    engine = LLMEngine(NativeEngineConfig(model=str(path), max_num_batched_tokens=300, num_blocks=512))
+    engine = LLMEngine(NativeEngineConfig(model=str(path), limits=EngineLimits(max_num_batched_tokens=300), num_blocks=512))
     ours = run_engine(engine, prompts, NEW_TOKENS)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     matched = total = 0

@@ -21,6 +21,7 @@ from kvrelay.kvbm.cost_model import CostModel
 from kvrelay.workers.api.errors import EngineError
 from kvrelay.workers.api.messages import EngineRequest, SamplingParams
 from kvrelay.workers.core.kv_sources.tiers import TierLoad, TierLookup, TierSave, TierSource
+from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.core.sequence import Status
 from kvrelay.workers.engines.native import LLMEngine, NativeEngineConfig
 from tests.workers.hf_models import build_hf_model
@@ -64,8 +65,8 @@ op = st.one_of(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(op, min_size=1, max_size=40))
 def test_offload_and_onboard_keep_block_accounting_exact(model_path, mode, ops):
-    engine = LLMEngine(NativeEngineConfig(model=model_path, block_size=4, num_blocks=12, max_num_batched_tokens=24,
-                                          max_num_seqs=4, max_waiting=6))
+    engine = LLMEngine(NativeEngineConfig(model=model_path, num_blocks=12, limits=EngineLimits(
+        block_size=4, max_num_batched_tokens=24, max_num_seqs=4, max_waiting=6)))
     source = TierSource(engine.kv, 4, mode, CostModel(engine.kv_layout().block_bytes, 4, always=True))
     engine.door.add_source(source)
     tracker = source.pins

@@ -44,6 +44,8 @@ NewSequence = Callable[[str, list[int], SamplingParams, BlockHasher, int], Seque
 class EngineCore:
     def __init__(self, limits: EngineLimits, num_blocks: int, executor: Executor, fingerprint: str,
                  eos_ids: Iterable[int], vocab_limit: int, new_sequence: NewSequence = Sequence):
+        if limits.problems() or not limits.max_model_len:
+            raise ValueError(f"engine limits: {'; '.join(limits.problems()) or 'max_model_len must be resolved'}")
         self.executor = executor
         self.limits = limits
         self.fingerprint = fingerprint  # root of every block hash

@@ -7,6 +7,7 @@ same way (`KvTierEvents`), so every tier's events are numbered in the core's one
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
@@ -129,9 +130,8 @@ async def _settle(task: asyncio.Future, n: int) -> list[bool]:
 
 
 def tier_counters(s: TierStats, f: TierFlow) -> TierCounters:
-    return TierCounters(
-        tier=s.tier, enabled=s.enabled, capacity_bytes=s.capacity_bytes, footprint_bytes=s.footprint_bytes,
-        used_bytes=s.used_bytes, blocks=s.blocks, hits=s.hits, misses=s.misses, evictions=s.evictions,
-        rejected_puts=s.rejected_puts, checksum_failures=s.checksum_failures, errors=s.errors,
-        onboard_blocks=f.onboard_blocks, onboard_bytes=f.onboard_bytes, onboard_seconds=f.onboard_seconds,
-        offload_blocks=f.offload_blocks, offload_bytes=f.offload_bytes, offload_seconds=f.offload_seconds)
+    """The contract's view of one tier: every `TierCounters` field, taken by name from the store's
+    `TierStats` and the G1<->tier `TierFlow` (a field missing from both is a KeyError)."""
+    names = TierCounters.__struct_fields__
+    values = {**dataclasses.asdict(s), **dataclasses.asdict(f)}
+    return TierCounters(**{n: values[n] for n in names})

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from kvrelay.runtime.config import non_negative, positive, setting
+from kvrelay.workers.core.limits import EngineLimits
 
 
 def _probability(value: float) -> str | None:
@@ -23,6 +24,7 @@ def _probability(value: float) -> str | None:
 
 
 # MockerConfig fields that are worker flags (`--mocker-<name>`).
+DEFAULT_MAX_MODEL_LEN = 8192  # the mocker's context when the worker's --max-model-len is 0
 WORKER_SETTINGS = ("speedup", "num_blocks", "prefill_us_per_token", "prefill_us_per_token_pair", "decode_base_ms",
                    "decode_us_per_seq", "decode_us_per_kv_block", "transfer_gbps", "eos_probability", "seed",
                    "kv_tiers")
@@ -33,12 +35,8 @@ class MockerConfig:
     # Fields declared with `setting` are also worker settings `--mocker-<name>` (WORKER_SETTINGS;
     # workers/config.py derives them from here: one default, help and check per flag).
     model: str  # model directory (Hugging Face layout); needs config.json, tokenizer.json is optional
-    block_size: int = 16
+    limits: EngineLimits = EngineLimits(max_model_len=DEFAULT_MAX_MODEL_LEN)
     num_blocks: int = setting(16384, "KV blocks in the simulated pool", positive)
-    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
-    max_num_seqs: int = 64
-    max_waiting: int = 1024  # more waiting requests are rejected with EngineOverloaded
-    max_model_len: int = 8192
     vocab_size: int = 0  # 0 = from the model directory
     # Timing model (see timing.py); defaults are roughly an 8B model on one H100.
     prefill_us_per_token: float = setting(20.0, "prefill cost per new token (us)", non_negative)
@@ -57,8 +55,9 @@ class MockerConfig:
                              "mockers on one machine want)")
 
     def validate(self) -> None:
-        positive = ("block_size", "num_blocks", "max_num_batched_tokens", "max_num_seqs", "max_waiting",
-                    "max_model_len", "transfer_gbps")
+        if self.limits.problems():
+            raise ValueError(f"mocker {'; '.join(self.limits.problems())}")
+        positive = ("num_blocks", "transfer_gbps")
         non_negative = ("vocab_size", "prefill_us_per_token", "prefill_us_per_token_pair", "decode_base_ms",
                         "decode_us_per_seq", "decode_us_per_kv_block", "speedup")
         for name in positive:

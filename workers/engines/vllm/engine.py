@@ -121,7 +121,7 @@ class VllmEngine:
     def _admit(self, request: EngineRequest) -> None:
         if self.llm is None:
             raise EngineError("engine is not running")
-        if self._in_flight >= self.cfg.max_num_seqs + self.max_waiting:
+        if self._in_flight >= self.cfg.limits.max_num_seqs + self.max_waiting:
             raise EngineOverloaded(f"{self._in_flight} requests in flight; try again later")
         if len(request.prompt_token_ids) >= self.max_model_len:
             raise EngineError(f"prompt of {len(request.prompt_token_ids)} tokens does not fit the context "
