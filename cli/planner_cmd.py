@@ -77,11 +77,7 @@ def _timing(args: argparse.Namespace):
     from kvrelay.workers.engines.mocker.timing import TimingModel
 
     wk = build(WorkerConfig, args)
-    return TimingModel(MockerConfig(
-        model="", block_size=wk.block_size, max_num_seqs=wk.max_num_seqs,
-        prefill_us_per_token=wk.mocker_prefill_us_per_token,
-        prefill_us_per_token_pair=wk.mocker_prefill_us_per_token_pair, decode_base_ms=wk.mocker_decode_base_ms,
-        decode_us_per_seq=wk.mocker_decode_us_per_seq, decode_us_per_kv_block=wk.mocker_decode_us_per_kv_block)), wk
+    return TimingModel(wk.mocker_config(model_dir="")), wk
 
 
 def _trace(args: argparse.Namespace) -> int:
