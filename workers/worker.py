@@ -21,7 +21,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +228,7 @@ class Worker:
             self._tasks.append(asyncio.create_task(self.leases.consume(self.transfer)))
 
     # -- endpoints --------------------------------------------------------------------------------------
-    async def _generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    async def _generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         # Cancellation (client left, frontend aborted) arrives here as CancelledError; closing the
         # engine stream aborts the request in the engine and frees its blocks.
         self.active += 1
@@ -238,7 +238,7 @@ class Worker:
         finally:
             self.active -= 1
 
-    async def _prefill(self, request: EngineRequest) -> AsyncIterator[PrefillReply]:
+    async def _prefill(self, request: EngineRequest) -> AsyncGenerator[PrefillReply, None]:
         """Compute the prompt, hold its blocks under a lease, hand back the first token and a handle."""
         assert self.leases is not None and self.instance is not None
         self.active += 1
@@ -263,26 +263,26 @@ class Worker:
                 self.leases.release(request.request_id, "cancelled")
             raise
 
-    async def _release(self, request: ReleaseRequest) -> AsyncIterator[Empty]:
+    async def _release(self, request: ReleaseRequest) -> AsyncGenerator[Empty, None]:
         assert self.leases is not None
         self.leases.release(request.request_id, "released")
         yield Empty()
 
-    async def _transfer_stats(self, _: Empty) -> AsyncIterator[Any]:
+    async def _transfer_stats(self, _: Empty) -> AsyncGenerator[Any, None]:
         from kvrelay.transfer.base import TransferStats
 
         yield self.transfer.stats() if self.transfer is not None else TransferStats(kind="none")
 
-    async def _snapshot(self, _: Empty) -> AsyncIterator[KvSnapshot]:
+    async def _snapshot(self, _: Empty) -> AsyncGenerator[KvSnapshot, None]:
         # Events up to snap.last_event_id may still be queued for publication; consumers ignore any
         # event at or below a snapshot's last_event_id, so order between the two does not matter.
         snap = await self.engine.kv_snapshot()
         yield msgspec.structs.replace(snap, worker_id=self.instance_id)
 
-    async def _stats(self, _: Empty) -> AsyncIterator[EngineStats]:
+    async def _stats(self, _: Empty) -> AsyncGenerator[EngineStats, None]:
         yield self.engine.stats()
 
-    async def _model_card(self, _: Empty) -> AsyncIterator[ModelCard]:
+    async def _model_card(self, _: Empty) -> AsyncGenerator[ModelCard, None]:
         files = {}
         for name in MODEL_CARD_FILES:
             path = Path(self.model_dir) / name
