@@ -91,7 +91,7 @@ async def bench_g3(g1: torch.Tensor, repeats: int, root: Path, label: str) -> li
     os.posix_fallocate(fd, 0, n * slot)
     buf = aligned_empty(n * slot)
     buf.view(n, slot)[:, :bb].copy_(g1)
-    mv, step = memoryview(buf.numpy()), 16 << 20
+    mv, step = buf.numpy().data, 16 << 20
 
     async def write(_: int) -> None:
         for off in range(0, len(mv), step):
