@@ -41,7 +41,8 @@ async def timed(a: Fn, b: Fn, repeats: int) -> tuple[list[float], list[float]]:
     """Seconds of each a(rep) and b(rep), alternated (machines here are shared and noisy)."""
     await a(-1)
     await b(-1)
-    sa, sb = [], []
+    sa: list[float] = []
+    sb: list[float] = []
     for rep in range(repeats):
         for fn, samples in ((a, sa), (b, sb)):
             t0 = time.perf_counter()
