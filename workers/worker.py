@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -36,11 +36,14 @@ from kvrelay.workers.api.client import WorkerClient
 from kvrelay.workers.api.endpoints import Endpoint, Role
 from kvrelay.workers.api.messages import Empty, KvHandle, PrefillReply, ReleaseRequest
 from kvrelay.workers.config import WorkerConfig
-from kvrelay.workers.kv_handoff import PrefillLeases, SimulatedPuller, TransferPuller
+from kvrelay.workers.kv_handoff import PrefillLeases, SimulatedPuller, SimulatesTransfer, TransferPuller
 from kvrelay.workers.metrics import MetricsServer
 from kvrelay.workers.protocol import Engine, EngineOutput, EngineRequest, EngineStats, ModelCard
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # kvrelay.transfer is imported when a role needs it
+    from kvrelay.transfer.base import TransferEngine
 
 # How long a draining worker keeps serving after deregistering: file discovery's watchers poll every
 # <= 0.25 s and etcd watches deliver in milliseconds, so 1 s covers a routing decision made just before.
@@ -110,7 +113,7 @@ class Worker:
         self.instance: Instance | None = None
         self._tasks: list[asyncio.Task] = []
         self._event_queue: asyncio.Queue[list[KvEvent]] = asyncio.Queue()
-        self.transfer = None  # TransferEngine for prefill/decode roles with a real KV pool
+        self.transfer: TransferEngine | None = None  # prefill/decode roles with a real KV pool
         self.leases: PrefillLeases | None = None
         self.puller: TransferPuller | SimulatedPuller | None = None
         self.peers = WorkerClient(RpcClient(token=internal_token))  # decode role: `release` calls to prefill workers
@@ -221,8 +224,10 @@ class Worker:
         if self.cfg.role == Role.DECODE:
             if self.transfer is not None:
                 self.puller = TransferPuller(self.transfer, self.peers)
-            else:  # the mocker: a simulated link
+            elif isinstance(self.engine, SimulatesTransfer):  # the mocker: a simulated link
                 self.puller = SimulatedPuller(self.engine.simulated_transfer_seconds, self.peers)
+            else:
+                raise ConfigError(f"--role decode: engine {self.cfg.engine!r} has no KV pool to pull into")
             self.engine.set_kv_puller(self.puller)
         elif self.transfer is not None and self.leases is not None:
             self._tasks.append(asyncio.create_task(self.leases.consume(self.transfer)))
@@ -325,8 +330,8 @@ async def run_worker(worker: Worker) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: hurry.set() if stop.is_set() else stop.set())
-    await worker.start()
-    print(f"READY {worker.instance.address}", flush=True)  # noqa: T201 - parent processes wait for this line
+    instance = await worker.start()
+    print(f"READY {instance.address}", flush=True)  # noqa: T201 - parent processes wait for this line
     await stop.wait()
     drain = asyncio.create_task(worker.drain(worker.cfg.drain_timeout))
     await asyncio.wait({drain, asyncio.create_task(hurry.wait())}, return_when=asyncio.FIRST_COMPLETED)
