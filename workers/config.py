@@ -106,9 +106,9 @@ def _mocker_settings() -> type:
         (f"mocker_{name}", hints[name], setting(fields[name].default, "mocker: " + fields[name].metadata["help"],
                                                 fields[name].metadata["check"]))
         for name in WORKER_SETTINGS]
-    cls = dataclasses.make_dataclass("MockerSettings", spec, frozen=True, namespace={
-        "group_title": "mocker (--engine mocker; workers/engines/mocker/README.md)"})
+    cls = dataclasses.make_dataclass("MockerSettings", spec, frozen=True)
     cls.__module__ = __name__
+    cls.group_title = "mocker (--engine mocker; workers/engines/mocker/README.md)"
     return cls
 
 
@@ -116,7 +116,7 @@ MockerSettings = _mocker_settings()
 
 
 @dataclass(frozen=True)
-class WorkerConfig(ProcessSettings, EngineSettings, TransferSettings, KvTierSettings, VllmSettings, MockerSettings):  # type: ignore[misc, valid-type]  # MockerSettings is built by make_dataclass
+class WorkerConfig(ProcessSettings, EngineSettings, TransferSettings, KvTierSettings, VllmSettings, MockerSettings):  # type: ignore[misc, valid-type]
     """Every worker setting, flat; `--help` shows one heading per group."""
 
     def mocker_config(self, model_dir: str) -> MockerConfig:
