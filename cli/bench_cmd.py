@@ -178,7 +178,8 @@ def _compare(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag}: cannot read {path}: {e.strerror}") from None
         except msgspec.DecodeError as e:
             raise ConfigError(f"{flag}: {path} is not a kvrelay bench result ({e})") from None
-    text = compare_markdown(*results, name_a=args.a, name_b=args.b)
+    a, b = results
+    text = compare_markdown(a, b, name_a=args.a, name_b=args.b)
     sys.stdout.write(text)
     if args.out:
         Path(args.out).write_text(text)

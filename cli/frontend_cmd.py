@@ -63,7 +63,10 @@ async def _serve(fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, to
         http_workers.listen(fe.http_host, fe.http_port) if n > 1 else None)
     group = http_workers.group_id(args, n)
     server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev), internal_token=token, http_group=group)
-    extra = http_workers.HttpWorkers(n, sock, group, token, (fe, disc, ev), args.log_level) if n > 1 else None
+    extra = None
+    if n > 1:
+        assert sock is not None  # inherited, or listening: n > 1
+        extra = http_workers.HttpWorkers(n, sock, group, token, (fe, disc, ev), args.log_level)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal ends the drain at once

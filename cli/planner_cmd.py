@@ -14,6 +14,7 @@ import sys
 import httpx
 
 from kvrelay.planner.config import PlannerConfig
+from kvrelay.planner.connectors.base import Connector
 from kvrelay.runtime import aio
 from kvrelay.runtime.config import ConfigError, add_arguments, build
 from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
@@ -164,6 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     policy = make_policy(cfg)
     discovery = make_discovery(disc)
+    connector: Connector
     if cfg.connector == "local":
         raise ConfigError("--connector local: runs inside `kvrelay serve --planner`; use kubernetes or virtual")
     if cfg.connector == "kubernetes":

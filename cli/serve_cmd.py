@@ -22,6 +22,7 @@ import signal
 import sys
 import tempfile
 from dataclasses import replace
+from typing import Any
 
 from kvrelay.cli import http_workers
 from kvrelay.cli.supervisor import Child, Supervisor, child_env
@@ -99,8 +100,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.planner != "off":
         from kvrelay.planner.service import make_policy
 
-        planner = build(PlannerConfig, args, planner_policy=args.planner)
-        planner = (planner, make_policy(planner))
+        planner_cfg = build(PlannerConfig, args, planner_policy=args.planner)
+        planner = (planner_cfg, make_policy(planner_cfg))
     sock = http_workers.listen(fe.http_host, fe.http_port) if n_http > 1 else None
     try:
         return aio.run(_serve(roles, fe, disc, ev, wk, build(InternalAuthConfig, args).token(), planner,
@@ -179,7 +180,7 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
     server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev), internal_token=token, http_group=group)
     extra = http_workers.HttpWorkers(n_http, sock, group, token, (fe, disc, ev), log_level) if sock else None
     stop = asyncio.Event()
-    starting = None
+    starting: asyncio.Task[Any] | None = None  # the supervisor's start, or the planner's (-> its task)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, http_workers.on_signal, server, extra, stop)

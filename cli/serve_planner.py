@@ -56,6 +56,10 @@ async def start_planned_workers(roles: list[str], children: list[Child], planner
                 await discovery.close()
 
     task = asyncio.create_task(run())
-    task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or log.error(
-        "planner stopped: %s", t.exception()))
+
+    def log_failure(t: asyncio.Task[None]) -> None:
+        if not t.cancelled() and t.exception() is not None:
+            log.error("planner stopped: %s", t.exception())
+
+    task.add_done_callback(log_failure)
     return task  # serve awaits it at shutdown: the workers are stopped when it ends

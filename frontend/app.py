@@ -70,7 +70,8 @@ class FrontendServer:
         self.draining = False  # set by drain(): /ready is 503 and new generate requests are refused
 
     def _build_app(self) -> Starlette:
-        async def not_found(request: Request, exc: HTTPException) -> Response:
+        async def not_found(request: Request, exc: Exception) -> Response:
+            assert isinstance(exc, HTTPException)  # registered for HTTPException only
             return _error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                                    code="not_found" if exc.status_code == 404 else None))
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 REPLACEMENT = "\ufffd"
 PROMPT_CONTEXT = 5  # prompt tokens kept as decode context (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET)
@@ -37,6 +37,15 @@ _TRIM_AT = 256  # drop ids before the window once this many have piled up
 
 class Decoder(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+
+@runtime_checkable
+class BytewiseDecoder(Decoder, Protocol):
+    """A decoder that may take the fast path: when `decodes_bytewise`, `output_bytes` is what an id adds."""
+
+    decodes_bytewise: bool
+
+    def output_bytes(self, token_id: int, skip_special_tokens: bool = True) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +66,7 @@ class IncrementalDetokenizer:
         self.stop_str: str | None = None
         self.num_tokens = 0  # output tokens fed so far
         self._utf8 = None
-        if getattr(tokenizer, "decodes_bytewise", False):  # context-free: the prompt is not needed
+        if isinstance(tokenizer, BytewiseDecoder) and tokenizer.decodes_bytewise:  # the prompt is not needed
             self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
             self._bytes = tokenizer.output_bytes
             return

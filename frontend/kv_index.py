@@ -155,6 +155,7 @@ class KvIndex:
         held = per_tier.get(tier) if per_tier else None
         if not held:
             return
+        assert per_tier is not None  # held came from it
         holders = self._holders[tier]
         for h in hashes:
             if h in held:

@@ -287,7 +287,7 @@ def _parse(body: bytes, cls: type[Any]) -> Any:
         if missing:
             path = f"{path}.{missing.group(1)}" if path else missing.group(1)
             raise ApiError.bad_request(f"Missing required parameter: '{path}'.", param=path) from None
-        if path:
+        if m is not None and path:
             raise ApiError.bad_request(f"Invalid '{path}': {msg[:m.start()]}.", param=path) from None
         raise ApiError.bad_request(f"Invalid request body: {msg}.") from None
     except msgspec.DecodeError as e:

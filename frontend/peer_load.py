@@ -24,10 +24,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import msgspec
 
+from kvrelay.frontend.router import BaseRouter
 from kvrelay.runtime.events import EventPlane, Subscription
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,9 @@ def router_sync_subject(namespace: str) -> str:
 
 
 class PeerLoad:
-    def __init__(self, events: EventPlane, namespace: str, frontend_id: str, routers: Mapping[str, object], *,
+    def __init__(self, events: EventPlane, namespace: str, frontend_id: str, routers: Mapping[str, BaseRouter], *,
                  interval: float = 0.002, heartbeat: float = 1.0, stale: float = 3.0):
-        """`routers`: label -> router (`BaseRouter`); each router's `sync` is pointed at this object."""
+        """`routers`: label -> router; each router's `sync` is pointed at this object."""
         self.events, self.subject, self.frontend_id = events, router_sync_subject(namespace), frontend_id
         self.routers, self.interval, self.heartbeat, self.stale = dict(routers), interval, heartbeat, stale
         self._pending: list[Op] = []
@@ -92,7 +93,7 @@ class PeerLoad:
 
     # -- publishing -------------------------------------------------------------------------------------
     def _recorder(self, label: str):
-        def record(request_id: str, worker_id: str | None, hashes: list[int] = (), partial: int = 0) -> None:
+        def record(request_id: str, worker_id: str | None, hashes: Sequence[int] = (), partial: int = 0) -> None:
             if not self._held:  # no peer heard of: the next full state (each heartbeat) is enough
                 return
             if worker_id is None:

@@ -29,7 +29,7 @@ from kvrelay.workers.api.messages import EngineRequest, ModelCard, SamplingParam
 
 # What a worker's refusal means for the client: its mistake (400), a full queue (503); anything else the
 # engine raised is the server's failure (500), never the client's.
-_REJECTED_STATUS = {ErrorKind.ENGINE_ERROR: 400, ErrorKind.ENGINE_OVERLOADED: 503}
+_REJECTED_STATUS: dict[str, int] = {ErrorKind.ENGINE_ERROR: 400, ErrorKind.ENGINE_OVERLOADED: 503}
 _REJECTED_TYPE = {400: "invalid_request_error", 503: "service_unavailable_error"}
 
 
@@ -98,11 +98,11 @@ class Pipeline:
         try:
             if isinstance(req, ChatCompletionRequest):
                 prompt = tok.chat_prompt_ids(req.message_dicts(), add_generation_prompt=req.add_generation_prompt)
-            elif req.prompt_token_ids is not None:
-                prompt = list(req.prompt_token_ids)
-                check_token_ids(prompt, tok.vocab_size, "prompt")
-            else:
+            elif isinstance(req.prompt, str):
                 prompt = tok.encode(req.prompt)
+            else:  # token ids (validated: a non-empty flat list of ints)
+                prompt = list(req.prompt)
+                check_token_ids(prompt, tok.vocab_size, "prompt")
         except ChatTemplateError as e:
             raise ApiError.bad_request(f"The chat template rejected the messages: {e}", "messages") from None
         if not prompt:

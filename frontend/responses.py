@@ -25,7 +25,8 @@ class ResponseBuilder:
         self.p = prepared
         self.include_usage = req.include_usage
         self.want_logprobs = req.wants_logprobs
-        self.chunker = (ChatChunker if self.chat else CompletionChunker)(prepared.model, self.include_usage)
+        self.chunker: ChatChunker | CompletionChunker = (
+            ChatChunker if self.chat else CompletionChunker)(prepared.model, self.include_usage)
         self._offset = 0  # characters of completion text emitted so far (completions' text_offset)
         self._text_event: tuple[bytes, bytes] | None = None  # a text chunk's SSE bytes around its text
 
@@ -40,17 +41,22 @@ class ResponseBuilder:
                                    self._offset)
 
     def head(self) -> list[Any]:
-        return [self.chunker.role()] if self.chat else []
+        return [self.chunker.role()] if isinstance(self.chunker, ChatChunker) else []
+
+    def _text_chunk(self, text: str, logprobs: Any = None, finish_reason: str | None = None) -> Any:
+        """A chunk carrying `text`: a chat delta or a completion choice."""
+        if isinstance(self.chunker, ChatChunker):
+            return self.chunker.content(text, logprobs, finish_reason)
+        return self.chunker.text(text, logprobs, finish_reason)
 
     def chunks(self, piece: Piece) -> list[Any]:
         lp = self._logprobs(piece)
         out = []
         if piece.text or lp is not None:
-            out.append(self.chunker.content(piece.text, lp) if self.chat else self.chunker.text(piece.text, lp))
+            out.append(self._text_chunk(piece.text, lp))
             self._offset += len(piece.text)
         if piece.finish_reason is not None:  # OpenAI ends with a chunk holding only the finish reason
-            out.append(self.chunker.content("", None, piece.finish_reason) if self.chat
-                       else self.chunker.text("", None, piece.finish_reason))
+            out.append(self._text_chunk("", None, piece.finish_reason))
         return out
 
     def sse(self, piece: Piece) -> bytes:
@@ -61,7 +67,7 @@ class ResponseBuilder:
             return b"".join([sse(c) for c in self.chunks(piece)])
         if self._text_event is None:
             mark = "\x00kvrelay-text\x00"
-            whole = sse(self.chunker.content(mark) if self.chat else self.chunker.text(mark))
+            whole = sse(self._text_chunk(mark))
             before, after = whole.split(encode(mark))
             self._text_event = (before, after)
         self._offset += len(piece.text)

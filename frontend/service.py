@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import xxhash
@@ -81,7 +83,7 @@ class FrontendService:
         lower = ("G2", "G3") if cfg.lower_tier_weight > 0 else ()
         self.index = KvIndex(tiers=("G1", *lower))
         hist = decision_histogram(self.registry)
-        kv_opts = {"overlap_weight": cfg.overlap_weight, "temperature": cfg.router_temperature,
+        kv_opts: dict[str, Any] = {"overlap_weight": cfg.overlap_weight, "temperature": cfg.router_temperature,
                    "tier_weights": {"G1": 1.0, **{t: cfg.lower_tier_weight for t in lower}}}
         self.router = make_router(cfg.router_mode, index=self.index, histogram=hist,
                                   **(kv_opts if cfg.router_mode == "kv" else {}))
@@ -105,7 +107,7 @@ class FrontendService:
         index_blocks = Gauge("kvrelay_router_index_blocks", "distinct KV blocks in the router's index, by tier",
                              ["tier"], registry=self.registry)
         for tier in ("G1", *lower):
-            index_blocks.labels(tier=tier).set_function(lambda tier=tier: self.index.num_hashes(tier))
+            index_blocks.labels(tier=tier).set_function(functools.partial(self.index.num_hashes, tier))
         Gauge("kvrelay_router_inflight_requests", "requests this frontend's routers count against workers",
               registry=self.registry).set_function(self._own_inflight)
 

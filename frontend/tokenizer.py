@@ -120,8 +120,10 @@ class Tokenizer:
             if tok is None:
                 b = b""
             else:
-                mapped = [self._byte_decoder.get(c) for c in tok]
-                b = tok.encode("utf-8") if None in mapped else bytes(mapped)
+                try:
+                    b = bytes(self._byte_decoder[c] for c in tok)
+                except KeyError:  # a character outside the byte alphabet: not a byte-level token
+                    b = tok.encode("utf-8")
             self._output_bytes[token_id] = b
         return b
 

@@ -89,7 +89,7 @@ def object_store_from_url(url: str):
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     endpoint = query.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL")
     prefix = parts.path.strip("/")
-    return s3_store(parts.netloc, endpoint=endpoint, **({"prefix": prefix} if prefix else {}),
+    return s3_store(parts.netloc, endpoint=endpoint, prefix=prefix or None,
                     region=query.get("region") or os.environ.get("AWS_REGION", "us-east-1"))
 
 

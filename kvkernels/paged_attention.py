@@ -115,8 +115,8 @@ class DecodePlan:
 
 def plan_decode(block_tables: Tensor, context_lens: Tensor, block_size: int) -> DecodePlan:
     ctx = context_lens.long()
-    lo, hi = torch.aminmax(ctx)
-    lo, hi = int(lo), int(hi)  # one host sync; the reference runs on CPU
+    lo_t, hi_t = torch.aminmax(ctx)
+    lo, hi = int(lo_t), int(hi_t)  # one host sync; the reference runs on CPU
     n_blk = -(-hi // block_size)
     if lo < 1:
         raise ValueError(f"context_lens must be >= 1, got min {lo}")

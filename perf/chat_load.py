@@ -77,6 +77,7 @@ class _Conn(asyncio.Protocol):
         self.first = None
         self.done = asyncio.get_running_loop().create_future()
         t = time.perf_counter()
+        assert self.transport is not None  # create_connection made it
         self.transport.write(raw)
         await self.done
         end = time.perf_counter()
@@ -115,6 +116,7 @@ async def run_chat(url: str, model: str, prompts: list[str], max_tokens: int, co
         await asyncio.gather(*(worker(c) for c in conns))
     finally:
         for c in conns:
-            c.transport.close()
+            if c.transport is not None:
+                c.transport.close()
     out.requests_per_s = len(out.ttft_ms) / (time.perf_counter() - t)
     return out

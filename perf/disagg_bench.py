@@ -46,7 +46,7 @@ def build_model(out: Path, layers: int, kv_heads: int, head_dim: int) -> Path:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=2048, hidden_size=kv_heads * head_dim, intermediate_size=2 * kv_heads * head_dim,
                       num_hidden_layers=layers, num_attention_heads=kv_heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=4096, torch_dtype="float32")
+                      max_position_embeddings=4096, dtype="float32")
     LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
     from kvrelay.workers.models.tiny import ensure_tiny_model
 
@@ -66,6 +66,7 @@ def handoff(args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-m", "kvrelay.cli.main", "worker", "--role", "prefill", *common],
                              stdout=subprocess.PIPE, env=env, text=True)
+    assert child.stdout is not None  # PIPE
     try:
         line = child.stdout.readline()
         assert line.startswith("READY "), f"prefill worker did not start: {line!r}"
@@ -92,7 +93,9 @@ async def _handoff(args: argparse.Namespace, model: Path, disc_dir: Path, prefil
                     InprocEventPlane(InprocBroker()))
     await decode.start()
     pulled: dict[str, tuple[float, list[int]]] = {}  # request id -> (pull end, local block ids)
-    real_pull = decode.puller.pull
+    puller = decode.puller
+    assert puller is not None  # a decode worker has one once started
+    real_pull = puller.pull
 
     async def timed_pull(handle, local_ids, start):
         assert start == 0, "the decode worker should hold none of a fresh random prompt"
@@ -100,7 +103,7 @@ async def _handoff(args: argparse.Namespace, model: Path, disc_dir: Path, prefil
         pulled[handle.request_id] = (time.perf_counter(), local_ids)
         return ok
 
-    decode.puller.pull = timed_pull
+    puller.pull = timed_pull  # type: ignore[method-assign]  # a probe on this one instance: times each pull
     api = load_nixl_api()
     kv = decode.engine.kv_pool()
     block_bytes = decode.engine.kv_layout().block_bytes

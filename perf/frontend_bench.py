@@ -85,6 +85,7 @@ class _SseConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.first, self.done = loop.create_future(), loop.create_future()
         t = time.perf_counter()
+        assert self.transport is not None  # create_connection made it
         self.transport.write(raw)
         await self.done
         return (self.first.result() if self.first.done() else time.perf_counter()) - t
@@ -113,7 +114,8 @@ async def via_frontend(url: str, model: str, args: argparse.Namespace) -> tuple[
         return await _pool(args.requests, args.concurrency, one)
     finally:
         for c in conns:
-            c.transport.close()
+            if c.transport is not None:
+                c.transport.close()
 
 
 async def direct(address: str, args: argparse.Namespace, token: str = "") -> tuple[float, list[float]]:
@@ -127,6 +129,7 @@ async def direct(address: str, args: argparse.Namespace, token: str = "") -> tup
         async for _ in client.generate(address, req):
             if ttft is None:
                 ttft = time.perf_counter() - t
+        assert ttft is not None, "no output"  # ignore_eos, max_tokens >= 1: at least one token
         return ttft
 
     try:

@@ -20,11 +20,15 @@ import argparse
 import asyncio
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvrelay.perf.aiperf_load import run_aiperf
 from kvrelay.perf.chat_load import chat_prompts, run_chat
 from kvrelay.perf.serve_process import Serve
 from kvrelay.workers.models.tiny import ensure_tiny_model
+
+if TYPE_CHECKING:
+    from kvrelay.perf.dynamo_process import DynamoServe
 
 MODEL = "kvrelay-tiny"
 
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         servers: dict[str, str] = {}
-        started = []
+        started: list[Serve | DynamoServe] = []
         try:
             for n in http:
                 d = root / f"kvrelay-{n}"
@@ -81,7 +85,6 @@ def run(args: argparse.Namespace) -> dict:
             for s in started:
                 s.stop()
     out: dict = {name: _median_run(runs) for name, runs in rows.items()}
-    base = out.get(f"kvrelay_http{http[0]}")
     if "dynamo" in out:
         for name in servers:
             if name != "dynamo":
@@ -89,5 +92,6 @@ def run(args: argparse.Namespace) -> dict:
                     "requests_per_s": out[name]["requests_per_s"] / out["dynamo"]["requests_per_s"],
                     "itl_p50": out[name]["itl_p50_ms"] / out["dynamo"]["itl_p50_ms"]}
     for n in http[1:]:
+        base = out[f"kvrelay_http{http[0]}"]
         out[f"kvrelay_http{n}_vs_http{http[0]}"] = out[f"kvrelay_http{n}"]["requests_per_s"] / base["requests_per_s"]
     return out

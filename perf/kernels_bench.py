@@ -32,7 +32,8 @@ def _time_pair(a, b, iters: int) -> tuple[float, float]:
     2-core hosts) hits both sides alike."""
     for _ in range(3):
         a(), b()
-    ta, tb = [], []
+    ta: list[float] = []
+    tb: list[float] = []
     for _ in range(iters):
         for fn, out in ((a, ta), (b, tb)):
             t0 = time.perf_counter()

@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncGenerator
 
 import msgspec
 import zmq
@@ -55,11 +56,11 @@ async def _bare_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
         writer.close()
 
 
-async def _echo(req: Msg):
+async def _echo(req: Msg) -> AsyncGenerator[Msg, None]:
     yield req
 
 
-async def _stream(n: int):
+async def _stream(n: int) -> AsyncGenerator[Msg, None]:
     for i in range(n):
         yield Msg(i, PAYLOAD)
 
@@ -89,7 +90,7 @@ async def serve() -> None:
 
 
 # -- client side --------------------------------------------------------------------------------------
-def _pct(samples: list[float], q: float) -> float:
+def _pct(samples: list[float], q: int) -> float:
     return statistics.quantiles(samples, n=100, method="inclusive")[q - 1] * 1e6
 
 
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     child = subprocess.Popen([sys.executable, "-m", "kvrelay.perf.rpc_bench", "--serve"],
                              stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None  # stdout=PIPE
     try:
         bare_addr, rpc_addr, zmq_port = child.stdout.readline().split()
         result = aio.run(measure(bare_addr, rpc_addr, zmq_port, args))

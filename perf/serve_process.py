@@ -73,6 +73,7 @@ class Serve:
         return Path(self.log.name).read_text()[-4000:]
 
     def children(self) -> list[int]:
+        assert self.proc is not None, "not started"
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split()]
 

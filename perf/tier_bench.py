@@ -41,7 +41,8 @@ async def timed(a: Fn, b: Fn, repeats: int) -> tuple[list[float], list[float]]:
     """Seconds of each a(rep) and b(rep), alternated (machines here are shared and noisy)."""
     await a(-1)
     await b(-1)
-    sa, sb = [], []
+    sa: list[float] = []
+    sb: list[float] = []
     for rep in range(repeats):
         for fn, samples in ((a, sa), (b, sb)):
             t0 = time.perf_counter()
@@ -91,7 +92,7 @@ async def bench_g3(g1: torch.Tensor, repeats: int, root: Path, label: str) -> li
     os.posix_fallocate(fd, 0, n * slot)
     buf = aligned_empty(n * slot)
     buf.view(n, slot)[:, :bb].copy_(g1)
-    mv, step = memoryview(buf.numpy()), 16 << 20
+    mv, step = buf.numpy().data, 16 << 20
 
     async def write(_: int) -> None:
         for off in range(0, len(mv), step):

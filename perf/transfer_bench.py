@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import json
 import random
 import statistics
@@ -28,6 +29,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -127,10 +130,10 @@ async def measure(args: argparse.Namespace, child_md: list[bytes], remote_base: 
                  "nixl_progress_thread": prog, "patterns": {}}
     for name, (lids, rids) in patterns(n, total).items():
         descs = raw.descs(lids, rids)
-        methods = {
-            "ours_nixl": lambda lids=lids, rids=rids: ours.read("child", "kv", rids, "kv", lids),
-            "raw_nixl": lambda descs=descs: raw.aread(descs),
-            "ours_tcp": lambda lids=lids, rids=rids: tcp.read("child", "kv", rids, "kv", lids),
+        methods: dict[str, Callable[[], Awaitable[Any]]] = {
+            "ours_nixl": functools.partial(ours.read, "child", "kv", rids, "kv", lids),
+            "raw_nixl": functools.partial(raw.aread, descs),
+            "ours_tcp": functools.partial(tcp.read, "child", "kv", rids, "kv", lids),
         }
         times: dict[str, list[float]] = {m: [] for m in methods}
         for m, fn in methods.items():  # warm-up, and exact bytes from each
@@ -187,16 +190,17 @@ def main(argv: list[str] | None = None) -> int:
                               "--blocks", str(args.blocks), "--block-kib", str(args.block_kib),
                               *(["--nixl-progress-thread"] if args.nixl_progress_thread else [])],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None  # both PIPE
     try:
         words: list[str] = []
         while words[:1] != ["READY"]:  # UCX may log lines of its own to stdout
-            line = child.stdout.readline()  # type: ignore[union-attr]
+            line = child.stdout.readline()
             if not line:
                 raise SystemExit("bench child exited before it was ready")
             words = line.split()
         result = aio.run(measure(args, [base64.b64decode(w) for w in words[1:4]], int(words[4])))
     finally:
-        child.stdin.close()  # type: ignore[union-attr]
+        child.stdin.close()
         child.wait(30)
     text = json.dumps(result, indent=2)
     print(text)

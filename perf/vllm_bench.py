@@ -90,6 +90,7 @@ def main() -> None:
         for system in order:
             run_dir = out / f"r{rnd}-{system}"
             run_dir.mkdir(exist_ok=True)
+            srv: VllmServer | Serve
             if system == "vllm":
                 srv = VllmServer(run_dir, str(model), SMOLLM2, *ENGINE, "--enforce-eager", "--kv-cache-memory-bytes",
                                  str(kv_bytes(model)), cpus=args.engine_cpus or cpu_binding(0, 1))

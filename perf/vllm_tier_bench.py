@@ -150,7 +150,7 @@ def save_path(args: argparse.Namespace, out: Path) -> dict:
             dst.copy_(src)
             copy.append(time.perf_counter() - t0)
             rows = rt.take_rows(n, save=True)
-            assert len(rows) == n
+            assert rows is not None and len(rows) == n and rt.rows is not None
             t0 = time.perf_counter()
             gather_layer_pages(worker.pages, ids, rt.rows, rows)
             gather.append(time.perf_counter() - t0)

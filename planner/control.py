@@ -4,7 +4,9 @@ OpenAI-style error naming the bad one), `GET /metrics` (kvrelay_planner_*). Boun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import Iterator
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -20,6 +22,15 @@ from kvrelay.runtime.metrics import CONTENT_TYPE_LATEST, render
 def _error(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": status}},
                         status_code=status)
+
+
+class _UvicornServer(uvicorn.Server):
+    """The owning process handles SIGINT/SIGTERM (it stops the planner, then `close`s this server).
+    uvicorn's own handlers (installed in `serve`, main thread only) would replace the process's."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class ControlServer:
@@ -52,8 +63,7 @@ class ControlServer:
 
     async def start(self) -> int:
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None
+        self._server = _UvicornServer(config)
         self._task = asyncio.create_task(self._server.serve())
         while not self._server.started:
             if self._task.done():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kvrelay.planner.observation import Pool
@@ -40,7 +41,7 @@ class Bounds:
         return ((self.min_prefill, self.max_prefill) if pool is Pool.PREFILL
                 else (self.min_decode, self.max_decode))
 
-    def apply(self, desired: dict[Pool, float], reasons: dict[Pool, str]) -> Decision:
+    def apply(self, desired: Mapping[Pool, float], reasons: dict[Pool, str]) -> Decision:
         """Clamp to [min, max] per pool, then fit the budget by taking from the pool furthest above its
         minimum relative to its size (both shrink in proportion). Non-finite input (never expected)
         keeps the pool at its minimum rather than propagating NaN."""

@@ -56,7 +56,11 @@ class Policy:
             elif name in ("ttft_target", "itl_target"):
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                     raise ValueError(f"{name}: expected seconds > 0, got {value!r}")
-                load, sla = replace(load, **{name: float(value)}), replace(sla, **{name: float(value)})
+                seconds = float(value)
+                if name == "ttft_target":
+                    load, sla = replace(load, ttft_target=seconds), replace(sla, ttft_target=seconds)
+                else:
+                    load, sla = replace(load, itl_target=seconds), replace(sla, itl_target=seconds)
             else:
                 raise ValueError(f"unknown setting {name!r}")
         problem = bounds.check()

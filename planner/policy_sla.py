@@ -62,7 +62,8 @@ class SlaState:
 
     @classmethod
     def new(cls, kind: PredictorKind | str) -> SlaState:
-        return cls(*(make_predictor(kind) for _ in range(4)))
+        return cls(rate=make_predictor(kind), isl=make_predictor(kind), osl=make_predictor(kind),
+                   hit=make_predictor(kind))
 
 
 def prefill_estimate(rate: float, service_s: float, workers: int) -> float:

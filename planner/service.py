@@ -16,6 +16,7 @@ from kvrelay.planner.observe import Observer
 from kvrelay.planner.policy import Policy, PolicyKind
 from kvrelay.planner.policy_load import LoadConfig
 from kvrelay.planner.policy_sla import SlaConfig
+from kvrelay.planner.predictors import PredictorKind
 from kvrelay.planner.profile import ProfileError, load_profile
 from kvrelay.runtime.config import ConfigError
 from kvrelay.runtime.discovery import Discovery
@@ -45,7 +46,7 @@ def make_policy(cfg: PlannerConfig) -> Policy:
             raise ConfigError(f"--profile: {e}") from None
     return Policy(kind, bounds, load=LoadConfig(ttft_target=cfg.ttft_target, itl_target=cfg.itl_target,
                                                 cooldown_intervals=cfg.cooldown_intervals),
-                  sla=SlaConfig(ttft_target=cfg.ttft_target, itl_target=cfg.itl_target, predictor=cfg.predictor),
+                  sla=SlaConfig(ttft_target=cfg.ttft_target, itl_target=cfg.itl_target, predictor=PredictorKind(cfg.predictor)),
                   profile=profile)
 
 

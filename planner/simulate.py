@@ -263,6 +263,7 @@ class Simulation:
             t, _, kind, obj = heapq.heappop(self._events)
             self.now = t
             if kind == "plan":
+                assert planner is not None  # "plan" events are scheduled only with a planner
                 if any(r.finish != r.finish for r in self.requests) or t <= end_of_trace:
                     await planner.step()
                     self.counts.append(self.ready())

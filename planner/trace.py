@@ -29,7 +29,8 @@ def bursty_trace(duration_s: float = 240.0, base_rate: float = 2.0, burst_rate: 
     """Poisson arrivals at `base_rate`, `burst_rate` for `burst_len_s` at the end of every `burst_every_s`;
     lengths uniform in [0.5, 1.5] x the means."""
     rnd = random.Random(seed)
-    out, t = [], 0.0
+    out: list[TraceRequest] = []
+    t = 0.0
     while True:
         in_burst = (t % burst_every_s) >= burst_every_s - burst_len_s
         t += rnd.expovariate(burst_rate if in_burst else base_rate)

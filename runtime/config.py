@@ -18,9 +18,12 @@ import dataclasses
 import os
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-C = TypeVar("C")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")  # a config class is a dataclass
 
 ENV_PREFIX = "KVRELAY_"
 _TRUE = {"1", "true", "yes", "on"}

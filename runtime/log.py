@@ -20,7 +20,7 @@ def setup_logging(level: str | None = None) -> None:
     handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level)
-    root._kvrelay_configured = True  # type: ignore[attr-defined]
+    root._kvrelay_configured = True  # type: ignore[attr-defined]  # a marker: configure once per process
     # Libraries that log every reconnect attempt at INFO drown ours.
     for noisy in ("nats", "asyncio", "grpc"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

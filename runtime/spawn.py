@@ -92,7 +92,12 @@ class ChildProcess:
             return self.popen.returncode
         try:
             exited = loop.create_future()
-            loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+
+            def on_exit() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            loop.add_reader(fd, on_exit)
             try:
                 if self.popen.poll() is None:
                     await exited

@@ -21,10 +21,12 @@ def encode(obj: Any) -> bytes:
 
 
 @lru_cache(maxsize=256)
-def decoder(type_: type[T]) -> msgspec.msgpack.Decoder[T]:
+def decoder(type_: Any) -> msgspec.msgpack.Decoder[Any]:
+    """`type_`: any type msgspec decodes (a Struct class, int, list[int], ...); the decoder is cached."""
     return msgspec.msgpack.Decoder(type_)
 
 
 def decode(data: bytes | memoryview, type_: type[T]) -> T:
     """Decode msgpack bytes into `type_`; raises msgspec.DecodeError / ValidationError on bad input."""
-    return decoder(type_).decode(data)
+    key: type = type_  # a plain `type` is Hashable to mypy (the cache key), a `type[T]` is not
+    return decoder(key).decode(data)

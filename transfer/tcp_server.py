@@ -12,7 +12,7 @@ not present it is refused before any endpoint runs: nobody else can read or pois
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from kvrelay.runtime.rpc import RpcServer
 from kvrelay.transfer.metadata import Notification
@@ -35,19 +35,19 @@ class BlockServer:
             raise ValueError(f"no pool {name!r} here")
         return pool
 
-    async def _read(self, req: ReadRequest) -> AsyncIterator[Chunk]:
+    async def _read(self, req: ReadRequest) -> AsyncGenerator[Chunk, None]:
         pool = self._pool(req.pool)
         pool.check_runs(req.runs)
         for view in pool.chunks(req.runs):
             yield Chunk(view)
 
-    async def _write(self, req: WriteRequest) -> AsyncIterator[Ack]:
+    async def _write(self, req: WriteRequest) -> AsyncGenerator[Ack, None]:
         pool = self._pool(req.pool)
         pool.check_range(req.offset, len(req.data))
         pool.put(req.offset, req.data)
         yield Ack()
 
-    async def _notify(self, req: NotifyRequest) -> AsyncIterator[Ack]:
+    async def _notify(self, req: NotifyRequest) -> AsyncGenerator[Ack, None]:
         self.notifications += 1
         self._box.deliver(Notification(req.sender, req.message))
         yield Ack()

@@ -66,8 +66,8 @@ class PoolBytes:
 
     def view(self, lo: int, hi: int) -> memoryview:
         if self._host is not None:
-            return memoryview(self._host[lo:hi])
-        return memoryview(self._flat[lo:hi].cpu().numpy())
+            return self._host[lo:hi].data
+        return self._flat[lo:hi].cpu().numpy().data
 
     def put(self, offset: int, data: memoryview) -> None:
         src = np.frombuffer(data, dtype=np.uint8)

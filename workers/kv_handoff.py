@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, runtime_checkable
 
 from kvrelay.workers.api.client import WorkerClient
 from kvrelay.workers.api.handle_release import HandleReleaser
@@ -35,7 +35,7 @@ def pull_timeout(handle: KvHandle) -> float:
 class PrefillLeases:
     """Held prefill handles: request id -> expiry timer. `free(request_id)` frees the engine's blocks."""
 
-    def __init__(self, free: Callable[[str], Awaitable[None]], lease_s: float):
+    def __init__(self, free: Callable[[str], Coroutine[Any, Any, None]], lease_s: float):
         self._free, self.lease_s = free, lease_s
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -100,6 +100,15 @@ class TransferPuller(HandleReleaser):
                 return False
         self.release(handle)  # every block was already cached here: nothing to pull
         return True
+
+
+@runtime_checkable
+class SimulatesTransfer(Protocol):
+    """An engine whose KV is not real memory (the mocker): a decode worker's link is simulated with it."""
+
+    def simulated_transfer_seconds(self, num_blocks: int) -> float:
+        """The modeled time to move `num_blocks` blocks between workers."""
+        ...
 
 
 class SimulatedPuller(HandleReleaser):

@@ -9,6 +9,7 @@ label `metrics`; -1 = off).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -78,7 +79,7 @@ class MetricsServer:
     def __init__(self, engine: Engine, worker_id: str):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(WorkerCollector(engine, worker_id))
-        self._server = None
+        self._server: WSGIServer | None = None
         self.port = 0
 
     def start(self, host: str, port: int) -> int:

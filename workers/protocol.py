@@ -32,11 +32,19 @@ from kvrelay.workers.api.prefill import KvPuller, PrefillResult
 
 @runtime_checkable
 class Engine(Protocol):
-    fingerprint: str  # model fingerprint: root of every block hash (valid after start)
     # True when the engine moves KV between workers itself (vLLM's connector): the worker then runs no
     # transfer engine and no puller, and handles carry `PrefillResult.transfer_params`.
     owns_kv_transfer: bool
-    max_model_len: int  # context length in tokens (valid after start)
+
+    @property
+    def fingerprint(self) -> str:
+        """Model fingerprint: root of every block hash (valid after start). Read-only to the worker."""
+        ...
+
+    @property
+    def max_model_len(self) -> int:
+        """Context length in tokens (valid after start)."""
+        ...
 
     async def start(self) -> None: ...
 

@@ -21,9 +21,9 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -45,11 +45,14 @@ from kvrelay.workers.api.messages import (
     ReleaseRequest,
 )
 from kvrelay.workers.config import WorkerConfig
-from kvrelay.workers.kv_handoff import PrefillLeases, SimulatedPuller, TransferPuller
+from kvrelay.workers.kv_handoff import PrefillLeases, SimulatedPuller, SimulatesTransfer, TransferPuller
 from kvrelay.workers.metrics import MetricsServer
 from kvrelay.workers.protocol import Engine
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # kvrelay.transfer is imported when a role needs it
+    from kvrelay.transfer.base import TransferEngine
 
 # How long a draining worker keeps serving after deregistering: file discovery's watchers poll every
 # <= 0.25 s and etcd watches deliver in milliseconds, so 1 s covers a routing decision made just before.
@@ -118,7 +121,7 @@ class Worker:
         self.instance: Instance | None = None
         self._tasks: list[asyncio.Task] = []
         self._event_queue: asyncio.Queue[list[KvEvent]] = asyncio.Queue()
-        self.transfer = None  # TransferEngine for prefill/decode roles with a real KV pool
+        self.transfer: TransferEngine | None = None  # prefill/decode roles with a real KV pool
         self.leases: PrefillLeases | None = None
         self.puller: TransferPuller | SimulatedPuller | None = None
         self.peers = WorkerClient(RpcClient(token=internal_token))  # decode role: `release` calls to prefill workers
@@ -229,14 +232,16 @@ class Worker:
         if self.cfg.role == Role.DECODE:
             if self.transfer is not None:
                 self.puller = TransferPuller(self.transfer, self.peers)
-            else:  # the mocker: a simulated link
+            elif isinstance(self.engine, SimulatesTransfer):  # the mocker: a simulated link
                 self.puller = SimulatedPuller(self.engine.simulated_transfer_seconds, self.peers)
+            else:
+                raise ConfigError(f"--role decode: engine {self.cfg.engine!r} has no KV pool to pull into")
             self.engine.set_kv_puller(self.puller)
         elif self.transfer is not None and self.leases is not None:
             self._tasks.append(asyncio.create_task(self.leases.consume(self.transfer)))
 
     # -- endpoints --------------------------------------------------------------------------------------
-    async def _generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    async def _generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         # Cancellation (client left, frontend aborted) arrives here as CancelledError; closing the
         # engine stream aborts the request in the engine and frees its blocks.
         self.active += 1
@@ -246,7 +251,7 @@ class Worker:
         finally:
             self.active -= 1
 
-    async def _prefill(self, request: EngineRequest) -> AsyncIterator[PrefillReply]:
+    async def _prefill(self, request: EngineRequest) -> AsyncGenerator[PrefillReply, None]:
         """Compute the prompt, hold its blocks under a lease, hand back the first token and a handle."""
         assert self.leases is not None and self.instance is not None
         self.active += 1
@@ -271,26 +276,26 @@ class Worker:
                 self.leases.release(request.request_id, "cancelled")
             raise
 
-    async def _release(self, request: ReleaseRequest) -> AsyncIterator[Empty]:
+    async def _release(self, request: ReleaseRequest) -> AsyncGenerator[Empty, None]:
         assert self.leases is not None
         self.leases.release(request.request_id, "released")
         yield Empty()
 
-    async def _transfer_stats(self, _: Empty) -> AsyncIterator[Any]:
+    async def _transfer_stats(self, _: Empty) -> AsyncGenerator[Any, None]:
         from kvrelay.transfer.base import TransferStats
 
         yield self.transfer.stats() if self.transfer is not None else TransferStats(kind="none")
 
-    async def _snapshot(self, _: Empty) -> AsyncIterator[KvSnapshot]:
+    async def _snapshot(self, _: Empty) -> AsyncGenerator[KvSnapshot, None]:
         # Events up to snap.last_event_id may still be queued for publication; consumers ignore any
         # event at or below a snapshot's last_event_id, so order between the two does not matter.
         snap = await self.engine.kv_snapshot()
         yield msgspec.structs.replace(snap, worker_id=self.instance_id)
 
-    async def _stats(self, _: Empty) -> AsyncIterator[EngineStats]:
+    async def _stats(self, _: Empty) -> AsyncGenerator[EngineStats, None]:
         yield self.engine.stats()
 
-    async def _model_card(self, _: Empty) -> AsyncIterator[ModelCard]:
+    async def _model_card(self, _: Empty) -> AsyncGenerator[ModelCard, None]:
         files = {}
         for name in MODEL_CARD_FILES:
             path = Path(self.model_dir) / name
@@ -333,8 +338,8 @@ async def run_worker(worker: Worker) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: hurry.set() if stop.is_set() else stop.set())
-    await worker.start()
-    print(f"READY {worker.instance.address}", flush=True)  # noqa: T201 - parent processes wait for this line
+    instance = await worker.start()
+    print(f"READY {instance.address}", flush=True)  # noqa: T201 - parent processes wait for this line
     await stop.wait()
     drain = asyncio.create_task(worker.drain(worker.cfg.drain_timeout))
     await asyncio.wait({drain, asyncio.create_task(hurry.wait())}, return_when=asyncio.FIRST_COMPLETED)

@@ -111,7 +111,7 @@ class DiskStore(SlotStore):
             log.info("G3: O_DIRECT not available here (%s); buffered I/O + fdatasync", exc)
             return
         try:
-            os.preadv(fd, [memoryview(aligned_empty(ALIGN).numpy())], 0)  # EINVAL where unsupported
+            os.preadv(fd, [aligned_empty(ALIGN).numpy().data], 0)  # EINVAL where unsupported
         except OSError as exc:
             os.close(fd)
             log.info("G3: O_DIRECT not supported by this filesystem (%s); buffered I/O + fdatasync", exc)
@@ -149,7 +149,7 @@ class DiskStore(SlotStore):
             return None
         if self.direct_io and (t.data_ptr() % ALIGN or self.block_bytes % ALIGN):
             return None
-        return memoryview(t.numpy())
+        return t.numpy().data
 
     def _runs(self, idx: list[int], items: list[Item]) -> list[tuple[int, list[int]]]:
         """Item indices (items sorted by slot) cut into runs of neighbouring slots: one pwritev/preadv
@@ -170,7 +170,7 @@ class DiskStore(SlotStore):
         out: list[tuple[memoryview, torch.Tensor | None]] = []
         for group, flat in coalesce(items, bb):
             if self._in_place(group[0][2]) is not None:  # one storage, one alignment for the group
-                out += [(memoryview(t.numpy()), None) for _, _, t in group]
+                out += [(t.numpy().data, None) for _, _, t in group]
                 continue
             regions = [stage[used + j * sb:used + (j + 1) * sb] for j in range(len(group))]
             if not inbound:
@@ -180,7 +180,7 @@ class DiskStore(SlotStore):
                     for region, (_, _, t) in zip(regions, group, strict=True):
                         region[:bb].copy_(t)
             used += len(group) * sb
-            out += [(memoryview(r.numpy()), r) for r in regions]
+            out += [(r.numpy().data, r) for r in regions]
         return out
 
     def _iovecs(self, bufs: list[memoryview], pad: memoryview) -> list[memoryview]:

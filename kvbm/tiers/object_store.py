@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from time import perf_counter
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import obstore
@@ -142,7 +142,7 @@ class ObjectStore:
     async def _put_one(self, h: int, src: torch.Tensor) -> Any:
         async with self._sem:  # the staging copy too: at most max_concurrency bodies in memory
             body = encode(h, src)
-            mode = "create" if self.conditional_put else "overwrite"
+            mode: Literal["create", "overwrite"] = "create" if self.conditional_put else "overwrite"
             try:
                 await asyncio.wait_for(obstore.put_async(self.store, self.key(h), body, mode=mode,
                                                          use_multipart=False), self.timeout_s)

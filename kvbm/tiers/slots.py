@@ -170,10 +170,12 @@ class SlotStore:
         loop = asyncio.get_running_loop()
         done = await asyncio.gather(*(loop.run_in_executor(self._executor, fn, c) for c in chunks),
                                     return_exceptions=True)  # every chunk has finished before we go on
+        results: list[T] = []
         for r in done:
             if isinstance(r, BaseException):
                 raise r
-        return done  # type: ignore[return-value]
+            results.append(r)
+        return results
 
     async def _put_io(self, batch: list[tuple[int, int, int, torch.Tensor]], out: list[bool]) -> None:
         st, t0 = self._stats, perf_counter()

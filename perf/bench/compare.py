@@ -23,9 +23,15 @@ ROWS: list[Row] = [
     ("SLO attainment", lambda s: s.slo_attainment, True),
     ("prefix hit rate", lambda s: s.prefix_hit_rate, True),
 ]
+
+
+def _latency(attr: str, q: str) -> Callable[[Summary], float | None]:
+    return lambda s: getattr(getattr(s, attr), q)
+
+
 for _name, _attr in (("TTFT", "ttft_ms"), ("ITL", "itl_ms"), ("TPOT", "tpot_ms"), ("E2E", "e2e_ms")):
     for _q in ("mean", "p50", "p90", "p99"):
-        ROWS.append((f"{_name} {_q} (ms)", lambda s, a=_attr, q=_q: getattr(getattr(s, a), q), False))
+        ROWS.append((f"{_name} {_q} (ms)", _latency(_attr, _q), False))
 
 
 def _fmt(value: float | None) -> str:

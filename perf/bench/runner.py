@@ -171,7 +171,7 @@ class Runner:
                 return await self.closed_loop(requests, max_in_flight(cfg) or 1, t0, limit, cfg.duration)
             return await self.open_loop(requests, max_in_flight(cfg), t0, limit, cfg.duration)
         finally:
-            if ticker is not None:
+            if progress is not None and ticker is not None:
                 ticker.cancel()
                 progress.draw(final=True)
 

@@ -158,8 +158,11 @@ def trace_workload(cfg: BenchConfig, pool: np.ndarray) -> Iterator[RequestSpec]:
     records = read_trace(cfg.trace)
     t0 = records[0].timestamp if records else 0.0
     for i, rec in enumerate(records):
-        tokens = trace_prompt(rec, lambda h: list(block(h)), cfg.block_size,
-                              lambda n, i=i: draw(pool, rng(cfg.seed, _PAD, i), n))
+
+        def pad(n: int, i: int = i) -> list[int]:
+            return draw(pool, rng(cfg.seed, _PAD, i), n)
+
+        tokens = trace_prompt(rec, lambda h: list(block(h)), cfg.block_size, pad)
         yield RequestSpec(index=i, segments=[Segment("user", tokens)], output_len=max(1, rec.output_length),
                           timestamp_ms=rec.timestamp - t0)
 

@@ -263,9 +263,9 @@ class EtcdDiscovery:
                     yield ev
                 try:
                     async for raw in stream:
-                        ev = _apply(reported, raw)
-                        if ev is not None:
-                            yield ev
+                        applied = _apply(reported, raw)
+                        if applied is not None:
+                            yield applied
                     reason = "stream closed"
                 except Exception as e:
                     reason = f"{type(e).__name__}: {e}"

@@ -67,8 +67,9 @@ class NatsEventPlane:
                 await asyncio.wait_for(nc.connect(
                     servers=self.servers,
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=self._reconnect_time_wait,
-                    connect_timeout=self._connect_timeout,
+                    # nats-py annotates these int, and passes them to asyncio.sleep/wait_for: floats work
+                    reconnect_time_wait=self._reconnect_time_wait,  # type: ignore[arg-type]  # see above
+                    connect_timeout=self._connect_timeout,  # type: ignore[arg-type]  # see above
                     drain_timeout=2,
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,

@@ -33,7 +33,7 @@ def matches(pattern: str, subject: str) -> bool:
 
 def literal_prefix(pattern: str) -> str:
     """The longest literal prefix of a pattern (for prefix-filtering transports such as ZMQ SUB)."""
-    out = []
+    out: list[str] = []
     for tok in pattern.split("."):
         if tok in ("*", ">"):
             return ".".join(out) + "." if out else ""

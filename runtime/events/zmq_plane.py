@@ -26,6 +26,7 @@ import socket
 import threading
 import uuid
 from collections import Counter
+from typing import TypeVar
 
 import msgspec
 import zmq
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 PROBE_PREFIX = "_kvrelay.probe."  # internal subjects: never delivered to user subscriptions
 HWM = 100_000  # messages buffered per pipe before ZMQ drops; events are small
 PROBE_INTERVAL_S = 0.01
+SocketT = TypeVar("SocketT", bound=zmq.Socket)  # the context's socket class (zmq.asyncio's for the plane)
 
 
 def default_endpoints() -> tuple[str, str]:
@@ -55,7 +57,7 @@ class ZmqBrokerUnreachable(ConnectionError):
     pass
 
 
-def _socket(ctx: zmq.Context, kind: int, options: dict[int, int] | None = None) -> zmq.Socket:
+def _socket(ctx: zmq.Context[SocketT], kind: int, options: dict[int, int] | None = None) -> SocketT:
     """A socket with LINGER 0 (closing never waits on a dead peer) and `options` set."""
     sock = ctx.socket(kind)
     for opt, value in {zmq.LINGER: 0, **(options or {})}.items():

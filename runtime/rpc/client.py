@@ -152,7 +152,8 @@ class RpcStream:
             finally:
                 self._waiter = None
         raw = self._items.popleft()
-        self._conn.consumed()  # type: ignore[union-attr]
+        assert self._conn is not None  # items only arrive once _start() set the connection
+        self._conn.consumed()
         return bytes(raw) if self._type is None else decoder(self._type).decode(raw)
 
     def pop_ready(self) -> Any | None:
@@ -161,7 +162,8 @@ class RpcStream:
         if not self._items:
             return None
         raw = self._items.popleft()
-        self._conn.consumed()  # type: ignore[union-attr]
+        assert self._conn is not None  # items only arrive once _start() set the connection
+        self._conn.consumed()
         return bytes(raw) if self._type is None else decoder(self._type).decode(raw)
 
     def cancel(self) -> None:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
+from kvrelay.runtime.str_enum import StrEnum
 
 
 class FailKind(StrEnum):

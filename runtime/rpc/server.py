@@ -4,8 +4,8 @@
     server.add_endpoint("generate", handler, request_type=GenerateRequest)
     address = await server.start()          # "127.0.0.1:<port>"
 
-A handler is `async def handler(request) -> AsyncIterator[Struct]`. Per call the server runs it in its
-own task. Invariants:
+A handler is an async generator function, `async def handler(request) -> AsyncGenerator[Struct, None]`
+(the server closes it with `aclose()`). Per call the server runs it in its own task. Invariants:
 - A `Cancel` from the client, or the client's connection closing, cancels the handler's task: the
   handler sees `CancelledError` at its current await and its finally blocks run.
 - Every call ends with exactly one of: `End` (handler returned), `Fail` (handler raised, endpoint
@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import msgspec
@@ -42,7 +42,7 @@ from kvrelay.runtime.wire import decoder
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Any], AsyncIterator[Any]]
+Handler = Callable[[Any], AsyncGenerator[Any, None]]  # closed with aclose(): its finally blocks run
 
 
 class _Endpoint(msgspec.Struct):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 
@@ -90,4 +91,19 @@ async def test_status_and_set_on_a_running_planner():
     finally:
         stop.set()
         await task
+        await control.close()
+
+
+async def test_control_server_leaves_the_process_signal_handlers_alone():
+    """The process stops the planner on SIGINT/SIGTERM; uvicorn must not take those signals over while the
+    control endpoint serves (it did: `install_signal_handlers` is gone from uvicorn, `capture_signals` is it)."""
+    reg = CollectorRegistry()
+    planner = Planner(ScriptedObserver([None]), FakeConnector({Pool.PREFILL: 0, Pool.DECODE: 1}),
+                      Policy(PolicyKind.LOAD, Bounds(max_prefill=0)), PlannerMetrics(reg), interval=0.05)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    control = ControlServer(planner, reg, "127.0.0.1", 0)
+    await control.start()
+    try:
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+    finally:
         await control.close()

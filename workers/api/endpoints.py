@@ -8,7 +8,7 @@ kind names the class that raises it, so a rename cannot silently turn a 503 into
 
 from __future__ import annotations
 
-from enum import StrEnum
+from kvrelay.runtime.str_enum import StrEnum
 
 
 class Endpoint(StrEnum):

@@ -20,4 +20,4 @@ class MockExecutor:
         token, logprob = self.tokens.token, self.tokens.logprob
         tokens = [token(h, s.sampling.ignore_eos) for h, s in zip(hashes, seqs, strict=True)]
         logprobs = [logprob(h) if s.sampling.logprobs else 0.0 for h, s in zip(hashes, seqs, strict=True)]
-        return StepResult(seqs, tokens, logprobs)  # type: ignore[arg-type]
+        return StepResult(seqs, tokens, logprobs)  # type: ignore[arg-type]  # list is invariant; these are Sequences

@@ -87,6 +87,8 @@ class Attention(nn.Module):
         out = q.new_empty((t, nq, hd))  # contiguous (q is a strided view of the fused projection)
         nd = meta.num_decode
         if nd:
+            # batch.py sets both with num_decode
+            assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
             out[:nd] = paged_attention_decode(q[:nd], kv_cache, self.layer, meta.decode_block_tables,
                                               meta.decode_context_lens, self.scale, meta.decode_plan)
         for chunk in meta.prefills:

@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,7 @@ class VllmEngine:
             raise EngineError(f"prompt of {len(request.prompt_token_ids)} tokens does not fit the context "
                               f"length of {self.max_model_len} tokens")
 
-    def _prompt(self, request: EngineRequest, extra: list[int] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+    def _prompt(self, request: EngineRequest, extra: Sequence[int] = ()) -> dict[str, Any]:
         prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_token_ids) + list(extra)}
         if request.cache_salt:
             prompt["cache_salt"] = request.cache_salt
@@ -195,7 +195,7 @@ class VllmEngine:
         return params if isinstance(params, dict) and params.get("do_remote_prefill") else None
 
     async def _stream(self, request: EngineRequest, prompt: dict, sampling: Any, n: int, *, deferred: bool,
-                      rid_suffix: str = "") -> AsyncIterator[EngineOutput]:
+                      rid_suffix: str = "") -> AsyncGenerator[EngineOutput, None]:
         """vLLM's outputs for one request, through a pump task (see the module's invariants)."""
         rid = request.request_id + rid_suffix
         queue: asyncio.Queue[Any] = asyncio.Queue()

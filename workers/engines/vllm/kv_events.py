@@ -37,7 +37,7 @@ _STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size"
 _REMOVED_FIELDS = ("block_hashes", "medium")
 _G1_MEDIA = (None, "GPU")  # vLLM's own KV cache; CPU/STORAGE are its offloading tiers
 TIER_OWNERSHIP = "kvrelay"  # events of kvrelay's tier connector (tier_connector.py): kvrelay hashes
-_TIERS = {("CPU", "LOCAL"): "G2", ("STORAGE", "LOCAL"): "G3", ("STORAGE", "REMOTE"): "G4"}
+_TIERS: dict[tuple[str | None, str | None], str] = {("CPU", "LOCAL"): "G2", ("STORAGE", "LOCAL"): "G3", ("STORAGE", "REMOTE"): "G4"}
 
 
 def decode_batch(payload: bytes) -> list[dict[str, Any]]:
