@@ -39,13 +39,16 @@ def _run(args: argparse.Namespace) -> int:
     if disc.discovery == "mem":
         raise ConfigError("--discovery mem: a frontend process alone never sees a worker; use file or etcd")
     setup_logging(args.log_level)
+    # A busy port fails now, in one line; a child of an owner serves the owner's inherited socket.
+    sock = http_workers.inherited(args.http_fd) if args.http_fd is not None else (
+        http_workers.listen(fe.http_host, fe.http_port))
     if ev.events == "inproc":  # it still routes (round-robin, least-loaded, kv by in-flight load only)
         log.warning("--events inproc: this frontend hears no worker's KV events; the kv router runs "
                     "without its index (use zmq or nats for KV-aware routing)")
     from kvrelay.runtime.events.zmq_plane import ZmqBrokerUnreachable
 
     try:
-        aio.run(_serve(fe, disc, ev, token, args, n))
+        aio.run(_serve(fe, disc, ev, token, args, n, sock))
     except KeyboardInterrupt:
         return 130
     except ZmqBrokerUnreachable as e:  # the embedded shape's broker belongs to `kvrelay serve`
@@ -55,12 +58,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _serve(fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, token: str,
-                 args: argparse.Namespace, n: int) -> None:
+                 args: argparse.Namespace, n: int, sock) -> None:
     from kvrelay.frontend.app import FrontendServer
 
     child = args.http_fd is not None
-    sock = http_workers.inherited(args.http_fd) if child else (
-        http_workers.listen(fe.http_host, fe.http_port) if n > 1 else None)
     group = http_workers.group_id(args, n)
     server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev), internal_token=token, http_group=group)
     extra = http_workers.HttpWorkers(n, sock, group, token, (fe, disc, ev), args.log_level) if n > 1 else None

@@ -94,6 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     wk = build(WorkerConfig, args)
     n_http = http_workers.count(args, ev.events)
     setup_logging(args.log_level)
+    sock = http_workers.listen(fe.http_host, fe.http_port)  # a busy port fails now, before any heavy work
     wk = _resolve_model(wk)
     planner = None
     if args.planner != "off":
@@ -101,7 +102,6 @@ def _run(args: argparse.Namespace) -> int:
 
         planner = build(PlannerConfig, args, planner_policy=args.planner)
         planner = (planner, make_policy(planner))
-    sock = http_workers.listen(fe.http_host, fe.http_port) if n_http > 1 else None
     try:
         return aio.run(_serve(roles, fe, disc, ev, wk, build(InternalAuthConfig, args).token(), planner,
                               (n_http, sock, args.log_level)))
@@ -148,7 +148,7 @@ def _worker_argv(wk: WorkerConfig, disc: DiscoveryConfig, ev: EventsConfig, fe: 
 
 async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, wk: WorkerConfig,
                  token: str, planner=None, http: tuple = (1, None, None)) -> int:
-    """`http`: (HTTP processes, their shared listening socket when more than one, their log level)."""
+    """`http`: (HTTP processes, their shared listening socket, their log level)."""
     from kvrelay.frontend.app import FrontendServer
 
     run_dir = tempfile.mkdtemp(prefix=f"serve-{os.getpid()}-", dir=_ensure(default_run_dir()))
@@ -177,7 +177,7 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
     n_http, sock, log_level = http
     group = http_workers.group_id(argparse.Namespace(), n_http)
     server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev), internal_token=token, http_group=group)
-    extra = http_workers.HttpWorkers(n_http, sock, group, token, (fe, disc, ev), log_level) if sock else None
+    extra = http_workers.HttpWorkers(n_http, sock, group, token, (fe, disc, ev), log_level) if n_http > 1 else None
     stop = asyncio.Event()
     starting = None
     loop = asyncio.get_running_loop()
