@@ -23,7 +23,8 @@ import sys
 import tempfile
 from dataclasses import replace
 
-from kvrelay.cli import http_workers
+from kvrelay.cli import http_workers, preflight
+from kvrelay.cli.serve_disk import disk_statement
 from kvrelay.cli.supervisor import Child, Supervisor, child_env
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.planner.config import PlannerConfig
@@ -94,7 +95,10 @@ def _run(args: argparse.Namespace) -> int:
     wk = build(WorkerConfig, args)
     n_http = http_workers.count(args, ev.events)
     setup_logging(args.log_level)
-    sock = http_workers.listen(fe.http_host, fe.http_port)  # a busy port fails now, before any heavy work
+    preflight.check_planes(disc, ev)  # each of these fails in one line, before any heavy work
+    if wk.engine != "mocker":
+        preflight.check_device(wk.device)
+    sock = http_workers.listen(fe.http_host, fe.http_port)
     wk = _resolve_model(wk)
     planner = None
     if args.planner != "off":
@@ -208,6 +212,7 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
             shape = ", ".join(f"{roles.count(r)} {r}" for r in ("agg", "prefill", "decode") if r in roles)
             log.info("kvrelay serving %s on http://%s:%d with workers: %s", wk.served_model_name or wk.model,
                      fe.http_host, server.port, shape)
+            log.info("%s", disk_statement(wk, len(roles)))
             await stop.wait()
         else:
             starting.cancel()

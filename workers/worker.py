@@ -325,10 +325,26 @@ async def run_worker(worker: Worker) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: hurry.set() if stop.is_set() else stop.set())
-    await worker.start()
+    try:
+        await worker.start()
+    except BaseException:
+        await _close_after_failed_start(worker)  # its tiers close too: an empty G3 slot is removed
+        raise
     print(f"READY {worker.instance.address}", flush=True)  # noqa: T201 - parent processes wait for this line
     await stop.wait()
     drain = asyncio.create_task(worker.drain(worker.cfg.drain_timeout))
     await asyncio.wait({drain, asyncio.create_task(hurry.wait())}, return_when=asyncio.FIRST_COMPLETED)
     drain.cancel()
     await worker.close()
+
+
+async def _close_after_failed_start(worker: Worker) -> None:
+    """Undo what a failed `start` got to, best effort: each part closes even if an earlier one fails."""
+    parts = [worker.server.close, worker.engine.close, worker.peers.close, worker.discovery.close, worker.events.close]
+    if worker.transfer is not None:
+        parts.insert(2, worker.transfer.close)
+    for close in parts:
+        try:
+            await close()
+        except Exception:  # noqa: BLE001 - the start's own error is the one to report
+            log.debug("close after a failed start", exc_info=True)
