@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from kvrelay.cli import http_workers
+from kvrelay.cli import http_workers, preflight
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.runtime import aio
 from kvrelay.runtime.auth import InternalAuthConfig
@@ -39,6 +39,7 @@ def _run(args: argparse.Namespace) -> int:
     if disc.discovery == "mem":
         raise ConfigError("--discovery mem: a frontend process alone never sees a worker; use file or etcd")
     setup_logging(args.log_level)
+    preflight.check_planes(disc, ev)
     # A busy port fails now, in one line; a child of an owner serves the owner's inherited socket.
     sock = http_workers.inherited(args.http_fd) if args.http_fd is not None else (
         http_workers.listen(fe.http_host, fe.http_port))
