@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from kvrelay.cli import http_workers, preflight
+from kvrelay.cli import http_workers, preflight, vllm_spellings
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.runtime import aio
 from kvrelay.runtime.auth import InternalAuthConfig
@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig, InternalAuthConfig)
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env KVRELAY_LOG_LEVEL)")
     http_workers.add_flags(p)
+    vllm_spellings.add_http_aliases(p)
     p.set_defaults(func=_run)
 
 

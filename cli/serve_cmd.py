@@ -23,7 +23,7 @@ import sys
 import tempfile
 from dataclasses import replace
 
-from kvrelay.cli import http_workers, preflight
+from kvrelay.cli import http_workers, preflight, vllm_spellings
 from kvrelay.cli.serve_disk import disk_statement
 from kvrelay.cli.supervisor import Child, Supervisor, child_env
 from kvrelay.frontend.config import FrontendConfig
@@ -56,6 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig, InternalAuthConfig, PlannerConfig,
                   *SERVE_GROUPS)
     http_workers.add_flags(p)
+    vllm_spellings.add_http_aliases(p)
+    vllm_spellings.add_model_positional(p)
     p.set_defaults(func=_run)
 
 
@@ -88,6 +90,7 @@ def _roles(args: argparse.Namespace) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    vllm_spellings.apply_model_positional(args)
     roles = _roles(args)
     fe, disc, ev = build(FrontendConfig, args), build(DiscoveryConfig, args), build(EventsConfig, args)
     if "prefill" in roles:  # the operator asked for the disaggregated shape: ready means all of it is up

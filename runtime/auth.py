@@ -20,6 +20,7 @@ TOKEN_ENV = "KVRELAY_INTERNAL_TOKEN"
 
 @dataclass(frozen=True)
 class InternalAuthConfig:
+    group_title = "internal auth (worker RPC and KV transfer ports)"
     internal_token: str = setting("", "shared secret required on worker RPC and KV transfer ports "
                                   "(empty = none; kvrelay serve generates one per run)")
     internal_token_file: str = setting("", "read the internal token from this file's first line")
