@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kvrelay.frontend.access_log import SCOPE_KEY
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.frontend.metrics import FrontendMetrics
 from kvrelay.frontend.openai_responses import SSE_DONE, encode, new_id, sse
@@ -75,6 +76,7 @@ class GenerateHandler:
                 return 499  # the client left before sending its request
             req = parse(body)
             prepared = await self.pipeline.prepare(req, new_id("req"), arrival)
+            scope[SCOPE_KEY] = prepared  # for the access log (access_log.py): model, tokens, TTFT
         except ApiError as e:
             return await _send_error(send, e)
         except Exception:
