@@ -3,7 +3,7 @@
 With no arguments: SmolLM2-135M-Instruct (the packaged GGUF, converted once into the user cache),
 2 native workers, file discovery and ZMQ events under a
 private run directory, HTTP on 127.0.0.1:8000. `--prefill-workers N --decode-workers M` runs the
-disaggregated shape instead (DESIGN.md "Disaggregation"). `--discovery etcd --events nats` runs the same pieces
+disaggregated shape instead (docs/ARCHITECTURE.md "Disaggregation"). `--discovery etcd --events nats` runs the same pieces
 on real servers. SIGTERM (or Ctrl-C) drains: /ready turns 503 and new requests are refused, streams in
 flight get `--drain-timeout` seconds (default 30) to finish and the rest end with an SSE error event and
 `[DONE]`; then every worker stops; none is left running. A second signal ends the drain at once.

@@ -200,7 +200,7 @@ class FrontendServer:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        """200 only when a request for every served model would be routed now (DESIGN.md "Shutdown and
+        """200 only when a request for every served model would be routed now (docs/ARCHITECTURE.md "Shutdown and
         readiness"). Model names and counts only for a caller holding the API key, when one is set."""
         models = self.service.models()
         unready = self.service.unready_models()

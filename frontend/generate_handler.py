@@ -6,7 +6,7 @@ each StreamingResponse, which cost more CPU per request than the rest of the fro
 failure, no stack trace to a client, and a client that disconnects cancels the generation (one watcher
 task per request reads `http.disconnect`).
 
-Draining (DESIGN.md "Shutdown and readiness"): after `drain()` starts, new requests get a 503
+Draining (docs/ARCHITECTURE.md "Shutdown and readiness"): after `drain()` starts, new requests get a 503
 `draining`; requests in flight run on until `expire()`, which ends each stream with an SSE error event
 and `[DONE]` (a non-streamed request gets the same error as JSON). `idle` is set while none is in flight.
 """

@@ -1,4 +1,4 @@
-"""The internal token (DESIGN.md "Trust boundary"): a shared secret every worker RPC and TCP transfer
+"""The internal token (docs/ARCHITECTURE.md "Trust boundary"): a shared secret every worker RPC and TCP transfer
 port requires, so that no other local user or host can call `generate`, read or write KV blocks.
 
 Where it comes from, first match wins: `--internal-token-file PATH` (the file's first line; a

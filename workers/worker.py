@@ -1,5 +1,5 @@
 """The worker process: one engine served over the request plane, registered in discovery, publishing
-KV events and load metrics (DESIGN.md "Discovery", "Events", "Request plane").
+KV events and load metrics (docs/ARCHITECTURE.md "Discovery", "Events", "Request plane").
 
 Endpoints: `generate` (EngineRequest -> stream of EngineOutput), `kv_snapshot` (-> KvSnapshot, for
 routers that detected an event gap), `stats` (-> EngineStats), `model_card` and `transfer_stats`.
