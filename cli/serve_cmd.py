@@ -103,6 +103,7 @@ def _run(args: argparse.Namespace) -> int:
         preflight.check_device(wk.device)
     sock = http_workers.listen(fe.http_host, fe.http_port)
     wk = _resolve_model(wk)
+    log.info("%s", disk_statement(wk, len(roles)))  # before the workers start: what they may take, and where
     planner = None
     if args.planner != "off":
         from kvrelay.planner.service import make_policy
@@ -215,7 +216,6 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
             shape = ", ".join(f"{roles.count(r)} {r}" for r in ("agg", "prefill", "decode") if r in roles)
             log.info("kvrelay serving %s on http://%s:%d with workers: %s", wk.served_model_name or wk.model,
                      fe.http_host, server.port, shape)
-            log.info("%s", disk_statement(wk, len(roles)))
             await stop.wait()
         else:
             starting.cancel()

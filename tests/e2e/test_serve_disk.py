@@ -31,7 +31,7 @@ def test_default_serve_takes_the_model_plus_what_it_states(tmp_path, monkeypatch
     serve.start(timeout=90)  # --model tiny: the default model is 540 MB
     try:
         deadline = time.monotonic() + 60
-        while "disk: model" not in serve.read_log():  # logged once every worker is up
+        while "disk: model" not in serve.read_log():  # logged before the workers start
             assert time.monotonic() < deadline, serve.read_log()
             time.sleep(0.1)
         with httpx.Client(base_url=serve.base_url, timeout=60) as client:
