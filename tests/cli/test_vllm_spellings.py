@@ -33,13 +33,13 @@ def hf_home(tmp_path):
     return tmp_path / "hf"
 
 
-def test_serve_port_and_a_cached_repo_id_as_positional_model(tmp_path, hf_home):
+def test_serve_host_port_and_a_cached_repo_id_as_positional_model(tmp_path, hf_home):
     port = free_port()
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "kvrelay.cli.main", "serve", "--port", str(port),
-                             "kvrelay-test/tiny", "--workers", "1", "--http-workers", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "kvrelay.cli.main", "serve", "--host", "127.0.0.1", "--port",
+                             str(port), "kvrelay-test/tiny", "--workers", "1", "--http-workers", "1",
                              "--discovery-dir", str(tmp_path / "disc")], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_until_up(proc, f"http://127.0.0.1:{port}/ready", 90, lambda: (tmp_path / "serve.log").read_text(),
