@@ -1,7 +1,7 @@
 """`kvrelay cache list|clean`: what kvrelay keeps on this user's disk, and removing what is not in use.
 
-Kinds (DESIGN.md "The embedded default": every default that takes disk is cleanable):
-- `g3`: G3 slots, `<kv dir>/<fingerprint>/slot-<n>` (blocks.dat is preallocated: its full size counts).
+Kinds (every default that takes disk is cleanable; docs/ARCHITECTURE.md "Tiers"):
+- `g3`: G3 slots, `<kv dir>/<fingerprint>/slot-<n>` (blocks.dat grows as blocks are written: its size counts).
   A slot whose lock a live worker holds is `in use` and never removed.
 - `model-card`: tokenizer files frontends cached per model card (re-fetched from a worker when needed).
 - `run`: `kvrelay serve` run directories (`run/serve-<pid>-*`); `stale` once that pid is gone (a

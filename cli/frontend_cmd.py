@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from kvrelay.cli import http_workers
+from kvrelay.cli import http_workers, preflight, vllm_spellings
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.runtime import aio
 from kvrelay.runtime.auth import InternalAuthConfig
@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig, InternalAuthConfig)
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env KVRELAY_LOG_LEVEL)")
     http_workers.add_flags(p)
+    vllm_spellings.add_http_aliases(p)
     p.set_defaults(func=_run)
 
 
@@ -39,13 +40,17 @@ def _run(args: argparse.Namespace) -> int:
     if disc.discovery == "mem":
         raise ConfigError("--discovery mem: a frontend process alone never sees a worker; use file or etcd")
     setup_logging(args.log_level)
+    preflight.check_planes(disc, ev)
+    # A busy port fails now, in one line; a child of an owner serves the owner's inherited socket.
+    sock = http_workers.inherited(args.http_fd) if args.http_fd is not None else (
+        http_workers.listen(fe.http_host, fe.http_port))
     if ev.events == "inproc":  # it still routes (round-robin, least-loaded, kv by in-flight load only)
         log.warning("--events inproc: this frontend hears no worker's KV events; the kv router runs "
                     "without its index (use zmq or nats for KV-aware routing)")
     from kvrelay.runtime.events.zmq_plane import ZmqBrokerUnreachable
 
     try:
-        aio.run(_serve(fe, disc, ev, token, args, n))
+        aio.run(_serve(fe, disc, ev, token, args, n, sock))
     except KeyboardInterrupt:
         return 130
     except ZmqBrokerUnreachable as e:  # the embedded shape's broker belongs to `kvrelay serve`
@@ -55,12 +60,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _serve(fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, token: str,
-                 args: argparse.Namespace, n: int) -> None:
+                 args: argparse.Namespace, n: int, sock) -> None:
     from kvrelay.frontend.app import FrontendServer
 
     child = args.http_fd is not None
-    sock = http_workers.inherited(args.http_fd) if child else (
-        http_workers.listen(fe.http_host, fe.http_port) if n > 1 else None)
     group = http_workers.group_id(args, n)
     server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev), internal_token=token, http_group=group)
     extra = None

@@ -1,7 +1,8 @@
 """`--http-workers N` (issue 19): N HTTP processes of one frontend serving one port, for
 `kvrelay frontend` and `kvrelay serve`.
 
-The owning process binds the listening socket (SO_REUSEADDR, SO_REUSEPORT), serves on it itself and
+The owning process binds the listening socket (SO_REUSEADDR only: never SO_REUSEPORT, which would let a
+second kvrelay, or anything else, bind the same busy port and take half its connections), serves on it itself and
 starts N-1 `kvrelay frontend --http-fd FD` children that inherit it. All accept from that one
 socket's queue, so a process that dies loses only the connections it had accepted: a connection
 still waiting in the queue is accepted by a survivor (with one SO_REUSEPORT socket per process the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import signal
@@ -78,18 +80,24 @@ def available_cores() -> int:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The shared listening socket, inheritable by the children."""
+    """The one listening socket of this frontend, inheritable by its extra HTTP processes. Bound before
+    any heavy work (model, workers), so a busy port is a one-line error at once.
+
+    Invariant: one listener per port. SO_REUSEADDR only lets a restarted server bind while old
+    connections sit in TIME_WAIT; SO_REUSEPORT is never set (with it a second server binds the same port
+    and the kernel splits the connections between two unrelated servers)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if hasattr(socket, "SO_REUSEPORT"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(2048)
     except OSError as e:
         sock.close()
-        raise ConfigError(f"--http-port: cannot listen on {host}:{port}: {e.strerror}") from None
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"--http-port: port {port} on {host} is already in use (another kvrelay "
+                              "or server?); stop it or choose another port with --port") from None
+        raise ConfigError(f"--http-port: cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
 

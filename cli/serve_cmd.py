@@ -3,7 +3,7 @@
 With no arguments: SmolLM2-135M-Instruct (the packaged GGUF, converted once into the user cache),
 2 native workers, file discovery and ZMQ events under a
 private run directory, HTTP on 127.0.0.1:8000. `--prefill-workers N --decode-workers M` runs the
-disaggregated shape instead (DESIGN.md "Disaggregation"). `--discovery etcd --events nats` runs the same pieces
+disaggregated shape instead (docs/ARCHITECTURE.md "Disaggregation"). `--discovery etcd --events nats` runs the same pieces
 on real servers. SIGTERM (or Ctrl-C) drains: /ready turns 503 and new requests are refused, streams in
 flight get `--drain-timeout` seconds (default 30) to finish and the rest end with an SSE error event and
 `[DONE]`; then every worker stops; none is left running. A second signal ends the drain at once.
@@ -24,7 +24,8 @@ import tempfile
 from dataclasses import replace
 from typing import Any
 
-from kvrelay.cli import http_workers
+from kvrelay.cli import http_workers, preflight, vllm_spellings
+from kvrelay.cli.serve_disk import disk_statement
 from kvrelay.cli.supervisor import Child, Supervisor, child_env
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.planner.config import PlannerConfig
@@ -56,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_arguments(p, FrontendConfig, DiscoveryConfig, EventsConfig, InternalAuthConfig, PlannerConfig,
                   *SERVE_GROUPS)
     http_workers.add_flags(p)
+    vllm_spellings.add_http_aliases(p)
+    vllm_spellings.add_model_positional(p)
     p.set_defaults(func=_run)
 
 
@@ -88,6 +91,7 @@ def _roles(args: argparse.Namespace) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    vllm_spellings.apply_model_positional(args)
     roles = _roles(args)
     fe, disc, ev = build(FrontendConfig, args), build(DiscoveryConfig, args), build(EventsConfig, args)
     if "prefill" in roles:  # the operator asked for the disaggregated shape: ready means all of it is up
@@ -95,14 +99,18 @@ def _run(args: argparse.Namespace) -> int:
     wk = build(WorkerConfig, args)
     n_http = http_workers.count(args, ev.events)
     setup_logging(args.log_level)
+    preflight.check_planes(disc, ev)  # each of these fails in one line, before any heavy work
+    if wk.engine != "mocker":
+        preflight.check_device(wk.device)
+    sock = http_workers.listen(fe.http_host, fe.http_port)
     wk = _resolve_model(wk)
+    log.info("%s", disk_statement(wk, len(roles)))  # before the workers start: what they may take, and where
     planner = None
     if args.planner != "off":
         from kvrelay.planner.service import make_policy
 
         planner_cfg = build(PlannerConfig, args, planner_policy=args.planner)
         planner = (planner_cfg, make_policy(planner_cfg))
-    sock = http_workers.listen(fe.http_host, fe.http_port) if n_http > 1 else None
     try:
         return aio.run(_serve(roles, fe, disc, ev, wk, build(InternalAuthConfig, args).token(), planner,
                               (n_http, sock, args.log_level)))
@@ -149,7 +157,7 @@ def _worker_argv(wk: WorkerConfig, disc: DiscoveryConfig, ev: EventsConfig, fe: 
 
 async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, wk: WorkerConfig,
                  token: str, planner=None, http: tuple = (1, None, None)) -> int:
-    """`http`: (HTTP processes, their shared listening socket when more than one, their log level)."""
+    """`http`: (HTTP processes, their shared listening socket, their log level)."""
     from kvrelay.frontend.app import FrontendServer
 
     run_dir = tempfile.mkdtemp(prefix=f"serve-{os.getpid()}-", dir=_ensure(default_run_dir()))
@@ -178,7 +186,7 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
     n_http, sock, log_level = http
     group = http_workers.group_id(argparse.Namespace(), n_http)
     server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev), internal_token=token, http_group=group)
-    extra = http_workers.HttpWorkers(n_http, sock, group, token, (fe, disc, ev), log_level) if sock else None
+    extra = http_workers.HttpWorkers(n_http, sock, group, token, (fe, disc, ev), log_level) if n_http > 1 else None
     stop = asyncio.Event()
     starting: asyncio.Task[Any] | None = None  # the supervisor's start, or the planner's (-> its task)
     loop = asyncio.get_running_loop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvrelay.cli import preflight
 from kvrelay.runtime import aio
 from kvrelay.runtime.auth import InternalAuthConfig
 from kvrelay.runtime.config import ConfigError, add_arguments, build
@@ -26,6 +27,12 @@ def _run(args: argparse.Namespace) -> int:
     disc_cfg, ev_cfg = build(DiscoveryConfig, args), build(EventsConfig, args)
     token = build(InternalAuthConfig, args).token()
     setup_logging(args.log_level)
+    preflight.check_planes(disc_cfg, ev_cfg)  # before the model loads: seconds, one line each
+    preflight.check_port_free(cfg.host, cfg.port, "--port")
+    if cfg.metrics_port > 0:
+        preflight.check_port_free(cfg.host, cfg.metrics_port, "--metrics-port")
+    if cfg.engine != "mocker":
+        preflight.check_device(cfg.device)
     from kvrelay.workers.models.gguf_file import GgufError
     from kvrelay.workers.models.registry import ModelNotFound
     from kvrelay.workers.worker import Worker, run_worker

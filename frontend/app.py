@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from kvrelay.frontend.access_log import AccessLog
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.frontend.generate_handler import GenerateHandler
 from kvrelay.frontend.metrics import FrontendMetrics
@@ -72,10 +73,16 @@ class FrontendServer:
     def _build_app(self) -> Starlette:
         async def not_found(request: Request, exc: Exception) -> Response:
             assert isinstance(exc, HTTPException)  # registered for HTTPException only
-            return _error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                   code="not_found" if exc.status_code == 404 else None))
+            response = _error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                       code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)))
+            response.headers.update(exc.headers or {})  # 405: Allow
+            return response
+
+        async def post_only(request: Request) -> Response:  # never reached: `asgi` serves POST itself
+            raise HTTPException(405)
 
         return Starlette(routes=[
+            *(Route(path, post_only, methods=["POST"]) for path in _GENERATE),  # other methods: 405
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),
@@ -117,7 +124,8 @@ class FrontendServer:
         return not self._stop_requested
 
     async def _serve(self, sock: socket.socket | None) -> None:
-        config = uvicorn.Config(self.asgi, host=self.cfg.http_host, port=self.cfg.http_port, log_level="warning",
+        app = AccessLog(self.asgi) if self.cfg.access_log else self.asgi
+        config = uvicorn.Config(app, host=self.cfg.http_host, port=self.cfg.http_port, log_level="warning",
                                 interface="asgi3", proxy_headers=False,
                                 loop="none", lifespan="off", timeout_graceful_shutdown=5,
                                 timeout_keep_alive=KEEP_ALIVE_S)
@@ -142,7 +150,8 @@ class FrontendServer:
         """Stop taking work (/ready 503, new requests 503), let requests in flight finish for up to
         `timeout` seconds, then end the rest with an error event (streams) or a 503 (whole answers)."""
         self.draining = self.generate.draining = True
-        log.info("draining: %d requests in flight, up to %.0f s", self.generate.active, timeout)
+        log.info("draining: %d requests in flight, up to %.0f s; press Ctrl-C again to stop now",
+                 self.generate.active, timeout)
         try:
             await asyncio.wait_for(self.generate.idle.wait(), timeout)
         except asyncio.TimeoutError:
@@ -192,7 +201,7 @@ class FrontendServer:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        """200 only when a request for every served model would be routed now (DESIGN.md "Shutdown and
+        """200 only when a request for every served model would be routed now (docs/ARCHITECTURE.md "Shutdown and
         readiness"). Model names and counts only for a caller holding the API key, when one is set."""
         models = self.service.models()
         unready = self.service.unready_models()

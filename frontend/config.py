@@ -32,5 +32,7 @@ class FrontendConfig:
     max_request_bytes: int = setting(8 << 20, "largest accepted HTTP body", positive)
     require_prefill: bool = setting(False, "/ready also waits for a prefill worker of each model (set by "
                                     "`kvrelay serve --prefill-workers N`)")
+    access_log: bool = setting(True, "log one line per HTTP request at INFO (method, path, status, model, "
+                               "tokens, TTFT, total time; never prompt text); probes at DEBUG")
     drain_timeout: float = setting(30.0, "on SIGTERM: seconds in-flight streams may take to finish before "
                                    "they are ended with an error event", non_negative)

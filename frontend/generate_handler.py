@@ -6,7 +6,7 @@ each StreamingResponse, which cost more CPU per request than the rest of the fro
 failure, no stack trace to a client, and a client that disconnects cancels the generation (one watcher
 task per request reads `http.disconnect`).
 
-Draining (DESIGN.md "Shutdown and readiness"): after `drain()` starts, new requests get a 503
+Draining (docs/ARCHITECTURE.md "Shutdown and readiness"): after `drain()` starts, new requests get a 503
 `draining`; requests in flight run on until `expire()`, which ends each stream with an SSE error event
 and `[DONE]` (a non-streamed request gets the same error as JSON). `idle` is set while none is in flight.
 """
@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kvrelay.frontend.access_log import SCOPE_KEY
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.frontend.metrics import FrontendMetrics
 from kvrelay.frontend.openai_responses import SSE_DONE, encode, new_id, sse
@@ -75,6 +76,7 @@ class GenerateHandler:
                 return 499  # the client left before sending its request
             req = parse(body)
             prepared = await self.pipeline.prepare(req, new_id("req"), arrival)
+            scope[SCOPE_KEY] = prepared  # for the access log (access_log.py): model, tokens, TTFT
         except ApiError as e:
             return await _send_error(send, e)
         except Exception:

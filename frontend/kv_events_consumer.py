@@ -1,4 +1,4 @@
-"""Feeds the `KvIndex` from the event plane (DESIGN.md "Events").
+"""Feeds the `KvIndex` from the event plane (docs/ARCHITECTURE.md "Events").
 
 Subscribes to `kvrelay.<namespace>.kv_events` and applies each event. Delivery is at-most-once, so a
 worker's events can have holes; when the index reports a gap the consumer asks the worker for a

@@ -1,4 +1,4 @@
-"""The router's index of which worker holds which KV block (DESIGN.md "Block identity", "Events").
+"""The router's index of which worker holds which KV block (docs/ARCHITECTURE.md "Block identity", "Events").
 
 Fed by `KvEvent`s (and `KvSnapshot`s after a gap). A block is named by its chained `seq_hash`, which
 already names the whole prefix before it, so the index needs no tree: a request's prefix overlap on a

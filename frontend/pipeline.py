@@ -59,6 +59,7 @@ class Prepared:
     stops: list[str]
     skip_special_tokens: bool
     arrival: float = field(default_factory=time.monotonic)  # when the HTTP request arrived (monotonic)
+    first_token_at: float | None = None  # when the first token reached the frontend (the access log's TTFT)
     usage: Usage = field(init=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +132,7 @@ class Pipeline:
             async for out in self.service.generate(p.model, p.card, p.request):
                 now = time.monotonic()
                 if first:
+                    p.first_token_at = now
                     self.metrics.ttft.observe(now - start)
                     p.usage.cached_tokens = out.num_cached_tokens
                     self.metrics.cached_tokens.inc(out.num_cached_tokens)

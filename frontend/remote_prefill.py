@@ -1,5 +1,5 @@
 """Conditional disaggregation: whether a request is prefilled on a prefill worker, and doing it
-(DESIGN.md "Disaggregation").
+(docs/ARCHITECTURE.md "Disaggregation").
 
 A request goes to a prefill worker when its decode worker has the `decode` role, some prefill worker
 of the model is up, and the part of the prompt the decode worker does not already hold (per the KV

@@ -1,4 +1,4 @@
-"""The frontend's live view of workers, fed by a discovery watch (DESIGN.md "Discovery").
+"""The frontend's live view of workers, fed by a discovery watch (docs/ARCHITECTURE.md "Discovery").
 
 Invariant: a worker is routable exactly while its discovery entry exists; when the entry goes (lease
 lost, deregistered) every `on_removed` listener is told once, so the KV index drops its blocks and

@@ -1,4 +1,4 @@
-"""KV events and load metrics on the event plane (DESIGN.md "Events").
+"""KV events and load metrics on the event plane (docs/ARCHITECTURE.md "Events").
 
 Subjects: `kvrelay.<namespace>.kv_events` and `kvrelay.<namespace>.load`.
 A worker numbers its KV events 1, 2, 3, ... (`event_id`, monotonic per worker instance); a consumer

@@ -1,4 +1,4 @@
-"""Model fingerprint: the root of every block hash (DESIGN.md "Block identity").
+"""Model fingerprint: the root of every block hash (docs/ARCHITECTURE.md "Block identity").
 
 Two workers serving the same weights must agree on it wherever the files live, and different weights
 must not collide. It covers config.json, and for every safetensors file its size, its header (tensor

@@ -1,4 +1,4 @@
-"""Block identity (DESIGN.md "Block identity"): the one implementation used by the engine's prefix
+"""Block identity (docs/ARCHITECTURE.md "Block identity"): the one implementation used by the engine's prefix
 cache, the router's index, every KVBM tier, the events and the object-store keys.
 
     seq_hash[-1] = xxh3_64(model fingerprint ‖ salt)

@@ -7,7 +7,9 @@ G2 and G3 are on by default, G4 only when given a URL:
   "off" = no G3. Under it a worker
   uses `<fingerprint[:16]>/slot-<n>`, the first slot no other live process has locked, so several
   workers share one base directory and a restarted worker finds its slot (and its blocks) again.
-- `disk_bytes` is a ceiling: a slot takes at most `DISK_FREE_SHARE` (10%) of the free space of its
+- `disk_bytes` is a ceiling (default `DEFAULT_DISK_BYTES`, 1 GiB: two default workers fit a laptop); the
+  slot's files grow as blocks are written, up to it, and a slot that holds no block when its worker
+  stops is removed. A slot takes at most `DISK_FREE_SHARE` (10%) of the free space of its
   filesystem (its own existing files counted as free), so a default never fills a user's disk; the
   size chosen and why are logged when G3 opens. `kvrelay cache list|clean` shows and removes slots.
 """
@@ -27,6 +29,7 @@ from kvrelay.kvbm.tiers.base import EventCallback
 log = logging.getLogger(__name__)
 MAX_DISK_SLOTS = 16
 DISK_FREE_SHARE = 0.10  # a G3 slot takes at most this share of its filesystem's free space
+DEFAULT_DISK_BYTES = 1 << 30  # per worker; the files grow as blocks are written, up to this
 
 
 class TierConfigError(ValueError):
@@ -37,7 +40,7 @@ class TierConfigError(ValueError):
 class TierConfig:
     host_bytes: int = 512 << 20  # G2; 0 = off
     disk_dir: str = "auto"  # G3 base directory; "off" = no G3
-    disk_bytes: int = 4 << 30
+    disk_bytes: int = DEFAULT_DISK_BYTES
     object_store: str = ""  # G4 URL; "" = off
     object_bytes: int = 16 << 30  # bound on the G4 objects this worker wrote
     policy: str = "lru"  # lru | tinylfu, every tier
@@ -130,9 +133,12 @@ async def _open_disk(cfg: TierConfig, block_bytes: int, fingerprint: str,
         if size < cfg.disk_bytes:
             log.info("KV tier G3: %.2f GiB instead of --kv-disk-bytes %.2f GiB (%.0f%% of %.1f GiB free)",
                      size / 2**30, cfg.disk_bytes / 2**30, 100 * DISK_FREE_SHARE, free / 2**30)
-        store = await DiskStore.open(directory, block_bytes, size, policy=cfg.policy, on_event=on_event)
+        store = await DiskStore.open(directory, block_bytes, size, policy=cfg.policy, on_event=on_event,
+                                     remove_if_empty=True)
         if store.enabled:
-            log.info("KV tier G3 at %s (%d blocks, O_DIRECT %s)", directory, store.num_slots, store.direct_io)
+            log.info("KV tier G3 at %s: up to %.2f GiB (%d blocks), grows as blocks are written; "
+                     "holds %.1f MiB now (O_DIRECT %s)", directory, size / 2**30, store.num_slots,
+                     store.stats.footprint_bytes / 2**20, store.direct_io)
             return store
         await store.close()  # it warned why (disk full, permissions, ...)
         return None

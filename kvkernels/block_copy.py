@@ -1,6 +1,6 @@
 """Block gather/scatter between the paged pool and a contiguous buffer, and the per-step KV write.
 
-Layout contract (DESIGN.md "KV layout"): `kv_cache` is `[num_blocks, num_layers, 2, block_size,
+Layout contract (docs/ARCHITECTURE.md "KV layout"): `kv_cache` is `[num_blocks, num_layers, 2, block_size,
 num_kv_heads, head_dim]`. Each block (all layers, K and V) is one contiguous run of
 `block_numel = L * 2 * bs * H * D` elements; only the stride between blocks (dim 0) may differ from
 the packed one. The copy kernels rely on exactly that and nothing more.

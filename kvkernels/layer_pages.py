@@ -2,7 +2,7 @@
 
 vLLM keeps one paged tensor per attention layer (on CPU `[num_blocks, kv_heads, block_size, 2 * head]`,
 on CUDA backends often `[2, num_blocks, ...]`): block `b` of a layer is that tensor's slice along its
-block dimension. The tiers store a block as one contiguous row of bytes (DESIGN.md "KV layout"), here
+block dimension. The tiers store a block as one contiguous row of bytes (docs/ARCHITECTURE.md "KV layout"), here
 `[num_layers, page_numel]` in the cache dtype: layer 0's page of the block, then layer 1's, and so on.
 
     gather_layer_pages(pages, block_ids, rows, row_ids)   rows[row_ids[i]] <- block block_ids[i], every layer

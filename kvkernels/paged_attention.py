@@ -1,6 +1,6 @@
 """Paged-attention decode (Triton kernel + PyTorch reference) and the chunked-prefill reference.
 
-Layout contract (DESIGN.md "KV layout"): `kv_cache` is one tensor
+Layout contract (docs/ARCHITECTURE.md "KV layout"): `kv_cache` is one tensor
 `[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]` (index 0 = K, 1 = V).
 A sequence's tokens live in the blocks listed in its row of `block_tables`; token t of a sequence is
 at block `block_tables[b, t // block_size]`, offset `t % block_size`. Entries of a row past

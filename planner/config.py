@@ -15,6 +15,7 @@ def _port(value: int) -> str | None:
 
 @dataclass(frozen=True)
 class PlannerConfig:
+    group_title = "planner (--planner; planner/README.md)"
     planner_policy: Literal["load", "sla"] = setting("load", "scaling policy")
     ttft_target: float = setting(1.0, "TTFT p90 target (seconds)", positive)
     itl_target: float = setting(0.05, "ITL p90 target (seconds)", positive)

@@ -113,6 +113,7 @@ class Planner:
     def status(self) -> dict[str, Any]:
         return {"policy": self.policy.kind.value, "connector": self.connector.kind, "dry_run": self.dry_run,
                 "interval_s": self.interval, "intervals": self.intervals, "ready": _named(self.ready),
+                "registered": _named(getattr(self.observer, "registered", {})),  # in discovery (Observer)
                 "desired": _named(self.desired),
                 "pending": None if self.pending is None else _named(self.pending.target),
                 "settings": self.policy.settings(), "history": list(self.history)[-10:]}

@@ -39,6 +39,16 @@ def role_pool(role: str) -> Pool | None:
     return {"prefill": Pool.PREFILL, "decode": Pool.DECODE, "agg": Pool.DECODE}.get(role)
 
 
+async def registered_counts(discovery: Discovery, namespace: str) -> dict[Pool, int]:
+    """Workers per pool registered in discovery now."""
+    counts = {p: 0 for p in Pool}
+    for inst in await list_instances(discovery, namespace):
+        pool = role_pool(inst.role)
+        if pool is not None:
+            counts[pool] += 1
+    return counts
+
+
 def histogram_quantile(q: float, prev: list[tuple[float, float]], cur: list[tuple[float, float]]) -> float | None:
     """Prometheus' histogram_quantile over the window's bucket increments (linear within a bucket);
     None when the window observed nothing."""
@@ -117,6 +127,7 @@ class Observer:
         self.frontend_urls, self.prometheus_url = frontend_urls, prometheus_url
         self.client = httpx.AsyncClient(timeout=timeout)
         self._prev: Scrape | None = None
+        self.registered: dict[Pool, int] = {}  # workers per pool in discovery at the last `next()`
 
     async def workers(self) -> list[WorkerInfo]:
         out = []
@@ -149,6 +160,7 @@ class Observer:
 
     async def next(self) -> Observation | None:
         workers = await self.workers()
+        self.registered = {p: sum(1 for w in workers if w.pool is p) for p in Pool}
         cur = await self.scrape(workers)
         if cur is None:
             return None

@@ -1,4 +1,4 @@
-"""The internal token (DESIGN.md "Trust boundary"): a shared secret every worker RPC and TCP transfer
+"""The internal token (docs/ARCHITECTURE.md "Trust boundary"): a shared secret every worker RPC and TCP transfer
 port requires, so that no other local user or host can call `generate`, read or write KV blocks.
 
 Where it comes from, first match wins: `--internal-token-file PATH` (the file's first line; a
@@ -20,6 +20,7 @@ TOKEN_ENV = "KVRELAY_INTERNAL_TOKEN"
 
 @dataclass(frozen=True)
 class InternalAuthConfig:
+    group_title = "internal auth (worker RPC and KV transfer ports)"
     internal_token: str = setting("", "shared secret required on worker RPC and KV transfer ports "
                                   "(empty = none; kvrelay serve generates one per run)")
     internal_token_file: str = setting("", "read the internal token from this file's first line")

@@ -22,5 +22,6 @@ def setup_logging(level: str | None = None) -> None:
     root.setLevel(level)
     root._kvrelay_configured = True  # type: ignore[attr-defined]  # a marker: configure once per process
     # Libraries that log every reconnect attempt at INFO drown ours.
-    for noisy in ("nats", "asyncio", "grpc"):
+    # httpx logs every request at INFO (the planner's /metrics polls: three lines every 5 s).
+    for noisy in ("nats", "asyncio", "grpc", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -30,8 +30,8 @@ _SESSION_KV = ""
 
 @pytest.fixture(autouse=True)
 def kv_disk_dir(tmp_path, monkeypatch):
-    """One G3 directory per test, so no test sees another's blocks; removed afterwards (G3 files are
-    preallocated)."""
+    """One G3 directory per test, so no test sees another's blocks; removed afterwards (G3 files keep
+    what was written)."""
     kv = tmp_path / "kv"
     monkeypatch.setenv("KVRELAY_KV_DISK_DIR", str(kv))
     yield kv

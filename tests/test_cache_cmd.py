@@ -10,6 +10,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from kvrelay.cli.main import main
 from kvrelay.kvbm.tier_config import DISK_FREE_SHARE, TierConfig, open_tiers
@@ -44,6 +45,7 @@ async def test_cache_list_and_clean_spare_what_is_in_use(cache, capsys):
     stores = await open_tiers(TierConfig(host_bytes=0, disk_bytes=1 << 20), 4096, "a" * 32, {})  # held open
     closed = await open_tiers(TierConfig(host_bytes=0, disk_bytes=1 << 20), 4096, "b" * 32, {})
     for s in closed:
+        await s.put([1], [torch.zeros(4096, dtype=torch.uint8)])  # an empty slot would be removed on close
         await s.close()
     (cache / "model-cards" / "abc-123").mkdir(parents=True)
     (cache / "model-cards" / "abc-123" / "tokenizer.json").write_text("{}")

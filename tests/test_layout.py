@@ -1,4 +1,4 @@
-"""The package's shape, checked over its import graph and source (DESIGN.md "Layout"):
+"""The package's shape, checked over its import graph and source (docs/ARCHITECTURE.md "Layout"):
 - no engine under workers/engines/<x>/ imports another engine's package, nor the frontend;
 - runtime/ is planes only: it imports no other kvrelay package and defines no model or KV types;
 - workers/core is engine-neutral and below the worker: it imports kvbm, workers/api, itself and the

@@ -1,4 +1,4 @@
-"""Every folder that is a Python package is installed as kvrelay.<folder...> (DESIGN.md "Layout")."""
+"""Every folder that is a Python package is installed as kvrelay.<folder...> (docs/ARCHITECTURE.md "Layout")."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from kvrelay.transfer.metadata import PoolDesc
 def describe_pool(name: str, tensor: torch.Tensor, block_bytes: int) -> PoolDesc:
     """Check that `tensor` is one contiguous region of whole blocks and describe it.
 
-    The KV layout contract (DESIGN.md "KV layout") makes block `i` of `kv_cache` the byte range
+    The KV layout contract (docs/ARCHITECTURE.md "KV layout") makes block `i` of `kv_cache` the byte range
     `[i*block_bytes, (i+1)*block_bytes)` from `data_ptr()`; any contiguous tensor whose size is a
     multiple of `block_bytes` (a flat uint8 host pool, say) qualifies too.
     """

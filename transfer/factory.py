@@ -6,9 +6,9 @@
   without a working NIXL still serves, slower, instead of failing to start.
 - "auto": the same as "nixl" (the default for workers).
 The engine kinds do not interoperate: a peer's `add_peer` rejects metadata of the other kind with
-ValueError, and the caller prefills locally instead (DESIGN.md "Disaggregation").
+ValueError, and the caller prefills locally instead (docs/ARCHITECTURE.md "Disaggregation").
 
-Binding (DESIGN.md "Trust boundary"): the TCP engine listens on `host` and requires `token`. NIXL has
+Binding (docs/ARCHITECTURE.md "Trust boundary"): the TCP engine listens on `host` and requires `token`. NIXL has
 no authentication of its own, so its UCX listeners are confined to the network device that holds
 `host` (`UCX_NET_DEVICES`, unless the operator set it): with host 127.0.0.1 only loopback.
 """

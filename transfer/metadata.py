@@ -1,6 +1,6 @@
 """What a peer needs to move blocks to or from this engine: the wire form of `TransferEngine.metadata()`.
 
-Published through discovery as `Instance.transfer_metadata` (DESIGN.md "Discovery") and carried in the
+Published through discovery as `Instance.transfer_metadata` (docs/ARCHITECTURE.md "Discovery") and carried in the
 disaggregation handle. msgpack via `kvrelay.runtime.wire`; never pickle.
 """
 

@@ -94,7 +94,8 @@ class KvTierSettings:
                                  non_negative)
     kv_disk_dir: str = setting("auto", "G3: base directory for KV blocks on local disk (auto = "
                                "$KVRELAY_CACHE_DIR/kv, default ~/.cache/kvrelay/kv; off = no G3)")
-    kv_disk_bytes: int = setting(4 << 30, "G3: bytes of disk (data file + index) per worker", positive)
+    kv_disk_bytes: int = setting(1 << 30, "G3: most bytes of disk (data file + index) per worker; "
+                                 "the files grow as blocks are written", positive)  # == kvbm TierConfig's default
     kv_object_store: str = setting("", "G4: s3://bucket[/prefix]?endpoint=URL or file:///path (empty = "
                                    "no G4; credentials from AWS_* variables)")
     kv_object_bytes: int = setting(16 << 30, "G4: bound on the bytes of objects this worker writes", positive)

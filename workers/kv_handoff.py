@@ -1,4 +1,4 @@
-"""The worker side of the prefill -> decode KV handoff (DESIGN.md "Disaggregation").
+"""The worker side of the prefill -> decode KV handoff (docs/ARCHITECTURE.md "Disaggregation").
 
 Prefill role: `PrefillLeases` pins each handle's blocks until the decode worker says it is done (the
 `RELEASE` notification that rides on the transfer, or the `release` endpoint) or the lease runs out.

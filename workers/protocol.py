@@ -10,7 +10,7 @@ Invariants of `Engine.generate(request)`:
 - A request the engine cannot take (queue full, prompt too long) raises `EngineError` before any
   output, with a message fit for a client.
 
-Disaggregation (DESIGN.md "Disaggregation"):
+Disaggregation (docs/ARCHITECTURE.md "Disaggregation"):
 - `prefill(request)` computes the prompt and samples the first token. Unless that token finishes the
   request, the prompt's blocks stay allocated (pinned) and their ids are returned; `abort(request_id)`
   frees them. Cancelling `prefill` frees them too.

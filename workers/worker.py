@@ -1,5 +1,5 @@
 """The worker process: one engine served over the request plane, registered in discovery, publishing
-KV events and load metrics (DESIGN.md "Discovery", "Events", "Request plane").
+KV events and load metrics (docs/ARCHITECTURE.md "Discovery", "Events", "Request plane").
 
 Endpoints: `generate` (EngineRequest -> stream of EngineOutput), `kv_snapshot` (-> KvSnapshot, for
 routers that detected an event gap), `stats` (-> EngineStats), `model_card` and `transfer_stats`.
@@ -338,10 +338,26 @@ async def run_worker(worker: Worker) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: hurry.set() if stop.is_set() else stop.set())
-    instance = await worker.start()
+    try:
+        instance = await worker.start()
+    except BaseException:
+        await _close_after_failed_start(worker)  # its tiers close too: an empty G3 slot is removed
+        raise
     print(f"READY {instance.address}", flush=True)  # noqa: T201 - parent processes wait for this line
     await stop.wait()
     drain = asyncio.create_task(worker.drain(worker.cfg.drain_timeout))
     await asyncio.wait({drain, asyncio.create_task(hurry.wait())}, return_when=asyncio.FIRST_COMPLETED)
     drain.cancel()
     await worker.close()
+
+
+async def _close_after_failed_start(worker: Worker) -> None:
+    """Undo what a failed `start` got to, best effort: each part closes even if an earlier one fails."""
+    parts = [worker.server.close, worker.engine.close, worker.peers.close, worker.discovery.close, worker.events.close]
+    if worker.transfer is not None:
+        parts.insert(2, worker.transfer.close)
+    for close in parts:
+        try:
+            await close()
+        except Exception:  # noqa: BLE001 - the start's own error is the one to report
+            log.debug("close after a failed start", exc_info=True)

@@ -1,7 +1,7 @@
-"""The one interface every KV tier store implements (DESIGN.md "Tiers"), its stats, and its health switch.
+"""The one interface every KV tier store implements (docs/ARCHITECTURE.md "Tiers"), its stats, and its health switch.
 
 A store keeps whole blocks (`block_bytes` bytes each: one block-contiguous range of the engine's KV
-cache, DESIGN.md "KV layout") under their seq_hash. Every call is batched and async:
+cache, docs/ARCHITECTURE.md "KV layout") under their seq_hash. Every call is batched and async:
 
     put(hashes, srcs) -> list[bool]   True: the block is in the tier now (stored, or already there)
     get(hashes, dsts) -> list[bool]   True: dst holds exactly the bytes that were put under that hash;

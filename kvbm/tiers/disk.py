@@ -1,13 +1,19 @@
-"""G3: local disk (DESIGN.md "Tiers"): preallocated, bounded, checksummed, restart-safe.
+"""G3: local disk (docs/ARCHITECTURE.md "Tiers"): bounded, growing as written, checksummed, restart-safe.
 
 Files in `directory`:
-    blocks.dat   num_slots * slot_bytes, preallocated (posix_fallocate); slot k at offset k * slot_bytes;
-                 slot_bytes = block_bytes rounded up to 4 KiB so every slot is O_DIRECT-aligned
+    blocks.dat   slot k at offset k * slot_bytes, slot_bytes = block_bytes rounded up to 4 KiB so every
+                 slot is O_DIRECT-aligned. Not preallocated: the file grows as slots are first written
+                 (slots are handed out lowest first, so it stays dense) and never past num_slots slots
     index.log    slot -> (seq_hash, xxh3_64 of the bytes, gen): see disk_index.py
     lock         flock'ed while open: two processes never share a directory
 
-Bound: num_slots is chosen so that the data file plus the index's worst case fit in capacity_bytes;
-the file never grows after open, so the disk footprint never passes the bound (LMCache #1454, #4546).
+Bound: num_slots is chosen so that the data file at its largest plus the index's worst case fit in
+capacity_bytes, so the disk footprint never passes the bound (LMCache #1454, #4546); until blocks are
+written it takes next to nothing (issue 30: 2 x 4 GiB preallocated at the first `kvrelay serve`). The
+footprint reported is what the files take now. A disk that fills up while the file grows is a write
+error: the store disables itself with one warning, as for any I/O error.
+`remove_if_empty`: a store that holds no block when it closes removes its files and its directory (and
+the parent, if that is left empty): a worker that failed to start, or never offloaded, leaves nothing.
 
 I/O: O_DIRECT when the filesystem accepts it (probed on open; `direct_io` says which), else buffered
 I/O + fdatasync. Blocks of neighbouring slots coalesce into one pwritev/preadv. O_DIRECT needs 4 KiB
@@ -46,7 +52,8 @@ class DiskStore(SlotStore):
 
     def __init__(self, directory: str | os.PathLike[str], block_bytes: int, capacity_bytes: int, *,
                  policy: str = "lru", direct_io: bool = True, on_event: EventCallback | None = None,
-                 io_threads: int = 2, stage_bytes: int = 16 << 20, inline_bytes: int = 0):
+                 io_threads: int = 2, stage_bytes: int = 16 << 20, inline_bytes: int = 0,
+                 remove_if_empty: bool = False):
         """Opens (or creates) the store; I/O errors leave it disabled with a warning, never raise.
         `await DiskStore.open(...)` does the same on a thread."""
         slot_bytes = -(-max(1, block_bytes) // ALIGN) * ALIGN
@@ -57,6 +64,7 @@ class DiskStore(SlotStore):
         assert num_slots * slot_bytes + DiskIndex.max_bytes(num_slots) <= capacity_bytes
         self.directory, self.slot_bytes = Path(directory), slot_bytes
         self.direct_io = False
+        self.remove_if_empty = remove_if_empty
         self._index = DiskIndex(self.directory, block_bytes, slot_bytes, num_slots)
         self._sums = [0] * num_slots  # checksum of committed slots (written before commit, read after)
         self._fd = self._lock_fd = -1
@@ -78,19 +86,19 @@ class DiskStore(SlotStore):
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OSError(errno.EBUSY, "directory in use by another G3 store") from None
+        if os.fstat(self._lock_fd).st_ino != os.stat(self.directory / "lock").st_ino:
+            raise OSError(errno.EBUSY, "directory being removed by an empty G3 store closing")
         entries, matched = self._index.open()
         path, size = self.directory / "blocks.dat", self.num_slots * self.slot_bytes
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if not matched or os.fstat(fd).st_size != size:
-                entries = {}
-                self._index.log_free(list(self._index.entries))
+            length = os.fstat(fd).st_size
+            if not matched or length > size:
+                entries, length = {}, 0
                 os.ftruncate(fd, 0)
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError:
-                os.ftruncate(fd, 0)  # never keep a partial allocation of a disk that is full
-                raise
+            # A slot the file does not cover cannot hold its block (the file was cut short behind our back).
+            entries = {s: e for s, e in entries.items() if (s + 1) * self.slot_bytes <= length}
+            self._index.log_free([s for s in self._index.entries if s not in entries])
             self._index.sync()
         except BaseException:
             os.close(fd)
@@ -120,7 +128,8 @@ class DiskStore(SlotStore):
         self._fd, self.direct_io = fd, hasattr(os, "O_DIRECT")
 
     def _footprint(self) -> int:
-        return (self.num_slots * self.slot_bytes + self._index.file_bytes()) if self._fd >= 0 else 0
+        """What the files take now: the data file as far as it has grown, plus the index."""
+        return (os.fstat(self._fd).st_size + self._index.file_bytes()) if self._fd >= 0 else 0
 
     async def close(self) -> None:
         await super().close()
@@ -131,10 +140,23 @@ class DiskStore(SlotStore):
             self._index.close()  # compacted: the next open replays one record per block
         except OSError as exc:
             log.warning("G3 %s: index not saved on close: %s", self.directory, exc)
+        empty = self._fd >= 0 and not self._index.entries
+        if empty and self.remove_if_empty:
+            self._remove_files()  # under the lock: no other store opens this directory meanwhile
         for fd in (self._fd, self._lock_fd):
             if fd >= 0:
                 os.close(fd)
         self._fd = self._lock_fd = -1
+
+    def _remove_files(self) -> None:
+        for name in ("blocks.dat", "index.log", "lock"):
+            (self.directory / name).unlink(missing_ok=True)
+        for d in (self.directory, self.directory.parent):  # the slot, then its fingerprint directory
+            try:
+                d.rmdir()
+            except OSError:  # not empty (other slots, other files): kept
+                return
+        log.info("G3 %s: held no block; removed", self.directory)
 
     # -- bytes (I/O threads) --------------------------------------------------------------------------
     def _stage(self) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""G2: host memory, a pool of fixed-size slots (DESIGN.md "Tiers").
+"""G2: host memory, a pool of fixed-size slots (docs/ARCHITECTURE.md "Tiers").
 
 One preallocated uint8 tensor of `num_slots * block_bytes` (pinned when CUDA is present, so device
 copies are DMA and can be non-blocking); a put/get is one `copy_` per block between the caller's view

@@ -1,4 +1,4 @@
-"""G4: an S3-compatible object store shared by all workers (DESIGN.md "Tiers").
+"""G4: an S3-compatible object store shared by all workers (docs/ARCHITECTURE.md "Tiers").
 
 One object per block (format in object_format.py: key `kvrelay/<model fingerprint>/<seq_hash as 16
 hex>`, a 32-byte header with an xxh3_64 of the payload, then the bytes). A missing, truncated,

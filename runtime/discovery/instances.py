@@ -1,4 +1,4 @@
-"""Typed worker instances on top of the key/value discovery contract (DESIGN.md "Discovery").
+"""Typed worker instances on top of the key/value discovery contract (docs/ARCHITECTURE.md "Discovery").
 
 Key layout: `kvrelay/<namespace>/instances/<component>/<instance_id>`; value: msgpack `Instance`.
 """

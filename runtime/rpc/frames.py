@@ -47,7 +47,7 @@ class Fail(msgspec.Struct, tag=5, array_like=True):
 
 
 class Auth(msgspec.Struct, tag=6, array_like=True):
-    """The client's first frame when the server requires the internal token (DESIGN.md "Trust
+    """The client's first frame when the server requires the internal token (docs/ARCHITECTURE.md "Trust
     boundary"); a server without a token ignores it."""
 
     token: str

@@ -124,18 +124,41 @@ async def test_disk_full_on_write_disables_with_one_warning(tmp_path, monkeypatc
     await store.close()
 
 
-async def test_disk_full_at_open_disables_and_keeps_no_partial_file(tmp_path, monkeypatch, caplog):
-    def full(fd, off, n):
-        os.ftruncate(fd, n // 2)  # what a partial allocation leaves behind
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "posix_fallocate", full)
-    with caplog.at_level(logging.WARNING, logger="kvrelay.kvbm.tiers"):
-        store = await DiskStore.open(tmp_path, BLOCK_BYTES, CAP8)
-    assert not store.enabled and "G3 disabled" in caplog.text
-    assert (tmp_path / "blocks.dat").stat().st_size == 0
-    assert await store.put([1], [content(1)]) == [False] and (await read(store, [1]))[0] == [False]
+async def test_the_data_file_grows_as_blocks_are_written_never_up_front(tmp_path):
+    """Issue 30: no preallocation of the whole budget; the footprint is what the files take now."""
+    cap = capacity_for("G3", 64)
+    store = await DiskStore.open(tmp_path, BLOCK_BYTES, cap)
+    assert store.enabled and store.num_slots == 64
+    assert (tmp_path / "blocks.dat").stat().st_size == 0 and store.stats.footprint_bytes < 4096
+    await store.put([1, 2, 3], list(kv_pool([1, 2, 3])))
+    assert (tmp_path / "blocks.dat").stat().st_size == 3 * store.slot_bytes
+    assert 3 * store.slot_bytes <= store.stats.footprint_bytes <= 3 * store.slot_bytes + 4096
     await store.close()
+    store = await DiskStore.open(tmp_path, BLOCK_BYTES, cap)  # a restart keeps the grown file and its blocks
+    assert sorted(store.hashes()) == [1, 2, 3] and all((await read(store, [1, 2, 3]))[0])
+    await store.close()
+
+
+async def test_a_file_cut_short_loses_only_the_blocks_it_no_longer_covers(tmp_path):
+    store = await DiskStore.open(tmp_path, BLOCK_BYTES, CAP8)
+    await store.put([1, 2, 3], list(kv_pool([1, 2, 3])))
+    last = store._slots.map[3]
+    await store.close()
+    os.truncate(tmp_path / "blocks.dat", last * store.slot_bytes)
+    store = await DiskStore.open(tmp_path, BLOCK_BYTES, CAP8)
+    assert sorted(store.hashes()) == [1, 2] and all((await read(store, [1, 2]))[0])
+    await store.close()
+
+
+async def test_an_empty_store_leaves_nothing_when_asked(tmp_path):
+    empty, kept = tmp_path / "fp" / "slot-0", tmp_path / "fp2" / "slot-0"
+    store = await DiskStore.open(empty, BLOCK_BYTES, CAP8, remove_if_empty=True)
+    await store.close()
+    assert not (tmp_path / "fp").exists()  # the slot and its (now empty) parent
+    store = await DiskStore.open(kept, BLOCK_BYTES, CAP8, remove_if_empty=True)
+    await store.put([1], [content(1)])
+    await store.close()
+    assert (kept / "blocks.dat").stat().st_size == store.slot_bytes  # a block is worth keeping
 
 
 async def test_a_directory_serves_one_store_at_a_time(tmp_path):

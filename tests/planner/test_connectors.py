@@ -132,3 +132,46 @@ async def test_local_connector_starts_and_stops_worker_processes(tmp_path):
         await conn.close()
         broker.close()
     assert all(not w.alive for w in conn.workers)
+
+
+async def test_virtual_ready_counts_registered_workers_until_the_first_ack(tmp_path):
+    """Issue 30: `planner status` said ready 0/0 with a prefill and a decode worker registered."""
+    from kvrelay.runtime.discovery import Instance, register_instance
+
+    workers, planner_side = FileDiscovery(str(tmp_path), ttl=30), FileDiscovery(str(tmp_path), ttl=30)
+    await workers.start()
+    await planner_side.start()
+    try:
+        for i, role in enumerate(("prefill", "decode", "agg")):
+            await register_instance(workers, Instance(namespace="ns", component="backend", instance_id=f"w{i}",
+                                                      address=f"127.0.0.1:{9000 + i}", role=role, model="m"))
+        conn = VirtualConnector(planner_side, "ns")
+        assert await conn.ready() == {P: 1, D: 2}  # agg workers decode: the decode pool
+        await workers.register(ack_key("ns"), encode(VirtualAck(seq=1, counts={"prefill": 0, "decode": 4})))
+        assert await conn.ready() == {P: 0, D: 4}  # once the owner answers, its counts are the truth
+    finally:
+        await planner_side.close()
+        await workers.close()
+
+
+async def test_planner_status_counts_the_registered_workers(tmp_path):
+    from kvrelay.planner.observe import Observer
+    from kvrelay.runtime.discovery import Instance, register_instance
+
+    disc = FileDiscovery(str(tmp_path), ttl=30)
+    await disc.start()
+    observer = Observer(disc, "ns", frontend_urls=[])
+    try:
+        for i, role in enumerate(("prefill", "decode")):
+            await register_instance(disc, Instance(namespace="ns", component="backend", instance_id=f"w{i}",
+                                                   address=f"127.0.0.1:{9000 + i}", role=role, model="m"))
+        planner = Planner(observer, VirtualConnector(disc, "ns"),
+                          Policy(PolicyKind.LOAD, Bounds(max_prefill=2, max_decode=2)),
+                          PlannerMetrics(CollectorRegistry()), interval=1)
+        await planner.step()
+        status = planner.status()
+        assert status["registered"] == {"prefill": 1, "decode": 1}
+        assert status["ready"] == {"prefill": 1, "decode": 1}
+    finally:
+        await observer.close()
+        await disc.close()

@@ -1,4 +1,4 @@
-"""The worker's request-plane names, one place (DESIGN.md "Request plane").
+"""The worker's request-plane names, one place (docs/ARCHITECTURE.md "Request plane").
 
 Endpoint names are what `RpcServer.add_endpoint` registers and `WorkerClient` calls; error kinds are
 the `RemoteError.kind` a caller sees when an engine refuses a request (the refusing exception's class

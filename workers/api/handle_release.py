@@ -1,4 +1,4 @@
-"""Freeing a prefill worker's KV handle early over the request plane (DESIGN.md "Disaggregation").
+"""Freeing a prefill worker's KV handle early over the request plane (docs/ARCHITECTURE.md "Disaggregation").
 
 Used by the decode worker (a pull that failed or had nothing to move) and the frontend (a decode
 attempt that ended without finishing). Best effort, in the background: if the prefill worker is gone,

@@ -1,4 +1,4 @@
-"""Messages between the frontend and workers (DESIGN.md "Wire format"): msgspec Structs sent over the
+"""Messages between the frontend and workers (docs/ARCHITECTURE.md "Wire format"): msgspec Structs sent over the
 request plane unchanged. The engine interface that produces them is `kvrelay.workers.protocol.Engine`.
 """
 
@@ -44,7 +44,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
 
 class KvHandle(msgspec.Struct, frozen=True, kw_only=True):
     """A prefill worker's computed prompt KV, pinned under a lease until the decode worker pulls it
-    (DESIGN.md "Disaggregation"). Block `k` of `block_ids` holds prompt tokens `[k*bs, (k+1)*bs)`;
+    (docs/ARCHITECTURE.md "Disaggregation"). Block `k` of `block_ids` holds prompt tokens `[k*bs, (k+1)*bs)`;
     the last one may be partial. The decode worker continues from `first_token`."""
 
     request_id: str

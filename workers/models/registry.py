@@ -5,6 +5,8 @@
 - `tiny`: the built-in deterministic random-weight Llama (tiny.py), for fast tests.
 - a path to a `.gguf` file, or a directory holding exactly one: converted once, like the default.
 - a Hugging Face checkpoint directory (config.json + safetensors): served as it is.
+- a Hugging Face repo id (`ORG/NAME`) the local Hugging Face cache holds (hf_cache.py), served as it is
+  under that name.
 
 Nothing here downloads anything: a name that is not installed is an error that says how to install it.
 """
@@ -95,5 +97,10 @@ def resolve_model(spec: str, progress: Callable[[str], None] | None = None) -> R
         if gguf is not None:
             return ResolvedModel(ensure_converted(gguf, report), gguf.stem, spec)
         raise ModelNotFound(f"{path} has neither config.json (Hugging Face layout) nor a .gguf file")
+    from kvrelay.workers.models.hf_cache import cached_snapshot, looks_like_repo_id
+
+    if looks_like_repo_id(spec):
+        return ResolvedModel(cached_snapshot(spec), spec.partition("@")[0], spec)
     known = ", ".join([TINY, *PACKAGED])
-    raise ModelNotFound(f"{spec!r} is not a model name ({known}), a .gguf file or a model directory")
+    raise ModelNotFound(f"{spec!r} is not a model name ({known}), a .gguf file, a model directory or a "
+                        "Hugging Face repo id in the local Hugging Face cache")

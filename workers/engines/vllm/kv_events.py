@@ -1,4 +1,4 @@
-"""vLLM's KV events -> kvrelay `KvEvent`s with kvrelay block identity (DESIGN.md "Block identity").
+"""vLLM's KV events -> kvrelay `KvEvent`s with kvrelay block identity (docs/ARCHITECTURE.md "Block identity").
 
 vLLM publishes `KVEventBatch(ts, events, data_parallel_rank)` over ZMQ, one multipart message per batch:
 (topic, sequence number as 8 bytes big-endian, msgpack payload). The batch is an array; each event is a
