@@ -17,7 +17,7 @@ class Parser(argparse.ArgumentParser):
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         sys.exit(2)
 
-    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_args(self, args=None, namespace=None):
         argv = sys.argv[1:] if args is None else list(args)
         parsed, extras = self.parse_known_args(argv, namespace)
         if extras:

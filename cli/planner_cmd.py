@@ -74,7 +74,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _timing(args: argparse.Namespace):
-    from kvrelay.workers.engines.mocker.config import MockerConfig
     from kvrelay.workers.engines.mocker.timing import TimingModel
 
     wk = build(WorkerConfig, args)

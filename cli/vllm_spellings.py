@@ -17,7 +17,7 @@ def add_http_aliases(parser: argparse.ArgumentParser) -> None:
     for alias, flag in HTTP_ALIASES.items():
         action = parser._option_string_actions[flag]  # argparse has no public API to alias an option
         assert alias not in parser._option_string_actions, f"{alias} is taken in {parser.prog}"
-        action.option_strings.append(alias)
+        action.option_strings = [*action.option_strings, alias]
         parser._option_string_actions[alias] = action
 
 

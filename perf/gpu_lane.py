@@ -47,7 +47,8 @@ def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> d
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(1.0, timeout), env=env)
         rc, out = p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
-        rc, out = 124, f"timed out after {timeout:.0f} s\n{e.stdout or ''}{e.stderr or ''}"
+        partial = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)]
+        rc, out = 124, f"timed out after {timeout:.0f} s\n" + "".join(partial)
     return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.monotonic() - t0, 1), "tail": out[-3000:]}
 
 

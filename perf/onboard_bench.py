@@ -23,6 +23,7 @@ import random
 import statistics
 import tempfile
 import time
+from typing import Any
 
 from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.workers.api.messages import EngineRequest, SamplingParams
@@ -38,9 +39,14 @@ async def ttft(eng: NativeEngine, tokens: list[int]) -> tuple[float, int]:
     raise RuntimeError("no output")
 
 
+def _tiers(eng: NativeEngine) -> Any:
+    """The engine's tier source loop half (TiersLoop), or None."""
+    return eng.loops.get("tiers") if eng.loops is not None else None
+
+
 async def settle(eng: NativeEngine) -> None:
     while True:
-        tiers = eng.loops.get("tiers")
+        tiers = _tiers(eng)
         if tiers is not None:
             await tiers.drain()
         await asyncio.sleep(0.02)
@@ -83,7 +89,7 @@ async def main(args: argparse.Namespace) -> dict:
                 times[name].append(t)
                 cached[name].append(c)
                 await settle(eng)
-        cost = engines["G2"].loops.get("tiers").tiers.cost if engines["G2"].loops.get("tiers") else None
+        cost = _tiers(engines["G2"]).tiers.cost if _tiers(engines["G2"]) else None
         result = {
             "tokens": args.tokens, "repeats": args.repeats,
             "block_bytes": engines["cold"].kv_layout().block_bytes,
@@ -91,8 +97,8 @@ async def main(args: argparse.Namespace) -> dict:
             "cached_tokens": {k: statistics.median(v) for k, v in cached.items()},
             "speedup_vs_cold": {k: round(statistics.median(times["cold"]) / statistics.median(times[k]), 1)
                                 for k in ("G2", "G3")},
-            "g3_direct_io": (engines["G3"].loops.get("tiers").tiers.stores[0].direct_io
-                         if engines["G3"].loops.get("tiers") else None),
+            "g3_direct_io": (_tiers(engines["G3"]).tiers.stores[0].direct_io
+                         if _tiers(engines["G3"]) else None),
             "prefill_tokens_per_s": round(cost.prefill_tokens_per_s) if cost else None,
         }
     finally:

@@ -67,9 +67,8 @@ def _derived_settings(name: str, source: type, title: str, prefix: str = "", nam
         (prefix + n, hints[n], setting(fields[n].default, (f"{prefix.rstrip('_')}: " if prefix else "")
                                        + fields[n].metadata["help"], fields[n].metadata["check"]))
         for n in (names or tuple(fields))]
-    cls = dataclasses.make_dataclass(name, spec, frozen=True)
+    cls = dataclasses.make_dataclass(name, spec, frozen=True, namespace={"group_title": title})
     cls.__module__ = __name__
-    cls.group_title = title
     return cls
 
 
@@ -121,7 +120,7 @@ MockerSettings = _derived_settings("MockerSettings", MockerConfig,
 
 
 @dataclass(frozen=True)
-class WorkerConfig(ProcessSettings, EngineSettings, EngineLimitSettings, TransferSettings, KvTierSettings, VllmSettings, MockerSettings):  # type: ignore[misc, valid-type]
+class WorkerConfig(ProcessSettings, EngineSettings, EngineLimitSettings, TransferSettings, KvTierSettings, VllmSettings, MockerSettings):  # type: ignore[misc, valid-type]  # groups built by make_dataclass
     """Every worker setting, flat; `--help` shows one heading per group."""
 
     def limits(self) -> EngineLimits:

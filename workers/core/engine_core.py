@@ -210,10 +210,14 @@ class EngineCore:
         return self.kv.snapshot()
 
     def stats(self) -> EngineStats:
-        s = self.scheduler
+        s, c = self.scheduler, self.door.counters()
         return EngineStats(
             running=len(s.running), waiting=len(s.waiting) + len(s.asking) + len(s.ready),
             used_blocks=self.pool.num_blocks - self.pool.num_free, free_blocks=self.pool.num_free,
             total_blocks=self.pool.num_blocks, prefix_hit_tokens=s.prefix_hit_tokens,
             prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
-            preemptions=s.preemptions, held_requests=len(self.held), **self.door.counters())
+            preemptions=s.preemptions, held_requests=len(self.held),
+            remote_prefills=c.get("remote_prefills", 0), pulled_blocks=c.get("pulled_blocks", 0),
+            pull_failures=c.get("pull_failures", 0), onboarded_blocks=c.get("onboarded_blocks", 0),
+            reonboarded_blocks=c.get("reonboarded_blocks", 0), offload_pinned=c.get("offload_pinned", 0),
+            offload_skipped=c.get("offload_skipped", 0))

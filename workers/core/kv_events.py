@@ -21,7 +21,7 @@ class KvEventLog:
 
     def emit(self, kind: str, tier: str, hashes: list[int], parent: int | None = None) -> None:
         self.last_event_id += 1
-        self.events.append(KvEvent(worker_id="", event_id=self.last_event_id, kind=kind, tier=tier,  # type: ignore[arg-type]
+        self.events.append(KvEvent(worker_id="", event_id=self.last_event_id, kind=kind, tier=tier,  # type: ignore[arg-type]  # kind: str from the tier sinks, checked by KvEvent's Literal on decode
                                    seq_hashes=hashes, parent_hash=parent))
 
     def g1_stored(self, hashes: list[int], parent: int | None) -> None:

@@ -12,12 +12,13 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
 from kvrelay.kvbm.events import KvEvent
 from kvrelay.workers.api.errors import EngineError
-from kvrelay.workers.api.messages import EngineStats
+from kvrelay.workers.api.messages import EngineOutput, EngineStats
 from kvrelay.workers.core.commands import Command
 from kvrelay.workers.core.driver import Sink
 from kvrelay.workers.core.engine_core import EngineCore
@@ -94,10 +95,14 @@ class LoopDriver:
                 # Sleep until the modeled end of the step; bookkeeping time counts toward it.
                 await asyncio.sleep(max(0.0, started + wall - loop.time()))
                 outputs = core.complete(scheduled, core.executor.execute(scheduled), modeled)
-                self._finish(lambda d, outputs=outputs: runner.route(outputs, d))
+                self._finish(functools.partial(_route, runner, outputs))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # never leave a request hanging on an engine bug
             error = e
             self._finish(lambda d: runner.step_failed(error, d))
             self._task = None
+
+
+def _route(runner: CoreRunner, outputs: list[EngineOutput], deliveries: Deliveries) -> None:
+    runner.route(outputs, deliveries)

@@ -51,7 +51,7 @@ class OffloadTracker:
         if not batch:
             return None
         self.pool.touch(batch)
-        return [b.block_hash for b in batch], [b.block_id for b in batch]  # type: ignore[misc]
+        return [b.block_hash for b in batch], [b.block_id for b in batch]  # type: ignore[misc]  # block_hash is set: checked just above
 
     def done(self, block_ids: list[int]) -> None:
         blocks = [self._inflight.pop(i) for i in block_ids if i in self._inflight]

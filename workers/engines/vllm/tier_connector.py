@@ -69,7 +69,7 @@ class TierStats(KVConnectorStats):
     """The tiers' cumulative counters: the latest snapshot wins when vLLM aggregates."""
 
     def reset(self) -> None:
-        self.data = {}
+        self.data: dict[str, Any] = {}
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         if other.data:
@@ -124,18 +124,34 @@ class KvrelayTierConnector(KVConnectorBase_V1):
             self._rt = TierRuntime(settings)
             self._worker = TierWorker(self._rt, kv_cache_config.num_blocks)
 
+    # The halves vLLM built this object as (one of them): each call below is only ever made on its own half.
+    @property
+    def _s(self) -> TierScheduler:
+        assert self._sched is not None, "a scheduler-half call on the worker half"
+        return self._sched
+
+    @property
+    def _w(self) -> TierWorker:
+        assert self._worker is not None, "a worker-half call on the scheduler half"
+        return self._worker
+
+    @property
+    def _r(self) -> TierRuntime:
+        assert self._rt is not None, "a worker-half call on the scheduler half"
+        return self._rt
+
     # -- worker half ------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         if not self._off:
             step_tokens = self._vllm_config.scheduler_config.max_num_batched_tokens
-            self._worker.register(kv_caches, step_blocks=-(-step_tokens // self._settings.block_size))
+            self._w.register(kv_caches, step_blocks=-(-step_tokens // self._settings.block_size))
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
-        self._worker.mark_step()  # just before the forward: the prefill clock starts
+        self._w.mark_step()  # just before the forward: the prefill clock starts
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        self._worker.start_loads(self._meta().loads)
+        self._w.start_loads(self._meta().loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are whole requests, finished before vLLM schedules them (async loading)
@@ -145,28 +161,28 @@ class KvrelayTierConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         meta = self._meta()
-        self._worker.observe_step(meta.prompt_tokens)
-        self._worker.save(meta.saves)
+        self._w.observe_step(meta.prompt_tokens)
+        self._w.save(meta.saves)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, self._worker.finished_loads() or None
+        return None, self._w.finished_loads() or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self._worker.take_errors()
+        return self._w.take_errors()
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        if self._worker is None or not self._worker.enabled:
+        if self._worker is None or not self._w.enabled:
             return None
-        return TierStats(data={STATS_KEY: [msgspec.to_builtins(c) for c in self._rt.counters()],
-                               "save_skipped": self._rt.save_skipped, "rows_in_use": self._rt.rows_in_use,
-                               "onboarded": self._rt.onboarded})
+        return TierStats(data={STATS_KEY: [msgspec.to_builtins(c) for c in self._r.counters()],
+                               "save_skipped": self._r.save_skipped, "rows_in_use": self._r.rows_in_use,
+                               "onboarded": self._r.onboarded})
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return TierStats(data=data) if data else None
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        events = self._rt.take_events()
+        events = self._r.take_events()
         return TierEvents(events) if events else None
 
     @classmethod
@@ -176,9 +192,9 @@ class KvrelayTierConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         if self._rt is not None:
-            self._rt.close()
+            self._r.close()
         if self._sched is not None:
-            self._sched.lookups.close()
+            self._s.lookups.close()
 
     def _meta(self) -> TierMetadata:
         meta = self._get_connector_metadata()
@@ -190,16 +206,16 @@ class KvrelayTierConnector(KVConnectorBase_V1):
         if self._off:
             return 0, False
         lora = request.lora_request.lora_name if request.lora_request is not None else ""
-        return self._sched.matched(request.request_id, request.all_token_ids, request.cache_salt or "", lora,
+        return self._s.matched(request.request_id, request.all_token_ids, request.cache_salt or "", lora,
                                    num_computed_tokens)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else ()
-        self._sched.allocated(request.request_id, ids, num_external_tokens)
+        self._s.allocated(request.request_id, ids, num_external_tokens)
 
     def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[Any, int]:
         split: dict[Any, int] = {}
-        for tier, tokens in self._sched.hit_sources(request.request_id).items():
+        for tier, tokens in self._s.hit_sources(request.request_id).items():
             src = _HIT_SOURCES.get(tier, CacheHitSource.EXTERNAL_UNSPECIFIED)
             split[src] = split.get(src, 0) + tokens
         return split if sum(split.values()) == num_external_tokens else super().get_external_cache_hit_sources(
@@ -208,7 +224,7 @@ class KvrelayTierConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         manager, scheduled, prompt_tokens = self._kv_cache_manager, [], 0
         spec = scheduler_output.scheduled_spec_decode_tokens or {}
-        requests = self._sched.live
+        requests = self._s.live
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
             req = None if self._off else requests.get(req_id)
             if req is None:
@@ -218,14 +234,14 @@ class KvrelayTierConnector(KVConnectorBase_V1):
             prompt_tokens += max(0, min(computed + n, req.num_prompt_tokens) - computed)
             scheduled.append((req_id, computed, n, req.all_token_ids,
                               lambda req_id=req_id: manager.get_block_ids(req_id)[0]))
-        loads, saves = self._sched.step(scheduled)
+        loads, saves = self._s.step(scheduled)
         return TierMetadata(loads, saves, prompt_tokens)
 
     def on_new_request(self, request: Any) -> None:
-        self._sched.live[request.request_id] = request
+        self._s.live[request.request_id] = request
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._sched.finished(request.request_id)
+        self._s.finished(request.request_id)
         return False, None
 
     def update_connector_output(self, connector_output: Any) -> None:

@@ -99,8 +99,20 @@ class TierRuntime:
                  self.settings.tiers.onboard)
         return True
 
+    @property
+    def kv(self) -> TieredKv:
+        """The open tiers (only used once `open` returned True)."""
+        assert self.tiered is not None, "tiers used before open()"
+        return self.tiered
+
+    @property
+    def staging(self) -> torch.Tensor:
+        """The staging rows (only used once `open` returned True)."""
+        assert self.rows is not None, "staging rows used before open()"
+        return self.rows
+
     async def _serve_lookups(self) -> None:
-        self._lookups = LookupServer(self.settings.key, self.tiered, self.num_rows)
+        self._lookups = LookupServer(self.settings.key, self.kv, self.num_rows)
 
     def close(self) -> None:
         if self.tiered is not None:

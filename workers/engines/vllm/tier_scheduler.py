@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvrelay.kvbm.hashing import BlockHasher, root_hash
 from kvrelay.workers.engines.vllm.tier_lookup import LookupClient
@@ -71,7 +72,7 @@ class TierScheduler:
     def __init__(self, block_size: int, fingerprint: str, lookups: LookupClient):
         self.block_size, self.fingerprint, self.lookups = block_size, fingerprint, lookups
         self.reqs: dict[str, _Request] = {}
-        self.live: dict[str, object] = {}  # req_id -> vLLM's Request, from admission to finish
+        self.live: dict[str, Any] = {}  # req_id -> vLLM's Request, from admission to finish
         self._loads: list[LoadJob] = []
 
     def _state(self, req_id: str, salt: str, lora: str) -> _Request:

@@ -70,7 +70,7 @@ class TierWorker:
             rows = self.rt.take_rows(len(job.hashes), save=False) if self.enabled else None
             fut = None
             if rows is not None:
-                fut = self.rt.submit(self.rt.tiered.onboard(OnboardPlan(job.hashes, rows, job.tiers)))
+                fut = self.rt.submit(self.rt.kv.onboard(OnboardPlan(job.hashes, rows, job.tiers)))
             self._loads[job.req_id] = (job, rows or [], fut)
 
     def finished_loads(self) -> set[str]:
@@ -89,7 +89,7 @@ class TierWorker:
             n = next((i for i, arrived in enumerate(ok) if not arrived), len(ok))  # the intact prefix
             try:
                 if n:
-                    scatter_layer_pages(self.pages, job.block_ids[:n], self.rt.rows, rows[:n])
+                    scatter_layer_pages(self.pages, job.block_ids[:n], self.rt.staging, rows[:n])
             except Exception:
                 log.exception("copying loaded KV into vLLM's cache failed; recomputing")
                 n = 0
@@ -112,19 +112,19 @@ class TierWorker:
             keep = [i for i, h in enumerate(job.hashes) if h not in self.rt.known]
             if not keep:
                 continue
-            rows = self.rt.take_rows(len(keep), save=True)  # as many as are free: the leading blocks
+            rows = self.rt.take_rows(len(keep), save=True) or []  # as many as are free: the leading blocks
             self.rt.save_skipped += len(keep) - len(rows)
             if not rows:
                 continue
             keep = keep[:len(rows)]
             hashes = [job.hashes[i] for i in keep]
             try:
-                gather_layer_pages(self.pages, [job.block_ids[i] for i in keep], self.rt.rows, rows)
+                gather_layer_pages(self.pages, [job.block_ids[i] for i in keep], self.rt.staging, rows)
             except Exception:
                 log.exception("copying KV out of vLLM's cache failed; blocks not saved")
                 self.rt.give_rows(rows, save=True)
                 continue
-            self.rt.call(self.rt.tiered.offload, hashes, rows, self._saved)
+            self.rt.call(self.rt.kv.offload, hashes, rows, self._saved)
 
     def _saved(self, rows: list[int]) -> None:  # on the tier loop, once every tier has the rows' bytes
         self.rt.give_rows(rows, save=True)
@@ -132,4 +132,4 @@ class TierWorker:
     def observe_step(self, prompt_tokens: int) -> None:
         """The forward that just ran computed `prompt_tokens` prompt tokens: the cost model's prefill speed."""
         if self.enabled and prompt_tokens and self._t0:
-            self.rt.tiered.cost.observe_prefill(prompt_tokens, perf_counter() - self._t0)
+            self.rt.kv.cost.observe_prefill(prompt_tokens, perf_counter() - self._t0)
