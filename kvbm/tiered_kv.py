@@ -9,7 +9,7 @@ Runs on the worker's event loop; the engine thread talks to it only through plan
 Invariants:
 - `done` is called exactly once per offload batch, whatever happens (a missed call leaks G1 pins).
 - An onboard writes only the plan's G1 blocks, and only until `onboard` returns; callers that are
-  cancelled must still await it (see `NativeEngine.generate`), so the engine never reuses a block a
+  cancelled must still await it (`workers/core/kv_sources/tiers_loop.py` `_load`), so the engine never reuses a block a
   tier may still be writing.
 - The hierarchy is inclusive: an offloaded block goes to every tier and each evicts by its own policy;
   dedup by seq_hash makes a repeated offload a recency refresh, and a block onboarded from G3/G4 that is

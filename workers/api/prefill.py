@@ -1,4 +1,4 @@
-"""The prefill -> decode handoff as the worker contract states it (DESIGN.md "Disaggregation"): what a
+"""The prefill -> decode handoff as the worker contract states it (docs/ARCHITECTURE.md "Disaggregation"): what a
 prefill engine returns (`PrefillResult`), how a decode engine gets a handle's blocks (`KvPuller`), and the
 engine-internal finish reason of a prefill whose blocks stay held (`PREFILLED`)."""
 

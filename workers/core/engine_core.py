@@ -199,7 +199,7 @@ class EngineCore:
             outputs.append(seq.take_output())
         return outputs
 
-    # -- KV events (DESIGN.md "Events"), every tier numbered in one log ----------------------------------
+    # -- KV events (docs/ARCHITECTURE.md "Events"), every tier numbered in one log ----------------------------------
     def held_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.seqs[request_id].blocks]
 

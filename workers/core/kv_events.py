@@ -1,4 +1,4 @@
-"""A worker's KV events for every tier, numbered in one place (DESIGN.md "Events").
+"""A worker's KV events for every tier, numbered in one place (docs/ARCHITECTURE.md "Events").
 
 G1 events come from the engine's own pool; G2/G3/G4 events come from the tier stores on the event loop
 and are handed to the engine thread, which numbers them here too. So `event_id` is monotonic across all

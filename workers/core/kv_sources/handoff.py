@@ -1,6 +1,6 @@
 """The prefill -> decode handoff as a KV source (core half): a request that brings a prefill worker's
 `KvHandle` continues from the handle's first token, and its prompt's blocks that G1 does not hold are
-pulled (`PullJob`, run by handoff_loop.py) instead of computed. DESIGN.md "Disaggregation".
+pulled (`PullJob`, run by handoff_loop.py) instead of computed. docs/ARCHITECTURE.md "Disaggregation".
 
 Invariants: a handle is used only if it describes exactly this sequence's prompt under this engine's
 model fingerprint and block size; anything else is recomputed (a wrong pull is never possible: at worst

@@ -47,7 +47,7 @@ class LLMEngine(EngineCore):
         num_blocks = cfg.num_blocks or g1_num_blocks(cfg.kv_cache_bytes, block_bytes, bs)
         log.info("G1 KV pool: %d blocks x %d tokens = %d tokens (%.0f MiB, %.1f KiB per token)", num_blocks,
                  bs, num_blocks * bs, num_blocks * block_bytes / 2**20, block_bytes / bs / 1024)
-        # Block-contiguous layout (DESIGN.md "KV layout"): one block = one contiguous byte range.
+        # Block-contiguous layout (docs/ARCHITECTURE.md "KV layout"): one block = one contiguous byte range.
         shape = (num_blocks, m.num_layers, 2, bs, m.num_kv_heads, m.head_dim)
         if torch.device(cfg.device).type == "cpu":  # 4 KiB-aligned: G3 reads/writes blocks in place (O_DIRECT)
             self.kv_cache = aligned_empty(num_blocks * block_bytes).view(self.dtype).view(shape).zero_()

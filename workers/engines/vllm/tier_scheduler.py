@@ -1,7 +1,7 @@
 """The scheduler half of kvrelay's tier connector under vLLM: which prompt blocks to load from G2/G3/G4,
 and which newly computed blocks to save (tier_connector.py calls it; no vLLM import here).
 
-Block identity is kvrelay's (DESIGN.md "Block identity"): each request's hashes are computed from its
+Block identity is kvrelay's (docs/ARCHITECTURE.md "Block identity"): each request's hashes are computed from its
 tokens, its cache salt and its LoRA name, chained from the engine's fingerprint. So a block stored by
 one vLLM worker is found by another, and by the same worker after a restart (vLLM's own hashes are
 per process and leave the model out).
