@@ -27,10 +27,11 @@ from kvrelay.runtime.rpc import RpcError
 from kvrelay.workers.api.endpoints import ErrorKind
 from kvrelay.workers.api.messages import EngineRequest, ModelCard, SamplingParams
 
-# What a worker's refusal means for the client: its mistake (400), a full queue (503); anything else the
-# engine raised is the server's failure (500), never the client's.
-_REJECTED_STATUS = {ErrorKind.ENGINE_ERROR: 400, ErrorKind.ENGINE_OVERLOADED: 503}
-_REJECTED_TYPE = {400: "invalid_request_error", 503: "service_unavailable_error"}
+# What a worker's refusal means for the client: its mistake (400); anything else the engine raised is the
+# server's failure (500), never the client's. A full queue is `ApiError.server_busy` (429, Retry-After).
+_REJECTED_STATUS = {ErrorKind.ENGINE_ERROR: 400}
+_REJECTED_TYPE = {400: "invalid_request_error"}
+_REJECTED_CODE = {400: "engine_rejected"}
 
 
 @dataclass
@@ -155,10 +156,12 @@ class Pipeline:
         except NoWorker:
             raise ApiError.no_worker(p.model) from None
         except WorkerRejected as e:
+            if e.kind == ErrorKind.ENGINE_OVERLOADED:
+                raise ApiError.server_busy(str(e)) from None
             status = _REJECTED_STATUS.get(e.kind, 500)
-            raise ApiError(status, str(e), type=_REJECTED_TYPE.get(status, "server_error")) from None
+            raise ApiError(status, str(e), type=_REJECTED_TYPE.get(status, "server_error"),
+                           code=_REJECTED_CODE.get(status, "engine_error")) from None
         except RpcError as e:
-            raise ApiError(503, f"The request failed on every worker that tried it: {e}",
-                           type="service_unavailable_error", code="worker_failed") from None
+            raise ApiError.worker_failed(str(e)) from None
         finally:
             self.metrics.e2e.observe(time.monotonic() - start)
