@@ -43,6 +43,7 @@ class TierConfig:
     policy: str = "lru"  # lru | tinylfu, every tier
     offload: Literal["write-back", "write-through"] = "write-back"
     onboard: Literal["cost", "always"] = "cost"  # load a tier hit only if cheaper than recompute, or always
+    retry_s: float = 30.0  # a tier disabled by an I/O error is probed again (half-open) after this long
 
     @property
     def any(self) -> bool:
@@ -101,7 +102,8 @@ async def open_tiers(cfg: TierConfig, block_bytes: int, fingerprint: str,
     if cfg.host_bytes:
         if cfg.host_bytes < block_bytes:
             raise TierConfigError(f"--kv-host-bytes {cfg.host_bytes} holds no block of {block_bytes} bytes")
-        stores.append(HostStore(block_bytes, cfg.host_bytes, policy=cfg.policy, on_event=on_event.get("G2")))
+        stores.append(HostStore(block_bytes, cfg.host_bytes, policy=cfg.policy, on_event=on_event.get("G2"),
+                                retry_after_s=cfg.retry_s))
     if cfg.disk_dir != "off":
         disk = await _open_disk(cfg, block_bytes, fingerprint, on_event.get("G3"))
         if disk is not None:
@@ -109,7 +111,7 @@ async def open_tiers(cfg: TierConfig, block_bytes: int, fingerprint: str,
     if cfg.object_store:
         store = object_store_from_url(cfg.object_store)
         stores.append(ObjectStore(store, fingerprint, block_bytes, cfg.object_bytes, policy=cfg.policy,
-                                  on_event=on_event.get("G4")))
+                                  on_event=on_event.get("G4"), retry_after_s=cfg.retry_s))
     return stores
 
 
@@ -130,7 +132,8 @@ async def _open_disk(cfg: TierConfig, block_bytes: int, fingerprint: str,
         if size < cfg.disk_bytes:
             log.info("KV tier G3: %.2f GiB instead of --kv-disk-bytes %.2f GiB (%.0f%% of %.1f GiB free)",
                      size / 2**30, cfg.disk_bytes / 2**30, 100 * DISK_FREE_SHARE, free / 2**30)
-        store = await DiskStore.open(directory, block_bytes, size, policy=cfg.policy, on_event=on_event)
+        store = await DiskStore.open(directory, block_bytes, size, policy=cfg.policy, on_event=on_event,
+                                     retry_after_s=cfg.retry_s)
         if store.enabled:
             log.info("KV tier G3 at %s (%d blocks, O_DIRECT %s)", directory, store.num_slots, store.direct_io)
             return store

@@ -89,6 +89,8 @@ class KvTierSettings:
         "(write-through)")
     kv_onboard: Literal["cost", "always"] = setting(
         "cost", "load a lower-tier hit only when the measured cost model says it beats recompute, or always")
+    kv_tier_retry_s: float = setting(30.0, "seconds before a tier disabled by an I/O error (S3 down, disk "
+                                     "error) is probed again; a probe that works re-enables it", positive)
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ def tier_config(cfg: WorkerConfig):
     return TierConfig(host_bytes=cfg.kv_host_bytes, disk_dir=cfg.kv_disk_dir, disk_bytes=cfg.kv_disk_bytes,
                       object_store=cfg.kv_object_store, object_bytes=cfg.kv_object_bytes,
                       policy=cfg.kv_tier_policy, offload=cfg.kv_offload,
-                      onboard=cfg.kv_onboard)
+                      onboard=cfg.kv_onboard, retry_s=cfg.kv_tier_retry_s)
 
 
 def resolve_model(cfg: WorkerConfig) -> tuple[str, str]:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import xxhash
 
-from .base import EventCallback
+from .base import RETRY_AFTER_S, EventCallback
 from .disk_index import HEADER_BYTES, RECORD_BYTES, DiskIndex
 from .slots import Item, SlotStore, coalesce
 
@@ -46,14 +46,15 @@ class DiskStore(SlotStore):
 
     def __init__(self, directory: str | os.PathLike[str], block_bytes: int, capacity_bytes: int, *,
                  policy: str = "lru", direct_io: bool = True, on_event: EventCallback | None = None,
-                 io_threads: int = 2, stage_bytes: int = 16 << 20, inline_bytes: int = 0):
+                 io_threads: int = 2, stage_bytes: int = 16 << 20, inline_bytes: int = 0,
+                 retry_after_s: float | None = RETRY_AFTER_S):
         """Opens (or creates) the store; I/O errors leave it disabled with a warning, never raise.
         `await DiskStore.open(...)` does the same on a thread."""
         slot_bytes = -(-max(1, block_bytes) // ALIGN) * ALIGN
         num_slots = max(0, capacity_bytes - 2 * HEADER_BYTES) // (slot_bytes + 3 * RECORD_BYTES)
         self.chunk_blocks = max(1, stage_bytes // slot_bytes)  # one chunk fills one staging buffer
         super().__init__(block_bytes, num_slots, capacity_bytes, policy=policy, on_event=on_event,
-                         inline_bytes=inline_bytes, io_threads=io_threads)
+                         inline_bytes=inline_bytes, io_threads=io_threads, retry_after_s=retry_after_s)
         assert num_slots * slot_bytes + DiskIndex.max_bytes(num_slots) <= capacity_bytes
         self.directory, self.slot_bytes = Path(directory), slot_bytes
         self.direct_io = False
@@ -65,6 +66,7 @@ class DiskStore(SlotStore):
         try:
             self._open(direct_io)
         except OSError as exc:
+            self._health.retry_after_s = None  # never opened: there is nothing to probe
             self._health.fail(f"cannot open {self.directory}: {exc}")
 
     @classmethod

@@ -30,7 +30,7 @@ import obstore
 import torch
 from obstore.exceptions import AlreadyExistsError, NotFoundError
 
-from .base import EventCallback, Health, TierStats, check_batch, emit
+from .base import RETRY_AFTER_S, EventCallback, Health, TierStats, check_batch, emit
 from .object_format import HEADER_BYTES, MAGIC, encode, object_key, verify
 from .policy import make_policy
 from .s3 import s3_store
@@ -44,7 +44,7 @@ class ObjectStore:
 
     def __init__(self, store: Any, fingerprint: str, block_bytes: int, capacity_bytes: int, *,
                  policy: str = "lru", max_concurrency: int = 16, timeout_s: float = 10.0,
-                 retry_after_s: float | None = 30.0, conditional_put: bool = True,
+                 retry_after_s: float | None = RETRY_AFTER_S, conditional_put: bool = True,
                  on_event: EventCallback | None = None):
         self.object_bytes = HEADER_BYTES + block_bytes
         self.max_blocks = capacity_bytes // self.object_bytes
