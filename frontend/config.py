@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+from kvrelay.runtime.auth import read_secret_file
 from kvrelay.runtime.config import non_negative, positive, setting
 
 
@@ -24,7 +25,10 @@ class FrontendConfig:
                                         non_negative)
     migration_limit: int = setting(3, "times a request may move to another worker after its worker died",
                                    non_negative)
-    api_key: str = setting("", "require this bearer token on /v1 requests (empty = no auth)")
+    api_key: str = setting("", "require this bearer token on /v1 requests, /metrics, the planner's control "
+                           "port and the workers' /metrics (empty = no auth; prefer env KVRELAY_API_KEY or "
+                           "--api-key-file: argv is visible to other users)")
+    api_key_file: str = setting("", "read the API key from this file's first line (wins over --api-key)")
     worker_wait: float = setting(0.0, "seconds a request waits for a worker of its model to appear",
                                  non_negative)
     disagg_min_tokens: int = setting(512, "prefill on a prefill worker only when at least this many prompt "
@@ -34,3 +38,9 @@ class FrontendConfig:
                                     "`kvrelay serve --prefill-workers N`)")
     drain_timeout: float = setting(30.0, "on SIGTERM: seconds in-flight streams may take to finish before "
                                    "they are ended with an error event", non_negative)
+
+    def with_key_file(self) -> FrontendConfig:
+        """This config with `api_key` read from `api_key_file` when one is given (ConfigError if unreadable)."""
+        if not self.api_key_file:
+            return self
+        return replace(self, api_key=read_secret_file(self.api_key_file, "--api-key-file"))

@@ -42,7 +42,7 @@ from kvrelay.kvbm.hashing import block_hashes, root_hash
 from kvrelay.runtime.discovery import Discovery, Instance
 from kvrelay.runtime.events import EventPlane
 from kvrelay.runtime.metrics import new_registry
-from kvrelay.runtime.paths import cache_dir
+from kvrelay.runtime.paths import cache_dir, private_dir
 from kvrelay.runtime.rpc import RemoteError, RpcCancelled, RpcClient, RpcConnectionError, RpcStream
 from kvrelay.workers.api.client import WorkerClient
 from kvrelay.workers.api.endpoints import ErrorKind, Role
@@ -199,10 +199,13 @@ class FrontendService:
         digest = xxhash.xxh3_64_hexdigest(msgspec.msgpack.encode(sorted(card.files.items())))
         path = cache_dir() / "model-cards" / f"{card.fingerprint[:32]}-{digest}"
         if not (path / ".complete").exists():
-            path.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent)
+            private_dir(path)
             for name, data in card.files.items():
-                (path / name).write_bytes(data)
-            (path / ".complete").touch()
+                fd = os.open(path / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            (path / ".complete").touch(mode=0o600)
         return path
 
     async def wait_for_model(self, model: str) -> bool:

@@ -84,9 +84,9 @@ def object_store_from_url(url: str):
     if parts.scheme == "file":
         from obstore.store import LocalStore
 
-        path = Path(parts.path)
-        path.mkdir(parents=True, exist_ok=True)
-        return LocalStore(str(path))
+        from kvrelay.runtime.paths import private_dir
+
+        return LocalStore(str(private_dir(Path(parts.path))))  # KV blocks: owner only
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     endpoint = query.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL")
     prefix = parts.path.strip("/")

@@ -139,7 +139,7 @@ class Worker:
         labels = {"fingerprint": fingerprint, "engine": self.cfg.engine, "pid": str(os.getpid()),
                   "max_num_seqs": str(self.cfg.max_num_seqs)}  # the planner's capacity per worker
         if self.cfg.metrics_port >= 0:
-            self.metrics = MetricsServer(self.engine, self.instance_id)
+            self.metrics = MetricsServer(self.engine, self.instance_id, api_key=self.cfg.metrics_api_key)
             port = self.metrics.start(self.cfg.host, self.cfg.metrics_port)
             labels["metrics"] = f"{self.cfg.advertise_host or self.cfg.host}:{port}"
         self.instance = Instance(

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import xxhash
 
+from kvrelay.runtime.paths import private_dir
+
 from .base import RETRY_AFTER_S, EventCallback
 from .disk_index import HEADER_BYTES, RECORD_BYTES, DiskIndex
 from .slots import Item, SlotStore, coalesce
@@ -74,16 +76,21 @@ class DiskStore(SlotStore):
         return await asyncio.to_thread(cls, *args, **kwargs)
 
     def _open(self, want_direct: bool) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        # Private: the blocks are other users' prompts (0600 files in a 0700 directory, also when an
+        # older version left them readable).
+        private_dir(self.directory.parent)
+        private_dir(self.directory)
+        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        os.fchmod(self._lock_fd, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OSError(errno.EBUSY, "directory in use by another G3 store") from None
         entries, matched = self._index.open()
         path, size = self.directory / "blocks.dat", self.num_slots * self.slot_bytes
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            os.fchmod(fd, 0o600)
             if not matched or os.fstat(fd).st_size != size:
                 entries = {}
                 self._index.log_free(list(self._index.entries))

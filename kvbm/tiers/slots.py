@@ -15,7 +15,9 @@ from typing import TypeVar
 
 import torch
 
-from .base import RETRY_AFTER_S, EventCallback, Health, TierStats, check_batch, emit
+from kvrelay.runtime.log import Throttled
+
+from .base import RETRY_AFTER_S, EventCallback, Health, TierStats, check_batch, emit, log
 from .policy import make_policy
 from .slot_table import Item, SlotTable, coalesce
 
@@ -35,6 +37,7 @@ class SlotStore:
         self._slots = SlotTable(num_slots, make_policy(policy, num_slots))
         self._stats = TierStats(tier=self.tier, capacity_bytes=capacity_bytes)
         self._health = Health(self.tier, retry_after_s)
+        self._corrupt_log = Throttled(log)  # a failing disk can fail thousands of checksums a second
         self.on_event = on_event
         self._inline_bytes = inline_bytes
         self._executor = ThreadPoolExecutor(io_threads, thread_name_prefix=f"kvrelay-{self.tier}")
@@ -230,5 +233,8 @@ class SlotStore:
                         bad_slots.append(slot)
             self._slots.unpin(slot)
         self._forget(bad_slots)
+        if bad:
+            self._corrupt_log.warning("checksum", "KV tier %s: %d block(s) failed their checksum (dropped, "
+                                      "recomputed; %d in all)", self.tier, len(bad), st.checksum_failures)
         st.removals += len(bad)
         emit(self.on_event, "removed", bad)

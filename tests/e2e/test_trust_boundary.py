@@ -50,8 +50,10 @@ def listeners(pid: int) -> list[str]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     # KVRELAY_INTERNAL_TOKEN empty: serve generates the token; this test never learns it.
-    srv = Serve(tmp_path_factory.mktemp("trust"), "--prefill-workers", "1", "--decode-workers", "1",
-                "--kv-disk-dir", "off", "--api-key", "k3y", workers=None,
+    tmp = tmp_path_factory.mktemp("trust")
+    (tmp / "api-key").write_text("k3y\n")  # --api-key-file: the key is in neither argv nor the environment
+    srv = Serve(tmp, "--prefill-workers", "1", "--decode-workers", "1",
+                "--kv-disk-dir", "off", "--api-key-file", str(tmp / "api-key"), workers=None,
                 env={"KVRELAY_INTERNAL_TOKEN": ""}).start()
     yield srv
     assert srv.stop() == 0
@@ -92,3 +94,16 @@ def test_ready_and_metrics_detail_need_the_api_key(served):
     assert httpx.get(f"{base}/metrics").status_code == 401
     metrics = httpx.get(f"{base}/metrics", headers=KEY)
     assert metrics.status_code == 200 and "kvrelay_frontend" in metrics.text
+
+
+def test_worker_metrics_need_the_api_key(served):
+    """Issue 29: a worker's /metrics (per-worker load and cache detail) honours the deployment's key."""
+    insts = asyncio.run(instances(served.discovery_dir))
+    assert len(insts) == 2
+    for inst in insts:
+        url = f"http://{inst.labels['metrics']}/metrics"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"authorization": "Bearer nope"}).status_code == 401
+        r = httpx.get(url, headers=KEY)
+        assert r.status_code == 200 and "kvrelay_worker_running" in r.text, r.text[:300]
+    assert not any(b"k3y" in open(f"/proc/{pid}/cmdline", "rb").read() for pid in served.children())
