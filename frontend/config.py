@@ -29,6 +29,11 @@ class FrontendConfig:
                            "port and the workers' /metrics (empty = no auth; prefer env KVRELAY_API_KEY or "
                            "--api-key-file: argv is visible to other users)")
     api_key_file: str = setting("", "read the API key from this file's first line (wins over --api-key)")
+    # 30 s: engine steps take milliseconds on a GPU and well under 30 s on CPU (a full 2,048-token chunk);
+    # a request queued at a busy worker is not a stall: that worker keeps reporting load (stream_watch.py).
+    worker_stall_timeout: float = setting(30.0, "seconds without output on a worker stream, from a worker that "
+                                          "also stopped reporting load, after which the worker counts as "
+                                          "failed and the request moves to another", positive)
     worker_wait: float = setting(0.0, "seconds a request waits for a worker of its model to appear",
                                  non_negative)
     disagg_min_tokens: int = setting(512, "prefill on a prefill worker only when at least this many prompt "

@@ -8,6 +8,9 @@ Invariants:
 - A worker whose connection breaks mid-stream is suspended from routing at once; the request
   continues on another worker from prompt + tokens generated so far, up to `migration_limit` times,
   and the caller sees one uninterrupted stream of outputs.
+- A worker that stops answering without closing its connection is a failure too (stream_watch.py):
+  its streams fail at once when it leaves discovery, or after `--worker-stall-timeout` without output
+  from a worker that also stopped reporting load; the request then migrates as above.
 - Disaggregated (prefill workers up): the decode worker is picked by load, the prompt may be
   prefilled remotely (remote_prefill.py) and the first token is streamed before the decode worker
   pulls the KV. A handle whose decode attempt ends without finishing is released at once.
@@ -36,6 +39,7 @@ from kvrelay.frontend.kv_index import KvIndex
 from kvrelay.frontend.peer_load import PeerLoad
 from kvrelay.frontend.remote_prefill import PREFILL_ROLES, RemotePrefill
 from kvrelay.frontend.router import RouteRequest, WorkerState, decision_histogram, make_router
+from kvrelay.frontend.stream_watch import StreamWatch
 from kvrelay.frontend.worker_pool import WorkerPool
 from kvrelay.kvbm.events import KvSnapshot, LoadMetrics, load_subject
 from kvrelay.kvbm.hashing import block_hashes, root_hash
@@ -86,9 +90,11 @@ class FrontendService:
         self.router = make_router(cfg.router_mode, index=self.index, histogram=hist,
                                   **(kv_opts if cfg.router_mode == "kv" else {}))
         self.decode_router = make_router("least-loaded", histogram=hist, label="decode")
+        self.watch = StreamWatch(cfg.worker_stall_timeout, self._reports_load)
+        self.pool.on_removed.append(self.watch.worker_left)
         self.remote = RemotePrefill(self.pool, self.workers, make_router("kv", index=self.index, histogram=hist,
                                                                      label="prefill", **kv_opts),
-                                    cfg.disagg_min_tokens, self._state, self.registry, SUSPEND_S)
+                                    cfg.disagg_min_tokens, self._state, self.registry, SUSPEND_S, self.watch)
         # Other frontends of the deployment (more HTTP processes, replicas): their in-flight load counts too.
         self.frontend_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.peer_load = PeerLoad(events, cfg.namespace, self.frontend_id,
@@ -116,6 +122,7 @@ class FrontendService:
         self._tasks.append(asyncio.create_task(self._consume_load(load_sub)))
         await self.peer_load.start()
         await self.pool.start()
+        self.watch.start()
         await self.sync_workers(SYNC_WAIT_S)
 
     async def sync_workers(self, timeout: float) -> bool:
@@ -131,12 +138,18 @@ class FrontendService:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.watch.close()
         await self.peer_load.close()
         await self.remote.close()
         await self.kv_events.close()
         await self.pool.close()
         await self.rpc.close()
         await self.events.close()
+
+    def _reports_load(self, worker_id: str) -> bool:
+        """Whether the worker published load recently (a live worker does every --load-interval)."""
+        load = self.pool.load.get(worker_id)
+        return load is not None and time.time() - load.timestamp <= LOAD_STALE_S
 
     def _own_inflight(self) -> int:
         """In flight from this frontend (the routers also hold the other frontends' requests)."""
@@ -268,7 +281,8 @@ class FrontendService:
                         return
                     handle = reply.handle
                     attempt = msgspec.structs.replace(attempt, kv_handle=handle)
-                async with self.workers.generate(inst.address, attempt) as stream:
+                async with self.workers.generate(inst.address, attempt) as stream, \
+                        self.watch.watching(inst.instance_id, stream):
                     async for out in stream:
                         out = _merge_backlog(out, stream)
                         generated += out.token_ids

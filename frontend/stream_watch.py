@@ -1,0 +1,97 @@
+"""Watching the worker streams in flight: a worker that stops answering without closing its connection
+(SIGSTOP, a hung host, a network partition) must not hold its requests (issue 29: a frozen decode worker
+held its streams 15 s beside a healthy one).
+
+A watched stream is failed with `RpcConnectionError`, which the caller treats like a lost connection
+(suspend the worker, migrate the request or try the next prefill worker):
+- at once, when its worker leaves discovery (lease expired, deregistered);
+- when it received nothing for `stall_s` seconds and its worker shows no sign of life (no load report
+  for LOAD_STALE_S: a live worker publishes one every 0.5 s, a frozen one none), or for
+  `HUNG_FACTOR * stall_s` seconds whatever the reports say (an engine hung behind a live event loop).
+A request waiting in a busy worker's queue produces no frame for a while but its worker keeps
+reporting load: that is not a stall.
+
+Invariant: a stream is watched exactly while its caller iterates it (`watching` adds and removes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from kvrelay.runtime.rpc import RpcConnectionError, RpcStream
+
+log = logging.getLogger(__name__)
+
+HUNG_FACTOR = 4  # no frame for this many stall timeouts fails a stream even when its worker reports load
+
+
+class _Watched:
+    __slots__ = ("last_count", "last_progress")
+
+    def __init__(self, now: float):
+        self.last_count, self.last_progress = 0, now
+
+
+class StreamWatch:
+    def __init__(self, stall_s: float, alive: Callable[[str], bool]):
+        """`alive(worker_id)`: whether the worker reported load recently."""
+        self.stall_s, self.alive = stall_s, alive
+        self._streams: dict[str, dict[RpcStream, _Watched]] = {}
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._check_loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @contextlib.asynccontextmanager
+    async def watching(self, worker_id: str, stream: RpcStream) -> AsyncIterator[RpcStream]:
+        streams = self._streams.setdefault(worker_id, {})
+        streams[stream] = _Watched(time.monotonic())
+        try:
+            yield stream
+        finally:
+            streams.pop(stream, None)
+            if not streams:
+                self._streams.pop(worker_id, None)
+
+    def worker_left(self, worker_id: str) -> None:
+        """Discovery removed the worker: fail its streams now (their requests move elsewhere)."""
+        streams = self._streams.get(worker_id)
+        if not streams:
+            return
+        log.warning("worker %s left discovery with %d stream(s) in flight; moving them", worker_id, len(streams))
+        for stream in list(streams):
+            stream.fail(RpcConnectionError(f"worker {worker_id} left discovery"))
+
+    def check(self, now: float) -> None:
+        for worker_id, streams in list(self._streams.items()):
+            alive = None
+            for stream, w in list(streams.items()):
+                if stream.received != w.last_count:
+                    w.last_count, w.last_progress = stream.received, now
+                    continue
+                quiet = now - w.last_progress
+                if quiet < self.stall_s:
+                    continue
+                if alive is None:
+                    alive = self.alive(worker_id)
+                if alive and quiet < HUNG_FACTOR * self.stall_s:
+                    continue  # queued or slow behind a worker that is evidently running
+                log.warning("worker %s sent nothing for %.0f s on a stream (%s); treating it as failed",
+                            worker_id, quiet, "load reports continue" if alive else "no load report either")
+                stream.fail(RpcConnectionError(f"worker {worker_id} sent nothing for {quiet:.0f} s"))
+
+    async def _check_loop(self) -> None:
+        period = max(0.05, min(1.0, self.stall_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            self.check(time.monotonic())
