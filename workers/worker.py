@@ -129,7 +129,7 @@ class Worker:
         self.server.add_endpoint(Endpoint.MODEL_CARD, self._model_card, Empty)
         self.server.add_endpoint(Endpoint.TRANSFER_STATS, self._transfer_stats, Empty)
         if self.cfg.role == Role.PREFILL:
-            self.leases = PrefillLeases(self.engine.abort, self.cfg.kv_lease_s)
+            self.leases = PrefillLeases(self.engine.abort, self.cfg.kv_lease_s, token=self.internal_token)
             self.server.add_endpoint(Endpoint.PREFILL, self._prefill, EngineRequest)
             self.server.add_endpoint(Endpoint.RELEASE, self._release, ReleaseRequest)
         await self._start_transfer()
@@ -146,7 +146,9 @@ class Worker:
             namespace=self.cfg.namespace, component=self.cfg.component, instance_id=self.instance_id,
             address=f"{self.cfg.advertise_host or self.cfg.host}:{self.server.port}", role=self.cfg.role,
             model=self.model_name, block_size=layout.block_size, kv_capacity_blocks=layout.num_blocks,
-            transfer_metadata=self.transfer.metadata() if self.transfer is not None else b"",
+            # Not published: NIXL agent metadata lets its holder read and write this worker's KV pool, so it
+            # travels only in prefill handles, over token-authenticated RPC (transfer/README.md "Trust").
+            transfer_metadata=b"",
             labels=labels,
         )
         self._tasks.append(asyncio.create_task(self._publish_load()))
@@ -220,7 +222,7 @@ class Worker:
             log.info("KV transfer: %s", self.transfer.kind)
         if self.cfg.role == Role.DECODE:
             if self.transfer is not None:
-                self.puller = TransferPuller(self.transfer, self.peers)
+                self.puller = TransferPuller(self.transfer, self.peers, token=self.internal_token)
             else:  # the mocker: a simulated link
                 self.puller = SimulatedPuller(self.engine.simulated_transfer_seconds, self.peers)
             self.engine.set_kv_puller(self.puller)
