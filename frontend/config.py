@@ -34,8 +34,11 @@ class FrontendConfig:
     worker_stall_timeout: float = setting(30.0, "seconds without output on a worker stream, from a worker that "
                                           "also stopped reporting load, after which the worker counts as "
                                           "failed and the request moves to another", positive)
-    worker_wait: float = setting(0.0, "seconds a request waits for a worker of its model to appear",
-                                 non_negative)
+    # 15 s: a restarted worker of a role (kvrelay serve's supervisor: a few seconds for the mocker, ~6 s for
+    # the native engine with a small model) is back within it; requests wait instead of failing meanwhile.
+    worker_wait: float = setting(15.0, "seconds a request waits for a worker of its model (of the needed role) "
+                                 "to appear, e.g. while the only one restarts; at most 1,024 requests wait, "
+                                 "the rest get 503 no_worker at once (0 = fail at once)", non_negative)
     disagg_min_tokens: int = setting(512, "prefill on a prefill worker only when at least this many prompt "
                                      "tokens are not cached on the decode worker", non_negative)
     max_request_bytes: int = setting(8 << 20, "largest accepted HTTP body", positive)

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 LOAD_STALE_S = 5.0
 SUSPEND_S = 30.0  # how long a worker whose connection broke is kept out of routing
 SYNC_WAIT_S = 10.0  # how long start() waits for the pool to hold the workers discovery listed
+MAX_WAITING_FOR_WORKER = 1024  # requests waiting (--worker-wait) for a worker at once; more fail at once
 
 
 def _merge_backlog(out: EngineOutput, stream: RpcStream) -> EngineOutput:
@@ -105,6 +106,7 @@ class FrontendService:
         self.cards: dict[str, ModelCard] = {}
         self._card_locks: dict[str, asyncio.Lock] = {}
         self._tasks: list[asyncio.Task] = []
+        self.waiting_for_worker = 0  # requests in wait_for_workers now (bounded by MAX_WAITING_FOR_WORKER)
         self.migrations = Counter("kvrelay_frontend_migrations", "requests moved to another worker mid-stream",
                                   registry=self.registry)
         # Read at scrape time: what the router holds, so a leak shows on a dashboard, not in an OOM.
@@ -222,9 +224,22 @@ class FrontendService:
         return path
 
     async def wait_for_model(self, model: str) -> bool:
-        if self.pool.workers(model):
+        return await self.wait_for_workers(lambda: bool(self.pool.workers(model)))
+
+    async def wait_for_workers(self, ready, timeout: float | None = None) -> bool:
+        """Wait up to `--worker-wait` (or `timeout`) until `ready()`: a request that arrives, or must
+        move, while the only worker of its role restarts is queued here, not failed. Bounded: beyond
+        MAX_WAITING_FOR_WORKER waiting requests, False at once."""
+        if ready():
             return True
-        return await self.pool.wait_for(lambda: bool(self.pool.workers(model)), self.cfg.worker_wait)
+        timeout = self.cfg.worker_wait if timeout is None else timeout
+        if timeout <= 0 or self.waiting_for_worker >= MAX_WAITING_FOR_WORKER:
+            return False
+        self.waiting_for_worker += 1
+        try:
+            return await self.pool.wait_for(ready, timeout)
+        finally:
+            self.waiting_for_worker -= 1
 
     # -- generation -------------------------------------------------------------------------------------
     def _state(self, inst: Instance, now: float) -> WorkerState:
@@ -240,8 +255,13 @@ class FrontendService:
         excluded: set[str] = set()
         migrations = 0
         root = root_hash(card.fingerprint, request.cache_salt)
+        wait_until = time.monotonic() + self.cfg.worker_wait  # one --worker-wait per request, not per attempt
         while True:
             workers = [w for w in self.pool.workers(model) if w.instance_id not in excluded]
+            if not workers and await self.wait_for_workers(
+                    lambda: any(w.instance_id not in excluded for w in self.pool.workers(model)),
+                    max(0.0, wait_until - time.monotonic())):
+                continue  # a worker (e.g. the restarted one) is back: route to it
             if not workers:
                 raise NoWorker(f"no worker serves model {model!r}" if not excluded
                                else f"every worker of {model!r} failed during the request")
