@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from kvrelay.runtime.rpc import RpcConnectionError, RpcStream
 
@@ -34,6 +34,27 @@ class _Watched:
 
     def __init__(self, now: float):
         self.last_count, self.last_progress = 0, now
+
+
+class _Watching:
+    __slots__ = ("streams", "worker_id", "stream")
+
+    def __init__(self, by_worker: dict[str, dict[RpcStream, _Watched]], worker_id: str, stream: RpcStream):
+        self.streams, self.worker_id, self.stream = by_worker, worker_id, stream
+
+    async def __aenter__(self) -> RpcStream:
+        streams = self.streams.get(self.worker_id)
+        if streams is None:
+            streams = self.streams[self.worker_id] = {}
+        streams[self.stream] = _Watched(time.monotonic())
+        return self.stream
+
+    async def __aexit__(self, *exc: object) -> None:
+        streams = self.streams.get(self.worker_id)
+        if streams is not None:
+            streams.pop(self.stream, None)
+            if not streams:
+                del self.streams[self.worker_id]
 
 
 class StreamWatch:
@@ -52,16 +73,10 @@ class StreamWatch:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    @contextlib.asynccontextmanager
-    async def watching(self, worker_id: str, stream: RpcStream) -> AsyncIterator[RpcStream]:
-        streams = self._streams.setdefault(worker_id, {})
-        streams[stream] = _Watched(time.monotonic())
-        try:
-            yield stream
-        finally:
-            streams.pop(stream, None)
-            if not streams:
-                self._streams.pop(worker_id, None)
+    def watching(self, worker_id: str, stream: RpcStream) -> _Watching:
+        """`async with watch.watching(worker_id, stream):` around iterating the stream (a plain object, not
+        a generator-based context manager: this is on every request's path)."""
+        return _Watching(self._streams, worker_id, stream)
 
     def worker_left(self, worker_id: str) -> None:
         """Discovery removed the worker: fail its streams now (their requests move elsewhere)."""
