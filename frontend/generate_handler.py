@@ -127,6 +127,8 @@ class GenerateHandler:
         except StopAsyncIteration:
             chunks += [sse(c) for c in builder.tail()]
         except ApiError as e:
+            if e.code is None:  # after the 200 the code is all a client can branch on: never null
+                e = ApiError(e.status, e.message, e.type, e.param, code="request_failed")
             chunks.append(sse(e))
             status = e.status
         except asyncio.CancelledError:

@@ -68,3 +68,30 @@ def test_refusals_are_statuses_with_retry_after(tmp_path):
         assert _requests_total(metrics) == {str(s): float(n) for s, n in seen.items()}, metrics
     finally:
         srv.stop()
+
+
+def test_a_stream_failing_after_its_200_has_a_code_and_is_counted_as_failed(tmp_path):
+    """An error after the first byte can only be an SSE event: it carries a non-null `code`, and the
+    request is counted under the error's status, not the 200 that was already sent."""
+    import os
+    import signal
+
+    srv = Serve(tmp_path, "--engine", "mocker", "--migration-limit", "0", "--worker-wait", "0", workers=1).start()
+    try:
+        (worker,) = srv.children()
+        body = {"model": MODEL, "prompt": "cut", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream("POST", f"{srv.base_url}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 3:
+                        os.kill(worker, signal.SIGKILL)  # mid-stream, with nowhere to migrate
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "worker_failed", error
+        metrics = httpx.get(f"{srv.base_url}/metrics").text
+        assert _requests_total(metrics) == {"503": 1.0}, metrics
+    finally:
+        srv.stop()
