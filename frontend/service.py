@@ -91,7 +91,7 @@ class FrontendService:
         self.router = make_router(cfg.router_mode, index=self.index, histogram=hist,
                                   **(kv_opts if cfg.router_mode == "kv" else {}))
         self.decode_router = make_router("least-loaded", histogram=hist, label="decode")
-        self.watch = StreamWatch(cfg.worker_stall_timeout, self._reports_load)
+        self.watch = StreamWatch(cfg.worker_stall_timeout, self._reports_load, self._has_alternative)
         self.pool.on_removed.append(self.watch.worker_left)
         self.remote = RemotePrefill(self.pool, self.workers, make_router("kv", index=self.index, histogram=hist,
                                                                      label="prefill", **kv_opts),
@@ -149,9 +149,22 @@ class FrontendService:
         await self.events.close()
 
     def _reports_load(self, worker_id: str) -> bool:
-        """Whether the worker published load recently (a live worker does every --load-interval)."""
+        """Whether the worker published load recently (a live worker does every --load-interval). Only
+        evidence while other workers' reports do arrive: with none fresh from anyone, the event plane (or
+        this process) is what stalled, and every worker counts as alive."""
+        now = time.time()
+        if now - max((m.timestamp for m in self.pool.load.values()), default=0.0) > LOAD_STALE_S:
+            return True
         load = self.pool.load.get(worker_id)
-        return load is not None and time.time() - load.timestamp <= LOAD_STALE_S
+        return load is not None and now - load.timestamp <= LOAD_STALE_S
+
+    def _has_alternative(self, worker_id: str) -> bool:
+        """Whether a request on this worker could go elsewhere now: a prefill worker's always can (local
+        prefill), a decode/aggregated worker's only to another routable worker of its model."""
+        inst = self.pool.instances.get(worker_id)
+        if inst is None or inst.role == Role.PREFILL:
+            return True
+        return any(w.instance_id != worker_id for w in self.pool.workers(inst.model))
 
     def _own_inflight(self) -> int:
         """In flight from this frontend (the routers also hold the other frontends' requests)."""

@@ -5,9 +5,13 @@ held its streams 15 s beside a healthy one).
 A watched stream is failed with `RpcConnectionError`, which the caller treats like a lost connection
 (suspend the worker, migrate the request or try the next prefill worker):
 - at once, when its worker leaves discovery (lease expired, deregistered);
-- when it received nothing for `stall_s` seconds and its worker shows no sign of life (no load report
-  for LOAD_STALE_S: a live worker publishes one every 0.5 s, a frozen one none), or for
-  `HUNG_FACTOR * stall_s` seconds whatever the reports say (an engine hung behind a live event loop).
+- when it received nothing for `stall_s` seconds, its worker shows no sign of life (no load report
+  for LOAD_STALE_S while other workers' reports arrive: a live worker publishes one every 0.5 s, a
+  frozen one none) and the request has somewhere else to go (another routable worker of the role; for
+  a prefill worker always: local prefill), or for `HUNG_FACTOR * stall_s` seconds whatever the reports
+  say (an engine hung behind a live event loop: the client gets an error rather than a hang).
+Time this process itself was stalled (its event loop blocked, the machine starved) is not held against
+a worker: a check that runs late moves every stream's last-progress time forward by its lateness.
 A request waiting in a busy worker's queue produces no frame for a while but its worker keeps
 reporting load: that is not a stall.
 
@@ -58,11 +62,14 @@ class _Watching:
 
 
 class StreamWatch:
-    def __init__(self, stall_s: float, alive: Callable[[str], bool]):
-        """`alive(worker_id)`: whether the worker reported load recently."""
-        self.stall_s, self.alive = stall_s, alive
+    def __init__(self, stall_s: float, alive: Callable[[str], bool], elsewhere: Callable[[str], bool]):
+        """`alive(worker_id)`: whether the worker reported load recently; `elsewhere(worker_id)`: whether
+        its requests could go somewhere else now (a stall of the last worker standing is waited out: a
+        starved machine can look like a frozen worker)."""
+        self.stall_s, self.alive, self.elsewhere = stall_s, alive, elsewhere
         self._streams: dict[str, dict[RpcStream, _Watched]] = {}
         self._task: asyncio.Task | None = None
+        self.period = max(0.05, min(1.0, stall_s / 4))  # between checks
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._check_loop())
@@ -85,12 +92,15 @@ class StreamWatch:
             return
         log.warning("worker %s left discovery with %d stream(s) in flight; moving them", worker_id, len(streams))
         for stream in list(streams):
+            del streams[stream]
             stream.fail(RpcConnectionError(f"worker {worker_id} left discovery"))
 
-    def check(self, now: float) -> None:
+    def check(self, now: float, late: float = 0.0) -> None:
+        """`late`: how much later than planned this check runs (this process was stalled meanwhile)."""
         for worker_id, streams in list(self._streams.items()):
             alive = None
             for stream, w in list(streams.items()):
+                w.last_progress += late
                 if stream.received != w.last_count:
                     w.last_count, w.last_progress = stream.received, now
                     continue
@@ -98,15 +108,18 @@ class StreamWatch:
                 if quiet < self.stall_s:
                     continue
                 if alive is None:
-                    alive = self.alive(worker_id)
+                    alive = self.alive(worker_id) or not self.elsewhere(worker_id)
                 if alive and quiet < HUNG_FACTOR * self.stall_s:
-                    continue  # queued or slow behind a worker that is evidently running
+                    continue  # queued or slow behind a worker that is evidently running, or nowhere to go
                 log.warning("worker %s sent nothing for %.0f s on a stream (%s); treating it as failed",
                             worker_id, quiet, "load reports continue" if alive else "no load report either")
+                del streams[stream]  # failed once; its caller's exit finds it gone
                 stream.fail(RpcConnectionError(f"worker {worker_id} sent nothing for {quiet:.0f} s"))
 
     async def _check_loop(self) -> None:
-        period = max(0.05, min(1.0, self.stall_s / 4))
         while True:
-            await asyncio.sleep(period)
-            self.check(time.monotonic())
+            planned = time.monotonic() + self.period
+            await asyncio.sleep(self.period)
+            now = time.monotonic()
+            late = now - planned
+            self.check(now, late if late > 0.25 else 0.0)  # small jitter is not a stall
