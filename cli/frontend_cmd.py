@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    fe, disc, ev = build(FrontendConfig, args), build(DiscoveryConfig, args), build(EventsConfig, args)
+    fe, disc, ev = build(FrontendConfig, args).with_key_file(), build(DiscoveryConfig, args), build(EventsConfig, args)
     token = build(InternalAuthConfig, args).token()
     n = http_workers.count(args, ev.events)
     if disc.discovery == "mem":

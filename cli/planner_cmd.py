@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import httpx
@@ -44,9 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(func=_run)
     status = cmds.add_parser("status", help="current and desired counts and the last decisions of a planner")
     status.add_argument("--url", required=True, help="the planner's control URL (printed as PLANNER ...)")
+    _key_flag(status)
     status.set_defaults(func=_status)
     setp = cmds.add_parser("set", help="change targets or bounds of a running planner")
     setp.add_argument("--url", required=True)
+    _key_flag(setp)
     for name in _SET_FIELDS:
         setp.add_argument("--" + name.replace("_", "-"), dest=name, type=float if "target" in name else int)
     setp.set_defaults(func=_set)
@@ -71,6 +74,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _timing_flags(prof)
     prof.set_defaults(func=_profile)
     p.set_defaults(func=lambda _args: (p.print_help(), 2)[1])
+
+
+def _key_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--planner-api-key", default=os.environ.get("KVRELAY_PLANNER_API_KEY", ""),
+                   help="the planner's API key (default: env KVRELAY_PLANNER_API_KEY; argv is visible to other users)")
 
 
 def _timing(args: argparse.Namespace):
@@ -204,10 +212,11 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _control(url: str, method: str, body: dict | None = None) -> int:
+def _control(url: str, method: str, key: str, body: dict | None = None) -> int:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
     try:
         r = httpx.request(method, f"{url.rstrip('/')}/{'set' if body is not None else 'status'}", json=body,
-                          timeout=10)
+                          headers=headers, timeout=10)
     except httpx.HTTPError as e:
         sys.stderr.write(f"kvrelay planner: error: cannot reach {url}: {e}\n")
         return 1
@@ -221,11 +230,11 @@ def _control(url: str, method: str, body: dict | None = None) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    return _control(args.url, "GET")
+    return _control(args.url, "GET", args.planner_api_key)
 
 
 def _set(args: argparse.Namespace) -> int:
     changes = {n: getattr(args, n) for n in _SET_FIELDS if getattr(args, n) is not None}
     if not changes:
         raise ConfigError("set: give at least one of " + ", ".join("--" + n.replace("_", "-") for n in _SET_FIELDS))
-    return _control(args.url, "POST", changes)
+    return _control(args.url, "POST", args.planner_api_key, changes)

@@ -41,6 +41,7 @@ from kvrelay.workers.config import SERVE_GROUPS, WorkerConfig
 log = logging.getLogger("kvrelay.serve")
 
 # Worker settings `serve` passes through (whole groups); the rest (host, port, role, ...) it decides itself.
+METRICS_KEY_ENV = "KVRELAY_METRICS_API_KEY"  # the workers' /metrics key: the deployment's --api-key, never in argv
 _WORKER_PASSTHROUGH = tuple(f.name for group in SERVE_GROUPS for f in dataclasses.fields(group))
 
 
@@ -93,7 +94,7 @@ def _roles(args: argparse.Namespace) -> list[str]:
 def _run(args: argparse.Namespace) -> int:
     vllm_spellings.apply_model_positional(args)
     roles = _roles(args)
-    fe, disc, ev = build(FrontendConfig, args), build(DiscoveryConfig, args), build(EventsConfig, args)
+    fe, disc, ev = build(FrontendConfig, args).with_key_file(), build(DiscoveryConfig, args), build(EventsConfig, args)
     if "prefill" in roles:  # the operator asked for the disaggregated shape: ready means all of it is up
         fe = replace(fe, require_prefill=True)
     wk = build(WorkerConfig, args)
@@ -194,7 +195,8 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
         loop.add_signal_handler(sig, http_workers.on_signal, server, extra, stop)
     try:
         children = [Child(f"{role}-{i}", [*_worker_argv(wk, disc, ev, fe), "--role", role],
-                          {**child_env(threads), TOKEN_ENV: token, **_engine_env(wk, i, n)})
+                          {**child_env(threads), TOKEN_ENV: token, **_engine_env(wk, i, n),
+                           **({METRICS_KEY_ENV: fe.api_key} if fe.api_key else {})})
                     for i, role in enumerate(roles)]
         if planner is not None:  # the planner's local connector owns the workers instead of the supervisor
             from kvrelay.cli.serve_planner import start_planned_workers

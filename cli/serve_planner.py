@@ -46,7 +46,8 @@ async def start_planned_workers(roles: list[str], children: list[Child], planner
     async def run() -> None:
         while not server.port:  # noqa: ASYNC110 - the frontend starts concurrently; port is its only signal
             await asyncio.sleep(0.05)
-        planner_cfg = cfg if cfg.frontend_api_key else dataclasses.replace(cfg, frontend_api_key=fe.api_key)
+        planner_cfg = dataclasses.replace(cfg, frontend_api_key=cfg.frontend_api_key or fe.api_key,
+                                          planner_api_key=cfg.planner_api_key or fe.api_key)
         try:
             await serve_planner(planner_cfg, policy, discovery, fe.namespace, connector, stop,
                                 frontend_urls=[f"http://{fe.http_host}:{server.port}"])

@@ -46,7 +46,8 @@ ACCEPT_WAIT_S = 30.0  # the longest an extra HTTP process waits for every model 
 
 
 def _error(e: ApiError) -> Response:
-    return Response(e.body(), status_code=e.status, media_type="application/json")
+    headers = {k.decode(): v.decode() for k, v in e.headers() if k != b"content-type"}
+    return Response(e.body(), status_code=e.status, media_type="application/json", headers=headers)
 
 
 class FrontendServer:

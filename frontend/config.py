@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+from kvrelay.runtime.auth import read_secret_file
 from kvrelay.runtime.config import non_negative, positive, setting
 
 
@@ -24,9 +25,20 @@ class FrontendConfig:
                                         non_negative)
     migration_limit: int = setting(3, "times a request may move to another worker after its worker died",
                                    non_negative)
-    api_key: str = setting("", "require this bearer token on /v1 requests (empty = no auth)")
-    worker_wait: float = setting(0.0, "seconds a request waits for a worker of its model to appear",
-                                 non_negative)
+    api_key: str = setting("", "require this bearer token on /v1 requests, /metrics, the planner's control "
+                           "port and the workers' /metrics (empty = no auth; prefer env KVRELAY_API_KEY or "
+                           "--api-key-file: argv is visible to other users)")
+    api_key_file: str = setting("", "read the API key from this file's first line (wins over --api-key)")
+    # 30 s: engine steps take milliseconds on a GPU and well under 30 s on CPU (a full 2,048-token chunk);
+    # a request queued at a busy worker is not a stall: that worker keeps reporting load (stream_watch.py).
+    worker_stall_timeout: float = setting(30.0, "seconds without output on a worker stream, from a worker that "
+                                          "also stopped reporting load, after which the worker counts as "
+                                          "failed and the request moves to another", positive)
+    # 15 s: a restarted worker of a role (kvrelay serve's supervisor: a few seconds for the mocker, ~6 s for
+    # the native engine with a small model) is back within it; requests wait instead of failing meanwhile.
+    worker_wait: float = setting(15.0, "seconds a request waits for a worker of its model (of the needed role) "
+                                 "to appear, e.g. while the only one restarts; at most 1,024 requests wait, "
+                                 "the rest get 503 no_worker at once (0 = fail at once)", non_negative)
     disagg_min_tokens: int = setting(512, "prefill on a prefill worker only when at least this many prompt "
                                      "tokens are not cached on the decode worker", non_negative)
     max_request_bytes: int = setting(8 << 20, "largest accepted HTTP body", positive)
@@ -36,3 +48,9 @@ class FrontendConfig:
                                "tokens, TTFT, total time; never prompt text); probes at DEBUG")
     drain_timeout: float = setting(30.0, "on SIGTERM: seconds in-flight streams may take to finish before "
                                    "they are ended with an error event", non_negative)
+
+    def with_key_file(self) -> FrontendConfig:
+        """This config with `api_key` read from `api_key_file` when one is given (ConfigError if unreadable)."""
+        if not self.api_key_file:
+            return self
+        return replace(self, api_key=read_secret_file(self.api_key_file, "--api-key-file"))

@@ -92,27 +92,61 @@ class GenerateHandler:
         return await _until_disconnect(work, receive, self._work)
 
     async def _stream(self, send: Callable, prepared, builder: ResponseBuilder) -> int:
+        """Status before streaming: the first output (the request routed, admitted by a worker and
+        prefilled) is awaited before the 200 goes out, so a refusal (full queues, no worker, draining) is
+        its own status with `Retry-After`, never an error event inside a 200. An error after the first
+        byte ends the stream with an SSE error event (always with a `code`) and is counted under its
+        own status: the 200 was sent, but the request failed."""
+        pieces = self.pipeline.run(prepared)
+        try:
+            first = await pieces.__anext__()
+        except ApiError as e:
+            return await _send_error(send, e)
+        except StopAsyncIteration:  # the pipeline always ends with a finished piece; defensive
+            log.error("request %s: the pipeline ended without output", prepared.request.request_id)
+            return await _send_error(send, ApiError.internal())
+        except asyncio.CancelledError:
+            if not self.expired:
+                raise
+            return await _send_error(send, _DRAINING)
+        except Exception:
+            log.exception("unexpected error before streaming")
+            return await _send_error(send, ApiError.internal())
         await send({"type": "http.response.start", "status": 200, "headers": _SSE})
         chunks = [sse(c) for c in builder.head()]
+        status = 200
         try:
-            async for piece in self.pipeline.run(prepared):
+            piece = first
+            while True:
                 chunks.append(builder.sse(piece))
-                if piece.finish_reason is None:  # the last piece goes out with the tail: one write
-                    await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
-                    chunks = []
+                if piece.finish_reason is not None:
+                    break
+                # the last piece goes out with the tail: one write
+                await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
+                chunks = []
+                piece = await pieces.__anext__()
+            chunks += [sse(c) for c in builder.tail()]
+        except StopAsyncIteration:
             chunks += [sse(c) for c in builder.tail()]
         except ApiError as e:
+            if e.code is None:  # after the 200 the code is all a client can branch on: never null
+                e = ApiError(e.status, e.message, e.type, e.param, code="request_failed")
             chunks.append(sse(e))
+            status = e.status
         except asyncio.CancelledError:
             if not self.expired:
                 raise
             chunks.append(sse(_DRAINING))  # ended by the drain timeout: the client learns why
+            status = _DRAINING.status
         except Exception:
             log.exception("unexpected error while streaming")
             chunks.append(sse(ApiError.internal()))
+            status = 500
+        finally:
+            await pieces.aclose()
         chunks.append(SSE_DONE)
         await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": False})
-        return 200
+        return status
 
     async def _whole(self, send: Callable, prepared, builder: ResponseBuilder) -> int:
         try:
@@ -152,11 +186,11 @@ class GenerateHandler:
 
 
 _DRAINING = ApiError(503, "The server is shutting down; retry on another instance.",
-                     type="service_unavailable_error", code="draining")
+                     type="service_unavailable_error", code="draining", retry_after=1)
 
 
 async def _send_error(send: Callable, e: ApiError) -> int:
-    await send({"type": "http.response.start", "status": e.status, "headers": _JSON})
+    await send({"type": "http.response.start", "status": e.status, "headers": e.headers()})
     await send({"type": "http.response.body", "body": e.body(), "more_body": False})
     return e.status
 

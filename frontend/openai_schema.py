@@ -27,11 +27,26 @@ TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]
 # -- errors ---------------------------------------------------------------------------------------
 
 
+# Seconds a client is told to wait (`Retry-After`) before retrying a refused request: a full queue drains
+# within about a second of steps; a missing worker needs a restart (the supervisor's restart takes seconds).
+RETRY_BUSY_S = 1
+RETRY_NO_WORKER_S = 5
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, retry_after: int | None = None) -> None:
+        """`retry_after`: seconds for a `Retry-After` header (set on every 429 and 503 the server sends)."""
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The response headers of this error: JSON, and `Retry-After` when the client should retry."""
+        out = [(b"content-type", b"application/json")]
+        if self.retry_after is not None:
+            out.append((b"retry-after", str(self.retry_after).encode()))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -54,7 +69,18 @@ class ApiError(Exception):
     @classmethod
     def no_worker(cls, model: str) -> ApiError:
         return cls(503, f"No worker is serving model `{model}` right now; retry later.",
-                   type="service_unavailable_error", code="no_worker")
+                   type="service_unavailable_error", code="no_worker", retry_after=RETRY_NO_WORKER_S)
+
+    @classmethod
+    def server_busy(cls, message: str) -> ApiError:
+        """Every worker that could serve the request has its waiting queue full (`--max-waiting`)."""
+        return cls(429, f"The server is busy: {message}", type="rate_limit_error", code="server_busy",
+                   retry_after=RETRY_BUSY_S)
+
+    @classmethod
+    def worker_failed(cls, detail: str) -> ApiError:
+        return cls(503, f"The request failed on every worker that tried it: {detail}",
+                   type="service_unavailable_error", code="worker_failed", retry_after=RETRY_BUSY_S)
 
     @classmethod
     def context_length_exceeded(cls, max_len: int, prompt_tokens: int, max_tokens: int | None,
@@ -67,7 +93,7 @@ class ApiError(Exception):
 
     @classmethod
     def internal(cls, message: str = "Internal server error.") -> ApiError:
-        return cls(500, message, type="internal_error")
+        return cls(500, message, type="internal_error", code="internal_error")
 
 
 # -- requests -------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ whose details stay in the server log.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from kvrelay.frontend.detokenizer import IncrementalDetokenizer
@@ -27,10 +27,11 @@ from kvrelay.runtime.rpc import RpcError
 from kvrelay.workers.api.endpoints import ErrorKind
 from kvrelay.workers.api.messages import EngineRequest, ModelCard, SamplingParams
 
-# What a worker's refusal means for the client: its mistake (400), a full queue (503); anything else the
-# engine raised is the server's failure (500), never the client's.
-_REJECTED_STATUS: dict[str, int] = {ErrorKind.ENGINE_ERROR: 400, ErrorKind.ENGINE_OVERLOADED: 503}
-_REJECTED_TYPE = {400: "invalid_request_error", 503: "service_unavailable_error"}
+# What a worker's refusal means for the client: its mistake (400); anything else the engine raised is the
+# server's failure (500), never the client's. A full queue is `ApiError.server_busy` (429, Retry-After).
+_REJECTED_STATUS: dict[str, int] = {ErrorKind.ENGINE_ERROR: 400}
+_REJECTED_TYPE = {400: "invalid_request_error"}
+_REJECTED_CODE = {400: "engine_rejected"}
 
 
 @dataclass
@@ -118,7 +119,7 @@ class Pipeline:
         return Prepared(req.model, card, tok, engine_req, req.stop_list, req.skip_special_tokens,
                         arrival if arrival is not None else time.monotonic())
 
-    async def run(self, p: Prepared) -> AsyncIterator[Piece]:
+    async def run(self, p: Prepared) -> AsyncGenerator[Piece, None]:
         """Stream the response; the last piece has finish_reason. Raises ApiError on failure."""
         detok = IncrementalDetokenizer(p.tokenizer, p.request.prompt_token_ids,
                                        skip_special_tokens=p.skip_special_tokens, stop=p.stops)
@@ -157,10 +158,12 @@ class Pipeline:
         except NoWorker:
             raise ApiError.no_worker(p.model) from None
         except WorkerRejected as e:
+            if e.kind == ErrorKind.ENGINE_OVERLOADED:
+                raise ApiError.server_busy(str(e)) from None
             status = _REJECTED_STATUS.get(e.kind, 500)
-            raise ApiError(status, str(e), type=_REJECTED_TYPE.get(status, "server_error")) from None
+            raise ApiError(status, str(e), type=_REJECTED_TYPE.get(status, "server_error"),
+                           code=_REJECTED_CODE.get(status, "engine_error")) from None
         except RpcError as e:
-            raise ApiError(503, f"The request failed on every worker that tried it: {e}",
-                           type="service_unavailable_error", code="worker_failed") from None
+            raise ApiError.worker_failed(str(e)) from None
         finally:
             self.metrics.e2e.observe(time.monotonic() - start)

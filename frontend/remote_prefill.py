@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from kvrelay.frontend.errors import WorkerRejected
 from kvrelay.frontend.router import BaseRouter, RouteRequest, WorkerState
+from kvrelay.frontend.stream_watch import StreamWatch
 from kvrelay.frontend.worker_pool import WorkerPool
 from kvrelay.runtime.discovery import Instance
 from kvrelay.runtime.rpc import RemoteError, RpcCancelled, RpcConnectionError
@@ -37,8 +38,9 @@ PREFILL_ROLES = (Role.PREFILL,)
 class RemotePrefill:
     def __init__(self, pool: WorkerPool, workers: WorkerClient, router: BaseRouter, min_tokens: int,
                  state: Callable[[Instance, float], WorkerState], registry: CollectorRegistry,
-                 suspend_s: float):
+                 suspend_s: float, watch: StreamWatch):
         self.pool, self.workers, self.router, self.min_tokens = pool, workers, router, min_tokens
+        self.watch = watch  # a frozen prefill worker fails its stream (then: the next one, or local)
         self._state, self._suspend_s = state, suspend_s
         self._releaser = HandleReleaser(workers)
         self.prefills = Counter("kvrelay_frontend_prefills", "prefills by where they ran: local (on the "
@@ -67,7 +69,8 @@ class RemotePrefill:
             inst = self.pool.instances[decision.worker_id]
             try:
                 reply = None
-                async with self.workers.prefill(inst.address, request) as stream:
+                async with self.workers.prefill(inst.address, request) as stream, \
+                        self.watch.watching(inst.instance_id, stream):
                     async for item in stream:  # read to the end: leaving early would cancel the lease
                         reply = item
                 if reply is None:

@@ -8,6 +8,9 @@ Invariants:
 - A worker whose connection breaks mid-stream is suspended from routing at once; the request
   continues on another worker from prompt + tokens generated so far, up to `migration_limit` times,
   and the caller sees one uninterrupted stream of outputs.
+- A worker that stops answering without closing its connection is a failure too (stream_watch.py):
+  its streams fail at once when it leaves discovery, or after `--worker-stall-timeout` without output
+  from a worker that also stopped reporting load; the request then migrates as above.
 - Disaggregated (prefill workers up): the decode worker is picked by load, the prompt may be
   prefilled remotely (remote_prefill.py) and the first token is streamed before the decode worker
   pulls the KV. A handle whose decode attempt ends without finishing is released at once.
@@ -38,13 +41,14 @@ from kvrelay.frontend.kv_index import KvIndex
 from kvrelay.frontend.peer_load import PeerLoad
 from kvrelay.frontend.remote_prefill import PREFILL_ROLES, RemotePrefill
 from kvrelay.frontend.router import RouteRequest, WorkerState, decision_histogram, make_router
+from kvrelay.frontend.stream_watch import StreamWatch
 from kvrelay.frontend.worker_pool import WorkerPool
 from kvrelay.kvbm.events import KvSnapshot, LoadMetrics, load_subject
 from kvrelay.kvbm.hashing import block_hashes, root_hash
 from kvrelay.runtime.discovery import Discovery, Instance
 from kvrelay.runtime.events import EventPlane
 from kvrelay.runtime.metrics import new_registry
-from kvrelay.runtime.paths import cache_dir
+from kvrelay.runtime.paths import cache_dir, private_dir
 from kvrelay.runtime.rpc import RemoteError, RpcCancelled, RpcClient, RpcConnectionError, RpcStream
 from kvrelay.workers.api.client import WorkerClient
 from kvrelay.workers.api.endpoints import ErrorKind, Role
@@ -55,6 +59,7 @@ log = logging.getLogger(__name__)
 LOAD_STALE_S = 5.0
 SUSPEND_S = 30.0  # how long a worker whose connection broke is kept out of routing
 SYNC_WAIT_S = 10.0  # how long start() waits for the pool to hold the workers discovery listed
+MAX_WAITING_FOR_WORKER = 1024  # requests waiting (--worker-wait) for a worker at once; more fail at once
 
 
 def _merge_backlog(out: EngineOutput, stream: RpcStream) -> EngineOutput:
@@ -88,9 +93,11 @@ class FrontendService:
         self.router = make_router(cfg.router_mode, index=self.index, histogram=hist,
                                   **(kv_opts if cfg.router_mode == "kv" else {}))
         self.decode_router = make_router("least-loaded", histogram=hist, label="decode")
+        self.watch = StreamWatch(cfg.worker_stall_timeout, self._reports_load, self._has_alternative)
+        self.pool.on_removed.append(self.watch.worker_left)
         self.remote = RemotePrefill(self.pool, self.workers, make_router("kv", index=self.index, histogram=hist,
                                                                      label="prefill", **kv_opts),
-                                    cfg.disagg_min_tokens, self._state, self.registry, SUSPEND_S)
+                                    cfg.disagg_min_tokens, self._state, self.registry, SUSPEND_S, self.watch)
         # Other frontends of the deployment (more HTTP processes, replicas): their in-flight load counts too.
         self.frontend_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.peer_load = PeerLoad(events, cfg.namespace, self.frontend_id,
@@ -101,6 +108,7 @@ class FrontendService:
         self.cards: dict[str, ModelCard] = {}
         self._card_locks: dict[str, asyncio.Lock] = {}
         self._tasks: list[asyncio.Task] = []
+        self.waiting_for_worker = 0  # requests in wait_for_workers now (bounded by MAX_WAITING_FOR_WORKER)
         self.migrations = Counter("kvrelay_frontend_migrations", "requests moved to another worker mid-stream",
                                   registry=self.registry)
         # Read at scrape time: what the router holds, so a leak shows on a dashboard, not in an OOM.
@@ -118,6 +126,7 @@ class FrontendService:
         self._tasks.append(asyncio.create_task(self._consume_load(load_sub)))
         await self.peer_load.start()
         await self.pool.start()
+        self.watch.start()
         await self.sync_workers(SYNC_WAIT_S)
 
     async def sync_workers(self, timeout: float) -> bool:
@@ -133,12 +142,31 @@ class FrontendService:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.watch.close()
         await self.peer_load.close()
         await self.remote.close()
         await self.kv_events.close()
         await self.pool.close()
         await self.rpc.close()
         await self.events.close()
+
+    def _reports_load(self, worker_id: str) -> bool:
+        """Whether the worker published load recently (a live worker does every --load-interval). Only
+        evidence while other workers' reports do arrive: with none fresh from anyone, the event plane (or
+        this process) is what stalled, and every worker counts as alive."""
+        now = time.time()
+        if now - max((m.timestamp for m in self.pool.load.values()), default=0.0) > LOAD_STALE_S:
+            return True
+        load = self.pool.load.get(worker_id)
+        return load is not None and now - load.timestamp <= LOAD_STALE_S
+
+    def _has_alternative(self, worker_id: str) -> bool:
+        """Whether a request on this worker could go elsewhere now: a prefill worker's always can (local
+        prefill), a decode/aggregated worker's only to another routable worker of its model."""
+        inst = self.pool.instances.get(worker_id)
+        if inst is None or inst.role == Role.PREFILL:
+            return True
+        return any(w.instance_id != worker_id for w in self.pool.workers(inst.model))
 
     def _own_inflight(self) -> int:
         """In flight from this frontend (the routers also hold the other frontends' requests)."""
@@ -201,16 +229,32 @@ class FrontendService:
         digest = xxhash.xxh3_64_hexdigest(msgspec.msgpack.encode(sorted(card.files.items())))
         path = cache_dir() / "model-cards" / f"{card.fingerprint[:32]}-{digest}"
         if not (path / ".complete").exists():
-            path.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent)
+            private_dir(path)
             for name, data in card.files.items():
-                (path / name).write_bytes(data)
-            (path / ".complete").touch()
+                fd = os.open(path / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            (path / ".complete").touch(mode=0o600)
         return path
 
     async def wait_for_model(self, model: str) -> bool:
-        if self.pool.workers(model):
+        return await self.wait_for_workers(lambda: bool(self.pool.workers(model)))
+
+    async def wait_for_workers(self, ready, timeout: float | None = None) -> bool:
+        """Wait up to `--worker-wait` (or `timeout`) until `ready()`: a request that arrives, or must
+        move, while the only worker of its role restarts is queued here, not failed. Bounded: beyond
+        MAX_WAITING_FOR_WORKER waiting requests, False at once."""
+        if ready():
             return True
-        return await self.pool.wait_for(lambda: bool(self.pool.workers(model)), self.cfg.worker_wait)
+        timeout = self.cfg.worker_wait if timeout is None else timeout
+        if timeout <= 0 or self.waiting_for_worker >= MAX_WAITING_FOR_WORKER:
+            return False
+        self.waiting_for_worker += 1
+        try:
+            return await self.pool.wait_for(ready, timeout)
+        finally:
+            self.waiting_for_worker -= 1
 
     # -- generation -------------------------------------------------------------------------------------
     def _state(self, inst: Instance, now: float) -> WorkerState:
@@ -226,8 +270,13 @@ class FrontendService:
         excluded: set[str] = set()
         migrations = 0
         root = root_hash(card.fingerprint, request.cache_salt)
+        wait_until = time.monotonic() + self.cfg.worker_wait  # one --worker-wait per request, not per attempt
         while True:
             workers = [w for w in self.pool.workers(model) if w.instance_id not in excluded]
+            if not workers and await self.wait_for_workers(
+                    lambda: any(w.instance_id not in excluded for w in self.pool.workers(model)),
+                    max(0.0, wait_until - time.monotonic())):
+                continue  # a worker (e.g. the restarted one) is back: route to it
             if not workers:
                 raise NoWorker(f"no worker serves model {model!r}" if not excluded
                                else f"every worker of {model!r} failed during the request")
@@ -267,7 +316,8 @@ class FrontendService:
                         return
                     handle = reply.handle
                     attempt = msgspec.structs.replace(attempt, kv_handle=handle)
-                async with self.workers.generate(inst.address, attempt) as stream:
+                async with self.workers.generate(inst.address, attempt) as stream, \
+                        self.watch.watching(inst.instance_id, stream):
                     async for out in stream:
                         out = _merge_backlog(out, stream)
                         generated += out.token_ids

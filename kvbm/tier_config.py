@@ -46,6 +46,7 @@ class TierConfig:
     policy: str = "lru"  # lru | tinylfu, every tier
     offload: Literal["write-back", "write-through"] = "write-back"
     onboard: Literal["cost", "always"] = "cost"  # load a tier hit only if cheaper than recompute, or always
+    retry_s: float = 30.0  # a tier disabled by an I/O error is probed again (half-open) after this long
 
     @property
     def any(self) -> bool:
@@ -86,9 +87,9 @@ def object_store_from_url(url: str):
     if parts.scheme == "file":
         from obstore.store import LocalStore
 
-        path = Path(parts.path)
-        path.mkdir(parents=True, exist_ok=True)
-        return LocalStore(str(path))
+        from kvrelay.runtime.paths import private_dir
+
+        return LocalStore(str(private_dir(Path(parts.path))))  # KV blocks: owner only
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     endpoint = query.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL")
     prefix = parts.path.strip("/")
@@ -104,7 +105,8 @@ async def open_tiers(cfg: TierConfig, block_bytes: int, fingerprint: str,
     if cfg.host_bytes:
         if cfg.host_bytes < block_bytes:
             raise TierConfigError(f"--kv-host-bytes {cfg.host_bytes} holds no block of {block_bytes} bytes")
-        stores.append(HostStore(block_bytes, cfg.host_bytes, policy=cfg.policy, on_event=on_event.get("G2")))
+        stores.append(HostStore(block_bytes, cfg.host_bytes, policy=cfg.policy, on_event=on_event.get("G2"),
+                                retry_after_s=cfg.retry_s))
     if cfg.disk_dir != "off":
         disk = await _open_disk(cfg, block_bytes, fingerprint, on_event.get("G3"))
         if disk is not None:
@@ -112,7 +114,7 @@ async def open_tiers(cfg: TierConfig, block_bytes: int, fingerprint: str,
     if cfg.object_store:
         store = object_store_from_url(cfg.object_store)
         stores.append(ObjectStore(store, fingerprint, block_bytes, cfg.object_bytes, policy=cfg.policy,
-                                  on_event=on_event.get("G4")))
+                                  on_event=on_event.get("G4"), retry_after_s=cfg.retry_s))
     return stores
 
 
@@ -134,7 +136,7 @@ async def _open_disk(cfg: TierConfig, block_bytes: int, fingerprint: str,
             log.info("KV tier G3: %.2f GiB instead of --kv-disk-bytes %.2f GiB (%.0f%% of %.1f GiB free)",
                      size / 2**30, cfg.disk_bytes / 2**30, 100 * DISK_FREE_SHARE, free / 2**30)
         store = await DiskStore.open(directory, block_bytes, size, policy=cfg.policy, on_event=on_event,
-                                     remove_if_empty=True)
+                                     remove_if_empty=True, retry_after_s=cfg.retry_s)
         if store.enabled:
             log.info("KV tier G3 at %s: up to %.2f GiB (%d blocks), grows as blocks are written; "
                      "holds %.1f MiB now (O_DIRECT %s)", directory, size / 2**30, store.num_slots,

@@ -102,9 +102,7 @@ class TieredKv:
         faster tier nor G1 (`in_g1`, a hint) has, in order, stopping at its first miss: one HEAD, then
         batches of 8, so a prompt nobody stored costs one request, not one per block."""
         found: list[str | None] = [None] * len(hashes)
-        for store in self.stores:
-            if not store.enabled:
-                continue
+        for store in self.stores:  # a disabled store answers at once, or lets its half-open probe through
             todo = [i for i, t in enumerate(found) if t is None and not (in_g1 is not None and in_g1(hashes[i]))]
             if not todo:
                 break
@@ -169,7 +167,7 @@ class TieredKv:
 
     async def _offload(self, hashes: list[int], block_ids: list[int], done: Callable[[list[int]], None]) -> None:
         try:
-            await asyncio.gather(*(self._put(s, hashes, block_ids) for s in self.stores if s.enabled))
+            await asyncio.gather(*(self._put(s, hashes, block_ids) for s in self.stores))  # disabled: probe
         except Exception:
             log.exception("KV offload failed; blocks stay only in G1")
         finally:

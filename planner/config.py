@@ -36,6 +36,9 @@ class PlannerConfig:
     prometheus_url: str = setting("", "read the same series from this Prometheus server instead of /metrics")
     frontend_api_key: str = setting("", "bearer key for the frontends' /metrics when they run with --api-key "
                                     "(prefer env KVRELAY_FRONTEND_API_KEY: argv is visible to other users)")
+    planner_api_key: str = setting("", "bearer key required on the planner's /status, /set and /metrics (empty: "
+                                   "`kvrelay serve` uses its --api-key; prefer env KVRELAY_PLANNER_API_KEY: "
+                                   "argv is visible to other users)")
     planner_host: str = setting("127.0.0.1", "status/set/metrics HTTP listen address")
     planner_port: int = setting(0, "status/set/metrics HTTP port (0 = any free port, -1 = off)", _port)
     k8s_namespace: str = setting("default", "kubernetes: namespace of the Deployments")

@@ -155,7 +155,8 @@ class Observer:
             return None
         for w in workers:
             if w.metrics_address:
-                await scrape_url(self.client, f"http://{w.metrics_address}/metrics", scrape)
+                # the deployment's API key guards the workers' /metrics too (kvrelay serve --api-key)
+                await scrape_url(self.client, f"http://{w.metrics_address}/metrics", scrape, self.frontend_api_key)
         return scrape
 
     async def next(self) -> Observation | None:

@@ -28,6 +28,9 @@ class Policy:
         if kind is PolicyKind.SLA and profile is None:
             raise ValueError("the sla policy needs a profile (kvrelay planner profile)")
         self.kind, self.bounds = kind, bounds
+        # The configured bounds are the ceiling `update` may never raise: a caller of `/set` can narrow
+        # the pools or the budget, not start more workers than the operator configured.
+        self.ceiling = bounds
         self.load, self.sla, self.profile = load or LoadConfig(), sla or SlaConfig(), profile
         self.load_state = LoadState()
         self.sla_state = SlaState.new(self.sla.predictor)
@@ -63,7 +66,16 @@ class Policy:
                     load, sla = replace(load, itl_target=seconds), replace(sla, itl_target=seconds)
             else:
                 raise ValueError(f"unknown setting {name!r}")
-        problem = bounds.check()
+        problem = bounds.check() or self._above_ceiling(bounds)
         if problem:
             raise ValueError(problem)
         self.bounds, self.load, self.sla = bounds, load, sla
+
+    def _above_ceiling(self, bounds: Bounds) -> str | None:
+        for name in ("max_prefill", "max_decode", "budget"):
+            value, limit = getattr(bounds, name), getattr(self.ceiling, name)
+            if value > limit:
+                return f"{name}: {value} is above the configured {limit} (--{name.replace('_', '-')})"
+        if bounds.max_decode < 1 <= self.ceiling.max_decode:
+            return "max_decode: must stay >= 1 (no decode worker serves no request)"
+        return None

@@ -62,11 +62,13 @@ async def serve_planner(cfg: PlannerConfig, policy: Policy, discovery: Discovery
                       scale_timeout=cfg.scale_timeout, dry_run=cfg.dry_run)
     control = None
     if cfg.planner_port >= 0:
-        control = ControlServer(planner, registry, cfg.planner_host, cfg.planner_port)
+        control = ControlServer(planner, registry, cfg.planner_host, cfg.planner_port, api_key=cfg.planner_api_key)
         port = await control.start()
         print(f"PLANNER http://{cfg.planner_host}:{port}", flush=True)  # noqa: T201 - for tools and tests
-    log.info("planner: policy %s, connector %s, interval %.1fs, bounds %s%s", policy.kind.value, connector.kind,
-             cfg.planner_interval, policy.bounds, " (dry run)" if cfg.dry_run else "")
+    log.info("planner: policy %s, connector %s, interval %.1fs, bounds %s%s%s", policy.kind.value, connector.kind,
+             cfg.planner_interval, policy.bounds, " (dry run)" if cfg.dry_run else "",
+             "" if cfg.planner_api_key or control is None else
+             "; the control endpoint has NO API key (--planner-api-key): anyone reaching it can scale")
     try:
         await planner.run(stop)
     finally:

@@ -28,14 +28,20 @@ class InternalAuthConfig:
     def token(self) -> str:
         if not self.internal_token_file:
             return self.internal_token
-        try:
-            lines = Path(self.internal_token_file).read_text().splitlines()
-        except OSError as e:
-            raise ConfigError(f"--internal-token-file: {e.strerror}: {self.internal_token_file}") from None
-        token = lines[0].strip() if lines else ""
-        if not token:
-            raise ConfigError(f"--internal-token-file: {self.internal_token_file} is empty")
-        return token
+        return read_secret_file(self.internal_token_file, "--internal-token-file")
+
+
+def read_secret_file(path: str, flag: str) -> str:
+    """The secret on `path`'s first line (a Kubernetes Secret mounted as a file); ConfigError naming
+    `flag` when it cannot be read or is empty."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"{flag}: {e.strerror}: {path}") from None
+    secret = lines[0].strip() if lines else ""
+    if not secret:
+        raise ConfigError(f"{flag}: {path} is empty")
+    return secret
 
 
 def new_token() -> str:

@@ -5,7 +5,7 @@ Life cycle of an engine in a worker:
     engine = make_transfer_engine("auto", instance_id)        # kvrelay.transfer.factory
     engine.register_pool("g1", kv_cache, layout.block_bytes)   # once per pool, never per request
     await engine.start()                                       # TCP: starts its block server
-    Instance(..., transfer_metadata=engine.metadata())         # published through discovery
+    KvHandle(..., transfer_metadata=engine.metadata())         # over token-authenticated RPC only
     ...
     engine.add_peer(prefill_id, handle.transfer_metadata)      # idempotent for the same metadata
     await engine.read(prefill_id, "g1", remote_ids, "g1", local_ids, notify=b"pulled:<req>")

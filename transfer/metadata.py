@@ -1,7 +1,8 @@
 """What a peer needs to move blocks to or from this engine: the wire form of `TransferEngine.metadata()`.
 
-Published through discovery as `Instance.transfer_metadata` (docs/ARCHITECTURE.md "Discovery") and carried in the
-disaggregation handle. msgpack via `kvrelay.runtime.wire`; never pickle.
+Carried in the disaggregation handle over token-authenticated RPC only, never published in discovery:
+it lets its holder read and write the engine's pools (README.md "Trust"). msgpack via
+`kvrelay.runtime.wire`; never pickle.
 """
 
 from __future__ import annotations

@@ -39,6 +39,8 @@ class ProcessSettings:
     advertise_host: str = setting("", "address peers use to reach this worker (default: --host)")
     metrics_port: int = setting(0, "Prometheus /metrics port (0 = any free port, published in discovery "
                                 "as label 'metrics'; -1 = off)", _metrics_port)
+    metrics_api_key: str = setting("", "bearer key required on /metrics (empty = open; kvrelay serve passes its "
+                                   "--api-key; prefer env KVRELAY_METRICS_API_KEY: argv is visible to others)")
     load_interval: float = setting(0.5, "seconds between load-metric publications", positive)
     drain_timeout: float = setting(30.0, "on SIGTERM: seconds requests in flight may take to finish after "
                                    "the worker left discovery (the rest fail over to other workers)", non_negative)
@@ -104,6 +106,8 @@ class KvTierSettings:
         "(write-through)")
     kv_onboard: Literal["cost", "always"] = setting(
         "cost", "load a lower-tier hit only when the measured cost model says it beats recompute, or always")
+    kv_tier_retry_s: float = setting(30.0, "seconds before a tier disabled by an I/O error (S3 down, disk "
+                                     "error) is probed again; a probe that works re-enables it", positive)
 
 
 @dataclass(frozen=True)

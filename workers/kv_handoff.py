@@ -5,6 +5,11 @@ Prefill role: `PrefillLeases` pins each handle's blocks until the decode worker 
 Decode role: a `KvPuller` copies a handle's blocks into blocks the engine allocated: `TransferPuller`
 over the worker's transfer engine (NIXL, or the TCP fallback), `SimulatedPuller` for the mocker.
 
+Trust (transfer/README.md "Trust"): a handle's transfer metadata reaches a decode worker only through
+token-authenticated RPC (it is not in discovery), and the `RELEASE` notification carries an HMAC of the
+request id under the internal token: a release from an agent that does not hold the token is refused
+(counted, logged), so nobody can free another request's blocks by notification.
+
 Invariants:
 - Every handle is freed exactly once on the prefill worker: pulled, released, or expired.
 - A lease outlives any pull that can still be writing: the decode side gives a read at most half the
@@ -15,17 +20,40 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, runtime_checkable
 
+from kvrelay.runtime.log import Throttled
 from kvrelay.workers.api.client import WorkerClient
 from kvrelay.workers.api.handle_release import HandleReleaser
 from kvrelay.workers.api.messages import KvHandle
 
 log = logging.getLogger(__name__)
 
-RELEASE = b"kvrelay.release:"  # + request id: "the decode side is done with this handle's blocks"
+RELEASE = b"kvrelay.release:"  # + request id + b"|" + MAC: "the decode side is done with this handle's blocks"
+
+
+def _mac(token: str, request_id: bytes) -> bytes:
+    return hmac.new(token.encode(), RELEASE + request_id, hashlib.sha256).hexdigest()[:32].encode()
+
+
+def release_note(request_id: str, token: str) -> bytes:
+    """The notification that frees a handle's lease, proven with the internal token (no MAC without one)."""
+    rid = request_id.encode()
+    return RELEASE + rid + b"|" + (_mac(token, rid) if token else b"")
+
+
+def parse_release(message: bytes, token: str) -> str | None:
+    """The request id of a genuine release notification; None for anything else (or a forged MAC)."""
+    if not message.startswith(RELEASE):
+        return None
+    rid, _, mac = message[len(RELEASE):].rpartition(b"|")
+    if token and not hmac.compare_digest(mac, _mac(token, rid)):
+        return None
+    return rid.decode(errors="replace")
 
 
 def pull_timeout(handle: KvHandle) -> float:
@@ -35,8 +63,10 @@ def pull_timeout(handle: KvHandle) -> float:
 class PrefillLeases:
     """Held prefill handles: request id -> expiry timer. `free(request_id)` frees the engine's blocks."""
 
-    def __init__(self, free: Callable[[str], Coroutine[Any, Any, None]], lease_s: float):
-        self._free, self.lease_s = free, lease_s
+    def __init__(self, free: Callable[[str], Coroutine[Any, Any, None]], lease_s: float, token: str = ""):
+        self._free, self.lease_s, self._token = free, lease_s, token
+        self.refused = 0  # notifications that did not prove the internal token
+        self._refusal_log = Throttled(log)
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
         self.released = {"pulled": 0, "released": 0, "expired": 0, "cancelled": 0}
@@ -66,8 +96,13 @@ class PrefillLeases:
         """Release handles as the decode side's notifications arrive (run as a task)."""
         while True:
             note = await transfer.wait_notification()
-            if note.message.startswith(RELEASE):
-                self.release(note.message[len(RELEASE):].decode(errors="replace"), "pulled")
+            request_id = parse_release(note.message, self._token)
+            if request_id is not None:
+                self.release(request_id, "pulled")
+            else:
+                self.refused += 1
+                self._refusal_log.warning(note.sender, "refused a KV notification from agent %r without a valid "
+                                          "internal-token proof (%d refused in all)", note.sender, self.refused)
 
     async def close(self) -> None:
         for rid in list(self._timers):
@@ -78,16 +113,16 @@ class PrefillLeases:
 class TransferPuller(HandleReleaser):
     """Pulls with the worker's transfer engine; the read's own notification frees the lease."""
 
-    def __init__(self, transfer: Any, workers: WorkerClient, pool: str = "g1"):
+    def __init__(self, transfer: Any, workers: WorkerClient, pool: str = "g1", token: str = ""):
         super().__init__(workers)
-        self.transfer, self.pool = transfer, pool
+        self.transfer, self.pool, self._token = transfer, pool, token
 
     async def pull(self, handle: KvHandle, local_block_ids: list[int], start: int) -> bool:
         if local_block_ids:
             try:
                 self.transfer.add_peer(handle.prefill_instance, handle.transfer_metadata)
                 await self.transfer.read(handle.prefill_instance, handle.pool, handle.block_ids[start:], self.pool,
-                                         local_block_ids, notify=RELEASE + handle.request_id.encode(),
+                                         local_block_ids, notify=release_note(handle.request_id, self._token),
                                          timeout=pull_timeout(handle))
                 return True
             except asyncio.CancelledError:

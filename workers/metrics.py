@@ -3,16 +3,21 @@ hits, misses, evictions and the bytes/seconds moved between G1 and the tier.
 
 Read from `engine.stats()` at scrape time (a custom collector: nothing to keep in sync on the hot path).
 Served on `--metrics-port` (0 = any free port; the address is published in discovery as the instance
-label `metrics`; -1 = off).
+label `metrics`; -1 = off). With `--metrics-api-key` (`kvrelay serve` passes its `--api-key`) a scrape
+needs `Authorization: Bearer <key>` (401 otherwise): per-worker load and cache detail is not for anyone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from wsgiref.simple_server import WSGIServer
+import hmac
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from kvrelay.workers.protocol import Engine
@@ -76,15 +81,22 @@ class WorkerCollector(Collector):
 class MetricsServer:
     """The /metrics HTTP endpoint (prometheus_client's threaded server, on its own registry)."""
 
-    def __init__(self, engine: Engine, worker_id: str):
+    def __init__(self, engine: Engine, worker_id: str, api_key: str = ""):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(WorkerCollector(engine, worker_id))
-        self._server: WSGIServer | None = None
+        self.api_key = api_key
+        self._server: ThreadingWSGIServer | None = None
         self.port = 0
 
     def start(self, host: str, port: int) -> int:
-        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self.port = self._server.server_port
+        app = make_wsgi_app(self.registry)
+        if self.api_key:
+            app = _bearer(app, self.api_key)
+        server_class = _Ipv6Server if ":" in host else ThreadingWSGIServer
+        server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        self._server = server
+        threading.Thread(target=server.serve_forever, name="kvrelay-metrics", daemon=True).start()
+        self.port = server.server_port
         return self.port
 
     def close(self) -> None:
@@ -92,3 +104,32 @@ class MetricsServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _Ipv6Server(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # one line per scrape is noise
+        pass
+
+
+_DENIED = b'{"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error", ' \
+          b'"param": null, "code": "invalid_api_key"}}'
+
+
+def _bearer(app: Callable, key: str) -> Callable:
+    """`app` behind `Authorization: Bearer <key>` (compared in constant time)."""
+    expected = key.encode()
+
+    def guarded(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if hmac.compare_digest(token.encode(), expected):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [("Content-Type", "application/json"),
+                                             ("Content-Length", str(len(_DENIED)))])
+        return [_DENIED]
+
+    return guarded

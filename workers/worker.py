@@ -96,7 +96,7 @@ def tier_config(cfg: WorkerConfig):
     return TierConfig(host_bytes=cfg.kv_host_bytes, disk_dir=cfg.kv_disk_dir, disk_bytes=cfg.kv_disk_bytes,
                       object_store=cfg.kv_object_store, object_bytes=cfg.kv_object_bytes,
                       policy=cfg.kv_tier_policy, offload=cfg.kv_offload,
-                      onboard=cfg.kv_onboard)
+                      onboard=cfg.kv_onboard, retry_s=cfg.kv_tier_retry_s)
 
 
 def resolve_model(cfg: WorkerConfig) -> tuple[str, str]:
@@ -140,7 +140,7 @@ class Worker:
         self.server.add_endpoint(Endpoint.MODEL_CARD, self._model_card, Empty)
         self.server.add_endpoint(Endpoint.TRANSFER_STATS, self._transfer_stats, Empty)
         if self.cfg.role == Role.PREFILL:
-            self.leases = PrefillLeases(self.engine.abort, self.cfg.kv_lease_s)
+            self.leases = PrefillLeases(self.engine.abort, self.cfg.kv_lease_s, token=self.internal_token)
             self.server.add_endpoint(Endpoint.PREFILL, self._prefill, EngineRequest)
             self.server.add_endpoint(Endpoint.RELEASE, self._release, ReleaseRequest)
         await self._start_transfer()
@@ -150,14 +150,16 @@ class Worker:
         labels = {"fingerprint": fingerprint, "engine": self.cfg.engine, "pid": str(os.getpid()),
                   "max_num_seqs": str(self.cfg.max_num_seqs)}  # the planner's capacity per worker
         if self.cfg.metrics_port >= 0:
-            self.metrics = MetricsServer(self.engine, self.instance_id)
+            self.metrics = MetricsServer(self.engine, self.instance_id, api_key=self.cfg.metrics_api_key)
             port = self.metrics.start(self.cfg.host, self.cfg.metrics_port)
             labels["metrics"] = f"{self.cfg.advertise_host or self.cfg.host}:{port}"
         self.instance = Instance(
             namespace=self.cfg.namespace, component=self.cfg.component, instance_id=self.instance_id,
             address=f"{self.cfg.advertise_host or self.cfg.host}:{self.server.port}", role=self.cfg.role,
             model=self.model_name, block_size=layout.block_size, kv_capacity_blocks=layout.num_blocks,
-            transfer_metadata=self.transfer.metadata() if self.transfer is not None else b"",
+            # Not published: NIXL agent metadata lets its holder read and write this worker's KV pool, so it
+            # travels only in prefill handles, over token-authenticated RPC (transfer/README.md "Trust").
+            transfer_metadata=b"",
             labels=labels,
         )
         self._tasks.append(asyncio.create_task(self._publish_load()))
@@ -231,7 +233,7 @@ class Worker:
             log.info("KV transfer: %s", self.transfer.kind)
         if self.cfg.role == Role.DECODE:
             if self.transfer is not None:
-                self.puller = TransferPuller(self.transfer, self.peers)
+                self.puller = TransferPuller(self.transfer, self.peers, token=self.internal_token)
             elif isinstance(self.engine, SimulatesTransfer):  # the mocker: a simulated link
                 self.puller = SimulatedPuller(self.engine.simulated_transfer_seconds, self.peers)
             else:

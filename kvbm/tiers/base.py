@@ -108,12 +108,16 @@ def check_batch(hashes: Sequence[int], tensors: Sequence[torch.Tensor], nbytes: 
     return [as_u8(t, nbytes) for t in tensors]
 
 
+RETRY_AFTER_S = 30.0  # default cool-down of a disabled tier before one call probes it again (half-open)
+
+
 class Health:
     """A tier's on/off switch.
 
     `fail()` disables (one WARNING per outage, then quiet). With `retry_after_s`, once the cool-down has
-    passed `allow()` lets one call through (half-open); `succeed()` re-enables. Without it the tier
-    stays off until the store is reopened.
+    passed `allow()` lets one call through (half-open); `succeed()` re-enables (one WARNING). Without it
+    the tier stays off until the store is reopened. Probes ride on traffic: the owner (TieredKv) keeps
+    calling a disabled store's put/contains, which answer at once while the cool-down runs.
     """
 
     def __init__(self, tier: str, retry_after_s: float | None = None):

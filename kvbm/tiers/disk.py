@@ -38,7 +38,9 @@ from typing import Any
 import torch
 import xxhash
 
-from .base import EventCallback
+from kvrelay.runtime.paths import private_dir
+
+from .base import RETRY_AFTER_S, EventCallback
 from .disk_index import HEADER_BYTES, RECORD_BYTES, DiskIndex
 from .slots import Item, SlotStore, coalesce
 
@@ -53,14 +55,14 @@ class DiskStore(SlotStore):
     def __init__(self, directory: str | os.PathLike[str], block_bytes: int, capacity_bytes: int, *,
                  policy: str = "lru", direct_io: bool = True, on_event: EventCallback | None = None,
                  io_threads: int = 2, stage_bytes: int = 16 << 20, inline_bytes: int = 0,
-                 remove_if_empty: bool = False):
+                 remove_if_empty: bool = False, retry_after_s: float | None = RETRY_AFTER_S):
         """Opens (or creates) the store; I/O errors leave it disabled with a warning, never raise.
         `await DiskStore.open(...)` does the same on a thread."""
         slot_bytes = -(-max(1, block_bytes) // ALIGN) * ALIGN
         num_slots = max(0, capacity_bytes - 2 * HEADER_BYTES) // (slot_bytes + 3 * RECORD_BYTES)
         self.chunk_blocks = max(1, stage_bytes // slot_bytes)  # one chunk fills one staging buffer
         super().__init__(block_bytes, num_slots, capacity_bytes, policy=policy, on_event=on_event,
-                         inline_bytes=inline_bytes, io_threads=io_threads)
+                         inline_bytes=inline_bytes, io_threads=io_threads, retry_after_s=retry_after_s)
         assert num_slots * slot_bytes + DiskIndex.max_bytes(num_slots) <= capacity_bytes
         self.directory, self.slot_bytes = Path(directory), slot_bytes
         self.direct_io = False
@@ -73,6 +75,7 @@ class DiskStore(SlotStore):
         try:
             self._open(direct_io)
         except OSError as exc:
+            self._health.retry_after_s = None  # never opened: there is nothing to probe
             self._health.fail(f"cannot open {self.directory}: {exc}")
 
     @classmethod
@@ -80,8 +83,12 @@ class DiskStore(SlotStore):
         return await asyncio.to_thread(cls, *args, **kwargs)
 
     def _open(self, want_direct: bool) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        # Private: the blocks are other users' prompts (0600 files in a 0700 directory, also when an
+        # older version left them readable).
+        private_dir(self.directory.parent)
+        private_dir(self.directory)
+        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        os.fchmod(self._lock_fd, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -90,8 +97,9 @@ class DiskStore(SlotStore):
             raise OSError(errno.EBUSY, "directory being removed by an empty G3 store closing")
         entries, matched = self._index.open()
         path, size = self.directory / "blocks.dat", self.num_slots * self.slot_bytes
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            os.fchmod(fd, 0o600)
             length = os.fstat(fd).st_size
             if not matched or length > size:
                 entries, length = {}, 0

@@ -26,6 +26,7 @@ the order they were logged.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -34,6 +35,7 @@ from typing import NamedTuple
 
 import xxhash
 
+log = logging.getLogger("kvrelay.kvbm.tiers")
 _MAGIC, _VERSION = b"KVRG3IDX", 1
 _HEADER = struct.Struct("<8sIIQQQ")  # magic, version, reserved, block_bytes, slot_bytes, num_slots
 _RECORD = struct.Struct("<IIQQQ")  # op, slot, seq_hash, checksum, gen
@@ -78,15 +80,17 @@ class DiskIndex:
         data = self.path.read_bytes() if self.path.exists() else b""
         matched = data[:HEADER_BYTES] == self._header
         entries: dict[int, Entry] = {}
-        off = HEADER_BYTES
+        off, torn = HEADER_BYTES, False
         while matched and off + RECORD_BYTES <= len(data):
             rec = data[off:off + RECORD_BYTES]
-            off += RECORD_BYTES
             if _CRC.unpack_from(rec, _RECORD.size)[0] != xxhash.xxh3_64_intdigest(rec[:_RECORD.size]):
-                break  # torn tail: nothing after it was acknowledged
+                torn = True  # torn tail: nothing after it was acknowledged
+                break
             op, slot, h, csum, gen = _RECORD.unpack_from(rec)
             if slot >= self.num_slots:
+                torn = True
                 break
+            off += RECORD_BYTES
             if op == PUT:
                 entries[slot] = Entry(h, csum, gen)
             else:
@@ -98,6 +102,13 @@ class DiskIndex:
             newest[e.seq_hash] = slot
         self.entries = entries
         self._gen = max((e.gen for e in entries.values()), default=0)
+        total = max(0, len(data) - HEADER_BYTES) // RECORD_BYTES
+        if data and not matched:
+            log.warning("G3 index %s: written for another layout (block or slot size); starting empty", self.path)
+        elif torn or (matched and off != len(data)):
+            log.warning("G3 index %s: torn at record %d of %d (a crash mid-write?); recovered %d blocks, "
+                        "the rest of the log is dropped", self.path, (off - HEADER_BYTES) // RECORD_BYTES, total,
+                        len(entries))
         self._compact(dict(entries))
         return dict(entries), matched
 
@@ -138,7 +149,7 @@ class DiskIndex:
     def _compact(self, entries: dict[int, Entry]) -> None:
         body = b"".join(_seal(_RECORD.pack(PUT, s, e.seq_hash, e.checksum, e.gen))
                         for s, e in sorted(entries.items(), key=lambda kv: kv[1].gen))
-        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # prompt-derived: owner only
         try:
             _write_all(fd, self._header + body)
             os.fsync(fd)

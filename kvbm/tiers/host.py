@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import EventCallback
+from .base import RETRY_AFTER_S, EventCallback
 from .slots import Item, SlotStore, coalesce
 
 
@@ -26,13 +26,14 @@ class HostStore(SlotStore):
     def __init__(self, block_bytes: int, capacity_bytes: int, *, policy: str = "lru",
                  pin_memory: bool | None = None, on_event: EventCallback | None = None,
                  inline_bytes: int = 1 << 20, slice_bytes: int = 32 << 20, cooperative: bool = True,
-                 io_threads: int = 1):
+                 io_threads: int = 1, retry_after_s: float | None = RETRY_AFTER_S):
         """capacity_bytes: the pool's size bound; it holds capacity_bytes // block_bytes blocks.
         Batches up to inline_bytes copy on the event loop at once. Larger batches of CPU tensors copy
         on the loop in slices of ~slice_bytes (~3 ms each at 10 GB/s), yielding in between (`cooperative`);
         device tensors, or all large batches when not cooperative, copy on an I/O thread."""
         super().__init__(block_bytes, capacity_bytes // max(1, block_bytes), capacity_bytes, policy=policy,
-                         on_event=on_event, inline_bytes=inline_bytes, io_threads=io_threads)
+                         on_event=on_event, inline_bytes=inline_bytes, io_threads=io_threads,
+                         retry_after_s=retry_after_s)
         self.chunk_blocks = max(1, slice_bytes // max(1, block_bytes))
         self.cooperative = cooperative
         self.pinned = torch.cuda.is_available() if pin_memory is None else pin_memory

@@ -30,7 +30,9 @@ import obstore
 import torch
 from obstore.exceptions import AlreadyExistsError, NotFoundError
 
-from .base import EventCallback, Health, TierStats, check_batch, emit
+from kvrelay.runtime.log import Throttled
+
+from .base import RETRY_AFTER_S, EventCallback, Health, TierStats, check_batch, emit, log
 from .object_format import HEADER_BYTES, MAGIC, encode, object_key, verify
 from .policy import make_policy
 from .s3 import s3_store
@@ -44,7 +46,7 @@ class ObjectStore:
 
     def __init__(self, store: Any, fingerprint: str, block_bytes: int, capacity_bytes: int, *,
                  policy: str = "lru", max_concurrency: int = 16, timeout_s: float = 10.0,
-                 retry_after_s: float | None = 30.0, conditional_put: bool = True,
+                 retry_after_s: float | None = RETRY_AFTER_S, conditional_put: bool = True,
                  on_event: EventCallback | None = None):
         self.object_bytes = HEADER_BYTES + block_bytes
         self.max_blocks = capacity_bytes // self.object_bytes
@@ -58,6 +60,7 @@ class ObjectStore:
         self._sem = asyncio.Semaphore(max_concurrency)
         self._stats = TierStats(tier=self.tier, capacity_bytes=capacity_bytes)
         self._health = Health(self.tier, retry_after_s)
+        self._corrupt_log = Throttled(log)
         # Invariant: (len(_owned) + len(_pending) + len(_deleting)) * object_bytes <= capacity_bytes.
 
     @property
@@ -191,6 +194,10 @@ class ObjectStore:
                 self._owned.remove(h)
                 gone.append(h)
         st.removals += len(gone)
+        corrupt = sum(r == "corrupt" for r in results)
+        if corrupt:
+            self._corrupt_log.warning("checksum", "KV tier G4: %d object(s) failed their checksum (deleted, "
+                                      "recomputed; %d in all)", corrupt, st.checksum_failures)
         self._outcome(error, any(r in ("hit", "missing", "corrupt") for r in results))
         emit(self.on_event, "removed", gone)
         return [r == "hit" for r in results]

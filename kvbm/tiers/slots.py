@@ -15,7 +15,9 @@ from typing import TypeVar
 
 import torch
 
-from .base import EventCallback, Health, TierStats, check_batch, emit
+from kvrelay.runtime.log import Throttled
+
+from .base import RETRY_AFTER_S, EventCallback, Health, TierStats, check_batch, emit, log
 from .policy import make_policy
 from .slot_table import Item, SlotTable, coalesce
 
@@ -27,13 +29,15 @@ class SlotStore:
     tier = "G?"
 
     def __init__(self, block_bytes: int, num_slots: int, capacity_bytes: int, *, policy: str,
-                 on_event: EventCallback | None, inline_bytes: int, io_threads: int):
+                 on_event: EventCallback | None, inline_bytes: int, io_threads: int,
+                 retry_after_s: float | None = RETRY_AFTER_S):
         if block_bytes < 1 or num_slots < 1:
             raise ValueError(f"{self.tier}: capacity {capacity_bytes} B holds no block of {block_bytes} B")
         self.block_bytes, self.num_slots = block_bytes, num_slots
         self._slots = SlotTable(num_slots, make_policy(policy, num_slots))
         self._stats = TierStats(tier=self.tier, capacity_bytes=capacity_bytes)
-        self._health = Health(self.tier)
+        self._health = Health(self.tier, retry_after_s)
+        self._corrupt_log = Throttled(log)  # a failing disk can fail thousands of checksums a second
         self.on_event = on_event
         self._inline_bytes = inline_bytes
         self._executor = ThreadPoolExecutor(io_threads, thread_name_prefix=f"kvrelay-{self.tier}")
@@ -198,6 +202,7 @@ class SlotStore:
         st.write_seconds += perf_counter() - t0
         st.bytes_written += len(batch) * self.block_bytes
         st.puts += len(batch)
+        self._health.succeed()  # a probe after an outage that worked re-enables the tier
         for i, h, _, _ in batch:
             self._slots.commit(h)
             out[i] = True
@@ -213,6 +218,7 @@ class SlotStore:
             self._health.fail(exc)
         else:
             st.read_seconds += perf_counter() - t0
+            self._health.succeed()
         bad, bad_slots = [], []
         for (i, h, slot, _), ok in zip(batch, oks, strict=True):
             if ok:
@@ -229,5 +235,8 @@ class SlotStore:
                         bad_slots.append(slot)
             self._slots.unpin(slot)
         self._forget(bad_slots)
+        if bad:
+            self._corrupt_log.warning("checksum", "KV tier %s: %d block(s) failed their checksum (dropped, "
+                                      "recomputed; %d in all)", self.tier, len(bad), st.checksum_failures)
         st.removals += len(bad)
         emit(self.on_event, "removed", bad)

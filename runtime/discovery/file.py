@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from kvrelay.runtime.discovery.base import WatchEvent, check_key
+from kvrelay.runtime.paths import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class FileDiscovery:
         if self._closed:
             raise RuntimeError("FileDiscovery is closed")
         if self._heartbeat is None:
-            self._root.mkdir(parents=True, exist_ok=True)
+            private_dir(self._root)  # records name workers' addresses: owner only (files are mkstemp's 0600)
             self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="file-discovery-heartbeat")
 
     async def register(self, key: str, value: bytes) -> None:
@@ -94,7 +95,7 @@ class FileDiscovery:
     def _write(self, key: str, value: bytes) -> None:
         path = self._root / key
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
             try:
                 with os.fdopen(fd, "wb") as f:

@@ -105,6 +105,7 @@ class RpcStream:
         self._waiter: asyncio.Future[None] | None = None
         self._ended = False  # End/Fail received or connection lost: the server holds nothing for us
         self._error: Exception | None = None
+        self.received = 0  # responses received so far (a watchdog reads progress from it)
 
     async def _start(self) -> None:
         conn = await self._client._connection(self._address)
@@ -119,6 +120,7 @@ class RpcStream:
     # -- called by the connection -------------------------------------------------------------------
     def _push(self, payload: msgspec.Raw) -> None:
         self._items.append(payload)
+        self.received += 1
         self._wake()
 
     def _finish(self, error: Exception | None) -> None:
@@ -176,6 +178,21 @@ class RpcStream:
             conn.consumed(len(self._items))
         self._items.clear()
         self._ended = True
+        self._wake()
+
+    def fail(self, error: Exception) -> None:
+        """End the call from the caller's side with `error`: iteration raises it at once (also a waiting
+        one) and the server is sent `Cancel`. For a server that stopped answering without closing its
+        connection (frozen, or gone from discovery): a caller treats it like a lost connection."""
+        if self._ended:
+            return
+        conn = self._conn
+        if conn is not None:
+            conn.streams.pop(self._id, None)
+            conn.send(Cancel(self._id))
+            conn.consumed(len(self._items))
+        self._items.clear()
+        self._ended, self._error = True, error
         self._wake()
 
     async def aclose(self) -> None:

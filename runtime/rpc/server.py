@@ -12,7 +12,9 @@ A handler is an async generator function, `async def handler(request) -> AsyncGe
   unknown, bad request, server shutdown), or nothing (the client cancelled; it is not listening).
 - A malformed or oversized frame drops that one connection; other connections are unaffected.
 - With a `token`, a connection runs nothing until its first frame is `Auth` with that token; a call
-  before it is answered `Fail("Unauthorized")` and the connection is dropped.
+  before it is answered `Fail("Unauthorized")` and the connection is dropped. A wrong `Auth` drops the
+  connection too (calls already in the same read are answered `Unauthorized` first): one guess per TCP
+  connection, never thousands on one. Refusals are logged, at most one line a minute per peer host.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import msgspec
 
+from kvrelay.runtime.log import Throttled
 from kvrelay.runtime.rpc.conn import FramedProtocol
 from kvrelay.runtime.rpc.errors import FailKind, RpcCancelled
 from kvrelay.runtime.rpc.frames import (
@@ -58,6 +61,7 @@ class _ServerConnection(FramedProtocol):
         self._server = server
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._authorized = not server.token
+        self._auth_failed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -65,12 +69,17 @@ class _ServerConnection(FramedProtocol):
 
     def on_frame(self, frame: Any) -> None:
         if isinstance(frame, Auth):
-            self._authorized = self._authorized or hmac.compare_digest(frame.token.encode(),
-                                                                       self._server.token.encode())
+            if not self._server.token or hmac.compare_digest(frame.token.encode(), self._server.token.encode()):
+                self._authorized = not self._auth_failed
+                return
+            self._authorized, self._auth_failed = False, True
+            self._server.refused(self._peer(), "a wrong internal token")
+            # Closed once this read's frames are handled: a call that came with the Auth learns why.
+            asyncio.get_running_loop().call_soon(self._close)
             return
         if not self._authorized:
-            peer = self.transport.get_extra_info("peername") if self.transport else None
-            log.warning("refused a call from %s without the internal token", peer)
+            if not self._auth_failed:
+                self._server.refused(self._peer(), "a call without the internal token")
             if isinstance(frame, _CallIn):
                 self.send(Fail(frame.id, FailKind.UNAUTHORIZED, "this port requires the internal token"))
                 self._flush()
@@ -83,6 +92,14 @@ class _ServerConnection(FramedProtocol):
                 task.cancel()
             return
         self._start_call(frame)
+
+    def _peer(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if peer else "unknown"
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # after what was sent is written
 
     def _start_call(self, call: _CallIn) -> None:
         endpoint = self._server._endpoints.get(call.endpoint)
@@ -143,6 +160,13 @@ class RpcServer:
         self._connections: set[_ServerConnection] = set()
         self._server: asyncio.base_events.Server | None = None
         self._closing = False
+        self.refusals = 0  # connections refused for a missing or wrong token
+        self._refusal_log = Throttled(log)
+
+    def refused(self, peer: str, what: str) -> None:
+        self.refusals += 1
+        self._refusal_log.warning(peer, "RPC port %s refused %s from %s (connection closed)", self.address, what,
+                                  peer)
 
     def add_endpoint(self, name: str, handler: Handler, request_type: Any = None) -> None:
         if name in self._endpoints:

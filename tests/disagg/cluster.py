@@ -20,7 +20,10 @@ from kvrelay.workers.worker import Worker
 
 
 class Cluster:
-    def __init__(self, roles: list[str], worker_cfg: WorkerConfig, frontend_cfg: FrontendConfig | None = None):
+    def __init__(self, roles: list[str], worker_cfg: WorkerConfig, frontend_cfg: FrontendConfig | None = None,
+                 token: str = ""):
+        """`token`: the deployment's internal token (workers require it, the frontend presents it)."""
+        self.token = token
         self.store, self.broker = MemStore(), InprocBroker()
         self.roles, self.worker_cfg = roles, worker_cfg
         self.frontend_cfg = frontend_cfg or FrontendConfig(disagg_min_tokens=0)
@@ -33,7 +36,7 @@ class Cluster:
 
     async def add_worker(self, role: str, **overrides) -> Worker:
         cfg = replace(self.worker_cfg, role=role, **overrides)
-        w = Worker(cfg, self._disc(), InprocEventPlane(self.broker))
+        w = Worker(cfg, self._disc(), InprocEventPlane(self.broker), internal_token=self.token)
         await w.start()
         self.workers.append(w)
         return w
@@ -41,7 +44,8 @@ class Cluster:
     async def __aenter__(self) -> Cluster:
         for role in self.roles:
             await self.add_worker(role)
-        self.service = FrontendService(self.frontend_cfg, self._disc(), InprocEventPlane(self.broker))
+        self.service = FrontendService(self.frontend_cfg, self._disc(), InprocEventPlane(self.broker),
+                                       internal_token=self.token)
         await self.service.start()
         model = self.workers[0].model_name
         assert await self.service.pool.wait_for(lambda: len(self.service.pool.instances) == len(self.workers), 10)

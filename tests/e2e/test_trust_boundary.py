@@ -50,8 +50,10 @@ def listeners(pid: int) -> list[str]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     # KVRELAY_INTERNAL_TOKEN empty: serve generates the token; this test never learns it.
-    srv = Serve(tmp_path_factory.mktemp("trust"), "--prefill-workers", "1", "--decode-workers", "1",
-                "--kv-disk-dir", "off", "--api-key", "k3y", workers=None,
+    tmp = tmp_path_factory.mktemp("trust")
+    (tmp / "api-key").write_text("k3y\n")  # --api-key-file: the key is in neither argv nor the environment
+    srv = Serve(tmp, "--prefill-workers", "1", "--decode-workers", "1",
+                "--kv-disk-dir", "off", "--api-key-file", str(tmp / "api-key"), workers=None,
                 env={"KVRELAY_INTERNAL_TOKEN": ""}).start()
     yield srv
     assert srv.stop() == 0
@@ -92,3 +94,61 @@ def test_ready_and_metrics_detail_need_the_api_key(served):
     assert httpx.get(f"{base}/metrics").status_code == 401
     metrics = httpx.get(f"{base}/metrics", headers=KEY)
     assert metrics.status_code == 200 and "kvrelay_frontend" in metrics.text
+
+
+def test_worker_metrics_need_the_api_key(served):
+    """Issue 29: a worker's /metrics (per-worker load and cache detail) honours the deployment's key."""
+    insts = asyncio.run(instances(served.discovery_dir))
+    assert len(insts) == 2
+    for inst in insts:
+        url = f"http://{inst.labels['metrics']}/metrics"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"authorization": "Bearer nope"}).status_code == 401
+        r = httpx.get(url, headers=KEY)
+        assert r.status_code == 200 and "kvrelay_worker_running" in r.text, r.text[:300]
+    assert not any(b"k3y" in open(f"/proc/{pid}/cmdline", "rb").read() for pid in served.children())
+
+
+def test_nixl_metadata_is_not_in_discovery_and_the_probes_attack_fails(served):
+    """Issue 29: the probe read a prefill worker's NIXL agent metadata from its discovery record, loaded
+    it with `add_peer` and wrote 0xAB into block 5 of its KV pool. The metadata is no longer published
+    (it travels in prefill handles over token-authenticated RPC only), so the attack has nothing to load."""
+    import torch
+
+    from kvrelay.transfer import make_transfer_engine
+    from kvrelay.transfer.base import TransferError
+
+    insts = asyncio.run(instances(served.discovery_dir))
+    assert all(i.transfer_metadata == b"" for i in insts), [len(i.transfer_metadata) for i in insts]
+    prefill = next(i for i in insts if i.role == "prefill")
+
+    async def attack() -> list[str]:
+        intruder = make_transfer_engine("nixl", "intruder-agent")
+        assert intruder.kind == "nixl"  # the real transport of this deployment
+        pool = torch.full((8, 4096), 0xAB, dtype=torch.uint8)
+        intruder.register_pool("g1", pool, 4096)
+        await intruder.start()
+        failed = []
+        try:
+            for op in ("add_peer", "read", "write"):
+                try:
+                    if op == "add_peer":
+                        intruder.add_peer(prefill.instance_id, prefill.transfer_metadata)
+                    elif op == "read":
+                        await intruder.read(prefill.instance_id, "g1", [5], "g1", [0], timeout=5)
+                    else:
+                        await intruder.write(prefill.instance_id, "g1", [0], "g1", [5], timeout=5)
+                except (ValueError, TransferError, Exception) as e:  # noqa: BLE001 - any refusal will do
+                    failed.append(f"{op}: {type(e).__name__}")
+        finally:
+            await intruder.close()
+        return failed
+
+    failed = asyncio.run(attack())
+    assert [f.split(":")[0] for f in failed] == ["add_peer", "read", "write"], failed
+    # and the deployment's own disaggregated path still works (the frontend holds the token)
+    r = httpx.post(f"{served.base_url}/v1/completions", headers=KEY, timeout=60,
+                   json={"model": MODEL, "prompt": "trusted " * 200, "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    metrics = httpx.get(f"{served.base_url}/metrics", headers=KEY).text
+    assert 'kvrelay_frontend_prefills_total{where="remote"}' in metrics

@@ -107,3 +107,43 @@ async def test_control_server_leaves_the_process_signal_handlers_alone():
         assert {sig: signal.getsignal(sig) for sig in before} == before
     finally:
         await control.close()
+
+
+async def test_control_needs_the_key_and_set_cannot_exceed_the_configured_bounds(caplog):
+    """Issue 29: the control port starts and stops workers, so it is the API key's, and `/set` may narrow
+    the configured bounds but never raise them (the probe's `{"min_decode": 6}` started six workers)."""
+    reg = CollectorRegistry()
+    policy = Policy(PolicyKind.LOAD, Bounds(max_prefill=1, min_decode=1, max_decode=4, budget=5))
+    planner = Planner(ScriptedObserver([None]), FakeConnector({Pool.PREFILL: 0, Pool.DECODE: 1}), policy,
+                      PlannerMetrics(reg), interval=0.05)
+    control = ControlServer(planner, reg, "127.0.0.1", 0, api_key="planner-key")
+    url = f"http://127.0.0.1:{await control.start()}"
+    auth = {"authorization": "Bearer planner-key"}
+    try:
+        async with httpx.AsyncClient() as client:
+            for wrong in ({}, {"authorization": "Bearer nope"}):
+                assert (await client.post(f"{url}/set", json={"max_decode": 0}, headers=wrong)).status_code == 401
+                assert (await client.get(f"{url}/status", headers=wrong)).status_code == 401
+                r = await client.get(f"{url}/metrics", headers=wrong)
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            for beyond in ({"max_decode": 5}, {"budget": 6}, {"max_prefill": 2}, {"min_decode": 5},
+                           {"min_decode": 0, "max_decode": 0}, {"min_decode": 3, "max_decode": 2}):
+                r = await client.post(f"{url}/set", json=beyond, headers=auth)
+                assert r.status_code == 400 and r.json()["error"]["message"], (beyond, r.text)
+            assert policy.bounds == Bounds(max_prefill=1, min_decode=1, max_decode=4, budget=5)  # nothing changed
+            with caplog.at_level("INFO", logger="kvrelay.planner"):
+                r = await client.post(f"{url}/set", json={"max_decode": 3, "min_decode": 2}, headers=auth)
+            assert r.status_code == 200 and policy.bounds.max_decode == 3 and policy.bounds.min_decode == 2
+            assert "max_decode 4 -> 3" in caplog.text and "min_decode 1 -> 2" in caplog.text
+            # narrowed, then back up to the configured ceiling (not beyond) is allowed
+            assert (await client.post(f"{url}/set", json={"max_decode": 4}, headers=auth)).status_code == 200
+            assert (await client.get(f"{url}/status", headers=auth)).status_code == 200
+        status = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "kvrelay.cli.main", "planner",
+                                                          "status", "--url", url], capture_output=True, text=True)
+        assert status.returncode == 1 and "API key" in status.stderr
+        status = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "kvrelay.cli.main", "planner", "status", "--url", url],
+            capture_output=True, text=True, env={**os.environ, "KVRELAY_PLANNER_API_KEY": "planner-key"})
+        assert status.returncode == 0 and '"max_decode": 4' in status.stdout
+    finally:
+        await control.close()

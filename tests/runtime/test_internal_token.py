@@ -111,3 +111,32 @@ def test_token_from_a_file_wins_and_bad_files_are_config_errors(tmp_path):
     for path in (tmp_path / "missing", tmp_path / "empty"):
         with pytest.raises(ConfigError, match="--internal-token-file"):
             InternalAuthConfig(internal_token_file=str(path)).token()
+
+
+async def test_one_wrong_auth_frame_closes_the_connection(server, caplog):
+    """Issue 29: a probe tried 20,000 tokens in 0.54 s on one connection, unlogged. Now the first wrong
+    `Auth` ends the connection (a call sent with it is answered Unauthorized first), it is logged, and
+    repeated refusals from one host are one line a minute."""
+    import asyncio
+
+    from kvrelay.runtime.rpc.frames import Auth, FrameEncoder, _CallIn
+
+    host, port = server.address.rsplit(":", 1)
+    enc = FrameEncoder()
+    with caplog.at_level("WARNING", logger="kvrelay.runtime.rpc.server"):
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(enc.encode(Auth("guess-1")) + enc.encode(Auth(TOKEN))  # the right one comes too late
+                         + enc.encode(_CallIn(1, "echo", msgspec.Raw(msgspec.msgpack.encode(Ping(5))))))
+            await writer.drain()
+            reply = await asyncio.wait_for(reader.read(), 5)  # read() returns at EOF: the server closed
+            assert b"Unauthorized" in reply
+            writer.close()
+    assert server.calls == [] and server.refusals == 3
+    refused = [r for r in caplog.records if "refused a wrong internal token" in r.getMessage()]
+    assert len(refused) == 1, caplog.text  # rate-limited: one line per host per minute
+    client = RpcClient(token=TOKEN)  # the right token on a fresh connection still works
+    try:
+        assert (await client.unary(server.address, "echo", Ping(9), Ping)).n == 9
+    finally:
+        await client.close()
