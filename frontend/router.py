@@ -72,6 +72,7 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     active_decode_blocks: int = 0  # KV blocks held by its running requests
     kv_usage: float = 0.0  # 0..1
     waiting_requests: int = 0  # LoadMetrics waiting: admitted, not yet scheduled (part of active_requests)
+    report_age: float = 0.0  # seconds since the worker took the load report these numbers come from
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -333,7 +334,8 @@ class KvRouter(BaseRouter):
             terms = [self.ttft.terms(w.worker_id, num_tokens=request.num_prompt_tokens,
                                      block_size=request.block_size, held=held.get(w.worker_id, _NONE),
                                      queued_inflight=self.inflight.queued_prefill(w.worker_id),
-                                     waiting_reported=w.waiting_requests, active=self.load(w)[0])
+                                     waiting_reported=w.waiting_requests, report_age=w.report_age,
+                                     active=self.load(w)[0])
                      for w in workers]
             costs = [t.seconds for t in terms]
             if self.balance > 0:  # the balance guard: an overloaded worker is not a candidate

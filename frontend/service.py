@@ -222,7 +222,7 @@ class FrontendService:
             return WorkerState(worker_id=inst.instance_id)
         return WorkerState(worker_id=inst.instance_id, active_requests=load.running + load.waiting,
                            active_decode_blocks=load.used_blocks, kv_usage=load.kv_usage,
-                           waiting_requests=load.waiting)
+                           waiting_requests=load.waiting, report_age=max(now - load.timestamp, 0.0))
 
     async def generate(self, model: str, card: ModelCard, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         prompt, sampling = request.prompt_token_ids, request.sampling

@@ -8,7 +8,8 @@ worker's prefill rate:
   (by this router and its peers) that have not produced a first token, each counted with the tokens the
   router expected it to compute, capped by what the worker can still be computing of the work routed to
   it (drained at `rate` since it was routed); or, when the worker's last load report says more are
-  waiting, its waiting count times the mean tokens a routed request computes (`mean_prefill`).
+  waiting, its waiting count times the mean tokens a routed request computes (`mean_prefill`), drained
+  at `rate` since the report was taken.
 - uncached: the prompt's tokens the worker does not hold in G1 (nor speculatively) nor in a weighted lower
   tier; at least 1 (an engine always computes the last token).
 - onboard: blocks held only in a lower tier cost (1 - tier weight) of their prefill time to bring up.
@@ -59,7 +60,7 @@ class TtftModel:
         self._backlog: dict[str, tuple[float, float]] = {}
 
     def terms(self, worker_id: str, *, num_tokens: int, block_size: int, held: Held, queued_inflight: int,
-              waiting_reported: int, active: int) -> TtftTerms:
+              waiting_reported: int, active: int, report_age: float = 0.0) -> TtftTerms:
         held_tokens = min(held.blocks * block_size, num_tokens - 1)
         uncached = max(num_tokens - held_tokens, 1)
         # Blocks held only in a lower tier: their credit is below 1; the rest of a block is onboarding.
@@ -69,7 +70,8 @@ class TtftModel:
         # computing at its rate: a first token the frontend has not read yet (it is busy) is not queued
         # work on the worker.
         queued = min(float(queued_inflight), self._drained(worker_id, rate))
-        queued = max(queued, waiting_reported * self.mean_prefill)
+        # The report's waiting requests, drained likewise since the worker took the report.
+        queued = max(queued, waiting_reported * self.mean_prefill - rate * max(report_age, 0.0))
         return TtftTerms(queued, uncached, onboard, active, rate)
 
     def routed(self, worker_id: str, prefill_tokens: int, own: bool = True) -> None:

@@ -235,3 +235,13 @@ def test_the_router_learns_the_rate_from_first_tokens() -> None:
         r.on_first_token(f"r{i}", seconds=0.005 + n / 50_000, cached_tokens=0)
         r.on_finish(f"r{i}")
     assert r.ttft.rate.rate("w0") == pytest.approx(50_000, rel=0.1)
+
+
+def test_reported_waiting_counts_as_queued_work_drained_since_the_report() -> None:
+    r = KvRouter(KvIndex(), prefill_rate=fixed_rate(1000.0), clock=Clock())
+    fresh = r.ttft.terms("w0", num_tokens=16, block_size=BS, held=Held(0, 0, 0.0), queued_inflight=0,
+                         waiting_reported=2, active=2, report_age=0.0)
+    assert fresh.queued == 2 * 256.0  # the prior mean of tokens a request computes
+    old = r.ttft.terms("w0", num_tokens=16, block_size=BS, held=Held(0, 0, 0.0), queued_inflight=0,
+                       waiting_reported=2, active=2, report_age=0.4)
+    assert old.queued == pytest.approx(112.0)
