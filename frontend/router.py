@@ -13,7 +13,8 @@ The kv router's cost of a worker (lower is better), `cost="ttft"` (the default, 
 time to first token of this request there, in seconds (ttft_cost.py; every term and its source in
 frontend/README.md "Routing"):
     ttft = (queued_prefill_tokens + uncached_tokens + onboard_tokens
-            + RUNNING_TOKEN_EQUIV * active_requests) / prefill_rate
+            + RUNNING_TOKEN_EQUIV * active_requests + imbalance) / prefill_rate
+(imbalance: `balance` x the in-flight requests beyond 1.5 x the mean + 2, each a mean request's prefill)
 `cost="overlap"` keeps the formula before it, for comparison:
     cost = overlap_weight * uncached_prefill_blocks + active_decode_blocks
 In both, what a worker holds is the `KvIndex` plus speculative entries (speculative_index.py): the
@@ -25,7 +26,8 @@ instead, with probability proportional to exp(-z / temperature), z = the cost mi
 [0, 1] over the candidates. The overlap formula's `overlap_weight` trades cache reuse against balance; at
 ~2 requests per worker one request's worth of load imbalance outweighs a conversation's history, so
 conversations moved (issue 27 measured 31-36% of follow-up turns moving at 4 workers): the ttft cost
-counts only the load that delays a first token (queued prefill work), not the decodes that run beside it.
+counts the load that delays a first token (queued prefill work) and imbalance beyond a zone of noise,
+not every decode that runs beside it.
 
 Every decision's duration is observed in the histogram `kvrelay_router_decision_seconds{router}`,
 registered on the `CollectorRegistry` passed in (one router per registry).
@@ -72,7 +74,7 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     active_decode_blocks: int = 0  # KV blocks held by its running requests
     kv_usage: float = 0.0  # 0..1
     waiting_requests: int = 0  # LoadMetrics waiting: admitted, not yet scheduled (part of active_requests)
-    report_age: float = 0.0  # seconds since the worker took the load report these numbers come from
+    report_age: float = math.inf  # seconds since the worker took the load report these come from (inf: none)
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,23 +103,27 @@ class InFlight:
     Invariants: `_reqs[w]` is the number of entries of `_by_id` on `w`; `_hashes[w]` counts, per block
     hash, the entries on `w` whose prompt has it; `_partial[w]` is their number of partial last blocks;
     a worker with nothing in flight has no entry in any of them. Prefill accounting (issue 27):
-    `_prefill[id]` is the prompt tokens an entry still has to compute before its first token (entries
-    past their first token have none) and `_queued[w]` their sum on `w` (absent when 0)."""
+    `_prefill[id]` is (prompt tokens an entry still has to compute before its first token, when it was
+    routed) (entries past their first token have none), `_queued[w]` the sum of those tokens on `w` and
+    `_pending[w]` the ids of those entries (both absent when none)."""
 
     def __init__(self) -> None:
         self._by_id: dict[str, tuple[str, list[int], int]] = {}  # id -> (worker, hashes, partial blocks)
         self._reqs: dict[str, int] = {}
         self._hashes: dict[str, Counter[int]] = {}
         self._partial: dict[str, int] = {}
-        self._prefill: dict[str, int] = {}
+        self._prefill: dict[str, tuple[int, float]] = {}
         self._queued: dict[str, int] = {}
+        self._pending: dict[str, set[str]] = {}
 
-    def add(self, request_id: str, worker_id: str, request: RouteRequest, prefill_tokens: int = 0) -> None:
+    def add(self, request_id: str, worker_id: str, request: RouteRequest, prefill_tokens: int = 0,
+            at: float = 0.0) -> None:
         self.add_entry(request_id, worker_id, request.block_hashes, request.num_blocks - len(request.block_hashes),
-                       prefill_tokens)
+                       prefill_tokens, at)
 
     def add_entry(self, request_id: str, worker_id: str, hashes: list[int], partial: int,
-                  prefill_tokens: int = 0) -> None:
+                  prefill_tokens: int = 0, at: float = 0.0) -> None:
+        """`at`: when it was routed (the router's clock), for `queued_prefill(since=...)`."""
         self.finish(request_id)
         self._by_id[request_id] = (worker_id, hashes, partial)
         request_hashes = hashes
@@ -125,29 +131,34 @@ class InFlight:
         self._hashes.setdefault(worker_id, Counter()).update(request_hashes)
         self._partial[worker_id] = self._partial.get(worker_id, 0) + partial
         if prefill_tokens > 0:
-            self._prefill[request_id] = prefill_tokens
+            self._prefill[request_id] = (prefill_tokens, at)
             self._queued[worker_id] = self._queued.get(worker_id, 0) + prefill_tokens
+            self._pending.setdefault(worker_id, set()).add(request_id)
 
     def first_token(self, request_id: str) -> int:
         """The request's prefill is done: its tokens leave the worker's prefill queue. Returns how many
         (0 if unknown or already done)."""
-        tokens = self._prefill.pop(request_id, 0)
+        tokens, _ = self._prefill.pop(request_id, (0, 0.0))
         if tokens:
             w = self._by_id[request_id][0]
             self._queued[w] -= tokens
-            if not self._queued[w]:
-                del self._queued[w]
+            self._pending[w].discard(request_id)
+            if not self._pending[w]:
+                del self._queued[w], self._pending[w]
         return tokens
 
-    def queued_prefill(self, worker_id: str) -> int:
-        """Prompt tokens of in-flight requests on the worker that have not produced a first token."""
-        return self._queued.get(worker_id, 0)
+    def queued_prefill(self, worker_id: str, since: float = -math.inf) -> int:
+        """Prompt tokens of in-flight requests on the worker that have not produced a first token (and
+        were routed after `since`)."""
+        if since == -math.inf:
+            return self._queued.get(worker_id, 0)
+        return sum(t for t, at in (self._prefill[i] for i in self._pending.get(worker_id, ())) if at > since)
 
     def entries_ids(self) -> Collection[str]:
         return self._by_id.keys()
 
     def prefill_pending(self, request_id: str) -> int:
-        return self._prefill.get(request_id, 0)
+        return self._prefill.get(request_id, (0, 0.0))[0]
 
     def finish(self, request_id: str) -> bool:
         """Release a request; False (and no change) if it is unknown or already released."""
@@ -193,10 +204,11 @@ class BaseRouter:
     name = "base"
 
     def __init__(self, *, rng: random.Random | None = None, registry: CollectorRegistry | None = None,
-                 histogram: Histogram | None = None, label: str = ""):
+                 histogram: Histogram | None = None, label: str = "", clock: Callable[[], float] = time.monotonic):
         """`histogram`: a `decision_histogram` to share with other routers on one registry (a
         disaggregated frontend routes prefill and decode separately); `label` names this router in it."""
         self.rng = rng if rng is not None else random.Random()
+        self.clock = clock
         self.inflight = InFlight()
         hist = histogram if histogram is not None else decision_histogram(registry)
         self.label = label or self.name
@@ -212,7 +224,7 @@ class BaseRouter:
         # A request routed again (migration) first gives back its old slot.
         self.inflight.finish(request.request_id)
         decision = self._choose(request, workers)
-        self.inflight.add(request.request_id, decision.worker_id, request, decision.prefill_tokens)
+        self.inflight.add(request.request_id, decision.worker_id, request, decision.prefill_tokens, self.clock())
         self._routed(decision.worker_id, request.block_hashes)
         self.decision_seconds.observe(time.perf_counter() - start)
         if self.sync is not None:
@@ -234,7 +246,7 @@ class BaseRouter:
 
     def add_peer(self, request_id: str, worker_id: str, hashes: list[int], partial: int, prefill: int = 0) -> None:
         """Another frontend routed a request (peer_load.py): it counts here as if this router had."""
-        self.inflight.add_entry(request_id, worker_id, hashes, partial, prefill)
+        self.inflight.add_entry(request_id, worker_id, hashes, partial, prefill, self.clock())
         self._routed(worker_id, hashes)
 
     def _routed(self, worker_id: str, hashes: list[int]) -> None:
@@ -292,15 +304,15 @@ class KvRouter(BaseRouter):
 
     def __init__(self, index: KvIndex, *, cost: str = "ttft", overlap_weight: float = 1.0, temperature: float = 0.0,
                  tier_weights: Mapping[str, float] | None = None, speculative_ttl: float = 10.0,
-                 prefill_rate: PrefillRate | None = None, balance: float = 1.5,
-                 clock: Callable[[], float] = time.monotonic, **kw: Any) -> None:
+                 prefill_rate: PrefillRate | None = None, balance: float = 1.0, **kw: Any) -> None:
         """`cost`: "ttft" (expected time to first token) or "overlap" (the weighted formula);
         `tier_weights`: credit for a prefix block found in each tier (default G1 only, 1.0);
         `speculative_ttl`: seconds a routed prompt's blocks count as held before KV events confirm them
         (0: off); `prefill_rate`: the learned prefill speeds (a fresh `PrefillRate` by default);
-        `balance` (ttft cost): a worker with more active requests than `balance` x the candidates' mean
-        + BALANCE_SLACK is no candidate (0: off)."""
+        `balance` (ttft cost): each active request a worker has above the candidates' mean costs `balance`
+        x the mean prefill of a routed request (0: off; see ttft_cost.py)."""
         super().__init__(**kw)
+        clock = self.clock
         if overlap_weight < 0 or temperature < 0 or balance < 0:
             raise ValueError("overlap_weight and temperature must be >= 0")
         if cost not in COSTS:
@@ -312,7 +324,7 @@ class KvRouter(BaseRouter):
         self.balance = balance
         self.tier_weights = dict(tier_weights) if tier_weights else {"G1": 1.0}
         self.speculative = SpeculativeIndex(speculative_ttl, clock) if speculative_ttl > 0 else None
-        self.ttft = TtftModel(prefill_rate, clock)
+        self.ttft = TtftModel(prefill_rate)
         # request id -> (worker, prefill tokens queued ahead of it there, prompt tokens): for learning the
         # worker's prefill rate at its first token. Invariant: a subset of `inflight`'s own requests.
         self._sent: dict[str, tuple[str, int, int]] = {}
@@ -331,22 +343,26 @@ class KvRouter(BaseRouter):
             prefill = [max(request.num_prompt_tokens - held.get(w.worker_id, _NONE).blocks * request.block_size, 1)
                        for w in workers]
         else:
+            # In-flight requests (this router's and its peers'), not the load reports: exact at decision
+            # time, where a report is a snapshot of some milliseconds ago (run-to-run noise).
+            actives = [self.inflight.requests(w.worker_id) for w in workers]
+            mean_active = sum(actives) / len(actives)
+            now = self.clock()
             terms = [self.ttft.terms(w.worker_id, num_tokens=request.num_prompt_tokens,
                                      block_size=request.block_size, held=held.get(w.worker_id, _NONE),
-                                     queued_inflight=self.inflight.queued_prefill(w.worker_id),
+                                     queued_inflight=self.inflight.queued_prefill(w.worker_id,
+                                                                                  since=now - w.report_age),
                                      waiting_reported=w.waiting_requests, report_age=w.report_age,
-                                     active=self.load(w)[0])
-                     for w in workers]
+                                     active=active,
+                                     excess=self.balance * max(active - (BALANCE_ZONE * mean_active + BALANCE_SLACK), 0.0))
+                     for w, active in zip(workers, actives, strict=True)]
             costs = [t.seconds for t in terms]
-            if self.balance > 0:  # the balance guard: an overloaded worker is not a candidate
-                mean = sum(t.active for t in terms) / len(terms)
-                limit = self.balance * mean + BALANCE_SLACK
-                costs = [c if t.active <= limit else math.inf for c, t in zip(costs, terms, strict=True)]
             # Half a block's prefill on the fastest worker: closer than that is a tie.
             tolerance = 0.5 * request.block_size / max(t.rate for t in terms)
             prefill = [t.uncached for t in terms]
+            self.ttft.observe_request(min(prefill))
         if self.temperature > 0:
-            i = self._sample([c if math.isfinite(c) else max(filter(math.isfinite, costs)) * 1e6 for c in costs])
+            i = self._sample(costs)
         else:
             best = min(costs)
             i = self._tie_break([i for i, c in enumerate(costs) if c <= best + tolerance], workers, held)
@@ -358,13 +374,7 @@ class KvRouter(BaseRouter):
         decision = super().select(request, workers)
         queued = self.inflight.queued_prefill(decision.worker_id) - decision.prefill_tokens
         self._sent[request.request_id] = (decision.worker_id, queued, request.num_prompt_tokens)
-        self.ttft.routed(decision.worker_id, decision.prefill_tokens)
         return decision
-
-    def add_peer(self, request_id: str, worker_id: str, hashes: list[int], partial: int, prefill: int = 0) -> None:
-        if request_id not in self.inflight.entries_ids():  # a heartbeat repeats what the backlog has
-            self.ttft.routed(worker_id, prefill, own=False)
-        super().add_peer(request_id, worker_id, hashes, partial, prefill)
 
     def on_first_token(self, request_id: str, seconds: float | None = None, cached_tokens: int | None = None) -> None:
         sent = self._sent.pop(request_id, None)
@@ -395,9 +405,14 @@ class KvRouter(BaseRouter):
 
 
 COSTS = ("ttft", "overlap")
-# The balance guard's absolute slack, in active requests: without it, at low load (a mean of 1 or 2) one
-# request more than the others would already put a worker out, and conversations would scatter.
-BALANCE_SLACK = 2
+
+
+# The balance term counts a worker's active requests beyond BALANCE_ZONE x the mean + BALANCE_SLACK: within
+# it, imbalance is the noise of conversations coming and going (issue 27: counting every request above the
+# mean moved conversations off their history at 16 workers, 2-5 requests each), and the slack keeps one
+# request more than the others at low load from counting.
+BALANCE_ZONE = 1.5
+BALANCE_SLACK = 2.0
 _NONE = Held(0, 0, 0.0)
 
 

@@ -9,6 +9,8 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from kvrelay.frontend.kv_index import KvIndex
 from kvrelay.frontend.router import (
     BaseRouter,
@@ -134,6 +136,7 @@ class Sim:
         self.router = make_router(mode, self.index, random.Random(seed + 1), lambda: self.now, **kv_options)
         self.workers = {f"w{i}": SimWorker(f"w{i}", capacity) for i in range(N_WORKERS)}
         self.reported = {w: WorkerState(worker_id=w) for w in self.workers}
+        self.reported_at = 0.0
         self.now = 0.0
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
@@ -165,6 +168,7 @@ class Sim:
                                         active_decode_blocks=len(set().union(*sw.running.values())),
                                         waiting_requests=len(sw.waiting))
                          for w, sw in self.workers.items()}
+        self.reported_at = self.now
         self.at(self.now + METRICS_PERIOD_S, self._report)
 
     def _publish(self, events: list[KvEvent]) -> None:
@@ -177,8 +181,10 @@ class Sim:
         self._n += 1
         rid = f"r{self._n}"
         hashes = block_hashes(prompt, BLOCK, ROOT)
+        age = self.now - self.reported_at
         d = self.router.select(RouteRequest(request_id=rid, block_hashes=hashes, num_prompt_tokens=len(prompt),
-                                            block_size=BLOCK), list(self.reported.values()))
+                                            block_size=BLOCK),
+                               [msgspec.structs.replace(ws, report_age=age) for ws in self.reported.values()])
         w = self.workers[d.worker_id]
         self.stats.per_worker[w.worker_id] += 1
         w.running[rid] = {*hashes, -self._n}  # + its partial last block (never a real hash)
