@@ -76,7 +76,8 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
         router = None
         try:
             if kind == "kv":
-                servers = [_serve(tmp / "kv", args.workers_n, args.speedup, *router_args(arm)).start(timeout=180)]
+                servers = [_serve(tmp / "kv", args.workers_n, args.speedup, *router_args(arm),
+                                  "--http-workers", str(args.kv_http_workers)).start(timeout=180)]
                 url = servers[0].base_url
             else:
                 servers = [_serve(tmp / f"b{i}", 1, args.speedup).start(timeout=120) for i in range(args.workers_n)]
@@ -103,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default="kv,sglang:cache_aware,sglang:round_robin,vllm:cache_aware,vllm:round_robin")
     p.add_argument("--venvs", type=Path, default=Path("/work/venvs"))
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--kv-http-workers", type=int, default=1,
+                   help="HTTP processes of the kv arm's frontend (the peer arms run one frontend per backend)")
     own, rest = p.parse_known_args(argv)
     args = parse_args(rest)  # router_bench's flags: --family, --workers (one number), --repeats, shape
-    args.workers_n, args.venvs = int(args.workers), own.venvs
+    args.workers_n, args.venvs, args.kv_http_workers = int(args.workers), own.venvs, own.kv_http_workers
     best = best_possible_hit_rate(args)
     print(f"family {args.family} ({FAMILIES[args.family] or 'router_bench defaults'}), {args.workers_n} workers; "
           f"oracle (token ids) {best:.3f}", flush=True)
