@@ -23,8 +23,9 @@ class FrontendConfig:
                                     "against decode load", non_negative)
     router_speculative_ttl: float = setting(10.0, "kv router: seconds a routed prompt's blocks count as held by "
                                             "its worker before KV events confirm them (0 = off)", non_negative)
-    router_balance: float = setting(2.0, "kv router, --router-cost ttft: each active request a worker has above "
-                                    "the mean costs this many mean prefills (0 = off)", non_negative)
+    router_balance: float = setting(2.0, "kv router, --router-cost ttft: each in-flight request a worker has "
+                                    "beyond 1.5x the mean + 2 costs this many mean prefills (0 = off)",
+                                    non_negative)
     router_prefill_rate: float = setting(20000.0, "kv router: prior prefill rate, tokens/s, until first-token "
                                          "times give a worker's own", positive)
     lower_tier_weight: float = setting(0.5, "kv router: credit for a prefix block a worker holds in G2/G3 "

@@ -304,7 +304,7 @@ class KvRouter(BaseRouter):
 
     def __init__(self, index: KvIndex, *, cost: str = "ttft", overlap_weight: float = 1.0, temperature: float = 0.0,
                  tier_weights: Mapping[str, float] | None = None, speculative_ttl: float = 10.0,
-                 prefill_rate: PrefillRate | None = None, balance: float = 1.0, **kw: Any) -> None:
+                 prefill_rate: PrefillRate | None = None, balance: float = 2.0, **kw: Any) -> None:
         """`cost`: "ttft" (expected time to first token) or "overlap" (the weighted formula);
         `tier_weights`: credit for a prefix block found in each tier (default G1 only, 1.0);
         `speculative_ttl`: seconds a routed prompt's blocks count as held before KV events confirm them
