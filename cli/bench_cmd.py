@@ -76,6 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("--suffixes-per-prefix", int, "prefix: suffixes per prefix"), ("--users", int, "multi-turn: users"),
         ("--turns", int, "multi-turn: turns per user"),
         ("--system-len", int, "multi-turn: tokens of a system prompt all users share"),
+        ("--long-users", int, "multi-turn: users (the first of each wave) whose turns are --long-factor x longer"),
+        ("--long-factor", int, "multi-turn: how much longer the --long-users' turns are"),
         ("--num-docs", int, "long-doc: documents"),
         ("--doc-len", int, "long-doc: tokens per document"), ("--questions-per-doc", int, "long-doc: questions"),
         ("--block-size", int, "trace: tokens per hash_id block (Mooncake: 512)"),
@@ -102,18 +104,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp.set_defaults(func=_compare)
 
 
-_CONFIG_FIELDS = ("url", "model", "endpoint", "prompt_format", "tokenizer", "workload", "seed", "num_requests",
-                  "duration", "warmup", "concurrency", "request_rate", "burstiness", "arrivals", "input_len",
-                  "output_len", "range_ratio", "num_prefixes", "prefix_len", "suffixes_per_prefix", "users",
-                  "turns", "num_docs", "doc_len", "questions_per_doc", "trace", "block_size", "trace_speedup",
-                  "ignore_eos", "timeout")
+# BenchConfig fields whose flag is parsed from text (the others are taken as the flags give them).
+_PARSED_FIELDS = ("slo", "extra_body")
 
 
 def config_from_args(args: argparse.Namespace):
-    """Flags -> a validated BenchConfig (ConfigError names the bad flag)."""
+    """Flags -> a validated BenchConfig (ConfigError names the bad flag). Every BenchConfig field is set
+    from the flag of the same name (derived from the Struct, so a new field cannot be silently dropped:
+    `--system-len` once was; tests/cli/test_bench_cmd.py checks each field reaches the config)."""
+    from msgspec import structs
+
     from kvrelay.perf.bench.config import BenchConfig, parse_extra_body, parse_slo, validate
 
-    values = {name: getattr(args, name) for name in _CONFIG_FIELDS}
+    values = {f.name: getattr(args, f.name) for f in structs.fields(BenchConfig) if f.name not in _PARSED_FIELDS}
     return validate(BenchConfig(**values, slo=parse_slo(args.slo), extra_body=parse_extra_body(args.extra_body)))
 
 

@@ -16,9 +16,19 @@ class FrontendConfig:
     http_port: int = setting(8000, "HTTP listen port", lambda p: None if 0 <= p <= 65535 else "must be a TCP port")
     namespace: str = setting("default", "deployment namespace")
     router_mode: Literal["kv", "round-robin", "random", "least-loaded"] = setting("kv", "how to pick a worker")
+    router_cost: Literal["ttft", "overlap"] = setting(
+        "ttft", "kv router: ttft = lowest expected time to first token (queued prefill + uncached prefill + "
+        "onboarding, frontend/README.md); overlap = the older overlap_weight * uncached blocks + active blocks")
     # 2.0 measured best on the multi-turn routing-quality workload (tests/frontend/test_routing_quality.py).
-    overlap_weight: float = setting(2.0, "kv router: weight of uncached prefill blocks against decode load",
+    overlap_weight: float = setting(2.0, "kv router, --router-cost overlap: weight of uncached prefill blocks "
+                                    "against decode load", non_negative)
+    router_speculative_ttl: float = setting(10.0, "kv router: seconds a routed prompt's blocks count as held by "
+                                            "its worker before KV events confirm them (0 = off)", non_negative)
+    router_balance: float = setting(2.0, "kv router, --router-cost ttft: each in-flight request a worker has "
+                                    "beyond 1.5x the mean + 2 costs this many mean prefills (0 = off)",
                                     non_negative)
+    router_prefill_rate: float = setting(20000.0, "kv router: prior prefill rate, tokens/s, until first-token "
+                                         "times give a worker's own", positive)
     lower_tier_weight: float = setting(0.5, "kv router: credit for a prefix block a worker holds in G2/G3 "
                                        "instead of G1 (0 = ignore lower tiers; G1 = 1)", non_negative)
     router_temperature: float = setting(0.0, "kv router: softmax temperature (0 = pick the lowest cost)",

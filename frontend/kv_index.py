@@ -128,6 +128,11 @@ class KvIndex:
                 out[w] = out.get(w, 0.0) + wt
         return out
 
+    def holders_view(self, tier: str = "G1") -> Mapping[int, Collection[str]]:
+        """Block hash -> workers holding it in `tier`: the index's own map, read-only for the caller
+        (a router walking a prompt block by block; copying it per request would cost more than routing)."""
+        return self._holders.get(tier, {})
+
     def workers(self) -> set[str]:
         """Workers the index has state for (a snapshot or at least one event)."""
         return set(self._last)

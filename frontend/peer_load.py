@@ -28,21 +28,22 @@ from collections.abc import Mapping, Sequence
 
 import msgspec
 
-from kvrelay.frontend.router import BaseRouter
+from kvrelay.frontend.router import FINISHED, FIRST_TOKEN, ROUTED, BaseRouter
 from kvrelay.runtime.events import EventPlane, Subscription
 
 log = logging.getLogger(__name__)
 
-ADD, FINISH = 0, 1
+ADD, FINISH, FIRST = ROUTED, FINISHED, FIRST_TOKEN
 
 
 class Op(msgspec.Struct, array_like=True):
-    kind: int  # ADD | FINISH
+    kind: int  # ADD | FINISH | FIRST (the request's first token came: its prefill left the worker's queue)
     router: str  # the router's label (its own name unless given one: kv, decode, prefill, ...)
     request_id: str
     worker_id: str = ""
     hashes: list[int] = []
     partial: int = 0  # the prompt's partial last block (0 or 1)
+    prefill: int = 0  # ADD: prompt tokens the router expects the worker to compute before the first token
 
 
 class RouterSync(msgspec.Struct):
@@ -93,18 +94,20 @@ class PeerLoad:
 
     # -- publishing -------------------------------------------------------------------------------------
     def _recorder(self, label: str):
-        def record(request_id: str, worker_id: str | None, hashes: Sequence[int] = (), partial: int = 0) -> None:
+        def record(kind: int, request_id: str, worker_id: str = "", hashes: Sequence[int] = (), partial: int = 0,
+                   prefill: int = 0) -> None:
             if not self._held:  # no peer heard of: the next full state (each heartbeat) is enough
                 return
-            if worker_id is None:
-                self._pending.append(Op(FINISH, label, request_id))
+            if kind == ADD:
+                self._pending.append(Op(ADD, label, request_id, worker_id, list(hashes), partial, prefill))
             else:
-                self._pending.append(Op(ADD, label, request_id, worker_id, list(hashes), partial))
+                self._pending.append(Op(kind, label, request_id))
             self._dirty.set()
         return record
 
     def _full_state(self) -> list[Op]:
-        return [Op(ADD, label, rid, w, hashes, partial) for label, router in self.routers.items()
+        return [Op(ADD, label, rid, w, hashes, partial, router.inflight.prefill_pending(rid))
+                for label, router in self.routers.items()
                 for rid, (w, hashes, partial) in router.inflight.entries() if not rid.startswith(_PEER)]
 
     async def _publish_loop(self) -> None:
@@ -153,8 +156,10 @@ class PeerLoad:
                 continue
             pid = f"{_PEER}{peer}/{op.request_id}"
             if op.kind == ADD:
-                router.inflight.add_entry(pid, op.worker_id, op.hashes, op.partial)
+                router.add_peer(pid, op.worker_id, op.hashes, op.partial, op.prefill)
                 held.add((op.router, op.request_id))
+            elif op.kind == FIRST:
+                router.inflight.first_token(pid)
             else:
                 self._finish(held, op.router, op.request_id, peer)
 

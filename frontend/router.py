@@ -9,16 +9,25 @@ cache holds it once. A worker's load is the larger of what it reports (`WorkerSt
 in-flight count, so nothing is counted twice. With several frontends, the in-flight accounting holds
 the other frontends' requests too (peer_load.py feeds them in; `sync` tells it what this router did).
 
-The kv router's cost of a worker (lower is better):
+The kv router's cost of a worker (lower is better), `cost="ttft"` (the default, issue 27): the expected
+time to first token of this request there, in seconds (ttft_cost.py; every term and its source in
+frontend/README.md "Routing"):
+    ttft = (queued_prefill_tokens + uncached_tokens + onboard_tokens
+            + RUNNING_TOKEN_EQUIV * active_requests + imbalance) / prefill_rate
+(imbalance: `balance` x the in-flight requests beyond 1.5 x the mean + 2, each a mean request's prefill)
+`cost="overlap"` keeps the formula before it, for comparison:
     cost = overlap_weight * uncached_prefill_blocks + active_decode_blocks
-uncached_prefill_blocks = the prompt's blocks minus the prefix the `KvIndex` says the worker holds.
-Ties go to the worker with fewer active requests, then uniformly at random (the RNG is passed in:
-no global random state). With `temperature > 0` the worker is sampled instead, with probability
-proportional to exp(-z / temperature), z = the cost min-max normalized to [0, 1] over the candidates.
-`overlap_weight` trades cache reuse against balance: at ~2 requests per worker, one request's worth
-of load imbalance outweighs a short conversation's history at 1.0, so conversations move (see
-tests/frontend/test_routing_quality.py for measurements). When nothing is in flight the load term is
-zero and the workers holding a prompt's prefix get it: traffic spreads once requests overlap.
+In both, what a worker holds is the `KvIndex` plus speculative entries (speculative_index.py): the
+blocks of every prompt routed to it within the last `speculative_ttl` seconds that its KV events have not
+confirmed yet. Ties (within half a block's prefill time for ttft) go to the worker holding the longest
+prefix (a conversation stays where its history is), then to fewer active requests, then uniformly at
+random (the RNG is passed in: no global random state). With `temperature > 0` the worker is sampled
+instead, with probability proportional to exp(-z / temperature), z = the cost min-max normalized to
+[0, 1] over the candidates. The overlap formula's `overlap_weight` trades cache reuse against balance; at
+~2 requests per worker one request's worth of load imbalance outweighs a conversation's history, so
+conversations moved (issue 27 measured 31-36% of follow-up turns moving at 4 workers): the ttft cost
+counts the load that delays a first token (queued prefill work) and imbalance beyond a zone of noise,
+not every decode that runs beside it.
 
 Every decision's duration is observed in the histogram `kvrelay_router_decision_seconds{router}`,
 registered on the `CollectorRegistry` passed in (one router per registry).
@@ -30,13 +39,16 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
 from prometheus_client import CollectorRegistry, Histogram
 
 from kvrelay.frontend.kv_index import KvIndex
+from kvrelay.frontend.prefill_rate import PrefillRate
+from kvrelay.frontend.speculative_index import Held, SpeculativeIndex, held_prefix
+from kvrelay.frontend.ttft_cost import TtftModel
 from kvrelay.runtime.metrics import new_registry
 
 _BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 1e-1)
@@ -61,12 +73,15 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     active_requests: int = 0  # LoadMetrics running + waiting
     active_decode_blocks: int = 0  # KV blocks held by its running requests
     kv_usage: float = 0.0  # 0..1
+    waiting_requests: int = 0  # LoadMetrics waiting: admitted, not yet scheduled (part of active_requests)
+    report_age: float = math.inf  # seconds since the worker took the load report these come from (inf: none)
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: str
     overlap_blocks: int = 0  # G1 prefix blocks the index says the worker holds (kv router only)
     cost: float = 0.0  # the router's score of the chosen worker (lower is better)
+    prefill_tokens: int = 0  # prompt tokens the router expects the worker to compute (kv router only)
 
 
 class NoWorkersError(Exception):
@@ -87,31 +102,70 @@ class InFlight:
 
     Invariants: `_reqs[w]` is the number of entries of `_by_id` on `w`; `_hashes[w]` counts, per block
     hash, the entries on `w` whose prompt has it; `_partial[w]` is their number of partial last blocks;
-    a worker with nothing in flight has no entry in any of them."""
+    a worker with nothing in flight has no entry in any of them. Prefill accounting (issue 27):
+    `_prefill[id]` is (prompt tokens an entry still has to compute before its first token, when it was
+    routed) (entries past their first token have none), `_queued[w]` the sum of those tokens on `w` and
+    `_pending[w]` the ids of those entries (both absent when none)."""
 
     def __init__(self) -> None:
         self._by_id: dict[str, tuple[str, list[int], int]] = {}  # id -> (worker, hashes, partial blocks)
         self._reqs: dict[str, int] = {}
         self._hashes: dict[str, Counter[int]] = {}
         self._partial: dict[str, int] = {}
+        self._prefill: dict[str, tuple[int, float]] = {}
+        self._queued: dict[str, int] = {}
+        self._pending: dict[str, set[str]] = {}
 
-    def add(self, request_id: str, worker_id: str, request: RouteRequest) -> None:
-        self.add_entry(request_id, worker_id, request.block_hashes, request.num_blocks - len(request.block_hashes))
+    def add(self, request_id: str, worker_id: str, request: RouteRequest, prefill_tokens: int = 0,
+            at: float = 0.0) -> None:
+        self.add_entry(request_id, worker_id, request.block_hashes, request.num_blocks - len(request.block_hashes),
+                       prefill_tokens, at)
 
-    def add_entry(self, request_id: str, worker_id: str, hashes: list[int], partial: int) -> None:
+    def add_entry(self, request_id: str, worker_id: str, hashes: list[int], partial: int,
+                  prefill_tokens: int = 0, at: float = 0.0) -> None:
+        """`at`: when it was routed (the router's clock), for `queued_prefill(since=...)`."""
         self.finish(request_id)
         self._by_id[request_id] = (worker_id, hashes, partial)
         request_hashes = hashes
         self._reqs[worker_id] = self._reqs.get(worker_id, 0) + 1
         self._hashes.setdefault(worker_id, Counter()).update(request_hashes)
         self._partial[worker_id] = self._partial.get(worker_id, 0) + partial
+        if prefill_tokens > 0:
+            self._prefill[request_id] = (prefill_tokens, at)
+            self._queued[worker_id] = self._queued.get(worker_id, 0) + prefill_tokens
+            self._pending.setdefault(worker_id, set()).add(request_id)
+
+    def first_token(self, request_id: str) -> int:
+        """The request's prefill is done: its tokens leave the worker's prefill queue. Returns how many
+        (0 if unknown or already done)."""
+        tokens, _ = self._prefill.pop(request_id, (0, 0.0))
+        if tokens:
+            w = self._by_id[request_id][0]
+            self._queued[w] -= tokens
+            self._pending[w].discard(request_id)
+            if not self._pending[w]:
+                del self._queued[w], self._pending[w]
+        return tokens
+
+    def queued_prefill(self, worker_id: str, since: float = -math.inf) -> int:
+        """Prompt tokens of in-flight requests on the worker that have not produced a first token (and
+        were routed after `since`)."""
+        if since == -math.inf:
+            return self._queued.get(worker_id, 0)
+        return sum(t for t, at in (self._prefill[i] for i in self._pending.get(worker_id, ())) if at > since)
+
+    def entries_ids(self) -> Collection[str]:
+        return self._by_id.keys()
+
+    def prefill_pending(self, request_id: str) -> int:
+        return self._prefill.get(request_id, (0, 0.0))[0]
 
     def finish(self, request_id: str) -> bool:
         """Release a request; False (and no change) if it is unknown or already released."""
-        entry = self._by_id.pop(request_id, None)
-        if entry is None:
+        if request_id not in self._by_id:
             return False
-        w, hashes, partial = entry
+        self.first_token(request_id)
+        w, hashes, partial = self._by_id.pop(request_id)
         self._reqs[w] -= 1
         self._partial[w] -= partial
         held = self._hashes[w]
@@ -143,20 +197,24 @@ def decision_histogram(registry: CollectorRegistry | None) -> Histogram:
                      registry=registry if registry is not None else new_registry(), buckets=_BUCKETS)
 
 
+ROUTED, FIRST_TOKEN, FINISHED = 0, 2, 1  # what `BaseRouter.sync` is told (peer_load.py's Op kinds)
+
+
 class BaseRouter:
     name = "base"
 
     def __init__(self, *, rng: random.Random | None = None, registry: CollectorRegistry | None = None,
-                 histogram: Histogram | None = None, label: str = ""):
+                 histogram: Histogram | None = None, label: str = "", clock: Callable[[], float] = time.monotonic):
         """`histogram`: a `decision_histogram` to share with other routers on one registry (a
         disaggregated frontend routes prefill and decode separately); `label` names this router in it."""
         self.rng = rng if rng is not None else random.Random()
+        self.clock = clock
         self.inflight = InFlight()
         hist = histogram if histogram is not None else decision_histogram(registry)
         self.label = label or self.name
         self.decision_seconds = hist.labels(router=self.label)
-        # sync(request_id, worker_id | None, hashes, partial): told each request routed (worker) and
-        # finished (None), for the other frontends (peer_load.py).
+        # sync(kind, request_id, worker_id="", hashes=(), partial=0, prefill=0), kind ROUTED, FIRST_TOKEN
+        # or FINISHED: told what this router's requests do, for the other frontends (peer_load.py).
         self.sync: Any = None
 
     def select(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
@@ -166,17 +224,33 @@ class BaseRouter:
         # A request routed again (migration) first gives back its old slot.
         self.inflight.finish(request.request_id)
         decision = self._choose(request, workers)
-        self.inflight.add(request.request_id, decision.worker_id, request)
+        self.inflight.add(request.request_id, decision.worker_id, request, decision.prefill_tokens, self.clock())
+        self._routed(decision.worker_id, request.block_hashes)
         self.decision_seconds.observe(time.perf_counter() - start)
         if self.sync is not None:
-            self.sync(request.request_id, decision.worker_id, request.block_hashes,
-                      request.num_blocks - len(request.block_hashes))
+            self.sync(ROUTED, request.request_id, decision.worker_id, request.block_hashes,
+                      request.num_blocks - len(request.block_hashes), decision.prefill_tokens)
         return decision
+
+    def on_first_token(self, request_id: str, seconds: float | None = None, cached_tokens: int | None = None) -> None:
+        """The request's first token arrived, `seconds` after it was sent, and the worker reported
+        `cached_tokens` of its prompt as cached (both optional: a router that learns from them uses
+        them). Its prefill no longer queues before others. Idempotent."""
+        if self.inflight.first_token(request_id) and self.sync is not None:
+            self.sync(FIRST_TOKEN, request_id)
 
     def on_finish(self, request_id: str) -> None:
         """The request ended (any way). Idempotent."""
         if self.inflight.finish(request_id) and self.sync is not None:
-            self.sync(request_id, None)
+            self.sync(FINISHED, request_id)
+
+    def add_peer(self, request_id: str, worker_id: str, hashes: list[int], partial: int, prefill: int = 0) -> None:
+        """Another frontend routed a request (peer_load.py): it counts here as if this router had."""
+        self.inflight.add_entry(request_id, worker_id, hashes, partial, prefill, self.clock())
+        self._routed(worker_id, hashes)
+
+    def _routed(self, worker_id: str, hashes: list[int]) -> None:
+        """A prompt with `hashes` was routed to the worker (by this router or a peer)."""
 
     def load(self, w: WorkerState) -> tuple[int, int]:
         """(active requests, active decode blocks): reported or in flight (from every frontend),
@@ -228,39 +302,118 @@ class LeastLoadedRouter(BaseRouter):
 class KvRouter(BaseRouter):
     name = "kv"
 
-    def __init__(self, index: KvIndex, *, overlap_weight: float = 1.0, temperature: float = 0.0,
-                 tier_weights: Mapping[str, float] | None = None, **kw: Any) -> None:
-        """`tier_weights`: credit for a prefix block found in each tier (default G1 only, 1.0)."""
+    def __init__(self, index: KvIndex, *, cost: str = "ttft", overlap_weight: float = 1.0, temperature: float = 0.0,
+                 tier_weights: Mapping[str, float] | None = None, speculative_ttl: float = 10.0,
+                 prefill_rate: PrefillRate | None = None, balance: float = 2.0, **kw: Any) -> None:
+        """`cost`: "ttft" (expected time to first token) or "overlap" (the weighted formula);
+        `tier_weights`: credit for a prefix block found in each tier (default G1 only, 1.0);
+        `speculative_ttl`: seconds a routed prompt's blocks count as held before KV events confirm them
+        (0: off); `prefill_rate`: the learned prefill speeds (a fresh `PrefillRate` by default);
+        `balance` (ttft cost): each active request a worker has above the candidates' mean costs `balance`
+        x the mean prefill of a routed request (0: off; see ttft_cost.py)."""
         super().__init__(**kw)
-        if overlap_weight < 0 or temperature < 0:
+        clock = self.clock
+        if overlap_weight < 0 or temperature < 0 or balance < 0:
             raise ValueError("overlap_weight and temperature must be >= 0")
+        if cost not in COSTS:
+            raise ValueError(f"unknown router cost {cost!r}; choose from {', '.join(COSTS)}")
         self.index = index
+        self.cost = cost
         self.overlap_weight = overlap_weight
         self.temperature = temperature
+        self.balance = balance
         self.tier_weights = dict(tier_weights) if tier_weights else {"G1": 1.0}
+        self.speculative = SpeculativeIndex(speculative_ttl, clock) if speculative_ttl > 0 else None
+        self.ttft = TtftModel(prefill_rate)
+        # request id -> (worker, prefill tokens queued ahead of it there, prompt tokens): for learning the
+        # worker's prefill rate at its first token. Invariant: a subset of `inflight`'s own requests.
+        self._sent: dict[str, tuple[str, int, int]] = {}
+
+    def _routed(self, worker_id: str, hashes: list[int]) -> None:
+        if self.speculative is not None:
+            self.speculative.add(worker_id, hashes)
 
     def _choose(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
-        overlaps = self.index.overlap(request.block_hashes)
-        cached: Mapping[str, float] = overlaps
-        if self.tier_weights != {"G1": 1.0}:
-            cached = self.index.weighted_overlap(request.block_hashes, self.tier_weights)
-        n = request.num_blocks
-        costs = [self.overlap_weight * max(n - cached.get(w.worker_id, 0), 0) + self.load(w)[1]
-                 for w in workers]
+        held = held_prefix(request.block_hashes, self.index, self.speculative, self.tier_weights)
+        if self.cost == "overlap":
+            n = request.num_blocks
+            costs = [self.overlap_weight * max(n - held.get(w.worker_id, _NONE).credit, 0) + self.load(w)[1]
+                     for w in workers]
+            tolerance = 1e-9
+            prefill = [max(request.num_prompt_tokens - held.get(w.worker_id, _NONE).blocks * request.block_size, 1)
+                       for w in workers]
+        else:
+            # In-flight requests (this router's and its peers'), not the load reports: exact at decision
+            # time, where a report is a snapshot of some milliseconds ago (run-to-run noise).
+            actives = [self.inflight.requests(w.worker_id) for w in workers]
+            mean_active = sum(actives) / len(actives)
+            now = self.clock()
+            terms = [self.ttft.terms(w.worker_id, num_tokens=request.num_prompt_tokens,
+                                     block_size=request.block_size, held=held.get(w.worker_id, _NONE),
+                                     queued_inflight=self.inflight.queued_prefill(w.worker_id,
+                                                                                  since=now - w.report_age),
+                                     waiting_reported=w.waiting_requests, report_age=w.report_age,
+                                     active=active,
+                                     excess=self.balance * max(active - (BALANCE_ZONE * mean_active + BALANCE_SLACK), 0.0))
+                     for w, active in zip(workers, actives, strict=True)]
+            costs = [t.seconds for t in terms]
+            # Half a block's prefill on the fastest worker: closer than that is a tie.
+            tolerance = 0.5 * request.block_size / max(t.rate for t in terms)
+            prefill = [t.uncached for t in terms]
+            self.ttft.observe_request(min(prefill))
         if self.temperature > 0:
             i = self._sample(costs)
-            chosen, cost = workers[i], costs[i]
         else:
-            cost = min(costs)
-            chosen = self._tie_break([w for w, c in zip(workers, costs, strict=True) if c <= cost + 1e-9])
-        return Decision(worker_id=chosen.worker_id, overlap_blocks=overlaps.get(chosen.worker_id, 0),
-                        cost=cost)
+            best = min(costs)
+            i = self._sticky_tie_break([i for i, c in enumerate(costs) if c <= best + tolerance], workers, held)
+        chosen = workers[i]
+        return Decision(worker_id=chosen.worker_id, overlap_blocks=held.get(chosen.worker_id, _NONE).g1,
+                        cost=costs[i], prefill_tokens=prefill[i])
+
+    def select(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
+        decision = super().select(request, workers)
+        queued = self.inflight.queued_prefill(decision.worker_id) - decision.prefill_tokens
+        self._sent[request.request_id] = (decision.worker_id, queued, request.num_prompt_tokens)
+        return decision
+
+    def on_first_token(self, request_id: str, seconds: float | None = None, cached_tokens: int | None = None) -> None:
+        sent = self._sent.pop(request_id, None)
+        if sent is not None and seconds is not None:
+            worker_id, queued, prompt = sent
+            computed = prompt - cached_tokens if cached_tokens is not None else self.inflight.prefill_pending(request_id)
+            self.ttft.rate.observe(worker_id, queued + max(computed, 1), seconds)
+        super().on_first_token(request_id, seconds, cached_tokens)
+
+    def on_finish(self, request_id: str) -> None:
+        self._sent.pop(request_id, None)
+        super().on_finish(request_id)
+
+    def _sticky_tie_break(self, tied: list[int], workers: Sequence[WorkerState], held: Mapping[str, Held]) -> int:
+        """Of equally good workers: the one holding the longest prefix (a conversation stays sticky), then
+        the fewest active requests, then uniformly at random."""
+        if len(tied) == 1:
+            return tied[0]
+        keys = {i: (-held.get(workers[i].worker_id, _NONE).g1, self.load(workers[i])[0]) for i in tied}
+        best = min(keys.values())
+        return self.rng.choice([i for i in tied if keys[i] == best])
 
     def _sample(self, costs: Sequence[float]) -> int:
         lo, hi = min(costs), max(costs)
         span = hi - lo
         weights = [math.exp(-((c - lo) / span if span > 0 else 0.0) / self.temperature) for c in costs]
         return self.rng.choices(range(len(costs)), weights=weights)[0]
+
+
+COSTS = ("ttft", "overlap")
+
+
+# The balance term counts a worker's active requests beyond BALANCE_ZONE x the mean + BALANCE_SLACK: within
+# it, imbalance is the noise of conversations coming and going (issue 27: counting every request above the
+# mean moved conversations off their history at 16 workers, 2-5 requests each), and the slack keeps one
+# request more than the others at low load from counting.
+BALANCE_ZONE = 1.5
+BALANCE_SLACK = 2.0
+_NONE = Held(0, 0, 0.0)
 
 
 def make_router(mode: str, *, index: KvIndex | None = None, rng: random.Random | None = None,

@@ -39,6 +39,7 @@ from kvrelay.frontend.errors import NoWorker, WorkerRejected
 from kvrelay.frontend.kv_events_consumer import KvEventsConsumer
 from kvrelay.frontend.kv_index import KvIndex
 from kvrelay.frontend.peer_load import PeerLoad
+from kvrelay.frontend.prefill_rate import PrefillRate
 from kvrelay.frontend.remote_prefill import PREFILL_ROLES, RemotePrefill
 from kvrelay.frontend.router import RouteRequest, WorkerState, decision_histogram, make_router
 from kvrelay.frontend.stream_watch import StreamWatch
@@ -88,15 +89,19 @@ class FrontendService:
         lower = ("G2", "G3") if cfg.lower_tier_weight > 0 else ()
         self.index = KvIndex(tiers=("G1", *lower))
         hist = decision_histogram(self.registry)
-        kv_opts: dict[str, Any] = {"overlap_weight": cfg.overlap_weight, "temperature": cfg.router_temperature,
+        kv_opts: dict[str, Any] = {"cost": cfg.router_cost, "overlap_weight": cfg.overlap_weight,
+                   "temperature": cfg.router_temperature, "speculative_ttl": cfg.router_speculative_ttl,
+                   "balance": cfg.router_balance,
                    "tier_weights": {"G1": 1.0, **{t: cfg.lower_tier_weight for t in lower}}}
         self.router = make_router(cfg.router_mode, index=self.index, histogram=hist,
-                                  **(kv_opts if cfg.router_mode == "kv" else {}))
+                                  **({**kv_opts, "prefill_rate": PrefillRate(cfg.router_prefill_rate)}
+                                     if cfg.router_mode == "kv" else {}))
         self.decode_router = make_router("least-loaded", histogram=hist, label="decode")
         self.watch = StreamWatch(cfg.worker_stall_timeout, self._reports_load, self._has_alternative)
         self.pool.on_removed.append(self.watch.worker_left)
-        self.remote = RemotePrefill(self.pool, self.workers, make_router("kv", index=self.index, histogram=hist,
-                                                                     label="prefill", **kv_opts),
+        self.remote = RemotePrefill(self.pool, self.workers, make_router(
+                                        "kv", index=self.index, histogram=hist, label="prefill",
+                                        prefill_rate=PrefillRate(cfg.router_prefill_rate), **kv_opts),
                                     cfg.disagg_min_tokens, self._state, self.registry, SUSPEND_S, self.watch)
         # Other frontends of the deployment (more HTTP processes, replicas): their in-flight load counts too.
         self.frontend_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -262,7 +267,8 @@ class FrontendService:
         if load is None or now - load.timestamp > LOAD_STALE_S:
             return WorkerState(worker_id=inst.instance_id)
         return WorkerState(worker_id=inst.instance_id, active_requests=load.running + load.waiting,
-                           active_decode_blocks=load.used_blocks, kv_usage=load.kv_usage)
+                           active_decode_blocks=load.used_blocks, kv_usage=load.kv_usage,
+                           waiting_requests=load.waiting, report_age=max(now - load.timestamp, 0.0))
 
     async def generate(self, model: str, card: ModelCard, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         prompt, sampling = request.prompt_token_ids, request.sampling
@@ -316,9 +322,14 @@ class FrontendService:
                         return
                     handle = reply.handle
                     attempt = msgspec.structs.replace(attempt, kv_handle=handle)
+                sent, first = time.monotonic(), reply is None
                 async with self.workers.generate(inst.address, attempt) as stream, \
                         self.watch.watching(inst.instance_id, stream):
                     async for out in stream:
+                        if first:  # the prefill is done: the router learns its time, and its queue shrinks
+                            first = False
+                            self.router.on_first_token(request.request_id, time.monotonic() - sent,
+                                                       out.num_cached_tokens)
                         out = _merge_backlog(out, stream)
                         generated += out.token_ids
                         finished = out.finish_reason is not None

@@ -46,6 +46,8 @@ class BenchConfig(msgspec.Struct, kw_only=True):
     users: int = 8
     turns: int = 4
     system_len: int = 0  # multi-turn: a system prompt every user shares (0: none)
+    long_users: int = 0  # multi-turn: the first this many users of each wave write turns long_factor x longer
+    long_factor: int = 1
     num_docs: int = 4
     doc_len: int = 2048
     questions_per_doc: int = 8
@@ -113,7 +115,8 @@ def validate(cfg: BenchConfig) -> BenchConfig:
                         ("--num-prefixes", cfg.num_prefixes), ("--prefix-len", cfg.prefix_len),
                         ("--suffixes-per-prefix", cfg.suffixes_per_prefix), ("--users", cfg.users),
                         ("--turns", cfg.turns), ("--num-docs", cfg.num_docs), ("--doc-len", cfg.doc_len),
-                        ("--questions-per-doc", cfg.questions_per_doc), ("--block-size", cfg.block_size)):
+                        ("--questions-per-doc", cfg.questions_per_doc), ("--block-size", cfg.block_size),
+                        ("--long-factor", cfg.long_factor)):
         _require(value >= 1, flag, "must be >= 1", value)
     if cfg.num_requests is not None:
         _require(cfg.num_requests >= 1, "--num-requests", "must be >= 1", cfg.num_requests)
@@ -124,6 +127,8 @@ def validate(cfg: BenchConfig) -> BenchConfig:
     if cfg.request_rate is not None:
         _require(cfg.request_rate > 0, "--request-rate", "must be > 0 (or inf)", cfg.request_rate)
     _require(cfg.warmup >= 0, "--warmup", "must be >= 0", cfg.warmup)
+    _require(0 <= cfg.long_users <= cfg.users, "--long-users", "must be in [0, --users]", cfg.long_users)
+    _require(cfg.system_len >= 0, "--system-len", "must be >= 0", cfg.system_len)
     _require(cfg.burstiness > 0 and math.isfinite(cfg.burstiness), "--burstiness", "must be > 0", cfg.burstiness)
     _require(0 <= cfg.range_ratio < 1, "--range-ratio", "must be in [0, 1)", cfg.range_ratio)
     _require(cfg.trace_speedup > 0, "--trace-speedup", "must be > 0", cfg.trace_speedup)

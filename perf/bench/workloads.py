@@ -12,7 +12,8 @@ requests came before it or how the run was scheduled.
   user's turn only after its previous turn finished. The assistant replies in the history are
   *synthetic* tokens of --output-len, not the server's real reply: prompts stay exact and identical
   across servers and runs, at the cost that a server cannot hit its cache on the reply it generated
-  (only on the earlier prompt). Past U x T requests, a new wave of users starts.
+  (only on the earlier prompt). Past U x T requests, a new wave of users starts. A skewed mix:
+  the first --long-users users of a wave write turns --long-factor x --input-len long.
 - long-doc: --num-docs documents (--doc-len) x --questions-per-doc questions (--input-len), shuffled,
   so each document is reused across its questions; then a new wave of documents.
 - trace: a Mooncake JSONL trace (`timestamp` ms, `input_length`, `output_length`, `hash_ids`): block
@@ -111,7 +112,9 @@ def multi_turn_workload(cfg: BenchConfig, pool: np.ndarray) -> Iterator[RequestS
         for turn in range(cfg.turns):
             order = rng(cfg.seed, _ORDER, wave, turn).permutation(np.array(users))
             for user in (int(u) for u in order):
-                ask = Segment("user", draw(pool, rng(cfg.seed, _USER, user, turn), cfg.input_len))
+                long = user - wave * cfg.users < cfg.long_users
+                ask = Segment("user", draw(pool, rng(cfg.seed, _USER, user, turn),
+                                           cfg.input_len * (cfg.long_factor if long else 1)))
                 yield RequestSpec(index=next(index), segments=[*history[user], ask], output_len=cfg.output_len,
                                   session=user, turn=turn)
                 reply = Segment("assistant", draw(pool, rng(cfg.seed, _ASSISTANT, user, turn), cfg.output_len))

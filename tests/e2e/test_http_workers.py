@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvrelay.perf.router_bench import hit_rate, parser
+from kvrelay.perf.router_bench import hit_rate, parse_args
 from tests.e2e.serve import Serve
 
 CHAT = {"model": "kvrelay-tiny", "messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 40,
@@ -32,7 +32,7 @@ LONG = {**CHAT, "max_tokens": 800}  # ~4 s at the mocker's 5 ms per step: in fli
 def test_two_http_processes_keep_the_multi_turn_prefix_hit_rate():
     # 48 users x 8 turns (384 requests: a run's hit rate varies ~2% instead of ~4% at 32 x 6), a
     # 200-token shared system prompt, 4 mocker workers
-    args = parser().parse_args(["--users", "48", "--turns", "8"])
+    args = parse_args(["--users", "48", "--turns", "8"])
     one, two = [], []
     # Three interleaved pairs: the machine's noise falls on both alike. The means' ratio read 0.949x and
     # 0.950x (two pairs), 0.949x (three pairs, in a fresh-clone CI run) and 1.016x (three pairs, machine

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import msgspec
 
 from kvrelay.frontend.kv_index import KvIndex
 from kvrelay.frontend.router import (
@@ -52,6 +54,9 @@ class SimWorker:
         self.cache: OrderedDict[int, None] = OrderedDict()
         self.last_event_id = 0
         self.running: dict[str, set[int]] = {}  # request id -> its prompt's blocks
+        self.waiting: set[str] = set()  # requests whose prefill has not ended
+        self.queue: deque[Callable[[], None]] = deque()  # with a prefill queue: prefills not started yet
+        self.busy = False  # with a prefill queue: a prefill is running (then the next waits in `queue`)
 
     def lookup(self, hashes: list[int]) -> int:
         n = 0
@@ -110,13 +115,28 @@ class Stats:
         counts = [self.per_worker.get(f"w{i}", 0) for i in range(N_WORKERS)]
         return max(counts) / max(min(counts), 1)
 
+    @property
+    def max_over_mean(self) -> float:
+        counts = [self.per_worker.get(f"w{i}", 0) for i in range(N_WORKERS)]
+        return max(counts) / (sum(counts) / len(counts))
+
 
 class Sim:
-    def __init__(self, mode: str, capacity: int, seed: int, **kv_options: float):
+    def __init__(self, mode: str, capacity: int, seed: int, prefill_queue: bool = False, **kv_options: float):
+        """`prefill_queue`: a worker computes one prefill at a time, in arrival order (decodes still batch
+        without limit), so a worker sent more prompts than others makes them wait: TTFT and queueing
+        become visible. Without it every prefill starts at once."""
+        self.prefill_queue = prefill_queue
+        self.ttfts: list[float] = []
+        self.max_waiting: Counter[str] = Counter()  # per worker, the most requests ever queued for prefill
+        self.waiting_area: Counter[str] = Counter()  # per worker, the integral over time of its waiting count
+        self.active_area: Counter[str] = Counter()  # ... of its active (waiting + decoding) count
+        self._areas_at = 0.0
         self.index = KvIndex()
-        self.router = make_router(mode, self.index, random.Random(seed + 1), **kv_options)
+        self.router = make_router(mode, self.index, random.Random(seed + 1), lambda: self.now, **kv_options)
         self.workers = {f"w{i}": SimWorker(f"w{i}", capacity) for i in range(N_WORKERS)}
         self.reported = {w: WorkerState(worker_id=w) for w in self.workers}
+        self.reported_at = 0.0
         self.now = 0.0
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
@@ -131,7 +151,11 @@ class Sim:
     def run(self) -> Stats:
         self.at(0.0, self._report)
         while self._heap:
-            self.now, _, fn = heapq.heappop(self._heap)
+            t, _, fn = heapq.heappop(self._heap)
+            for w in self.workers.values():
+                self.waiting_area[w.worker_id] += len(w.waiting) * (t - self._areas_at)
+                self.active_area[w.worker_id] += len(w.running) * (t - self._areas_at)
+            self.now = self._areas_at = t
             fn()
             if all(not w.running for w in self.workers.values()) and all(
                     f == self._report for _, _, f in self._heap):
@@ -141,8 +165,10 @@ class Sim:
 
     def _report(self) -> None:
         self.reported = {w: WorkerState(worker_id=w, active_requests=len(sw.running),
-                                        active_decode_blocks=len(set().union(*sw.running.values())))
+                                        active_decode_blocks=len(set().union(*sw.running.values())),
+                                        waiting_requests=len(sw.waiting))
                          for w, sw in self.workers.items()}
+        self.reported_at = self.now
         self.at(self.now + METRICS_PERIOD_S, self._report)
 
     def _publish(self, events: list[KvEvent]) -> None:
@@ -155,22 +181,38 @@ class Sim:
         self._n += 1
         rid = f"r{self._n}"
         hashes = block_hashes(prompt, BLOCK, ROOT)
+        age = self.now - self.reported_at
         d = self.router.select(RouteRequest(request_id=rid, block_hashes=hashes, num_prompt_tokens=len(prompt),
-                                            block_size=BLOCK), list(self.reported.values()))
+                                            block_size=BLOCK),
+                               [msgspec.structs.replace(ws, report_age=age) for ws in self.reported.values()])
         w = self.workers[d.worker_id]
-        cached = w.lookup(hashes)
-        oracle = next((i for i, h in enumerate(hashes) if h not in self.seen), len(hashes))
-        st = self.stats
-        st.prompt_tokens += len(prompt)
-        st.cached_tokens += cached * BLOCK
-        st.oracle_tokens += oracle * BLOCK
-        st.per_worker[w.worker_id] += 1
+        self.stats.per_worker[w.worker_id] += 1
         w.running[rid] = {*hashes, -self._n}  # + its partial last block (never a real hash)
-        prefill_done = self.now + PREFILL_S_PER_TOKEN * (len(prompt) - cached * BLOCK)
+        w.waiting.add(rid)
+        self.max_waiting[w.worker_id] = max(self.max_waiting[w.worker_id], len(w.waiting))
+        sent = self.now
 
-        def after_prefill() -> None:
+        def start_prefill() -> None:  # the cache lookup happens when the worker schedules the prompt
+            cached = w.lookup(hashes)
+            oracle = next((i for i, h in enumerate(hashes) if h not in self.seen), len(hashes))
+            st = self.stats
+            st.prompt_tokens += len(prompt)
+            st.cached_tokens += cached * BLOCK
+            st.oracle_tokens += oracle * BLOCK
+            self.at(self.now + PREFILL_S_PER_TOKEN * (len(prompt) - cached * BLOCK), lambda: after_prefill(cached))
+
+        def after_prefill(cached: int) -> None:
             self.seen.update(hashes)
             self._publish(w.store(hashes))
+            w.waiting.discard(rid)
+            self.ttfts.append(self.now - sent)
+            self.router.on_first_token(rid, self.now - sent, cached * BLOCK)
+            self.at(self.now + DECODE_S_PER_TOKEN * len(reply), finish)
+            if self.prefill_queue:
+                if w.queue:
+                    w.queue.popleft()()
+                else:
+                    w.busy = False
 
         def finish() -> None:
             full = block_hashes(prompt + reply, BLOCK, ROOT)
@@ -180,8 +222,13 @@ class Sim:
             self.router.on_finish(rid)
             on_done()
 
-        self.at(prefill_done, after_prefill)
-        self.at(prefill_done + DECODE_S_PER_TOKEN * len(reply), finish)
+        if not self.prefill_queue:
+            start_prefill()
+        elif w.busy:
+            w.queue.append(start_prefill)
+        else:
+            w.busy = True
+            start_prefill()
 
 
 def tokens(rng: random.Random, n: int) -> list[int]:
@@ -246,8 +293,28 @@ def run_single_turn(mode: str, n: int = 1000, burst: int = 50, burst_every_s: fl
     return sim.run()
 
 
-def make_router(mode: str, index: KvIndex, rng: random.Random, **kv_options: float) -> BaseRouter:
-    if mode == "kv":
-        return KvRouter(index, rng=rng, **kv_options)
+def run_hot_spot(mode: str, n: int = 600, rate: float = 60.0, family_share: float = 0.5, family_tokens: int = 1024,
+                 seed: int = 0, **kv_options: float) -> Sim:
+    """Single-turn requests arriving as a Poisson stream (`rate` per second) on workers with a prefill
+    queue: a `family_share` of them start with the same `family_tokens`-token prefix (one hot
+    conversation family: a shared document or agent prompt) and end with 64 fresh tokens; the others are
+    random prompts of 200-800 tokens. Replies of 20-200 tokens. Returns the finished simulation."""
+    rng = random.Random(seed)
+    family = tokens(rng, family_tokens)
+    sim = Sim(mode, 4000, seed, prefill_queue=True, **kv_options)
+    at = 0.0
+    for _ in range(n):
+        at += rng.expovariate(rate)
+        prompt = family + tokens(rng, 64) if rng.random() < family_share else tokens(rng, rng.randint(200, 800))
+        reply = tokens(rng, rng.randint(20, 200))
+        sim.at(at, lambda p=prompt, r=reply: sim.submit(p, r, lambda: None))
+    sim.run()
+    return sim
+
+
+def make_router(mode: str, index: KvIndex, rng: random.Random, clock: Callable[[], float],
+                **kv_options: float) -> BaseRouter:
+    if mode == "kv":  # speculative entries expire on the virtual clock
+        return KvRouter(index, rng=rng, clock=clock, **kv_options)
     cls = {"round-robin": RoundRobinRouter, "random": RandomRouter, "least-loaded": LeastLoadedRouter}[mode]
     return cls(rng=rng)

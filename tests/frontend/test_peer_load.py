@@ -92,6 +92,32 @@ async def test_a_block_shared_by_two_frontends_counts_once(broker):
             await plane.close()
 
 
+async def test_a_peers_queued_prefill_and_speculative_blocks_count_until_its_first_token(broker):
+    """Issue 27: b's router sees the prefill a's request queues on w0 (so a burst across frontends
+    spreads on queued work), holds its prompt blocks speculatively (a second turn sent to b goes where
+    the first went), and drops the queued prefill when a's first token comes."""
+    (pa, a, a_peers), (pb, b, b_peers) = [await _frontend(broker, n) for n in ("a", "b")]
+    try:
+        await asyncio.sleep(0.2)
+        a.select(_req(1, blocks=8), [WorkerState(worker_id="w0")])
+        await _until(lambda: b.inflight.queued_prefill("w0") == 8 * 16)
+        second = RouteRequest(request_id="t2", block_hashes=[*_req(1, blocks=8).block_hashes, 5],
+                              num_prompt_tokens=9 * 16)
+        workers = [WorkerState(worker_id=w) for w in ("w1", "w0", "w2")]
+        decision = b.select(second, workers)
+        assert (decision.worker_id, decision.prefill_tokens) == ("w0", 16)
+        b.on_finish("t2")
+        a.on_first_token("r1")
+        await _until(lambda: b.inflight.queued_prefill("w0") == 0)
+        assert b.inflight.requests("w0") == 1  # still in flight: decoding
+        a.on_finish("r1")
+        await _until(lambda: len(b.inflight) == 0)
+    finally:
+        for plane, peers in ((pa, a_peers), (pb, b_peers)):
+            await peers.close()
+            await plane.close()
+
+
 async def test_a_peer_that_closes_or_goes_silent_is_forgotten(broker):
     a_plane, a, a_peers = await _frontend(broker, "a")
     b_plane, b, b_peers = await _frontend(broker, "b", stale=0.3, heartbeat=0.1)

@@ -38,6 +38,11 @@ def prompt(seed: int, n: int) -> list[int]:
     return [rng.randrange(50_000) for _ in range(n)]
 
 
+def overlap_router(index: KvIndex, **kw) -> KvRouter:
+    """The overlap formula as it was before issue 27 (no speculative entries)."""
+    return KvRouter(index, cost="overlap", speculative_ttl=0, **kw)
+
+
 def store(index: KvIndex, worker: str, eid: int, hashes: list[int]) -> None:
     assert index.apply(KvEvent(worker_id=worker, event_id=eid, kind="stored", seq_hashes=hashes))
 
@@ -87,9 +92,12 @@ def test_kv_router_prefers_the_longest_prefix() -> None:
     h = req("x", p).block_hashes
     store(index, "w1", 1, h[:8])
     store(index, "w2", 1, h[:3])
-    r = KvRouter(index, rng=random.Random(0))
+    r = overlap_router(index, rng=random.Random(0))
     d = r.select(req("r1", p), W4)
     assert (d.worker_id, d.overlap_blocks, d.cost) == ("w1", 8, 2.0)
+    d = KvRouter(index, rng=random.Random(0)).select(req("r1", p), W4)  # ttft: 2 blocks to compute
+    assert (d.worker_id, d.overlap_blocks, d.prefill_tokens) == ("w1", 8, 32)
+    assert d.cost == pytest.approx(32 / 20_000)
 
 
 def test_kv_cost_trades_overlap_against_load() -> None:
@@ -98,19 +106,19 @@ def test_kv_cost_trades_overlap_against_load() -> None:
     store(index, "w0", 1, req("x", p).block_hashes[:8])
     loaded = [WorkerState(worker_id="w0", active_decode_blocks=7), WorkerState(worker_id="w1")]
     # w0: 1.0 * 2 + 7 = 9 < w1: 10 + 0
-    assert KvRouter(index).select(req("a", p), loaded).worker_id == "w0"
+    assert overlap_router(index).select(req("a", p), loaded).worker_id == "w0"
     loaded[0] = WorkerState(worker_id="w0", active_decode_blocks=9)  # 11 > 10
-    assert KvRouter(index).select(req("a", p), loaded).worker_id == "w1"
-    assert KvRouter(index, overlap_weight=2.0).select(req("a", p), loaded).worker_id == "w0"  # 13 < 20
-    assert KvRouter(index, overlap_weight=0.0).select(req("a", p), loaded).worker_id == "w1"  # pure load
+    assert overlap_router(index).select(req("a", p), loaded).worker_id == "w1"
+    assert overlap_router(index, overlap_weight=2.0).select(req("a", p), loaded).worker_id == "w0"  # 13 < 20
+    assert overlap_router(index, overlap_weight=0.0).select(req("a", p), loaded).worker_id == "w1"  # pure load
     with pytest.raises(ValueError):
-        KvRouter(index, overlap_weight=-1)
+        overlap_router(index, overlap_weight=-1)
 
 
 def test_kv_ties_go_to_fewer_requests_then_uniformly_at_random() -> None:
     index = KvIndex()
     workers = [WorkerState(worker_id="w0", active_requests=3), *W4[1:]]
-    r = KvRouter(index, rng=random.Random(5))
+    r = overlap_router(index, rng=random.Random(5))
     got = Counter()
     for i in range(3000):
         got[r.select(req(f"r{i}", prompt(i, 20)), workers).worker_id] += 1
@@ -169,7 +177,7 @@ def test_temperature_samples_by_normalized_cost() -> None:
     workers = W4[:2]
 
     def share(temperature: float, n: int = 2000) -> float:
-        r = KvRouter(index, temperature=temperature, rng=random.Random(3))
+        r = overlap_router(index, temperature=temperature, rng=random.Random(3))
         hits = 0
         for i in range(n):
             hits += r.select(req(f"r{i}", p), workers).worker_id == "w0"
@@ -213,8 +221,8 @@ def test_tier_weights_credit_lower_tiers() -> None:
     h = req("x", p).block_hashes
     store(index, "w0", 1, h[:2])
     assert index.apply(KvEvent(worker_id="w1", event_id=1, kind="stored", tier="G2", seq_hashes=h))
-    g1_only = KvRouter(index, rng=random.Random(0))
+    g1_only = overlap_router(index, rng=random.Random(0))
     assert g1_only.select(req("a", p), W4[:2]).worker_id == "w0"  # 8 < 10
-    tiered = KvRouter(index, tier_weights={"G1": 1.0, "G2": 0.5})
+    tiered = overlap_router(index, tier_weights={"G1": 1.0, "G2": 0.5})
     d = tiered.select(req("a", p), W4[:2])
     assert (d.worker_id, d.overlap_blocks, d.cost) == ("w1", 0, 5.0)  # 10 - 10 * 0.5

@@ -26,23 +26,28 @@ in bursts of 50 arriving at the same instant, a burst every 2 s.
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
-from tests.frontend.routing_sim import MultiTurn, run_multi_turn, run_single_turn
+from tests.frontend.routing_sim import MultiTurn, run_hot_spot, run_multi_turn, run_single_turn
 
 BASELINES = ("round-robin", "random", "least-loaded")
-# The kv router's overlap_weight (FrontendConfig's default). At 1.0, 2 seeds in 20 fell below 0.9x best on
-# this workload (0.871, 0.885); at 2.0 the worst of 20 is 0.936.
+# The kv router's default cost is the expected TTFT (issue 27). The overlap formula before it, for comparison:
+# at overlap_weight 1.0, 2 seeds in 20 fell below 0.9x best on this workload (0.871, 0.885); at 2.0 (its
+# default) the worst of 20 is 0.936.
 KV_WEIGHT = 2.0
-KV = f"kv, weight {KV_WEIGHT:g}"
+KV = "kv (ttft)"
+OVERLAP = {"cost": "overlap", "speculative_ttl": 0}  # the kv router as it was before issue 27
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_multi_turn_prefix_hit_rate(seed: int) -> None:
     wl = MultiTurn()
     results = {m: run_multi_turn(m, wl, seed=seed) for m in BASELINES}
+    results[KV] = run_multi_turn("kv", wl, seed=seed)
     for weight in (KV_WEIGHT, 1.0):
-        results[f"kv, weight {weight:g}"] = run_multi_turn("kv", wl, seed=seed, overlap_weight=weight)
+        results[f"kv, weight {weight:g}"] = run_multi_turn("kv", wl, seed=seed, overlap_weight=weight, **OVERLAP)
     best = results[KV].best_hit_rate
     kv, rr = results[KV].hit_rate, results["round-robin"].hit_rate
     print(f"\nmulti-turn (seed {seed}) {wl}\n  best possible hit rate: {best:.3f} ({best / rr:.2f}x round-robin)")
@@ -59,7 +64,12 @@ def test_multi_turn_prefix_hit_rate(seed: int) -> None:
     # history is cached. What we hold the kv router to instead is a bar the other policies fail.
     assert kv >= 1.3 * rr, f"kv only {kv / rr:.2f}x round-robin"
     assert results["least-loaded"].hit_rate < 1.3 * rr and results["random"].hit_rate < 1.3 * rr
-    assert results[KV].spread <= 1.5
+    # Spread: the ttft router may leave a worker nearly idle here (decodes batch at no cost in this model,
+    # so recomputing the system prompt on a fourth worker only delays a first token), but its balance term
+    # keeps every worker within 2x the mean (measured 1.00-1.46 over 3 seeds, with and without a prefill
+    # queue; 2.3-4.0 without it); the overlap formula spreads by decode load (max/min <= 1.02).
+    assert results[KV].max_over_mean <= 2.0
+    assert results["kv, weight 2"].spread <= 1.5
 
 
 def test_multi_turn_lower_concurrency_report() -> None:
@@ -71,9 +81,11 @@ def test_multi_turn_lower_concurrency_report() -> None:
     for gap in (0.05, 0.1, 0.3, 1.0):
         wl = MultiTurn(mean_gap_s=gap)
         row = []
-        for weight in (1.0, 2.0, 3.0):
-            st = run_multi_turn("kv", wl, overlap_weight=weight)
-            row.append(f"w={weight:g}: {st.hit_rate / st.best_hit_rate:.3f}, {st.spread:.2f}")
+        for weight in (1.0, 2.0, 3.0, None):
+            st = run_multi_turn("kv", wl) if weight is None else run_multi_turn("kv", wl, overlap_weight=weight,
+                                                                                  **OVERLAP)
+            row.append(f"{'ttft' if weight is None else f'w={weight:g}'}: {st.hit_rate / st.best_hit_rate:.3f}, "
+                       f"{st.spread:.2f}")
             assert st.hit_rate <= st.best_hit_rate + 1e-9
         print(f"  mean gap {gap:>4}s: " + " | ".join(row))
 
@@ -91,7 +103,7 @@ def test_multi_turn_three_x_round_robin_report() -> None:
     print("\nsystem tokens, blocks per worker: best/rr, kv/best, kv/rr (longer turns, seed 0)")
     for system, capacity in ((200, 2000), (64, 1500), (32, 1200)):
         wl = MultiTurn(system_tokens=system, capacity=capacity, user_tokens=(100, 300), reply_tokens=(150, 350))
-        kv, rr = run_multi_turn("kv", wl, overlap_weight=KV_WEIGHT), run_multi_turn("round-robin", wl)
+        kv, rr = run_multi_turn("kv", wl), run_multi_turn("round-robin", wl)
         best = kv.best_hit_rate
         print(f"  {system:>4}, {capacity:>5}: {best / rr.hit_rate:.2f}x, {kv.hit_rate / best:.3f}, "
               f"{kv.hit_rate / rr.hit_rate:.2f}x")
@@ -101,11 +113,35 @@ def test_multi_turn_three_x_round_robin_report() -> None:
 @pytest.mark.parametrize(("template", "seed"), [(0, 0), (32, 1)])
 def test_single_turn_load_spread(template: int, seed: int) -> None:
     results = {m: run_single_turn(m, template=template, seed=seed) for m in BASELINES}
+    results[KV] = run_single_turn("kv", template=template, seed=seed)
     for weight in (KV_WEIGHT, 1.0):
-        results[f"kv, weight {weight:g}"] = run_single_turn("kv", template=template, seed=seed, overlap_weight=weight)
+        results[f"kv, weight {weight:g}"] = run_single_turn("kv", template=template, seed=seed,
+                                                            overlap_weight=weight, **OVERLAP)
     print(f"\nsingle-turn, 1000 random prompts in bursts of 50, shared header {template} tokens (seed {seed})")
     for m, st in results.items():
         print(f"  {m:>13}: max/min requests per worker {st.spread:.3f} {sorted(st.per_worker.values())}")
     assert results[KV].spread <= 1.5
     assert results["kv, weight 1"].spread <= 1.5
     assert results["least-loaded"].spread <= 1.5
+
+
+@pytest.mark.parametrize("rate", [30.0, 60.0])
+def test_hot_spot_family_does_not_pile_onto_one_worker(rate: float) -> None:
+    """Issue 27: one conversation family (a shared 1,024-token prefix) is 50% of the traffic. The worker
+    holding it must not take it all: once its prefill queue is longer than recomputing the prefix
+    elsewhere, the family spreads. Workers here compute one prefill at a time (a real queue)."""
+    runs = {"kv (ttft)": run_hot_spot("kv", rate=rate), "least-loaded": run_hot_spot("least-loaded", rate=rate),
+            "kv, weight 2": run_hot_spot("kv", rate=rate, overlap_weight=KV_WEIGHT, **OVERLAP)}
+    print(f"\nhot spot, {rate:g} requests/s, 50% one family: time-averaged prefill queue per worker; TTFT")
+    for name, sim in runs.items():
+        queue = [sim.waiting_area[w] / sim.now for w in sorted(sim.workers)]
+        ttft = sorted(sim.ttfts)
+        st = sim.stats
+        print(f"  {name:>13}: queue {[round(q, 2) for q in queue]} (max/mean {max(queue) / statistics.mean(queue):.2f}), "
+              f"hit rate {st.hit_rate / st.best_hit_rate:.3f} of best, requests {sorted(st.per_worker.values())}, "
+              f"TTFT p50 {ttft[len(ttft) // 2]:.3f} s p99 {ttft[int(0.99 * len(ttft))]:.3f} s")
+    sim = runs["kv (ttft)"]
+    queue = [sim.waiting_area[w] / sim.now for w in sorted(sim.workers)]
+    assert max(queue) <= 2 * statistics.mean(queue)
+    assert max(sim.stats.per_worker.values()) < 0.5 * sum(sim.stats.per_worker.values())
+    assert sim.stats.hit_rate >= 0.9 * sim.stats.best_hit_rate

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import statistics
 
-from kvrelay.perf.router_bench import best_possible_hit_rate, hit_rate, parser
+from kvrelay.perf.router_bench import best_possible_hit_rate, hit_rate, parse_args
 
 
 def test_kv_router_beats_round_robin_at_16_mocker_workers():
-    args = parser().parse_args([])  # 32 users x 6 turns, 200-token shared system prompt
+    args = parse_args([])  # 32 users x 6 turns, 200-token shared system prompt
     best = best_possible_hit_rate(args)
     kv_runs = [hit_rate(16, "kv", args) for _ in range(3)]
     rr = hit_rate(16, "round-robin", args)
