@@ -156,7 +156,7 @@ def _simulate(args: argparse.Namespace) -> int:
             cfg = build(PlannerConfig, args, profile=path)
         policy = make_policy(cfg)
         initial = {Pool.PREFILL: cfg.min_prefill, Pool.DECODE: max(1, cfg.min_decode)}
-    sim_cfg = SimConfig(ttft_target=cfg.ttft_target, itl_target=cfg.itl_target, startup_s=args.startup_s,
+    sim_cfg = SimConfig(targets=cfg.targets(), startup_s=args.startup_s,
                         interval_s=cfg.planner_interval, block_size=wk.block_size, max_num_seqs=wk.max_num_seqs,
                         scale_timeout_s=cfg.scale_timeout)
     result = aio.run(Simulation(trace, cost, sim_cfg, initial).run(policy))

@@ -20,11 +20,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import parse_qs, urlsplit
 
-from kvrelay.kvbm.tiers import DiskStore, HostStore, ObjectStore, TierStore, s3_store
-from kvrelay.kvbm.tiers.base import EventCallback
+from kvrelay.runtime.config import non_negative, positive, setting
+
+if TYPE_CHECKING:  # the stores import torch; TierConfig (the worker's flags) must not
+    from kvrelay.kvbm.tiers import DiskStore, TierStore
+    from kvrelay.kvbm.tiers.base import EventCallback
 
 log = logging.getLogger(__name__)
 MAX_DISK_SLOTS = 16
@@ -36,17 +39,35 @@ class TierConfigError(ValueError):
     pass
 
 
+def _object_store_url(url: str) -> str | None:
+    try:
+        check_object_store_url(url)
+    except TierConfigError as e:
+        return str(e).removeprefix("--kv-object-store: ")
+    return None
+
+
 @dataclass(frozen=True)
 class TierConfig:
-    host_bytes: int = 512 << 20  # G2; 0 = off
-    disk_dir: str = "auto"  # G3 base directory; "off" = no G3
-    disk_bytes: int = DEFAULT_DISK_BYTES
-    object_store: str = ""  # G4 URL; "" = off
-    object_bytes: int = 16 << 30  # bound on the G4 objects this worker wrote
-    policy: str = "lru"  # lru | tinylfu, every tier
-    offload: Literal["write-back", "write-through"] = "write-back"
-    onboard: Literal["cost", "always"] = "cost"  # load a tier hit only if cheaper than recompute, or always
-    retry_s: float = 30.0  # a tier disabled by an I/O error is probed again (half-open) after this long
+    """The lower tiers' settings, declared once: the worker's `--kv-<field>` flags are derived from these
+    fields (workers/config.py), with these defaults, help lines and checks."""
+
+    host_bytes: int = setting(512 << 20, "G2: bytes of host memory for KV blocks (0 = no G2)", non_negative)
+    disk_dir: str = setting("auto", "G3: base directory for KV blocks on local disk (auto = "
+                            "$KVRELAY_CACHE_DIR/kv, default ~/.cache/kvrelay/kv; off = no G3)")
+    disk_bytes: int = setting(DEFAULT_DISK_BYTES, "G3: most bytes of disk (data file + index) per worker; "
+                              "the files grow as blocks are written", positive)
+    object_store: str = setting("", "G4: s3://bucket[/prefix]?endpoint=URL or file:///path (empty = no G4; "
+                                "credentials from AWS_* variables)", _object_store_url)
+    object_bytes: int = setting(16 << 30, "G4: bound on the bytes of objects this worker writes", positive)
+    tier_policy: Literal["lru", "tinylfu"] = setting("lru", "eviction/admission policy of G2-G4")
+    offload: Literal["write-back", "write-through"] = setting(
+        "write-back", "copy G1 blocks down when they become evictable (write-back) or when computed "
+        "(write-through)")
+    onboard: Literal["cost", "always"] = setting(
+        "cost", "load a lower-tier hit only when the measured cost model says it beats recompute, or always")
+    tier_retry_s: float = setting(30.0, "seconds before a tier disabled by an I/O error (S3 down, disk "
+                                  "error) is probed again; a probe that works re-enables it", positive)
 
     @property
     def any(self) -> bool:
@@ -82,6 +103,7 @@ def check_object_store_url(url: str) -> None:
 
 def object_store_from_url(url: str):
     """An obstore store for a G4 URL; TierConfigError for anything else."""
+    from kvrelay.kvbm.tiers import s3_store
     check_object_store_url(url)
     parts = urlsplit(url)
     if parts.scheme == "file":
@@ -101,25 +123,29 @@ async def open_tiers(cfg: TierConfig, block_bytes: int, fingerprint: str,
                      on_event: dict[str, EventCallback]) -> list[TierStore]:
     """Open the configured tiers, fastest first. A tier that cannot open is left out with a WARNING
     (serving goes on without it); a malformed configuration raises TierConfigError."""
+    from kvrelay.kvbm.tiers import HostStore, ObjectStore
+
     stores: list[TierStore] = []
     if cfg.host_bytes:
         if cfg.host_bytes < block_bytes:
             raise TierConfigError(f"--kv-host-bytes {cfg.host_bytes} holds no block of {block_bytes} bytes")
-        stores.append(HostStore(block_bytes, cfg.host_bytes, policy=cfg.policy, on_event=on_event.get("G2"),
-                                retry_after_s=cfg.retry_s))
+        stores.append(HostStore(block_bytes, cfg.host_bytes, policy=cfg.tier_policy, on_event=on_event.get("G2"),
+                                retry_after_s=cfg.tier_retry_s))
     if cfg.disk_dir != "off":
         disk = await _open_disk(cfg, block_bytes, fingerprint, on_event.get("G3"))
         if disk is not None:
             stores.append(disk)
     if cfg.object_store:
         store = object_store_from_url(cfg.object_store)
-        stores.append(ObjectStore(store, fingerprint, block_bytes, cfg.object_bytes, policy=cfg.policy,
-                                  on_event=on_event.get("G4"), retry_after_s=cfg.retry_s))
+        stores.append(ObjectStore(store, fingerprint, block_bytes, cfg.object_bytes, policy=cfg.tier_policy,
+                                  on_event=on_event.get("G4"), retry_after_s=cfg.tier_retry_s))
     return stores
 
 
 async def _open_disk(cfg: TierConfig, block_bytes: int, fingerprint: str,
                      on_event: EventCallback | None) -> DiskStore | None:
+    from kvrelay.kvbm.tiers import DiskStore
+
     base = default_cache_dir() if cfg.disk_dir == "auto" else Path(cfg.disk_dir)
     if cfg.disk_bytes < 4096 + block_bytes:
         raise TierConfigError(f"--kv-disk-bytes {cfg.disk_bytes} holds no block of {block_bytes} bytes")
@@ -135,8 +161,8 @@ async def _open_disk(cfg: TierConfig, block_bytes: int, fingerprint: str,
         if size < cfg.disk_bytes:
             log.info("KV tier G3: %.2f GiB instead of --kv-disk-bytes %.2f GiB (%.0f%% of %.1f GiB free)",
                      size / 2**30, cfg.disk_bytes / 2**30, 100 * DISK_FREE_SHARE, free / 2**30)
-        store = await DiskStore.open(directory, block_bytes, size, policy=cfg.policy, on_event=on_event,
-                                     remove_if_empty=True, retry_after_s=cfg.retry_s)
+        store = await DiskStore.open(directory, block_bytes, size, policy=cfg.tier_policy, on_event=on_event,
+                                     remove_if_empty=True, retry_after_s=cfg.tier_retry_s)
         if store.enabled:
             log.info("KV tier G3 at %s: up to %.2f GiB (%d blocks), grows as blocks are written; "
                      "holds %.1f MiB now (O_DIRECT %s)", directory, size / 2**30, store.num_slots,

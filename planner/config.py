@@ -3,9 +3,10 @@ across the configs `kvrelay serve` composes, hence the `planner_` prefixes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
+from kvrelay.planner.targets import LatencyTargets
 from kvrelay.runtime.config import non_negative, positive, setting
 
 
@@ -14,11 +15,9 @@ def _port(value: int) -> str | None:
 
 
 @dataclass(frozen=True)
-class PlannerConfig:
+class PlannerConfig(LatencyTargets):
     group_title = "planner (--planner; planner/README.md)"
     planner_policy: Literal["load", "sla"] = setting("load", "scaling policy")
-    ttft_target: float = setting(1.0, "TTFT p90 target (seconds)", positive)
-    itl_target: float = setting(0.05, "ITL p90 target (seconds)", positive)
     planner_interval: float = setting(5.0, "seconds between decisions", positive)
     scale_timeout: float = setting(120.0, "seconds a scale may stay unready before it is reported and "
                                    "the planner plans again", positive)
@@ -45,3 +44,6 @@ class PlannerConfig:
     k8s_prefill_deployment: str = setting("", "kubernetes: the prefill Deployment (empty = not managed)")
     k8s_decode_deployment: str = setting("kvrelay-decode", "kubernetes: the decode Deployment")
     k8s_api_url: str = setting("", "kubernetes: API server URL (empty = in-cluster, else ~/.kube/config)")
+
+    def targets(self) -> LatencyTargets:
+        return LatencyTargets(**{f.name: getattr(self, f.name) for f in fields(LatencyTargets)})

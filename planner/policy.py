@@ -6,7 +6,7 @@ between intervals (`kvrelay planner set`) without losing predictor or cooldown s
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from enum import Enum
 from typing import Any
 
@@ -15,6 +15,7 @@ from kvrelay.planner.observation import Observation, Pool
 from kvrelay.planner.policy_load import LoadConfig, LoadState, decide_load
 from kvrelay.planner.policy_sla import SlaConfig, SlaState, decide_sla
 from kvrelay.planner.profile import Profile
+from kvrelay.planner.targets import LatencyTargets
 
 
 class PolicyKind(str, Enum):
@@ -43,33 +44,31 @@ class Policy:
         return decide_sla(obs, current, self.sla_state, self.sla, self.profile, self.bounds)
 
     def settings(self) -> dict[str, Any]:
-        return {"policy": self.kind.value, "ttft_target": self.load.ttft_target, "itl_target": self.load.itl_target,
+        return {"policy": self.kind.value, **asdict(self.load.targets),
                 **{f.name: getattr(self.bounds, f.name) for f in fields(Bounds)}}
 
     def update(self, changes: dict[str, Any]) -> None:
         """Targets (`ttft_target`, `itl_target`) and bounds (`min_decode`, `budget`, ...) by name; raises
         ValueError naming the first bad one, and changes nothing then."""
         bound_names = {f.name for f in fields(Bounds)}
-        bounds, load, sla = self.bounds, self.load, self.sla
+        target_names = {f.name for f in fields(LatencyTargets)}
+        bounds, targets = self.bounds, self.load.targets
         for name, value in changes.items():
             if name in bound_names:
                 if not isinstance(value, int) or isinstance(value, bool):
                     raise ValueError(f"{name}: expected an integer, got {value!r}")
                 bounds = replace(bounds, **{name: value})
-            elif name in ("ttft_target", "itl_target"):
+            elif name in target_names:
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                     raise ValueError(f"{name}: expected seconds > 0, got {value!r}")
-                seconds = float(value)
-                if name == "ttft_target":
-                    load, sla = replace(load, ttft_target=seconds), replace(sla, ttft_target=seconds)
-                else:
-                    load, sla = replace(load, itl_target=seconds), replace(sla, itl_target=seconds)
+                targets = replace(targets, **{name: float(value)})
             else:
                 raise ValueError(f"unknown setting {name!r}")
         problem = bounds.check() or self._above_ceiling(bounds)
         if problem:
             raise ValueError(problem)
-        self.bounds, self.load, self.sla = bounds, load, sla
+        self.bounds = bounds
+        self.load, self.sla = replace(self.load, targets=targets), replace(self.sla, targets=targets)
 
     def _above_ceiling(self, bounds: Bounds) -> str | None:
         for name in ("max_prefill", "max_decode", "budget"):

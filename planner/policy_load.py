@@ -20,12 +20,12 @@ from dataclasses import dataclass, field, replace
 
 from kvrelay.planner.decision import Bounds, Decision
 from kvrelay.planner.observation import Observation, Pool, PoolObservation
+from kvrelay.planner.targets import LatencyTargets
 
 
 @dataclass(frozen=True)
 class LoadConfig:
-    ttft_target: float = 1.0  # seconds, p90
-    itl_target: float = 0.05
+    targets: LatencyTargets = LatencyTargets()
     high_util: float = 0.85
     hysteresis: float = 0.25
     queue_high: float = 1.0  # waiting sequences per worker that call for another worker
@@ -52,13 +52,13 @@ def _pool_step(pool: Pool, obs: Observation, n: int, cfg: LoadConfig, prefills: 
         return (1, "no worker but requests in flight") if p.in_flight > 0 else (0, "idle, at zero")
     if obs.idle:
         return -1, "zero traffic"
-    ttft_over = prefills and obs.ttft_p90 is not None and obs.ttft_p90 > cfg.ttft_target
-    itl_over = pool is Pool.DECODE and obs.itl_p90 is not None and obs.itl_p90 > cfg.itl_target
+    ttft_over = prefills and obs.ttft_p90 is not None and obs.ttft_p90 > cfg.targets.ttft_target
+    itl_over = pool is Pool.DECODE and obs.itl_p90 is not None and obs.itl_p90 > cfg.targets.itl_target
     util = _util(p, n)
     queue = p.waiting / n
     if ttft_over or itl_over or util > cfg.high_util or queue > cfg.queue_high:
-        why = [w for w, on in ((f"TTFT p90 {obs.ttft_p90 or 0:.3g}s > {cfg.ttft_target:.3g}s", ttft_over),
-                               (f"ITL p90 {obs.itl_p90 or 0:.3g}s > {cfg.itl_target:.3g}s", itl_over),
+        why = [w for w, on in ((f"TTFT p90 {obs.ttft_p90 or 0:.3g}s > {cfg.targets.ttft_target:.3g}s", ttft_over),
+                               (f"ITL p90 {obs.itl_p90 or 0:.3g}s > {cfg.targets.itl_target:.3g}s", itl_over),
                                (f"utilization {util:.2f} > {cfg.high_util}", util > cfg.high_util),
                                (f"queue {queue:.1f}/worker > {cfg.queue_high}", queue > cfg.queue_high)) if on]
         return 1, "; ".join(why)
@@ -66,8 +66,8 @@ def _pool_step(pool: Pool, obs: Observation, n: int, cfg: LoadConfig, prefills: 
         return 0, "within thresholds"
     survivors = _util(p, n - 1)  # the N/(N-1) re-prediction
     room = cfg.down_latency_fraction
-    latency_ok = ((not prefills or obs.ttft_p90 is None or obs.ttft_p90 < room * cfg.ttft_target)
-                  and (pool is not Pool.DECODE or obs.itl_p90 is None or obs.itl_p90 < room * cfg.itl_target))
+    latency_ok = ((not prefills or obs.ttft_p90 is None or obs.ttft_p90 < room * cfg.targets.ttft_target)
+                  and (pool is not Pool.DECODE or obs.itl_p90 is None or obs.itl_p90 < room * cfg.targets.itl_target))
     if p.waiting == 0 and survivors < cfg.high_util - cfg.hysteresis and latency_ok:
         return -1, f"survivors would run at {survivors:.2f} utilization"
     if not latency_ok:

@@ -28,6 +28,7 @@ from kvrelay.planner.decision import Bounds, Decision
 from kvrelay.planner.observation import Observation, Pool
 from kvrelay.planner.predictors import Predictor, PredictorKind, make_predictor
 from kvrelay.planner.profile import Profile
+from kvrelay.planner.targets import LatencyTargets
 
 _P90_WAIT = math.log(10)  # p90 of an exponential wait is ln(10) times its mean
 _CORRECTION_RANGE = (0.5, 4.0)
@@ -36,8 +37,7 @@ _MAX_SEARCH = 1024
 
 @dataclass(frozen=True)
 class SlaConfig:
-    ttft_target: float = 1.0
-    itl_target: float = 0.05
+    targets: LatencyTargets = LatencyTargets()
     predictor: PredictorKind = PredictorKind.KALMAN
     correction_alpha: float = 0.5
     # with min prefill 0: decode workers prefill locally while that takes at most this share of their time
@@ -143,8 +143,8 @@ def decide_sla(obs: Observation | None, current: dict[Pool, int], state: SlaStat
 
     def size(rate: float) -> Decision:
         lo_p, hi_p = bounds.limits(Pool.PREFILL if has_prefill else Pool.DECODE)
-        n_prefill = _smallest(lo_p, hi_p, lambda n: prefill_estimate(rate, service, n) <= cfg.ttft_target)
-        c_star = decode_concurrency(profile, context, cfg.itl_target / state.itl_correction, cap)
+        n_prefill = _smallest(lo_p, hi_p, lambda n: prefill_estimate(rate, service, n) <= cfg.targets.ttft_target)
+        c_star = decode_concurrency(profile, context, cfg.targets.itl_target / state.itl_correction, cap)
         tokens_per_worker = c_star / (profile.itl(c_star, context) * state.itl_correction)
         # the queued sequences' tokens are demand too: cleared over the next interval
         backlog = obs.pool(Pool.DECODE).waiting * osl / max(obs.interval_s, 1e-9)
@@ -152,7 +152,7 @@ def decide_sla(obs: Observation | None, current: dict[Pool, int], state: SlaStat
         if has_prefill and lo_p == 0:  # can the decode workers prefill locally instead (no prefill worker)?
             n_local = max(1, n_decode)
             share = rate * service / n_local  # of each decode worker's time, taken from decoding
-            if share <= cfg.local_prefill_share and prefill_estimate(rate, service, n_local) <= cfg.ttft_target:
+            if share <= cfg.local_prefill_share and prefill_estimate(rate, service, n_local) <= cfg.targets.ttft_target:
                 n_decode = math.ceil((rate * osl + backlog) / (tokens_per_worker * (1 - share)) - 1e-9)
                 return bounds.apply({Pool.PREFILL: 0, Pool.DECODE: n_decode}, {
                     Pool.PREFILL: f"decode workers prefill locally ({share:.0%} of their time)", Pool.DECODE:

@@ -44,9 +44,9 @@ def make_policy(cfg: PlannerConfig) -> Policy:
             profile = load_profile(cfg.profile)
         except ProfileError as e:
             raise ConfigError(f"--profile: {e}") from None
-    return Policy(kind, bounds, load=LoadConfig(ttft_target=cfg.ttft_target, itl_target=cfg.itl_target,
-                                                cooldown_intervals=cfg.cooldown_intervals),
-                  sla=SlaConfig(ttft_target=cfg.ttft_target, itl_target=cfg.itl_target, predictor=PredictorKind(cfg.predictor)),
+    targets = cfg.targets()
+    return Policy(kind, bounds, load=LoadConfig(targets=targets, cooldown_intervals=cfg.cooldown_intervals),
+                  sla=SlaConfig(targets=targets, predictor=PredictorKind(cfg.predictor)),
                   profile=profile)
 
 

@@ -25,6 +25,7 @@ from kvrelay.planner.metrics import PlannerMetrics
 from kvrelay.planner.observation import Observation, Pool, PoolObservation
 from kvrelay.planner.policy import Policy
 from kvrelay.planner.profile import StepCost
+from kvrelay.planner.targets import LatencyTargets
 from kvrelay.planner.trace import TraceRequest
 
 
@@ -61,8 +62,7 @@ class SimWorker:
 
 @dataclass(frozen=True)
 class SimConfig:
-    ttft_target: float
-    itl_target: float
+    targets: LatencyTargets
     startup_s: float = 30.0
     interval_s: float = 10.0
     block_size: int = 16
@@ -277,7 +277,7 @@ class Simulation:
         done = [r for r in self.requests if r.finish == r.finish]
         itl = [r.itl_sum / (r.generated - 1) if r.generated > 1 else 0.0 for r in done]
         ok = sum(1 for r, i in zip(done, itl, strict=True)
-                 if r.first - r.arrival <= self.cfg.ttft_target and i <= self.cfg.itl_target)
+                 if r.first - r.arrival <= self.cfg.targets.ttft_target and i <= self.cfg.targets.itl_target)
         ws = sum((w.gone_at if w.gone_at is not None else end) - w.asked for w in self.workers)
         n = max(1, len(self.requests))
         return SimResult(requests=len(self.requests), attainment=ok / n, goodput=ok / max(1e-9, end_of_trace),

@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.runtime.config import non_negative, positive, setting
 from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.mocker.config import WORKER_SETTINGS, MockerConfig
@@ -60,13 +61,15 @@ class EngineSettings:
                                   "at least 256MiB)", non_negative)
 
 
-def _derived_settings(name: str, source: type, title: str, prefix: str = "", names: tuple[str, ...] = ()) -> type:
+def _derived_settings(name: str, source: type, title: str, prefix: str = "", names: tuple[str, ...] = (),
+                      label: str = "") -> type:
     """A settings group whose fields are `source`'s own (`prefix` + name), with their defaults, help and
-    checks: the flags of a group that another package declares, declared once there."""
+    checks (help lines start with `label: ` when one is given): the flags of a group that another
+    package declares, declared once there."""
     fields = {f.name: f for f in dataclasses.fields(source)}
     hints = typing.get_type_hints(source)
     spec: list[tuple[str, Any, Any]] = [
-        (prefix + n, hints[n], setting(fields[n].default, (f"{prefix.rstrip('_')}: " if prefix else "")
+        (prefix + n, hints[n], setting(fields[n].default, (f"{label}: " if label else "")
                                        + fields[n].metadata["help"], fields[n].metadata["check"]))
         for n in (names or tuple(fields))]
     cls = dataclasses.make_dataclass(name, spec, frozen=True, namespace={"group_title": title})
@@ -89,28 +92,6 @@ class TransferSettings:
 
 
 @dataclass(frozen=True)
-class KvTierSettings:
-    group_title = "lower KV tiers G2/G3/G4 (kvbm/README.md; sizes take units: 512MiB, 4GiB)"
-    kv_host_bytes: int = setting(512 << 20, "G2: bytes of host memory for KV blocks (0 = no G2)",
-                                 non_negative)
-    kv_disk_dir: str = setting("auto", "G3: base directory for KV blocks on local disk (auto = "
-                               "$KVRELAY_CACHE_DIR/kv, default ~/.cache/kvrelay/kv; off = no G3)")
-    kv_disk_bytes: int = setting(1 << 30, "G3: most bytes of disk (data file + index) per worker; "
-                                 "the files grow as blocks are written", positive)  # == kvbm TierConfig's default
-    kv_object_store: str = setting("", "G4: s3://bucket[/prefix]?endpoint=URL or file:///path (empty = "
-                                   "no G4; credentials from AWS_* variables)")
-    kv_object_bytes: int = setting(16 << 30, "G4: bound on the bytes of objects this worker writes", positive)
-    kv_tier_policy: Literal["lru", "tinylfu"] = setting("lru", "eviction/admission policy of G2-G4")
-    kv_offload: Literal["write-back", "write-through"] = setting(
-        "write-back", "copy G1 blocks down when they become evictable (write-back) or when computed "
-        "(write-through)")
-    kv_onboard: Literal["cost", "always"] = setting(
-        "cost", "load a lower-tier hit only when the measured cost model says it beats recompute, or always")
-    kv_tier_retry_s: float = setting(30.0, "seconds before a tier disabled by an I/O error (S3 down, disk "
-                                     "error) is probed again; a probe that works re-enables it", positive)
-
-
-@dataclass(frozen=True)
 class VllmSettings:
     group_title = "vLLM (--engine vllm; workers/engines/vllm/README.md)"
     vllm_args: str = setting("", "more vLLM engine flags, shell-quoted, parsed by vLLM's own parser "
@@ -120,12 +101,20 @@ class VllmSettings:
 # mocker_<name> for each of MockerConfig's WORKER_SETTINGS.
 MockerSettings = _derived_settings("MockerSettings", MockerConfig,
                                    "mocker (--engine mocker; workers/engines/mocker/README.md)", "mocker_",
-                                   WORKER_SETTINGS)
+                                   WORKER_SETTINGS, label="mocker")
+
+# kv_<field> for each of kvbm's TierConfig fields: the lower tiers' flags.
+KvTierSettings = _derived_settings("KvTierSettings", TierConfig,
+                                   "lower KV tiers G2/G3/G4 (kvbm/README.md; sizes take units: 512MiB, 4GiB)",
+                                   "kv_")
 
 
 @dataclass(frozen=True)
 class WorkerConfig(ProcessSettings, EngineSettings, EngineLimitSettings, TransferSettings, KvTierSettings, VllmSettings, MockerSettings):  # type: ignore[misc, valid-type]  # groups built by make_dataclass
     """Every worker setting, flat; `--help` shows one heading per group."""
+
+    def tiers(self) -> TierConfig:
+        return TierConfig(**{f.name: getattr(self, f"kv_{f.name}") for f in dataclasses.fields(TierConfig)})
 
     def limits(self) -> EngineLimits:
         return EngineLimits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineLimits)})

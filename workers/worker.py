@@ -87,16 +87,13 @@ def build_engine(cfg: WorkerConfig, model_dir: str) -> Engine:
 
 def tier_config(cfg: WorkerConfig):
     """The lower tiers' config; a malformed G4 URL is a ConfigError now, not a warning at start."""
-    from kvrelay.kvbm.tier_config import TierConfig, TierConfigError, check_object_store_url
+    from kvrelay.kvbm.tier_config import TierConfigError, check_object_store_url
 
     try:
         check_object_store_url(cfg.kv_object_store)
     except TierConfigError as e:
         raise ConfigError(str(e)) from None
-    return TierConfig(host_bytes=cfg.kv_host_bytes, disk_dir=cfg.kv_disk_dir, disk_bytes=cfg.kv_disk_bytes,
-                      object_store=cfg.kv_object_store, object_bytes=cfg.kv_object_bytes,
-                      policy=cfg.kv_tier_policy, offload=cfg.kv_offload,
-                      onboard=cfg.kv_onboard, retry_s=cfg.kv_tier_retry_s)
+    return cfg.tiers()
 
 
 def resolve_model(cfg: WorkerConfig) -> tuple[str, str]:

@@ -81,7 +81,7 @@ async def test_status_and_set_on_a_running_planner():
                                                         "--url", url, "--ttft-target", "0.25", "--max-decode", "3"],
                                        capture_output=True, text=True)
         assert setr.returncode == 0, setr.stderr
-        assert planner.policy.load.ttft_target == 0.25 and planner.policy.bounds.max_decode == 3
+        assert planner.policy.load.targets.ttft_target == 0.25 and planner.policy.bounds.max_decode == 3
         async with httpx.AsyncClient() as client:
             bad = await client.post(f"{url}/set", json={"min_decode": 9})  # above max 3
             assert bad.status_code == 400 and "min" in bad.json()["error"]["message"]

@@ -12,9 +12,10 @@ from kvrelay.planner.policy_load import LoadConfig, LoadState, decide_load
 from kvrelay.planner.policy_sla import SlaConfig, SlaState, decide_sla, prefill_estimate
 from kvrelay.planner.predictors import Ewma, Kalman, Predictor
 from kvrelay.planner.profile import Profile
+from kvrelay.planner.targets import LatencyTargets
 
 P, D = Pool.PREFILL, Pool.DECODE
-CFG = LoadConfig(ttft_target=1.0, itl_target=0.05, high_util=0.85, hysteresis=0.25, cooldown_intervals=1,
+CFG = LoadConfig(targets=LatencyTargets(1.0, 0.05), high_util=0.85, hysteresis=0.25, cooldown_intervals=1,
                  down_stable_intervals=1)  # the table checks one interval's logic; stability has its own test
 
 
@@ -123,7 +124,7 @@ def test_decision_rejects_nan_and_bounds_never_emit_it():
 PROFILE = Profile(prefill_isl=[100, 1000, 4000], prefill_ttft_s=[0.05, 0.2, 1.0],
                   decode_concurrency=[1, 8, 32], decode_context=[256, 4096],
                   decode_itl_s=[[0.010, 0.012, 0.030], [0.012, 0.020, 0.060]], max_num_seqs=32)
-SLA = SlaConfig(ttft_target=0.5, itl_target=0.02, predictor="constant", down_margin=0.0,
+SLA = SlaConfig(targets=LatencyTargets(0.5, 0.02), predictor="constant", down_margin=0.0,
                 down_stable_intervals=1)  # sizing in one interval; removal caution has its own test
 
 
@@ -163,7 +164,7 @@ def test_sla_policy_table(case, observation, current, bounds, exp_p, exp_d):
 
 
 def test_sla_removal_needs_margin_and_stability():
-    cfg = SlaConfig(ttft_target=0.5, itl_target=0.02, predictor="constant", down_margin=0.15,
+    cfg = SlaConfig(targets=LatencyTargets(0.5, 0.02), predictor="constant", down_margin=0.15,
                     down_stable_intervals=3)
     state = SlaState.new("constant")
 

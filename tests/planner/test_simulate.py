@@ -14,12 +14,13 @@ from kvrelay.planner.policy_load import LoadConfig
 from kvrelay.planner.policy_sla import SlaConfig
 from kvrelay.planner.profile import profile_from_cost
 from kvrelay.planner.simulate import SimConfig, Simulation
+from kvrelay.planner.targets import LatencyTargets
 from kvrelay.planner.trace import TraceRequest
 from kvrelay.workers.engines.mocker.config import MockerConfig
 from kvrelay.workers.engines.mocker.timing import TimingModel
 
 COST = TimingModel(MockerConfig(model="", prefill_us_per_token=50, decode_base_ms=20, decode_us_per_seq=500))
-CFG = SimConfig(ttft_target=0.5, itl_target=0.04, startup_s=2, interval_s=2, max_num_seqs=16)
+CFG = SimConfig(targets=LatencyTargets(0.5, 0.04), startup_s=2, interval_s=2, max_num_seqs=16)
 P, D = Pool.PREFILL, Pool.DECODE
 
 
@@ -40,8 +41,8 @@ async def test_steady_load_does_not_oscillate(policy):
     """10 req/s needs 2 decode workers (one does ~8): after settling, at most one change of direction
     per pool in any 10 intervals."""
     bounds = Bounds(min_prefill=1, max_prefill=1, max_decode=4, budget=5)
-    pol = Policy(PolicyKind(policy), bounds, load=LoadConfig(ttft_target=0.5, itl_target=0.04),
-                 sla=SlaConfig(ttft_target=0.5, itl_target=0.04, predictor="kalman"),
+    pol = Policy(PolicyKind(policy), bounds, load=LoadConfig(targets=LatencyTargets(0.5, 0.04)),
+                 sla=SlaConfig(targets=LatencyTargets(0.5, 0.04), predictor="kalman"),
                  profile=profile_from_cost(COST, 16, 16))
     sim = Simulation(steady(10, 120), COST, CFG, {P: 1, D: 1})
     result = await sim.run(pol)
