@@ -59,7 +59,7 @@ def test_g4_comes_back_after_s3_restarts_under_load(tmp_path, caplog):
     s3.proc.start()
     bucket = s3.new_bucket()
     cfg = TierConfig(host_bytes=4 << 20, disk_dir="off", object_store=s3.store_url(bucket),
-                     offload="write-through", retry_s=RETRY_S)
+                     offload="write-through", tier_retry_s=RETRY_S)
 
     async def main() -> None:
         eng = engine(cfg)
@@ -95,7 +95,7 @@ def test_g4_comes_back_after_s3_restarts_under_load(tmp_path, caplog):
 
 def test_g3_comes_back_after_a_disk_error(tmp_path, monkeypatch, caplog):
     cfg = TierConfig(host_bytes=0, disk_dir=str(tmp_path / "g3"), disk_bytes=16 << 20, offload="write-through",
-                     retry_s=RETRY_S)
+                     tier_retry_s=RETRY_S)
 
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")
