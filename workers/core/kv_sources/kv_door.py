@@ -57,10 +57,6 @@ class KvDoor:
             s.preempted(seq, computed_blocks)
 
     # -- what the sources' loop halves report (through the core) ----------------------------------------
-    def loading_source(self, request_id: str) -> str | None:
-        s = self._loading.get(request_id)
-        return s.name if s is not None else None
-
     def arrived(self, seq: Sequence, fresh: list[int], kept: int) -> None:
         source = self._loading.pop(seq.request_id, None)
         if source is not None:
