@@ -7,7 +7,7 @@ starts N-1 `kvrelay frontend --http-fd FD` children that inherit it. All accept 
 socket's queue, so a process that dies loses only the connections it had accepted: a connection
 still waiting in the queue is accepted by a survivor (with one SO_REUSEPORT socket per process the
 kernel would reset the ones queued on the dead process's socket). A child that crashes is restarted
-by the supervisor. Each process has its own router; they share state through the event plane: every
+by the fleet that owns it (runtime/fleet.py). Each process has its own router; they share state through the event plane: every
 process builds the KV index from the workers' KV events, publishes its in-flight load to the others
 (frontend/peer_load.py) and answers /metrics for all of them (frontend/peer_metrics.py).
 """
@@ -26,9 +26,10 @@ import sys
 import uuid
 from pathlib import Path
 
-from kvrelay.cli.supervisor import Child, Supervisor, child_env
+from kvrelay.cli.child_env import child_env
 from kvrelay.runtime.auth import TOKEN_ENV
 from kvrelay.runtime.config import ConfigError, env_name, flag_name
+from kvrelay.runtime.fleet import Fleet, ProcessPlan
 
 SYNC_WAIT_S = 30.0  # `kvrelay serve`: how long the owner waits to see every worker before starting the others
 MAX_AUTO = 8  # past this, one machine's frontend is better split into replicas (and workers need the cores)
@@ -146,16 +147,16 @@ class HttpWorkers:
                 *config_flags(*configs), *(["--log-level", log_level] if log_level else [])]
         env = {**child_env(1), **secret_env(*configs), GROUP_ENV: group[0],
                GROUP_SIZE_ENV: str(group[1]), TOKEN_ENV: token}
-        self.children = [Child(f"http-{i}", argv, env, pass_fds=(sock.fileno(),), new_session=True)
-                          for i in range(1, n)]
-        self.supervisor = Supervisor()
+        self.n = n
+        plan = ProcessPlan("http", tuple(argv), env, pass_fds=(sock.fileno(),), new_session=True)
+        self.fleet: Fleet[str] = Fleet(lambda kind, i: dataclasses.replace(plan, name=f"http-{i + 1}"))
 
     async def start(self) -> None:
-        if self.children:
-            await self.supervisor.start(self.children)
+        if self.n > 1:
+            await self.fleet.start({"http": self.n - 1})
 
     def pids(self) -> list[int]:
-        return [c.proc.pid for c in self.children if c.proc is not None and c.proc.returncode is None]
+        return [p.pid for p in self.fleet.live()]
 
     def signal_all(self, sig: int = signal.SIGTERM) -> None:
         """Pass a signal on (a second SIGTERM ends their drains at once, as it ends the owner's)."""
@@ -165,7 +166,7 @@ class HttpWorkers:
 
     async def stop(self, drain_timeout: float) -> None:
         """SIGTERM: each child drains as `kvrelay frontend` does, given the drain timeout plus slack."""
-        await self.supervisor.stop(grace=drain_timeout + 10.0)
+        await self.fleet.close(grace=drain_timeout + 10.0)
 
 
 def on_signal(server, extra: HttpWorkers | None, stop) -> None:

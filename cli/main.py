@@ -43,7 +43,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    die_with_parent()  # a child of `kvrelay serve`/`frontend` (cli/supervisor.py): not one moment without its parent
+    die_with_parent()  # a child of `kvrelay serve`/`frontend` (runtime/fleet.py): not one moment without its parent
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

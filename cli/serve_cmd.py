@@ -14,35 +14,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvrelay.cli import http_workers, preflight, vllm_spellings
 from kvrelay.cli.serve_disk import disk_statement
-from kvrelay.cli.supervisor import Child, Supervisor, child_env
+from kvrelay.cli.serve_planner import start_planner
+from kvrelay.cli.serve_workers import WorkerPlans
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.planner.config import PlannerConfig
 from kvrelay.runtime import aio
-from kvrelay.runtime.auth import TOKEN_ENV, InternalAuthConfig, new_token
+from kvrelay.runtime.auth import InternalAuthConfig, new_token
 from kvrelay.runtime.config import ConfigError, add_arguments, build, flag_name
 from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
 from kvrelay.runtime.events import EventsConfig, make_event_plane
+from kvrelay.runtime.fleet import Fleet
 from kvrelay.runtime.log import setup_logging
 from kvrelay.runtime.paths import default_run_dir
+from kvrelay.workers.api.endpoints import Role
 from kvrelay.workers.config import SERVE_GROUPS, WorkerConfig
 
 log = logging.getLogger("kvrelay.serve")
 
-# Worker settings `serve` passes through (whole groups); the rest (host, port, role, ...) it decides itself.
-METRICS_KEY_ENV = "KVRELAY_METRICS_API_KEY"  # the workers' /metrics key: the deployment's --api-key, never in argv
-_WORKER_PASSTHROUGH = tuple(f.name for group in SERVE_GROUPS for f in dataclasses.fields(group))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,24 +76,24 @@ def _count(args: argparse.Namespace, name: str, default: str | None, minimum: in
     return n
 
 
-def _roles(args: argparse.Namespace) -> list[str]:
-    """One role per worker to start: `--workers N` aggregated, or prefill + decode workers."""
+def _counts(args: argparse.Namespace) -> dict[Role, int]:
+    """How many workers of each role to start: `--workers N` aggregated, or prefill + decode workers."""
     prefill = _count(args, "prefill_workers", None, 0)
     decode = _count(args, "decode_workers", None, 1)
     if prefill is None and decode is None:
-        return ["agg"] * (_count(args, "workers", "2", 1) or 2)
+        return {Role.AGG: _count(args, "workers", "2", 1) or 2}
     if args.workers is not None:
         raise ConfigError("--workers: give either --workers or --prefill-workers/--decode-workers, not both")
     if decode is None:
         raise ConfigError("--decode-workers: required with --prefill-workers (at least 1)")
-    return ["prefill"] * (prefill or 0) + ["decode"] * decode
+    return {Role.PREFILL: prefill or 0, Role.DECODE: decode}
 
 
 def _run(args: argparse.Namespace) -> int:
     vllm_spellings.apply_model_positional(args)
-    roles = _roles(args)
+    counts = _counts(args)
     fe, disc, ev = build(FrontendConfig, args).with_key_file(), build(DiscoveryConfig, args), build(EventsConfig, args)
-    if "prefill" in roles:  # the operator asked for the disaggregated shape: ready means all of it is up
+    if Role.PREFILL in counts:  # the operator asked for the disaggregated shape: ready means all of it is up
         fe = replace(fe, require_prefill=True)
     wk = build(WorkerConfig, args)
     n_http = http_workers.count(args, ev.events)
@@ -105,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
         preflight.check_device(wk.device)
     sock = http_workers.listen(fe.http_host, fe.http_port)
     wk = _resolve_model(wk)
-    log.info("%s", disk_statement(wk, len(roles)))  # before the workers start: what they may take, and where
+    log.info("%s", disk_statement(wk, sum(counts.values())))  # before the workers start: what they may take, and where
     planner = None
     if args.planner != "off":
         from kvrelay.planner.service import make_policy
@@ -113,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         planner_cfg = build(PlannerConfig, args, planner_policy=args.planner)
         planner = (planner_cfg, make_policy(planner_cfg))
     try:
-        return aio.run(_serve(roles, fe, disc, ev, wk, build(InternalAuthConfig, args).token(), planner,
+        return aio.run(_serve(counts, fe, disc, ev, wk, build(InternalAuthConfig, args).token(), planner,
                               (n_http, sock, args.log_level)))
     except KeyboardInterrupt:
         return 130
@@ -133,95 +131,83 @@ def _resolve_model(wk: WorkerConfig) -> WorkerConfig:
     return replace(wk, model=str(model.path), served_model_name=wk.served_model_name or model.served_name)
 
 
-def _engine_env(wk: WorkerConfig, index: int, count: int) -> dict[str, str]:
-    """Per-worker environment an engine needs on a shared machine: vLLM on CPU gets its own cores."""
-    if wk.engine != "vllm" or wk.device != "cpu" or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-        return {}
-    from kvrelay.workers.engines.vllm.build import cpu_binding
+@dataclass
+class _Planes:
+    """What the embedded shape runs besides the workers: a private run directory, file discovery under
+    it (unless given), and the ZMQ event broker (unless the events are elsewhere)."""
 
-    return {"VLLM_CPU_OMP_THREADS_BIND": cpu_binding(index, count)}
+    run_dir: str
+    disc: DiscoveryConfig
+    ev: EventsConfig
+    broker: Any = None
+
+    @classmethod
+    def open(cls, disc: DiscoveryConfig, ev: EventsConfig) -> _Planes:
+        if ev.events == "inproc":
+            raise ConfigError("--events inproc cannot reach worker processes; use zmq or nats")
+        if disc.discovery == "mem":
+            raise ConfigError("--discovery mem cannot reach worker processes; use file or etcd")
+        planes = cls(tempfile.mkdtemp(prefix=f"serve-{os.getpid()}-", dir=_ensure(default_run_dir())), disc, ev)
+        if disc.discovery == "file" and not disc.discovery_dir:
+            planes.disc = replace(disc, discovery_dir=os.path.join(planes.run_dir, "discovery"))
+        if ev.events == "zmq":
+            from kvrelay.runtime.events.zmq_plane import ZmqBroker
+
+            sock_dir = _socket_dir(planes.run_dir)
+            pub = ev.zmq_pub_endpoint or f"ipc://{sock_dir}/events-pub.sock"
+            sub = ev.zmq_sub_endpoint or f"ipc://{sock_dir}/events-sub.sock"
+            planes.broker = ZmqBroker(pub, sub)
+            planes.broker.start()
+            planes.ev = replace(ev, zmq_pub_endpoint=pub, zmq_sub_endpoint=sub)
+        return planes
+
+    def close(self) -> None:
+        if self.broker is not None:
+            self.broker.close()
+        _remove_run_dir(self.run_dir)
 
 
-def _worker_argv(wk: WorkerConfig, disc: DiscoveryConfig, ev: EventsConfig, fe: FrontendConfig) -> list[str]:
-    argv = [sys.executable, "-m", "kvrelay.cli.main", "worker", "--namespace", fe.namespace]
-    for name in _WORKER_PASSTHROUGH:
-        value = getattr(wk, name)
-        if isinstance(value, bool):  # a switch takes no value: --x / --no-x
-            argv.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
-        elif value not in ("", None):
-            argv.append(f"{flag_name(name)}={value}")  # one token: a value may start with '-' (--vllm-args)
-    for cfg in (disc, ev):
-        for name, value in vars(cfg).items():
-            argv += [flag_name(name), str(value)]
-    return argv
-
-
-async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, wk: WorkerConfig,
-                 token: str, planner=None, http: tuple = (1, None, None)) -> int:
-    """`http`: (HTTP processes, their shared listening socket, their log level)."""
+async def _serve(counts: dict[Role, int], fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig,
+                 wk: WorkerConfig, token: str, planner: tuple[PlannerConfig, Any] | None = None,
+                 http: tuple = (1, None, None)) -> int:
+    """`http`: (HTTP processes, their shared listening socket, their log level). One fleet owns the
+    workers (runtime/fleet.py); the planner, when on, scales that fleet."""
     from kvrelay.frontend.app import FrontendServer
 
-    run_dir = tempfile.mkdtemp(prefix=f"serve-{os.getpid()}-", dir=_ensure(default_run_dir()))
-    broker = None
-    if disc.discovery == "file" and not disc.discovery_dir:
-        disc = replace(disc, discovery_dir=os.path.join(run_dir, "discovery"))
-    if ev.events == "zmq":
-        from kvrelay.runtime.events.zmq_plane import ZmqBroker
-
-        sock_dir = _socket_dir(run_dir)
-        pub = ev.zmq_pub_endpoint or f"ipc://{sock_dir}/events-pub.sock"
-        sub = ev.zmq_sub_endpoint or f"ipc://{sock_dir}/events-sub.sock"
-        broker = ZmqBroker(pub, sub)
-        broker.start()
-        ev = replace(ev, zmq_pub_endpoint=pub, zmq_sub_endpoint=sub)
-    elif ev.events == "inproc":
-        raise ConfigError("--events inproc cannot reach worker processes; use zmq or nats")
-    if disc.discovery == "mem":
-        raise ConfigError("--discovery mem cannot reach worker processes; use file or etcd")
-    n = len(roles)
-    threads = max(1, (os.cpu_count() or 1) // n)
-    supervisor = Supervisor(ready_timeout=600.0 if wk.engine == "vllm" else 120.0)  # vLLM loads and profiles first
+    planes = _Planes.open(disc, ev)
     if not token:  # embedded shape: a fresh secret per run; workers get it in their environment, not argv
         token = new_token()
         log.info("internal token: generated for this run (worker RPC and KV transfer ports require it)")
+    plans = WorkerPlans(wk, planes.disc, planes.ev, fe, token, sum(counts.values()))
+    fleet: Fleet[Role] = Fleet(plans, ready_timeout=plans.ready_timeout)
     n_http, sock, log_level = http
     group = http_workers.group_id(argparse.Namespace(), n_http)
-    server = FrontendServer(fe, make_discovery(disc), make_event_plane(ev), internal_token=token, http_group=group)
-    extra = http_workers.HttpWorkers(n_http, sock, group, token, (fe, disc, ev), log_level) if n_http > 1 else None
+    server = FrontendServer(fe, make_discovery(planes.disc), make_event_plane(planes.ev), internal_token=token,
+                            http_group=group)
+    extra = http_workers.HttpWorkers(n_http, sock, group, token, (fe, planes.disc, planes.ev), log_level) \
+        if n_http > 1 else None
     stop = asyncio.Event()
-    starting: asyncio.Task[Any] | None = None  # the supervisor's start, or the planner's (-> its task)
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, http_workers.on_signal, server, extra, stop)
+        asyncio.get_running_loop().add_signal_handler(sig, http_workers.on_signal, server, extra, stop)
+    planning: asyncio.Task[None] | None = None
     try:
-        children = [Child(f"{role}-{i}", [*_worker_argv(wk, disc, ev, fe), "--role", role],
-                          {**child_env(threads), TOKEN_ENV: token, **_engine_env(wk, i, n),
-                           **({METRICS_KEY_ENV: fe.api_key} if fe.api_key else {})})
-                    for i, role in enumerate(roles)]
-        if planner is not None:  # the planner's local connector owns the workers instead of the supervisor
-            from kvrelay.cli.serve_planner import start_planned_workers
-
-            starting = asyncio.create_task(start_planned_workers(roles, children, planner, disc, fe, server, stop))
-        else:
-            starting = asyncio.create_task(supervisor.start(children))
+        starting = asyncio.create_task(fleet.start(counts))
         await server.start(sock)
-        done, _ = await asyncio.wait({starting, asyncio.create_task(stop.wait())},
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if starting in done:
-            starting.result()
-            if extra is not None and not stop.is_set():
+        if await _first(starting, stop):  # every worker serves
+            if extra is not None:
                 # The other HTTP processes (cli/http_workers.py) start once every worker serves and this
                 # process's routers hold them all: each lists discovery at start and accepts only when
                 # its routers hold that list too, so no process answers 'no models' for a registered
                 # worker another one already routes to.
                 await server.service.sync_workers(http_workers.SYNC_WAIT_S)
                 await extra.start()
-            shape = ", ".join(f"{roles.count(r)} {r}" for r in ("agg", "prefill", "decode") if r in roles)
+            if planner is not None:
+                planning = start_planner(fleet, Role.AGG not in counts, *planner, planes.disc, fe,
+                                         f"http://{fe.http_host}:{server.port}", stop)
+            shape = ", ".join(f"{n} {role.value}" for role, n in counts.items() if n)
             log.info("kvrelay serving %s on http://%s:%d with workers: %s", wk.served_model_name or wk.model,
                      fe.http_host, server.port, shape)
             await stop.wait()
-        else:
-            starting.cancel()
     except RuntimeError as e:
         log.error("%s", e)
         return 1
@@ -233,14 +219,25 @@ async def _serve(roles: list[str], fe: FrontendConfig, disc: DiscoveryConfig, ev
         if extra is not None:
             await extra.stop(0)
         await server.close()
-        await supervisor.stop()
-        if planner is not None and starting is not None and starting.done() and not starting.cancelled() and starting.exception() is None:
+        if planning is not None:  # it stops at `stop`: no decision lands on a closing fleet
             stop.set()
-            await starting.result()  # the planner's connector stops its workers
-        if broker is not None:
-            broker.close()
-        _remove_run_dir(run_dir)
+            await asyncio.gather(planning, return_exceptions=True)
+        await fleet.close()
+        planes.close()
     return 0
+
+
+async def _first(starting: asyncio.Task[None], stop: asyncio.Event) -> bool:
+    """Waits for the workers' start or a stop signal; True once they all serve (a failed start raises)."""
+    stopped = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if starting in done:
+        stopped.cancel()
+        starting.result()
+        return not stop.is_set()
+    starting.cancel()
+    await asyncio.gather(starting, return_exceptions=True)
+    return False
 
 
 # sockaddr_un.sun_path holds 108 bytes on Linux (104 on macOS): a deep cache dir cannot hold sockets.

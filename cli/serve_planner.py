@@ -1,5 +1,5 @@
-"""`kvrelay serve --planner load|sla`: the embedded shape with the planner's local connector owning the
-worker processes (started from the same argv as the supervisor's, stopped by SIGTERM = drain)."""
+"""`kvrelay serve --planner load|sla`: the planner drives the same fleet that started the workers
+(runtime/fleet.py) through the local connector, by role; it runs until `stop`."""
 
 from __future__ import annotations
 
@@ -8,51 +8,39 @@ import contextlib
 import dataclasses
 import logging
 
-from kvrelay.cli.supervisor import Child
+from kvrelay.frontend.config import FrontendConfig
+from kvrelay.planner.config import PlannerConfig
 from kvrelay.planner.connectors.local import LocalConnector
 from kvrelay.planner.observation import Pool
-from kvrelay.runtime.discovery import make_discovery
+from kvrelay.planner.policy import Policy
+from kvrelay.runtime.discovery import DiscoveryConfig, make_discovery
+from kvrelay.runtime.fleet import Fleet
+from kvrelay.workers.api.endpoints import Role
 
 log = logging.getLogger("kvrelay.serve")
 
 
-async def start_planned_workers(roles: list[str], children: list[Child], planner, disc, fe, server,
-                                stop: asyncio.Event, ready_timeout: float = 120.0) -> asyncio.Task:
-    """Starts the initial workers through the connector, waits until they serve, then runs the planner
-    in the background until `stop`; closing stops every worker."""
+def pool_roles(disaggregated: bool) -> dict[Pool, Role]:
+    """The role of the workers each pool is made of."""
+    return {Pool.PREFILL: Role.PREFILL, Pool.DECODE: Role.DECODE if disaggregated else Role.AGG}
+
+
+def start_planner(fleet: Fleet[Role], disaggregated: bool, cfg: PlannerConfig, policy: Policy,
+                  disc: DiscoveryConfig, fe: FrontendConfig, frontend_url: str,
+                  stop: asyncio.Event) -> asyncio.Task[None]:
+    """Runs the planner in the background until `stop`; serve awaits the task at shutdown."""
     from kvrelay.planner.service import serve_planner
 
-    cfg, policy = planner
-    by_role = {c.argv[-1]: c for c in children}
-    template = next(iter(by_role.values()))
-    base_argv = template.argv[:-2]  # without "--role X"
-
-    def argv(pool: Pool) -> list[str]:
-        return [*base_argv, "--role", "prefill" if pool is Pool.PREFILL else
-                ("decode" if "prefill" in roles or "decode" in roles else "agg")]
-
-    connector = LocalConnector(argv, env=template.env)
-    initial = {Pool.PREFILL: roles.count("prefill"), Pool.DECODE: roles.count("decode") + roles.count("agg")}
-    await connector.scale(initial)
-    deadline = asyncio.get_running_loop().time() + ready_timeout
-    while await connector.ready() != initial:
-        if asyncio.get_running_loop().time() > deadline:
-            await connector.close()
-            raise RuntimeError(f"workers did not become ready within {ready_timeout:.0f} s")
-        await asyncio.sleep(0.1)
-    discovery = make_discovery(disc)
-    await discovery.start()
-
     async def run() -> None:
-        while not server.port:  # noqa: ASYNC110 - the frontend starts concurrently; port is its only signal
-            await asyncio.sleep(0.05)
+        discovery = make_discovery(disc)
+        await discovery.start()
         planner_cfg = dataclasses.replace(cfg, frontend_api_key=cfg.frontend_api_key or fe.api_key,
                                           planner_api_key=cfg.planner_api_key or fe.api_key)
         try:
-            await serve_planner(planner_cfg, policy, discovery, fe.namespace, connector, stop,
-                                frontend_urls=[f"http://{fe.http_host}:{server.port}"])
+            await serve_planner(planner_cfg, policy, discovery, fe.namespace,
+                                LocalConnector(fleet, pool_roles(disaggregated)), stop,
+                                frontend_urls=[frontend_url])
         finally:
-            await connector.close()
             with contextlib.suppress(Exception):
                 await discovery.close()
 
@@ -63,4 +51,4 @@ async def start_planned_workers(roles: list[str], children: list[Child], planner
             log.error("planner stopped: %s", t.exception())
 
     task.add_done_callback(log_failure)
-    return task  # serve awaits it at shutdown: the workers are stopped when it ends
+    return task

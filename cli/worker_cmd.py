@@ -57,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"kvrelay worker: error: --model: {e}\n")
         return 2
     except start_errors as e:  # the engine's own reason, one line; `kvrelay serve` reads FAILED
-        print(f"FAILED {e}", flush=True)  # noqa: T201 - the supervisor reads this line
+        print(f"FAILED {e}", flush=True)  # noqa: T201 - its owner (runtime/fleet.py) reads this line
         sys.stderr.write(f"kvrelay worker: error: {e}\n")
         return 1
     return 0

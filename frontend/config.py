@@ -44,7 +44,7 @@ class FrontendConfig:
     worker_stall_timeout: float = setting(30.0, "seconds without output on a worker stream, from a worker that "
                                           "also stopped reporting load, after which the worker counts as "
                                           "failed and the request moves to another", positive)
-    # 15 s: a restarted worker of a role (kvrelay serve's supervisor: a few seconds for the mocker, ~6 s for
+    # 15 s: a restarted worker of a role (kvrelay serve's fleet: a few seconds for the mocker, ~6 s for
     # the native engine with a small model) is back within it; requests wait instead of failing meanwhile.
     worker_wait: float = setting(15.0, "seconds a request waits for a worker of its model (of the needed role) "
                                  "to appear, e.g. while the only one restarts; at most 1,024 requests wait, "

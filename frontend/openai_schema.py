@@ -28,7 +28,7 @@ TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]
 
 
 # Seconds a client is told to wait (`Retry-After`) before retrying a refused request: a full queue drains
-# within about a second of steps; a missing worker needs a restart (the supervisor's restart takes seconds).
+# within about a second of steps; a missing worker needs a restart (the fleet's restart takes seconds).
 RETRY_BUSY_S = 1
 RETRY_NO_WORKER_S = 5
 

@@ -5,8 +5,8 @@ event loop's own spawn: uvloop forks and runs the interpreter's after-fork handl
 in a process with gRPC threads (etcd discovery) such a child dies of SIGSEGV before exec (3 of 120
 spawns here; a frontend whose extra HTTP process died so at start exited). So no `preexec_fn` either:
 the child sets its own PR_SET_PDEATHSIG at start (`die_with_parent`, told by `PARENT_ENV`), then
-checks that its parent is still there. Used by `kvrelay serve`'s supervisor (cli/supervisor.py) and the
-planner's local connector (planner/connectors/local.py).
+checks that its parent is still there. Used by the fleet (runtime/fleet.py), the one owner of
+`kvrelay serve`'s child processes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 _PR_SET_PDEATHSIG = 1
-PARENT_ENV = "KVRELAY_DIE_WITH_PARENT"  # the supervisor's pid: the child dies (SIGTERM) with it
+PARENT_ENV = "KVRELAY_DIE_WITH_PARENT"  # the owner's pid: the child dies (SIGTERM) with it
 
 
 def die_with_parent() -> None:

@@ -10,7 +10,7 @@ Lifecycle: engine up -> RPC server up -> registered. Shutdown reverses it: dereg
 stop sending), then the server fails in-flight streams with `Cancelled` (frontends migrate them), then
 the engine stops. SIGTERM drains first (`drain`): deregistered, the requests in flight (and prefill
 handles waiting to be pulled) get up to `--drain-timeout` seconds to finish; the process then exits 0,
-which `kvrelay serve`'s supervisor reads as "removed on purpose" and does not restart.
+which `kvrelay serve`'s fleet reads as "removed on purpose" and does not restart.
 """
 
 from __future__ import annotations

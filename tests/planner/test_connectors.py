@@ -25,6 +25,7 @@ from kvrelay.planner.metrics import PlannerMetrics
 from kvrelay.planner.observation import Observation, Pool, PoolObservation
 from kvrelay.planner.policy import Policy, PolicyKind
 from kvrelay.runtime.discovery.file import FileDiscovery
+from kvrelay.runtime.fleet import Fleet, ProcessPlan
 from kvrelay.runtime.wire import decode, encode
 from tests.planner.fakes import ScriptedObserver
 from tests.planner.k8s_stub import StubApiServer
@@ -105,13 +106,14 @@ async def test_local_connector_starts_and_stops_worker_processes(tmp_path):
     broker = ZmqBroker(pub, sub)
     broker.start()
 
-    def argv(pool: Pool) -> list[str]:
-        return [sys.executable, "-m", "kvrelay.cli.main", "worker", "--engine", "mocker", "--model", "tiny",
-                "--role", pool.value,
-                "--kv-transfer", "none", "--discovery-dir", str(tmp_path / "d"), "--events", "zmq",
-                "--zmq-pub-endpoint", pub, "--zmq-sub-endpoint", sub, "--metrics-port", "-1"]
+    def plan(role: str, ordinal: int) -> ProcessPlan:
+        return ProcessPlan(f"{role}-{ordinal}", (
+            sys.executable, "-m", "kvrelay.cli.main", "worker", "--engine", "mocker", "--model", "tiny",
+            "--role", role, "--kv-transfer", "none", "--discovery-dir", str(tmp_path / "d"), "--events", "zmq",
+            "--zmq-pub-endpoint", pub, "--zmq-sub-endpoint", sub, "--metrics-port", "-1"))
 
-    conn = LocalConnector(argv, stop_grace=20)
+    fleet: Fleet[str] = Fleet(plan, stop_grace=20)
+    conn = LocalConnector(fleet, {P: "prefill", D: "decode"})
     try:
         await conn.scale({P: 0, D: 2})
         for _ in range(300):
@@ -119,19 +121,18 @@ async def test_local_connector_starts_and_stops_worker_processes(tmp_path):
                 break
             await asyncio.sleep(0.1)
         assert await conn.ready() == {P: 0, D: 2}
-        pids = [w.proc.pid for w in conn.workers]
+        pids = [s.proc.pid for s in fleet.slots]
         await conn.scale({P: 0, D: 1})
         assert (await conn.ready())[D] == 1  # the stopping one no longer counts at once
         for _ in range(200):
-            if sum(w.alive for w in conn.workers) == 1:
+            if len(fleet.live()) == 1:
                 break
             await asyncio.sleep(0.1)
-        alive = [w for w in conn.workers if w.alive]
-        assert len(alive) == 1 and alive[0].proc.pid == pids[0]  # the newest went
+        assert [p.pid for p in fleet.live()] == pids[:1]  # the newest went
     finally:
-        await conn.close()
+        await fleet.close()
         broker.close()
-    assert all(not w.alive for w in conn.workers)
+    assert not fleet.live()
 
 
 async def test_virtual_ready_counts_registered_workers_until_the_first_ack(tmp_path):
