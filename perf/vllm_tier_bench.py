@@ -115,8 +115,8 @@ def save_path(args: argparse.Namespace, out: Path) -> dict:
 
     from kvrelay.kernels.layer_pages import LayerPages, gather_layer_pages
     from kvrelay.kvbm.tier_config import TierConfig
+    from kvrelay.workers.core.kv_sources.tiers import TierSave
     from kvrelay.workers.engines.vllm.tier_runtime import TierRuntime, TierSettings
-    from kvrelay.workers.engines.vllm.tier_scheduler import SaveJob
     from kvrelay.workers.engines.vllm.tier_worker import TierWorker
 
     num_blocks, n = 256, 62  # a 2,000-token prompt's full blocks
@@ -157,7 +157,7 @@ def save_path(args: argparse.Namespace, out: Path) -> dict:
             rt.give_rows(rows, save=True)
             hashes = [(r + 1) * 1_000_003 + i for i in range(n)]  # new blocks every time
             t0 = time.perf_counter()
-            worker.save([SaveJob(hashes, ids)])
+            worker.save([TierSave(hashes, ids)])
             while rt.rows_in_use:
                 time.sleep(0.0002)
             full.append(time.perf_counter() - t0)

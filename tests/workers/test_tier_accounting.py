@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from kvrelay.kvbm.cost_model import CostModel
 from kvrelay.workers.api.errors import EngineError
 from kvrelay.workers.api.messages import EngineRequest, SamplingParams
+from kvrelay.workers.core.kv_sources.save_pins import OffloadTracker
 from kvrelay.workers.core.kv_sources.tiers import TierLoad, TierLookup, TierSave, TierSource
 from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.core.sequence import Status
@@ -67,9 +68,12 @@ op = st.one_of(
 def test_offload_and_onboard_keep_block_accounting_exact(model_path, mode, ops):
     engine = LLMEngine(NativeEngineConfig(model=model_path, num_blocks=12, limits=EngineLimits(
         block_size=4, max_num_batched_tokens=24, max_num_seqs=4, max_waiting=6)))
-    source = TierSource(engine.kv, 4, mode, CostModel(engine.kv_layout().block_bytes, 4, always=True))
+    source = TierSource(4, CostModel(engine.kv_layout().block_bytes, 4, always=True),
+                        g1_has=engine.kv.cached.__contains__,
+                        pins=OffloadTracker(engine.kv.pool, mode, max_pinned=engine.kv.num_blocks // 4))
     engine.door.add_source(source)
     tracker = source.pins
+    assert tracker is not None
     batches: list[list[int]] = []
     loading: dict[str, TierLoad] = {}
     lookups: list[tuple[str, list[int]]] = []  # parked preempted sequences awaiting their tier lookup

@@ -21,12 +21,13 @@ import torch
 from kvrelay.kvbm.hashing import block_hashes, root_hash
 from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.workers.core.kv_events import KvEventLog
+from kvrelay.workers.core.kv_sources.tiers import TierLoad, TierSave
 from kvrelay.workers.engines.vllm.config import VllmEngineConfig
 from kvrelay.workers.engines.vllm.kv_events import VllmEventMapper
 from kvrelay.workers.engines.vllm.stats import tier_snapshot
 from kvrelay.workers.engines.vllm.tier_lookup import LookupClient
 from kvrelay.workers.engines.vllm.tier_runtime import TierRuntime, TierSettings
-from kvrelay.workers.engines.vllm.tier_scheduler import LoadJob, SaveJob, TierScheduler
+from kvrelay.workers.engines.vllm.tier_scheduler import TierScheduler
 from kvrelay.workers.engines.vllm.tier_worker import TierWorker
 
 BS, FP = 32, "vllm-test"
@@ -40,14 +41,14 @@ class ScriptedLookups:
         self.asked: list[tuple[str, list[int], int]] = []
         self.answers: dict[str, list[str]] = {}
 
-    def ask(self, key, hashes, local):
-        self.asked.append((key, list(hashes), local))
+    def ask(self, request_id, hashes, local):
+        self.asked.append((request_id, list(hashes), local))
 
-    def result(self, key, wait_s):
-        return self.answers.pop(key, None)
+    def result(self, request_id, wait_s):
+        return self.answers.pop(request_id, None)
 
-    def forget(self, key):
-        self.answers.pop(key, None)
+    def forget(self, request_id):
+        self.answers.pop(request_id, None)
 
 
 def test_scheduler_waits_for_the_answer_then_plans_the_load_into_vllms_blocks():
@@ -58,11 +59,11 @@ def test_scheduler_waits_for_the_answer_then_plans_the_load_into_vllms_blocks():
     assert sched.matched("r1", prompt, "salt", "lora-a", num_computed=BS) == (None, False)  # not answered yet
     key, hashes, local = lookups.asked[-1]
     assert hashes == ours and local == 1  # kvrelay hashes (salt, LoRA), vLLM's own hit: block 0
-    lookups.answers[key] = ["G2", "G2", "G3"]  # blocks 1-3 worth loading
+    lookups.answers[key] = [None, "G2", "G2", "G3"]  # blocks 1-3 worth loading (block 0 is vLLM's)
     assert sched.matched("r1", prompt, "salt", "lora-a", num_computed=BS) == (3 * BS, True)
     sched.allocated("r1", [40, 41, 42, 43, 44, 45], 3 * BS)
     loads, saves = sched.step([])
-    assert loads == [LoadJob("r1", ours[1:4], ["G2", "G2", "G3"], [41, 42, 43])]
+    assert loads == [TierLoad("r1", ours[1:4], [41, 42, 43], ["G2", "G2", "G3"])]
     assert sched.hit_sources("r1") == {"G2": 2 * BS, "G3": BS}
 
 
@@ -76,18 +77,18 @@ def test_scheduler_saves_each_new_full_block_once_and_only_with_known_tokens():
     assert sched.matched("r", prompt, "", "", 0) == (0, False)
     ids = [5, 6, 7, 8]
     _, saves = sched.step([("r", 0, 2 * BS + 10, prompt, lambda: ids)])  # the prompt's two full blocks
-    assert saves == [SaveJob(ours[:2], [5, 6])]
+    assert saves == [TierSave(ours[:2], [5, 6])]
     tokens = prompt + [7] * (BS - 10)  # decode fills block 2: saved once all its tokens are known
     _, saves = sched.step([("r", 2 * BS + 10, BS - 11, tokens[:-1], lambda: ids)])
     assert saves == []  # computed through 3 * BS - 1: block 2 is not full yet
     _, saves = sched.step([("r", 3 * BS - 1, 1, tokens[:-1], lambda: ids)])
     assert saves == []  # full after this step, but its last token is not in all_token_ids yet (async)
     _, saves = sched.step([("r", 3 * BS, 1, tokens, lambda: ids)])
-    assert saves == [SaveJob([ours[2]], [7])]
+    assert saves == [TierSave([ours[2]], [7])]
     _, saves = sched.step([("r", 3 * BS + 1, 1, tokens + [9], lambda: ids)])
     assert saves == []
     sched.finished("r")
-    assert "r" not in sched.reqs
+    assert "r" not in sched.reqs and not sched.source.asked
 
 
 def test_a_lookup_asked_with_a_larger_local_hit_is_asked_again():
@@ -97,7 +98,7 @@ def test_a_lookup_asked_with_a_larger_local_hit_is_asked_again():
     sched.matched("r", prompt, "", "", 2 * BS)
     sched.matched("r", prompt, "", "", BS)  # vLLM lost block 1 meanwhile: the question changed
     assert [a[2] for a in lookups.asked] == [2, 1]
-    lookups.answers[lookups.asked[-1][0]] = ["G2", "G2", "G2"]
+    lookups.answers[lookups.asked[-1][0]] = [None, "G2", "G2", "G2"]
     assert sched.matched("r", prompt, "", "", 2 * BS) == (2 * BS, True)  # it grew back: blocks 2-3
 
 
@@ -127,14 +128,14 @@ def test_worker_saves_blocks_then_loads_them_into_other_blocks_byte_for_byte(run
     worker.register({f"model.layers.{i}.self_attn": t for i, t in enumerate(kv)})
     assert worker.enabled and runtime.tiered.tiers == ["G2", "G3"]
     hashes = [11, 12, 13]
-    worker.save([SaveJob(hashes, [2, 3, 9])])
+    worker.save([TierSave(hashes, [2, 3, 9])])
     wait_for(lambda: runtime.rows_in_use == 0 and {11, 12, 13} <= runtime.known)
     events = runtime.take_events()
     assert {(t, k) for t, k, _ in events} == {("G2", "stored"), ("G3", "stored")}
-    worker.save([SaveJob(hashes, [2, 3, 9])])  # already in a tier: nothing gathered, nothing held
+    worker.save([TierSave(hashes, [2, 3, 9])])  # already in a tier: nothing gathered, nothing held
     assert runtime.rows_in_use == 0
 
-    worker.start_loads([LoadJob("r", hashes + [99], ["G2", "G2", "G3", "G2"], [5, 6, 7, 8])])
+    worker.start_loads([TierLoad("r", hashes + [99], [5, 6, 7, 8], ["G2", "G2", "G3", "G2"])])
     wait_for(lambda: bool(worker._loads) and all(f is None or f.done() for _, _, f in worker._loads.values()))
     assert worker.finished_loads() == {"r"}
     for t in kv:
@@ -147,15 +148,15 @@ def test_worker_saves_blocks_then_loads_them_into_other_blocks_byte_for_byte(run
 def test_lookup_over_its_socket_is_answered_by_the_stores_and_the_cost_model(runtime, tmp_path):
     worker = TierWorker(runtime, NUM_BLOCKS)
     worker.register({"layer.0": caches()[0]})
-    worker.save([SaveJob([21, 22, 23], [0, 1, 2])])
+    worker.save([TierSave([21, 22, 23], [0, 1, 2])])
     wait_for(lambda: {21, 22, 23} <= runtime.known)
     client = LookupClient(str(tmp_path))
     try:
-        client.ask("a#1", [21, 22, 23, 24], 1)
+        client.ask("a", [21, 22, 23, 24], 1)
         deadline = time.monotonic() + 10
-        while (got := client.result("a#1", 0.05)) is None:
+        while (got := client.result("a", 0.05)) is None:
             assert time.monotonic() < deadline
-        assert got == ["G2", "G2"]  # blocks 1 and 2 (0 is vLLM's; 24 is in no tier)
+        assert got == [None, "G2", "G2"]  # blocks 1 and 2 (0 is vLLM's; 24 is in no tier)
     finally:
         client.close()
 
@@ -205,7 +206,7 @@ def test_a_save_larger_than_the_free_rows_saves_its_leading_blocks_and_counts_th
         worker = TierWorker(rt, NUM_BLOCKS)
         worker.register({f"l.{i}": t for i, t in enumerate(caches())})
         assert rt.num_rows == 4  # saves may hold 2
-        worker.save([SaveJob([1, 2, 3, 4, 5], [0, 1, 2, 3, 4])])
+        worker.save([TierSave([1, 2, 3, 4, 5], [0, 1, 2, 3, 4])])
         assert rt.save_skipped == 3
         wait_for(lambda: rt.rows_in_use == 0 and {1, 2} <= rt.known)
         assert 3 not in rt.known
@@ -220,3 +221,20 @@ def test_a_save_larger_than_the_free_rows_saves_its_leading_blocks_and_counts_th
         assert sized.num_rows == 16  # two steps of 8 new blocks each
     finally:
         sized.close()
+
+
+def test_a_preempted_request_asks_the_tiers_again_for_the_blocks_it_had_saved():
+    lookups = ScriptedLookups()
+    sched = TierScheduler(BS, FP, lookups)
+    prompt = list(range(3 * BS + 1))
+    assert sched.matched("r", prompt, "", "", 0) == (None, False)
+    lookups.answers[lookups.asked[-1][0]] = []  # nothing in any tier yet
+    assert sched.matched("r", prompt, "", "", 0) == (0, False)
+    sched.allocated("r", [1, 2, 3, 4], 0)
+    _, saves = sched.step([("r", 0, 3 * BS + 1, prompt, lambda: [1, 2, 3, 4])])
+    assert len(saves) == 1 and len(saves[0].hashes) == 3
+    # vLLM preempted it and freed its blocks: asked again with no hit, the source asks the tiers again
+    assert sched.matched("r", prompt, "", "", 0) == (None, False)
+    assert len(lookups.asked) == 2 and lookups.asked[-1][2] == 0
+    lookups.answers[lookups.asked[-1][0]] = ["G2", "G2", "G2"]
+    assert sched.matched("r", prompt, "", "", 0) == (3 * BS, True)

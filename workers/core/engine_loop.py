@@ -63,13 +63,16 @@ class EngineLoop:
         await self.driver.start(core, CoreRunner(core, self._publish, self.loops.submit))
 
     async def _open_tiers(self, core: EngineCore, cfg: TierConfig, rows: Any) -> None:
+        from kvrelay.workers.core.kv_sources.save_pins import OffloadTracker
         from kvrelay.workers.core.kv_sources.tiers import TierSource  # tiers_loop imports torch
         from kvrelay.workers.core.kv_sources.tiers_loop import TiersLoop
 
         assert self.loops is not None
         half = await TiersLoop.open(cfg, rows, core.block_size, core.fingerprint, core.pool.cached, self.driver.post)
         if half is not None:
-            core.door.add_source(TierSource(core.kv, core.block_size, cfg.offload, half.tiers.cost))
+            core.door.add_source(TierSource(core.block_size, half.tiers.cost, g1_has=core.kv.cached.__contains__,
+                                            pins=OffloadTracker(core.kv.pool, cfg.offload,
+                                                                max_pinned=core.kv.num_blocks // 4)))
             self.loops.add(half)
 
     @property

@@ -33,10 +33,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from kvrelay.workers.core.kv_sources.tiers import TierLoad, TierSave
 from kvrelay.workers.engines.vllm.stats import TIER_STATS_KEY as STATS_KEY
 from kvrelay.workers.engines.vllm.tier_lookup import LookupClient
 from kvrelay.workers.engines.vllm.tier_runtime import TierRuntime, TierSettings
-from kvrelay.workers.engines.vllm.tier_scheduler import LoadJob, SaveJob, TierScheduler
+from kvrelay.workers.engines.vllm.tier_scheduler import TierScheduler
 from kvrelay.workers.engines.vllm.tier_worker import TierWorker
 
 log = logging.getLogger("kvrelay.vllm.tiers")
@@ -49,7 +50,7 @@ _HIT_SOURCES = {"G2": CacheHitSource.HOST, "G3": CacheHitSource.DISK}
 class TierMetadata(KVConnectorMetadata):
     """One step's work for the worker half."""
 
-    def __init__(self, loads: list[LoadJob], saves: list[SaveJob], prompt_tokens: int):
+    def __init__(self, loads: list[TierLoad], saves: list[TierSave], prompt_tokens: int):
         self.loads, self.saves, self.prompt_tokens = loads, saves, prompt_tokens
 
 

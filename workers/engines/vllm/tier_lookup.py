@@ -8,8 +8,9 @@ KV tensors. The scheduler half asks over one ZMQ socket in the engine's private 
     scheduler           [key, msgpack(tiers)]            <-  worker
 
 `hashes` are the request's block hashes up to the last loadable block, `local` how many leading blocks
-vLLM's own cache has; the answer is the tier of each block to load after those (`TieredKv.lookup`,
-then `CostModel.best_cut`): possibly empty. The scheduler never blocks on it beyond `wait_s`: vLLM
+vLLM's own cache has (a `TierLookup`, workers/core/kv_sources/tiers.py); the answer is, per leading
+block, None (vLLM's) or the tier to load it from (`TieredKv.lookup`, then the engine-neutral
+`load_plan` with the cost model), up to the last block worth loading: possibly empty. The scheduler never blocks on it beyond `wait_s`: vLLM
 asks again next step (`get_num_new_matched_tokens` -> None), and a lookup unanswered for
 `GIVE_UP_S` is a miss, so a request never waits on a worker that is gone.
 """
@@ -35,12 +36,12 @@ def endpoint(socket_dir: str) -> str:
     return f"ipc://{socket_dir}/kv-tiers"
 
 
-async def answer(tiered: TieredKv, hashes: list[int], local: int, limit: int) -> list[str]:
-    """The tiers of the blocks after `local` worth loading (kvbm's lookup and cost model), at most
-    `limit` (the staging rows a load can take)."""
+async def answer(tiered: TieredKv, hashes: list[int], local: int, limit: int) -> list[str | None]:
+    """Per leading block: None (vLLM holds it) or the tier to load it from, cut by the cost model, at
+    most `limit` loads (the staging rows a load can take); [] when nothing is worth loading."""
     found = await tiered.lookup(hashes, set(hashes[:local]).__contains__)
     plan = load_plan(found, [True] * local, tiered.cost, limit)
-    return [t for t in plan[local:] if t is not None]
+    return plan if len(plan) > local else []
 
 
 class LookupServer:
@@ -87,34 +88,44 @@ class LookupClient:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(endpoint(socket_dir))
-        self._asked: dict[str, float] = {}  # key -> when asked
-        self._answers: dict[str, list[str]] = {}
+        self._asked: dict[str, tuple[str, float]] = {}  # request id -> (the wire key of its last ask, when)
+        self._answers: dict[str, list[str | None]] = {}  # wire key -> answer
+        self._n = 0
 
-    def ask(self, key: str, hashes: list[int], local: int) -> None:
-        self._asked[key] = time.monotonic()
+    def ask(self, request_id: str, hashes: list[int], local: int) -> None:
+        """Asks for a request; an earlier ask of the same request is forgotten (its answer is dropped)."""
+        self.forget(request_id)
+        self._n += 1
+        key = f"{request_id}#{self._n}"
+        self._asked[request_id] = (key, time.monotonic())
         self._sock.send_multipart([key.encode(), msgspec.msgpack.encode([hashes, local])])
 
-    def result(self, key: str, wait_s: float) -> list[str] | None:
-        """The answer to `key`, waiting at most wait_s; [] once it is overdue (a miss); None: not yet."""
+    def result(self, request_id: str, wait_s: float) -> list[str | None] | None:
+        """The answer for the request's last ask, waiting at most wait_s; [] once it is overdue (a miss);
+        None: not yet."""
+        if request_id not in self._asked:
+            return None
+        key, asked_at = self._asked[request_id]
         deadline = time.monotonic() + wait_s
         while key not in self._answers:
             timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
             if not self._sock.poll(timeout_ms):
                 break
             k, payload = self._sock.recv_multipart()
-            if k.decode() in self._asked:
+            rid = k.decode().rsplit("#", 1)[0]
+            if self._asked.get(rid, ("",))[0] == k.decode():
                 self._answers[k.decode()] = msgspec.msgpack.decode(payload)
         if key in self._answers:
-            self._asked.pop(key, None)
+            del self._asked[request_id]
             return self._answers.pop(key)
-        if time.monotonic() - self._asked.get(key, 0.0) > GIVE_UP_S:
+        if time.monotonic() - asked_at > GIVE_UP_S:
             log.warning("kvrelay tier lookup unanswered for %.0fs: recomputing the request", GIVE_UP_S)
-            self._asked.pop(key, None)
+            del self._asked[request_id]
             return []
         return None
 
-    def forget(self, key: str) -> None:
-        self._asked.pop(key, None)
+    def forget(self, request_id: str) -> None:
+        key, _ = self._asked.pop(request_id, ("", 0.0))
         self._answers.pop(key, None)
 
     def close(self) -> None:

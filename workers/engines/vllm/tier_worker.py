@@ -26,8 +26,8 @@ import torch
 
 from kvrelay.kernels.layer_pages import LayerPages, block_bytes, gather_layer_pages, scatter_layer_pages
 from kvrelay.kvbm.tiered_kv import OnboardPlan
+from kvrelay.workers.core.kv_sources.tiers import TierLoad, TierSave
 from kvrelay.workers.engines.vllm.tier_runtime import TierRuntime
-from kvrelay.workers.engines.vllm.tier_scheduler import LoadJob, SaveJob
 
 log = logging.getLogger("kvrelay.vllm.tiers")
 
@@ -42,7 +42,7 @@ class TierWorker:
         self.rt, self.num_blocks = runtime, num_blocks
         self.pages: list[LayerPages] = []
         self.enabled = False
-        self._loads: dict[str, tuple[LoadJob, list[int], concurrent.futures.Future | None]] = {}
+        self._loads: dict[str, tuple[TierLoad, list[int], concurrent.futures.Future | None]] = {}
         self._errors: set[int] = set()
         self._t0 = 0.0
 
@@ -65,13 +65,13 @@ class TierWorker:
     def mark_step(self) -> None:
         self._t0 = perf_counter()
 
-    def start_loads(self, jobs: Sequence[LoadJob]) -> None:
+    def start_loads(self, jobs: Sequence[TierLoad]) -> None:
         for job in jobs:
             rows = self.rt.take_rows(len(job.hashes), save=False) if self.enabled else None
             fut = None
             if rows is not None:
                 fut = self.rt.submit(self.rt.kv.onboard(OnboardPlan(job.hashes, rows, job.tiers)))
-            self._loads[job.req_id] = (job, rows or [], fut)
+            self._loads[job.request_id] = (job, rows or [], fut)
 
     def finished_loads(self) -> set[str]:
         done = set()
@@ -105,7 +105,7 @@ class TierWorker:
         return errors
 
     # -- saves ------------------------------------------------------------------------------------------
-    def save(self, jobs: Sequence[SaveJob]) -> None:
+    def save(self, jobs: Sequence[TierSave]) -> None:
         if not self.enabled:
             return
         for job in jobs:
