@@ -1,8 +1,8 @@
 """Workers' prefill speed, learned online from first-token times (issue 27), for the kv router's
 expected-TTFT cost.
 
-Workers do not report their prefill throughput (`LoadMetrics` carries running/waiting counts and KV
-blocks only), so the frontend measures it: for each request it tells `observe(worker, tokens, seconds)`
+The fallback for workers that do not report their prefill throughput (`LoadMetrics.prefill_rate` 0: a
+fresh worker, or the vLLM engine), so the frontend measures it: for each request it tells `observe(worker, tokens, seconds)`
 with `tokens` = the prefill work the router expected before the request's first token (the worker's
 queued prefill tokens at routing time + the request's own uncached tokens) and `seconds` = the time from
 sending the request to its first token. The model is `seconds = overhead + tokens / rate`, fitted by

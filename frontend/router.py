@@ -75,6 +75,7 @@ class WorkerState(msgspec.Struct, frozen=True, kw_only=True):
     kv_usage: float = 0.0  # 0..1
     waiting_requests: int = 0  # LoadMetrics waiting: admitted, not yet scheduled (part of active_requests)
     report_age: float = math.inf  # seconds since the worker took the load report these come from (inf: none)
+    prefill_rate: float = 0.0  # LoadMetrics prefill_rate: its measured prompt tokens/s (0: not reported)
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -353,6 +354,7 @@ class KvRouter(BaseRouter):
                                      queued_inflight=self.inflight.queued_prefill(w.worker_id,
                                                                                   since=now - w.report_age),
                                      waiting_reported=w.waiting_requests, report_age=w.report_age,
+                                     reported_rate=w.prefill_rate,
                                      active=active,
                                      excess=self.balance * max(active - (BALANCE_ZONE * mean_active + BALANCE_SLACK), 0.0))
                      for w, active in zip(workers, actives, strict=True)]

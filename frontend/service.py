@@ -268,7 +268,8 @@ class FrontendService:
             return WorkerState(worker_id=inst.instance_id)
         return WorkerState(worker_id=inst.instance_id, active_requests=load.running + load.waiting,
                            active_decode_blocks=load.used_blocks, kv_usage=load.kv_usage,
-                           waiting_requests=load.waiting, report_age=max(now - load.timestamp, 0.0))
+                           waiting_requests=load.waiting, report_age=max(now - load.timestamp, 0.0),
+                           prefill_rate=load.prefill_rate)
 
     async def generate(self, model: str, card: ModelCard, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         prompt, sampling = request.prompt_token_ids, request.sampling

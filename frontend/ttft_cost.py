@@ -22,7 +22,9 @@ worker's prefill rate:
   of an unloaded engine does not show; in the unit of the workload (a request's worth of prefill), so
   a short conversation moves at a small imbalance and a long one only at a large one, and new
   conversations (little cached anywhere) spread over the workers.
-- rate: `PrefillRate`, learned from first-token times (prefill_rate.py).
+- rate: the prefill rate the worker measures and reports in its load reports (`LoadMetrics.prefill_rate`,
+  workers/prefill_meter.py); until it has, or from an engine that does not (vLLM), `PrefillRate`,
+  learned here from first-token times (prefill_rate.py).
 """
 
 from __future__ import annotations
@@ -63,15 +65,17 @@ class TtftModel:
         self.mean_prefill = mean_prefill_prior
 
     def terms(self, worker_id: str, *, num_tokens: int, block_size: int, held: Held, queued_inflight: int,
-              waiting_reported: int, active: int, report_age: float = math.inf, excess: float = 0.0) -> TtftTerms:
+              waiting_reported: int, active: int, report_age: float = math.inf, excess: float = 0.0,
+              reported_rate: float = 0.0) -> TtftTerms:
         """`queued_inflight`: the expected prefill tokens of requests routed to the worker since its last
         load report (taken `report_age` seconds ago) that have produced no first token; the report's
-        `waiting_reported` stand for those routed before it."""
+        `waiting_reported` stand for those routed before it. `reported_rate`: the prefill rate the worker
+        measured and reported (tokens/s), used when > 0 instead of the one learned here."""
         held_tokens = min(held.blocks * block_size, num_tokens - 1)
         uncached = max(num_tokens - held_tokens, 1)
         # Blocks held only in a lower tier: their credit is below 1; the rest of a block is onboarding.
         onboard = max(held.blocks - held.credit, 0.0) * block_size
-        rate = self.rate.rate(worker_id)
+        rate = reported_rate if reported_rate > 0 else self.rate.rate(worker_id)
         reported = 0.0
         if math.isfinite(report_age):  # its waiting requests, drained at the rate since the report
             reported = max(waiting_reported * self.mean_prefill - rate * max(report_age, 0.0), 0.0)

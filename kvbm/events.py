@@ -37,6 +37,9 @@ class LoadMetrics(msgspec.Struct, frozen=True, kw_only=True):
     used_blocks: int
     total_blocks: int
     timestamp: float  # time.time() at the worker
+    # Prompt tokens per second of its recent prefill steps (the kv router's expected-TTFT rate); 0: not
+    # known yet (no prefill since it started, or an engine that does not count it).
+    prefill_rate: float = 0.0
 
     @property
     def kv_usage(self) -> float:

@@ -47,6 +47,7 @@ from kvrelay.workers.api.messages import (
 from kvrelay.workers.config import WorkerConfig
 from kvrelay.workers.kv_handoff import PrefillLeases, SimulatedPuller, SimulatesTransfer, TransferPuller
 from kvrelay.workers.metrics import MetricsServer
+from kvrelay.workers.prefill_meter import PrefillMeter
 from kvrelay.workers.protocol import Engine
 
 log = logging.getLogger(__name__)
@@ -320,10 +321,12 @@ class Worker:
 
     async def _publish_load(self) -> None:
         subject = load_subject(self.cfg.namespace)
+        meter = PrefillMeter()
         while True:
             s = self.engine.stats()
             metrics = LoadMetrics(worker_id=self.instance_id, running=s.running, waiting=s.waiting,
-                                  used_blocks=s.used_blocks, total_blocks=s.total_blocks, timestamp=time.time())
+                                  used_blocks=s.used_blocks, total_blocks=s.total_blocks, timestamp=time.time(),
+                                  prefill_rate=meter.update(s))
             try:
                 await self.events.publish(subject, metrics)
             except Exception:

@@ -251,3 +251,19 @@ def test_reported_waiting_counts_as_queued_work_drained_since_the_report() -> No
     old = r.ttft.terms("w0", num_tokens=16, block_size=BS, held=Held(0, 0, 0.0), queued_inflight=0,
                        waiting_reported=2, active=2, report_age=0.4)
     assert old.queued == pytest.approx(112.0)
+
+
+def test_a_reported_prefill_rate_replaces_the_learned_one() -> None:
+    """Workers measure their prefill rate at the engine (LoadMetrics.prefill_rate): a worker reporting a
+    4x faster prefill wins a request whose uncached work would take longer on the slow one, and one that
+    reports nothing falls back to the learned rate."""
+    r = KvRouter(KvIndex(), prefill_rate=fixed_rate(1000.0), clock=Clock())
+    terms = r.ttft.terms("w0", num_tokens=1000, block_size=BS, held=Held(0, 0, 0.0), queued_inflight=0,
+                         waiting_reported=0, active=0, reported_rate=4000.0)
+    assert terms.rate == 4000.0 and terms.seconds == pytest.approx(1000 / 4000.0)
+    assert r.ttft.terms("w0", num_tokens=1000, block_size=BS, held=Held(0, 0, 0.0), queued_inflight=0,
+                        waiting_reported=0, active=0).rate == 1000.0
+    slow = WorkerState(worker_id="slow", prefill_rate=1000.0, waiting_requests=0, report_age=0.0)
+    fast = WorkerState(worker_id="fast", prefill_rate=4000.0, waiting_requests=1, report_age=0.0)
+    # the fast one has a request (256 tokens, the prior mean) queued: 1,256 / 4,000 s < 1,000 / 1,000 s
+    assert r.select(req("a", prompt(7, 1000)), [slow, fast]).worker_id == "fast"

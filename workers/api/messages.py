@@ -151,6 +151,8 @@ class EngineStats(msgspec.Struct, kw_only=True):
     reonboarded_blocks: int = 0  # cumulative, of those: blocks of preempted requests loaded back
     offload_pinned: int = 0  # G1 blocks pinned while being copied to lower tiers
     offload_skipped: int = 0  # cumulative: blocks not offloaded because too many were pinned
+    prefill_tokens_computed: int = 0  # cumulative: prompt tokens computed (not cached, not loaded)
+    prefill_seconds: float = 0.0  # cumulative: wall seconds of the steps that computed prompt tokens
     tiers: list[TierCounters] = []
 
 

@@ -66,6 +66,8 @@ class EngineCore:
         self._arrivals = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self.prefill_tokens_computed = 0  # prompt tokens computed, and the seconds of the steps that did
+        self.prefill_seconds = 0.0
 
     # -- requests ---------------------------------------------------------------------------------------
     def add_request(self, req: EngineRequest, hold: bool = False, hints: dict[str, Any] | None = None) -> None:
@@ -172,7 +174,11 @@ class EngineCore:
         for seq, n in scheduled:
             if seq.status is running:  # else aborted meanwhile: freed already, publish nothing
                 commit(seq, n)
-        self.door.observe_step(sum(n for _, n in scheduled if n > 1), seconds)
+        prefill = sum(n for _, n in scheduled if n > 1)
+        if prefill:
+            self.prefill_tokens_computed += prefill
+            self.prefill_seconds += seconds
+        self.door.observe_step(prefill, seconds)
         for i in result.failed:  # only the rows that failed end (aborted: blocks freed); the batch goes on
             rid = result.seqs[i].request_id
             if self.abort(rid) is not None:
@@ -220,4 +226,5 @@ class EngineCore:
             remote_prefills=c.get("remote_prefills", 0), pulled_blocks=c.get("pulled_blocks", 0),
             pull_failures=c.get("pull_failures", 0), onboarded_blocks=c.get("onboarded_blocks", 0),
             reonboarded_blocks=c.get("reonboarded_blocks", 0), offload_pinned=c.get("offload_pinned", 0),
-            offload_skipped=c.get("offload_skipped", 0))
+            offload_skipped=c.get("offload_skipped", 0), prefill_tokens_computed=self.prefill_tokens_computed,
+            prefill_seconds=self.prefill_seconds)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import msgspec
+
 from kvrelay.kvbm.fingerprint import model_fingerprint
 from kvrelay.kvbm.hashing import BlockHasher
-from kvrelay.workers.api.messages import KvLayout, SamplingParams
+from kvrelay.workers.api.messages import EngineStats, KvLayout, SamplingParams
 from kvrelay.workers.core.engine_core import EngineCore
 from kvrelay.workers.core.engine_loop import EngineLoop
 from kvrelay.workers.core.executor import Scheduled
@@ -66,6 +68,12 @@ class MockerEngine(EngineLoop):
         log.info("mocker KV tiers: G1 stand-in of %d blocks x %d bytes = %.1f MiB of host memory",
                  layout.num_blocks, layout.block_bytes, layout.num_blocks * layout.block_bytes / 2**20)
         return torch.zeros((layout.num_blocks, layout.block_bytes), dtype=torch.uint8)
+
+    def stats(self) -> EngineStats:
+        """The core's, with its prefill seconds as the wall-clock seconds its steps took (the core
+        counts modeled seconds; the mocker sleeps them divided by its speedup)."""
+        s = super().stats()
+        return msgspec.structs.replace(s, prefill_seconds=self.timing.wall(s.prefill_seconds))
 
     def step_time(self, scheduled: Scheduled) -> tuple[float, float]:
         modeled = self.timing.step_seconds(scheduled)
