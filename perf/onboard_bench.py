@@ -27,6 +27,7 @@ from typing import Any
 
 from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.workers.api.messages import EngineRequest, SamplingParams
+from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.native import NativeEngine, NativeEngineConfig
 
 
@@ -63,8 +64,8 @@ async def main(args: argparse.Namespace) -> dict:
     rng = random.Random(0)
     prompts = [[rng.randrange(4, 2000) for _ in range(args.tokens)] for _ in range(2)]
     blocks = args.tokens // 16 + 8  # one prompt fits, two do not
-    base = dict(model=model, num_blocks=blocks, max_model_len=args.tokens + 16,
-                max_num_batched_tokens=args.tokens + 16)
+    base = dict(model=model, num_blocks=blocks, limits=EngineLimits(max_model_len=args.tokens + 16,
+                                                                   max_num_batched_tokens=args.tokens + 16))
     workdir = args.dir or tempfile.mkdtemp(prefix="onboard-bench-")
     engines = {
         "cold": NativeEngine(NativeEngineConfig(**base)),
