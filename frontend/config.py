@@ -9,6 +9,10 @@ from kvrelay.runtime.auth import read_secret_file
 from kvrelay.runtime.config import non_negative, positive, setting
 
 
+def _below_one(value: float) -> str | None:
+    return None if 0 <= value < 1 else f"must be >= 0 and < 1, got {value}"
+
+
 @dataclass(frozen=True)
 class FrontendConfig:
     group_title = "frontend (HTTP API, routing, disaggregation)"
@@ -27,6 +31,11 @@ class FrontendConfig:
     router_balance: float = setting(2.0, "kv router, --router-cost ttft: each in-flight request a worker has "
                                     "beyond 1.5x the mean + 2 costs this many mean prefills (0 = off)",
                                     non_negative)
+    # 0.8: a pull moves a block's KV in well under a fifth of its prefill time (perf/RESULTS.md "Cluster KV
+    # pool"); the rest of the credit covers the lease round trip.
+    router_peer_weight: float = setting(0.8, "kv router: credit for a prefix block another worker holds in G1, "
+                                        "which the chosen worker pulls instead of computing (the cluster KV "
+                                        "pool; 0 = off; below 1: G1 of its own is best)", _below_one)
     router_prefill_rate: float = setting(20000.0, "kv router: prior prefill rate, tokens/s, until first-token "
                                          "times give a worker's own", positive)
     lower_tier_weight: float = setting(0.5, "kv router: credit for a prefix block a worker holds in G2/G3 "

@@ -53,7 +53,7 @@ from kvrelay.runtime.paths import cache_dir, private_dir
 from kvrelay.runtime.rpc import RemoteError, RpcCancelled, RpcClient, RpcConnectionError, RpcStream
 from kvrelay.workers.api.client import WorkerClient
 from kvrelay.workers.api.endpoints import ErrorKind, Role
-from kvrelay.workers.api.messages import EngineOutput, EngineRequest, ModelCard
+from kvrelay.workers.api.messages import EngineOutput, EngineRequest, KvPeer, ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ class FrontendService:
                    "balance": cfg.router_balance,
                    "tier_weights": {"G1": 1.0, **{t: cfg.lower_tier_weight for t in lower}}}
         self.router = make_router(cfg.router_mode, index=self.index, histogram=hist,
-                                  **({**kv_opts, "prefill_rate": PrefillRate(cfg.router_prefill_rate)}
+                                  **({**kv_opts, "prefill_rate": PrefillRate(cfg.router_prefill_rate),
+                                      "peer_weight": cfg.router_peer_weight}
                                      if cfg.router_mode == "kv" else {}))
         self.decode_router = make_router("least-loaded", histogram=hist, label="decode")
         self.watch = StreamWatch(cfg.worker_stall_timeout, self._reports_load, self._has_alternative)
@@ -116,6 +117,9 @@ class FrontendService:
         self.waiting_for_worker = 0  # requests in wait_for_workers now (bounded by MAX_WAITING_FOR_WORKER)
         self.migrations = Counter("kvrelay_frontend_migrations", "requests moved to another worker mid-stream",
                                   registry=self.registry)
+        self.peer_routes = Counter("kvrelay_kv_peer_routes", "routed requests by whether the chosen worker was "
+                                   "told to pull a prefix another worker holds (pull) or not (local)",
+                                   ["choice"], registry=self.registry)
         # Read at scrape time: what the router holds, so a leak shows on a dashboard, not in an OOM.
         index_blocks = Gauge("kvrelay_router_index_blocks", "distinct KV blocks in the router's index, by tier",
                              ["tier"], registry=self.registry)
@@ -301,13 +305,17 @@ class FrontendService:
                 decision = self.router.select(route, states)
                 overlap = decision.overlap_blocks
             inst = self.pool.instances[decision.worker_id]
+            peer = self.pool.instances.get(decision.peer_id) if decision.peer_id else None
             # Each attempt has its own id on the workers: a migrated attempt may reach a prefill worker
             # that still holds the previous attempt's handle (its release is in flight), and a worker
             # refuses an id it already holds. Routers keep counting the request under its own id.
             attempt = msgspec.structs.replace(
                 request, request_id=request.request_id if not migrations else f"{request.request_id}-m{migrations}",
                 prompt_token_ids=tokens,
-                sampling=msgspec.structs.replace(sampling, max_tokens=sampling.max_tokens - len(generated)))
+                sampling=msgspec.structs.replace(sampling, max_tokens=sampling.max_tokens - len(generated)),
+                kv_peer=KvPeer(instance_id=peer.instance_id, address=peer.address, blocks=decision.peer_blocks)
+                if peer is not None and not disaggregated else None)
+            self.peer_routes.labels(choice="pull" if attempt.kv_peer is not None else "local").inc()
             handle, finished = None, False
             try:
                 reply = None

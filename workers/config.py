@@ -83,12 +83,15 @@ EngineLimitSettings = _derived_settings("EngineLimitSettings", EngineLimits, "en
 
 @dataclass(frozen=True)
 class TransferSettings:
-    group_title = "KV transfer (prefill/decode roles)"
+    group_title = "KV transfer (prefill/decode handoff, peer pulls)"
     kv_transfer: Literal["auto", "nixl", "tcp", "none"] = setting(
-        "auto", "prefill/decode roles: KV transport (auto = NIXL, TCP fallback if NIXL fails; none = no "
-        "handoff, decode workers prefill locally)")
-    kv_lease_s: float = setting(30.0, "prefill role: seconds a computed prompt's blocks wait to be pulled",
-                                positive)
+        "auto", "KV transport between workers (auto = NIXL, TCP fallback if NIXL fails; none = no handoff "
+        "and no peer pulls: decode workers prefill locally)")
+    kv_lease_s: float = setting(30.0, "seconds computed blocks wait to be pulled (a prefill's handle, a "
+                                "peer's lease)", positive)
+    kv_peer_pull: bool = setting(True, "cluster KV pool: pull a prompt prefix that another worker holds "
+                                 "(the router names it) instead of computing it, and lend this worker's "
+                                 "blocks to peers (needs --kv-transfer other than none)")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The worker side of the prefill -> decode KV handoff (docs/ARCHITECTURE.md "Disaggregation").
 
+Lending (the cluster KV pool): `lend_blocks` pins blocks a peer asked for under the same leases.
 Prefill role: `PrefillLeases` pins each handle's blocks until the decode worker says it is done (the
 `RELEASE` notification that rides on the transfer, or the `release` endpoint) or the lease runs out.
 Decode role: a `KvPuller` copies a handle's blocks into blocks the engine allocated: `TransferPuller`
@@ -29,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 from kvrelay.runtime.log import Throttled
 from kvrelay.workers.api.client import WorkerClient
 from kvrelay.workers.api.handle_release import HandleReleaser
-from kvrelay.workers.api.messages import KvHandle
+from kvrelay.workers.api.messages import KvHandle, PeerLeaseRequest
 
 log = logging.getLogger(__name__)
 
@@ -159,3 +160,22 @@ class SimulatedPuller(HandleReleaser):
         finally:
             self.release(handle)
         return True
+
+
+async def lend_blocks(engine: Any, leases: PrefillLeases, request: PeerLeaseRequest, instance: Any,
+                      transfer_metadata: bytes) -> KvHandle | None:
+    """A peer's `kv_lease` (the cluster KV pool): pin the leading run of the asked blocks this worker's
+    G1 holds under the request's lease id, timed like a prefill's handle (freed by the pull's
+    notification, `release`, or expiry), and describe them as a handle; None when it holds none, or the
+    ask is for another model. `engine`: the worker's Engine; `instance`: its discovery Instance."""
+    if request.fingerprint != engine.fingerprint or not request.lease_id.startswith("peer:"):
+        return None  # another model's hashes; a lease id that is not a peer's could name a request
+    block_ids = await engine.lease_blocks(request.lease_id, request.block_hashes)
+    if not block_ids:
+        return None
+    leases.hold(request.lease_id)
+    return KvHandle(request_id=request.lease_id, prefill_instance=instance.instance_id,
+                    prefill_address=instance.address, transfer_metadata=transfer_metadata,
+                    fingerprint=engine.fingerprint, block_ids=block_ids,
+                    num_tokens=len(block_ids) * engine.kv_layout().block_size, first_token=-1,
+                    lease_s=leases.lease_s)

@@ -27,6 +27,13 @@ _ENGINE_GAUGES = {
     "total_blocks": "G1 blocks", "held_requests": "prefill role: handles whose blocks wait to be pulled",
     "offload_pinned": "G1 blocks pinned while being copied to lower tiers",
 }
+_PEER_GAUGES = {"lease_pinned": "G1 blocks pinned now for peers' pulls (the cluster KV pool)"}
+_PEER_COUNTERS = {
+    "asked": "requests that asked a peer to lend a prompt prefix", "pulled_blocks": "blocks pulled from peers",
+    "pull_failures": "peer pulls that did not deliver (recomputed)",
+    "fallbacks": "peer asks that got less than asked (evicted or gone): recomputed",
+    "lent_blocks": "blocks this worker lent to peers' pulls",
+}
 _ENGINE_COUNTERS = {
     "prefix_hit_tokens": "prompt tokens served from cache (G1 hits and onboarded blocks)",
     "prompt_tokens": "prompt tokens received", "generated_tokens": "tokens generated",
@@ -65,6 +72,14 @@ class WorkerCollector(Collector):
         for name, doc in _ENGINE_COUNTERS.items():
             c = CounterMetricFamily(f"kvrelay_worker_{name}", doc, labels=["worker"])
             c.add_metric([self.worker_id], getattr(s, name))
+            yield c
+        for name, doc in _PEER_GAUGES.items():
+            g = GaugeMetricFamily(f"kvrelay_kv_peer_{name}", doc, labels=["worker"])
+            g.add_metric([self.worker_id], getattr(s, f"peer_{name}"))
+            yield g
+        for name, doc in _PEER_COUNTERS.items():
+            c = CounterMetricFamily(f"kvrelay_kv_peer_{name}", doc, labels=["worker"])
+            c.add_metric([self.worker_id], getattr(s, f"peer_{name}"))
             yield c
         for name, doc in _TIER_GAUGES.items():
             g = GaugeMetricFamily(f"kvrelay_kv_tier_{name}", doc, labels=["worker", "tier"])

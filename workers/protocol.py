@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.workers.api.messages import EngineOutput, EngineRequest, EngineStats, KvLayout
-from kvrelay.workers.api.prefill import KvPuller, PrefillResult
+from kvrelay.workers.api.prefill import KvPuller, LeaseAsker, PrefillResult
 
 
 @runtime_checkable
@@ -65,6 +65,13 @@ class Engine(Protocol):
     async def prefill(self, request: EngineRequest) -> PrefillResult: ...
 
     def set_kv_puller(self, puller: KvPuller) -> None: ...
+
+    def set_peer_puller(self, puller: KvPuller, ask: LeaseAsker) -> None:
+        """Let requests pull the prefix a peer holds (`EngineRequest.kv_peer`) with `puller`."""
+
+    async def lease_blocks(self, lease_id: str, hashes: list[int]) -> list[int]:
+        """Pin the leading run of `hashes` G1 caches for a peer's pull; their block ids ([]: none, or the
+        engine does not lend). `abort(lease_id)` frees them."""
 
     def kv_pool(self) -> Any:
         """The G1 pool tensor for transfer registration (block-contiguous), or None if the engine's KV

@@ -41,11 +41,19 @@ from kvrelay.workers.api.messages import (
     EngineStats,
     KvHandle,
     ModelCard,
+    PeerLeaseReply,
+    PeerLeaseRequest,
     PrefillReply,
     ReleaseRequest,
 )
 from kvrelay.workers.config import WorkerConfig
-from kvrelay.workers.kv_handoff import PrefillLeases, SimulatedPuller, SimulatesTransfer, TransferPuller
+from kvrelay.workers.kv_handoff import (
+    PrefillLeases,
+    SimulatedPuller,
+    SimulatesTransfer,
+    TransferPuller,
+    lend_blocks,
+)
 from kvrelay.workers.metrics import MetricsServer
 from kvrelay.workers.prefill_meter import PrefillMeter
 from kvrelay.workers.protocol import Engine
@@ -137,10 +145,14 @@ class Worker:
         self.server.add_endpoint(Endpoint.STATS, self._stats, Empty)
         self.server.add_endpoint(Endpoint.MODEL_CARD, self._model_card, Empty)
         self.server.add_endpoint(Endpoint.TRANSFER_STATS, self._transfer_stats, Empty)
-        if self.cfg.role == Role.PREFILL:
+        lends = self._lends_kv()
+        if self.cfg.role == Role.PREFILL or lends:  # a prefill's handles and peers' leases: one set of timers
             self.leases = PrefillLeases(self.engine.abort, self.cfg.kv_lease_s, token=self.internal_token)
-            self.server.add_endpoint(Endpoint.PREFILL, self._prefill, EngineRequest)
             self.server.add_endpoint(Endpoint.RELEASE, self._release, ReleaseRequest)
+        if self.cfg.role == Role.PREFILL:
+            self.server.add_endpoint(Endpoint.PREFILL, self._prefill, EngineRequest)
+        if lends:
+            self.server.add_endpoint(Endpoint.KV_LEASE, self._kv_lease, PeerLeaseRequest)
         await self._start_transfer()
         await self.server.start()
         layout = self.engine.kv_layout()
@@ -215,9 +227,15 @@ class Worker:
         await self.discovery.close()
         await self.events.close()
 
+    def _lends_kv(self) -> bool:
+        """Peer pulls (the cluster KV pool) are on: this worker lends its G1 blocks and pulls others'."""
+        return self.cfg.kv_peer_pull and self.cfg.kv_transfer != "none" and not self.engine.owns_kv_transfer
+
     async def _start_transfer(self) -> None:
-        """Prefill/decode roles: a transfer engine over the G1 pool; decode gets a puller."""
-        if self.cfg.role == Role.AGG or self.cfg.kv_transfer == "none" or self.engine.owns_kv_transfer:
+        """A transfer engine over the G1 pool (prefill/decode roles, and every role with peer pulls);
+        decode gets a puller for handles, every role with peer pulls one for peers' blocks."""
+        if (self.cfg.role == Role.AGG and not self._lends_kv()) or self.cfg.kv_transfer == "none" \
+                or self.engine.owns_kv_transfer:
             return
         pool = self.engine.kv_pool()
         if pool is not None:
@@ -229,15 +247,17 @@ class Worker:
             self.transfer.register_pool("g1", pool, self.engine.kv_layout().block_bytes)
             await self.transfer.start()
             log.info("KV transfer: %s", self.transfer.kind)
+        if self.transfer is not None:
+            self.puller = TransferPuller(self.transfer, self.peers, token=self.internal_token)
+        elif isinstance(self.engine, SimulatesTransfer):  # the mocker: a simulated link
+            self.puller = SimulatedPuller(self.engine.simulated_transfer_seconds, self.peers)
         if self.cfg.role == Role.DECODE:
-            if self.transfer is not None:
-                self.puller = TransferPuller(self.transfer, self.peers, token=self.internal_token)
-            elif isinstance(self.engine, SimulatesTransfer):  # the mocker: a simulated link
-                self.puller = SimulatedPuller(self.engine.simulated_transfer_seconds, self.peers)
-            else:
+            if self.puller is None:
                 raise ConfigError(f"--role decode: engine {self.cfg.engine!r} has no KV pool to pull into")
             self.engine.set_kv_puller(self.puller)
-        elif self.transfer is not None and self.leases is not None:
+        if self._lends_kv() and self.puller is not None:
+            self.engine.set_peer_puller(self.puller, self.peers.lease)
+        if self.transfer is not None and self.leases is not None:  # pulls of our blocks end in notifications
             self._tasks.append(asyncio.create_task(self.leases.consume(self.transfer)))
 
     # -- endpoints --------------------------------------------------------------------------------------
@@ -274,6 +294,19 @@ class Worker:
         except BaseException:  # the caller left before taking the handle: nobody will pull it
             if handle is not None:
                 self.leases.release(request.request_id, "cancelled")
+            raise
+
+    async def _kv_lease(self, request: PeerLeaseRequest) -> AsyncGenerator[PeerLeaseReply, None]:
+        """A peer's pull of blocks this worker holds: pin the leading run of the asked hashes under a lease
+        (freed by the pull's notification, `release`, or expiry) and hand back a handle to them."""
+        assert self.leases is not None and self.instance is not None
+        handle = await lend_blocks(self.engine, self.leases, request, self.instance,
+                                   self.transfer.metadata() if self.transfer else b"")
+        try:
+            yield PeerLeaseReply(handle=handle)
+        except BaseException:  # the asker left before taking the handle: nobody will pull it
+            if handle is not None:
+                self.leases.release(request.lease_id, "cancelled")
             raise
 
     async def _release(self, request: ReleaseRequest) -> AsyncGenerator[Empty, None]:

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import msgspec
 
 from kvrelay.frontend.kv_index import KvIndex
+from kvrelay.frontend.kv_router import KvRouter
 from kvrelay.frontend.router import (
     BaseRouter,
-    KvRouter,
     LeastLoadedRouter,
     RandomRouter,
     RoundRobinRouter,

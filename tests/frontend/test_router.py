@@ -8,9 +8,9 @@ from collections import Counter
 import pytest
 
 from kvrelay.frontend.kv_index import KvIndex
+from kvrelay.frontend.kv_router import KvRouter
 from kvrelay.frontend.router import (
     BaseRouter,
-    KvRouter,
     LeastLoadedRouter,
     NoWorkersError,
     RandomRouter,

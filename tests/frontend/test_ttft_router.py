@@ -7,8 +7,9 @@ import random
 import pytest
 
 from kvrelay.frontend.kv_index import KvIndex
+from kvrelay.frontend.kv_router import KvRouter
 from kvrelay.frontend.prefill_rate import PrefillRate
-from kvrelay.frontend.router import KvRouter, RouteRequest, WorkerState
+from kvrelay.frontend.router import RouteRequest, WorkerState
 from kvrelay.frontend.speculative_index import Held, SpeculativeIndex, held_prefix
 from kvrelay.kvbm.events import KvEvent
 from kvrelay.kvbm.hashing import block_hashes, root_hash
@@ -267,3 +268,21 @@ def test_a_reported_prefill_rate_replaces_the_learned_one() -> None:
     fast = WorkerState(worker_id="fast", prefill_rate=4000.0, waiting_requests=1, report_age=0.0)
     # the fast one has a request (256 tokens, the prior mean) queued: 1,256 / 4,000 s < 1,000 / 1,000 s
     assert r.select(req("a", prompt(7, 1000)), [slow, fast]).worker_id == "fast"
+
+
+def test_a_loaded_holder_is_passed_over_with_a_pull_plan_and_an_idle_one_is_not() -> None:
+    """The cluster KV pool: another worker's G1 blocks count `peer_weight` for whoever pulls them, so a
+    conversation leaves a holder only when the holder's queue outweighs the pull, and the decision
+    names the holder to pull from."""
+    index = KvIndex()
+    p = prompt(11, 64 * BS)
+    store(index, "w0", 1, block_hashes(p, BS, ROOT))
+    r = KvRouter(index, prefill_rate=fixed_rate(10_000.0), peer_weight=0.8, speculative_ttl=0, clock=Clock())
+    d = r.select(req("a", p), W4)
+    assert d.worker_id == "w0" and d.peer_id == ""  # idle holder: it computes nothing
+    r.on_finish("a")
+    busy = [WorkerState(worker_id="w0", waiting_requests=8, report_age=0.0), *W4[1:]]
+    d = r.select(req("b", p), busy)  # 8 x 256 queued tokens at w0 vs 0.2 x 1,008 pulled elsewhere
+    assert d.worker_id != "w0" and d.peer_id == "w0" and d.peer_blocks == 64
+    off = KvRouter(index, prefill_rate=fixed_rate(10_000.0), speculative_ttl=0, clock=Clock())
+    assert off.select(req("c", p), busy).peer_id == ""  # peer pulls off (weight 0): no plan

@@ -1,4 +1,4 @@
-"""`WorkerClient`: the typed calls a frontend, the decode side of a handoff and the benchmarks make to
+"""`WorkerClient`: the typed calls a frontend, the decode side of a handoff, a peer pull and the benchmarks make to
 workers, over one `RpcClient`. The endpoint names and reply types live here, nowhere else."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from kvrelay.workers.api.messages import (
     EngineRequest,
     EngineStats,
     ModelCard,
+    PeerLeaseReply,
+    PeerLeaseRequest,
     PrefillReply,
     ReleaseRequest,
 )
@@ -31,6 +33,9 @@ class WorkerClient:
 
     async def release(self, address: str, request_id: str) -> None:
         await self.rpc.unary(address, Endpoint.RELEASE, ReleaseRequest(request_id), Empty)
+
+    async def lease(self, address: str, request: PeerLeaseRequest) -> PeerLeaseReply:
+        return await self.rpc.unary(address, Endpoint.KV_LEASE, request, PeerLeaseReply)
 
     async def kv_snapshot(self, address: str) -> KvSnapshot:
         return await self.rpc.unary(address, Endpoint.KV_SNAPSHOT, Empty(), KvSnapshot)

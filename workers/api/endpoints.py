@@ -14,7 +14,8 @@ from kvrelay.runtime.str_enum import StrEnum
 class Endpoint(StrEnum):
     GENERATE = "generate"  # EngineRequest -> stream of EngineOutput
     PREFILL = "prefill"  # prefill role: EngineRequest -> one PrefillReply
-    RELEASE = "release"  # prefill role: ReleaseRequest -> Empty
+    RELEASE = "release"  # prefill role, and peers: ReleaseRequest -> Empty
+    KV_LEASE = "kv_lease"  # peers: PeerLeaseRequest -> PeerLeaseReply (blocks pinned for a pull)
     KV_SNAPSHOT = "kv_snapshot"  # Empty -> KvSnapshot
     STATS = "stats"  # Empty -> EngineStats
     MODEL_CARD = "model_card"  # Empty -> ModelCard

@@ -65,6 +65,28 @@ class ReleaseRequest(msgspec.Struct, frozen=True):
     request_id: str
 
 
+class KvPeer(msgspec.Struct, frozen=True, kw_only=True):
+    """Another worker that holds the prompt's first `blocks` blocks in G1 (the router's KV index says
+    so): the worker given the request may lease and pull them from it instead of computing them."""
+
+    instance_id: str
+    address: str  # its request-plane address (`kv_lease`)
+    blocks: int
+
+
+class PeerLeaseRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Pin the leading run of these blocks (block hashes, chained from the prompt's first) that G1 holds,
+    under `lease_id`, for a pull; the lease is freed by the pull's notification, `release`, or its expiry."""
+
+    lease_id: str
+    fingerprint: str  # a worker of another model answers nothing
+    block_hashes: list[int]
+
+
+class PeerLeaseReply(msgspec.Struct, kw_only=True):
+    handle: KvHandle | None = None  # None: none of the blocks is held (or the worker cannot lend)
+
+
 class EngineRequest(msgspec.Struct, frozen=True, kw_only=True):
     request_id: str
     prompt_token_ids: list[int]
@@ -72,6 +94,7 @@ class EngineRequest(msgspec.Struct, frozen=True, kw_only=True):
     cache_salt: str = ""
     lora_name: str = ""
     kv_handle: KvHandle | None = None  # decode after a remote prefill: pull this KV, continue from it
+    kv_peer: KvPeer | None = None  # a worker holding a prefix: lease and pull it rather than compute it
 
 
 class EngineOutput(msgspec.Struct, kw_only=True):
@@ -151,6 +174,12 @@ class EngineStats(msgspec.Struct, kw_only=True):
     reonboarded_blocks: int = 0  # cumulative, of those: blocks of preempted requests loaded back
     offload_pinned: int = 0  # G1 blocks pinned while being copied to lower tiers
     offload_skipped: int = 0  # cumulative: blocks not offloaded because too many were pinned
+    peer_asked: int = 0  # cumulative: requests that asked a peer to lend a prefix (the cluster KV pool)
+    peer_pulled_blocks: int = 0  # cumulative: blocks pulled from peers instead of computed
+    peer_pull_failures: int = 0  # cumulative: peer pulls that did not deliver (recomputed)
+    peer_fallbacks: int = 0  # cumulative: peer asks that got less than asked (evicted, gone): recomputed
+    peer_lent_blocks: int = 0  # cumulative: blocks this worker pinned for peers' pulls
+    peer_lease_pinned: int = 0  # blocks pinned for peers' pulls now
     prefill_tokens_computed: int = 0  # cumulative: prompt tokens computed (not cached, not loaded)
     prefill_seconds: float = 0.0  # cumulative: wall seconds of the steps that computed prompt tokens
     tiers: list[TierCounters] = []

@@ -4,11 +4,12 @@ engine-internal finish reason of a prefill whose blocks stay held (`PREFILLED`).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import msgspec
 
-from kvrelay.workers.api.messages import EngineOutput, KvHandle
+from kvrelay.workers.api.messages import EngineOutput, KvHandle, PeerLeaseReply, PeerLeaseRequest
 
 PREFILLED = "prefilled"  # engine-internal finish reason of a prefill whose blocks stay held
 
@@ -31,3 +32,8 @@ class KvPuller(Protocol):
         the prefill worker free its lease. True once every byte is in place; False means recompute.
         Raises only CancelledError, and only after the transport stopped writing the blocks."""
         ...
+
+
+# How a worker asks a peer to lease blocks for a pull (the cluster KV pool): (the peer's request-plane
+# address, the request) -> its reply; the worker provides it (`WorkerClient.lease`, token-authenticated).
+LeaseAsker = Callable[[str, PeerLeaseRequest], Awaitable[PeerLeaseReply]]

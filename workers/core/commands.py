@@ -72,8 +72,18 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """Pin the leading run of these hashes that G1 caches for a peer's pull (block_leases.py); resolve
+    `future` (on its own loop) with their block ids."""
+
+    lease_id: str
+    hashes: list[int]
+    future: asyncio.Future
+
+
+@dataclass(frozen=True)
 class Wake:
     """Nothing: ends a blocking wait of the core's thread."""
 
 
-Command = Add | Abort | KvLoaded | KvAnswered | KvSaved | KvTierEvents | Snapshot | Wake
+Command = Add | Abort | KvLoaded | KvAnswered | KvSaved | KvTierEvents | Lease | Snapshot | Wake

@@ -31,6 +31,7 @@ from kvrelay.workers.api.messages import (
     SamplingParams,
 )
 from kvrelay.workers.api.prefill import PREFILLED
+from kvrelay.workers.core.block_leases import BlockLeases
 from kvrelay.workers.core.executor import Executor, Scheduled, StepResult
 from kvrelay.workers.core.kv_cache import KvCache
 from kvrelay.workers.core.kv_sources.kv_door import KvDoor
@@ -61,6 +62,7 @@ class EngineCore:
         self.seqs: dict[str, Sequence] = {}
         self.hold: set[str] = set()  # prefill role: park these after their first token, blocks kept
         self.held: set[str] = set()  # parked request ids (their blocks stay allocated until aborted)
+        self.leases = BlockLeases(self.kv)  # G1 blocks lent to peers' pulls (freed by `abort(lease id)`)
         self.loading_aborted: dict[str, Sequence] = {}  # ended while a source filled its blocks
         self.failed: list[str] = []  # see take_failed
         self._arrivals = 0
@@ -136,7 +138,9 @@ class EngineCore:
 
     def abort(self, request_id: str) -> EngineOutput | None:
         """End a request in any state (a held prefill included) and free its blocks (a loading one's once
-        its source reports: it may still be writing them)."""
+        its source reports: it may still be writing them). A lease id frees the lease's blocks."""
+        if self.leases.release(request_id):
+            return None
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return None
@@ -226,5 +230,8 @@ class EngineCore:
             remote_prefills=c.get("remote_prefills", 0), pulled_blocks=c.get("pulled_blocks", 0),
             pull_failures=c.get("pull_failures", 0), onboarded_blocks=c.get("onboarded_blocks", 0),
             reonboarded_blocks=c.get("reonboarded_blocks", 0), offload_pinned=c.get("offload_pinned", 0),
-            offload_skipped=c.get("offload_skipped", 0), prefill_tokens_computed=self.prefill_tokens_computed,
+            offload_skipped=c.get("offload_skipped", 0), peer_asked=c.get("peer_asked", 0),
+            peer_pulled_blocks=c.get("peer_pulled_blocks", 0), peer_pull_failures=c.get("peer_failures", 0),
+            peer_fallbacks=c.get("peer_fallbacks", 0), peer_lent_blocks=self.leases.lent_blocks,
+            peer_lease_pinned=self.leases.pinned, prefill_tokens_computed=self.prefill_tokens_computed,
             prefill_seconds=self.prefill_seconds)

@@ -23,13 +23,15 @@ import msgspec
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.workers.api.errors import EngineError
 from kvrelay.workers.api.messages import EngineOutput, EngineRequest, EngineStats
-from kvrelay.workers.api.prefill import KvPuller, PrefillResult
-from kvrelay.workers.core.commands import Abort, Add, Snapshot
+from kvrelay.workers.api.prefill import KvPuller, LeaseAsker, PrefillResult
+from kvrelay.workers.core.commands import Abort, Add, Lease, Snapshot
 from kvrelay.workers.core.driver import CoreDriver, Sink
 from kvrelay.workers.core.engine_core import EngineCore
 from kvrelay.workers.core.kv_sources.handoff import HandoffSource
 from kvrelay.workers.core.kv_sources.handoff_loop import HandoffLoop
 from kvrelay.workers.core.kv_sources.loops import SourceLoops
+from kvrelay.workers.core.kv_sources.peer import PeerSource
+from kvrelay.workers.core.kv_sources.peer_loop import PeerLoop
 from kvrelay.workers.core.runner import CoreRunner
 from kvrelay.workers.core.streams import Stream
 
@@ -52,7 +54,8 @@ class EngineLoop:
     async def _attach(self, core: EngineCore, tiers: TierConfig | None = None,
                       rows: Callable[[], Any] | None = None) -> None:
         """Run `core`: its KV sources (the handoff always; the lower tiers when `tiers` opens any, over
-        `rows()`, the G1 pool as uint8 [num_blocks, block_bytes]), then the driver."""
+        `rows()`, the G1 pool as uint8 [num_blocks, block_bytes]; peers always, after the tiers: a
+        block this worker has in G2 is nearer than another worker's), then the driver."""
         if self.driver.running:
             return
         self.core = core
@@ -60,6 +63,7 @@ class EngineLoop:
         core.door.add_source(HandoffSource(core.block_size, core.fingerprint))
         if tiers is not None and tiers.any and rows is not None:
             await self._open_tiers(core, tiers, rows())
+        core.door.add_source(PeerSource(core.block_size, core.fingerprint))
         await self.driver.start(core, CoreRunner(core, self._publish, self.loops.submit))
 
     async def _open_tiers(self, core: EngineCore, cfg: TierConfig, rows: Any) -> None:
@@ -146,6 +150,12 @@ class EngineLoop:
         assert self.loops is not None, "start() first"
         self.loops.add(HandoffLoop(puller))
 
+    def set_peer_puller(self, puller: KvPuller, ask: LeaseAsker) -> None:
+        """Pull prefixes other workers hold (`EngineRequest.kv_peer`): lease them with `ask`, copy them
+        with `puller`. Without it a request's peer is ignored (its ask fails at once: recomputed)."""
+        assert self.loops is not None, "start() first"
+        self.loops.add(PeerLoop(puller, ask))
+
     def subscribe_kv_events(self, sink: Callable[[list[KvEvent]], None]) -> None:
         """`sink` is called on the current event loop with each step's KV events, in event_id order."""
         self._sink = (asyncio.get_running_loop(), sink)
@@ -153,6 +163,13 @@ class EngineLoop:
     def _publish(self, events: list[KvEvent]) -> None:
         if self._sink is not None:
             self.driver.publish(self._sink, events)
+
+    async def lease_blocks(self, lease_id: str, hashes: list[int]) -> list[int]:
+        if not self.running:
+            return []
+        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self.driver.post(Lease(lease_id, hashes, fut))
+        return await fut
 
     async def kv_snapshot(self) -> KvSnapshot:
         """What the worker's tiers hold, consistent with the event stream: every event with id <=

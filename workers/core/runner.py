@@ -25,6 +25,7 @@ from kvrelay.workers.core.commands import (
     KvLoaded,
     KvSaved,
     KvTierEvents,
+    Lease,
     Snapshot,
     Wake,
 )
@@ -65,6 +66,8 @@ class CoreRunner:
                 core.kv_saved(source, block_ids)
             case KvTierEvents(tier=tier, kind=kind, hashes=hashes):
                 core.kv.events.tier_event(tier, kind, hashes)
+            case Lease(lease_id=lease_id, hashes=hashes, future=fut):
+                fut.get_loop().call_soon_threadsafe(resolve, fut, core.leases.lease(lease_id, hashes))
             case Snapshot(future=fut):
                 self.publish_events()  # events up to the snapshot reach the sink first
                 snap = core.kv_snapshot()

@@ -324,6 +324,12 @@ class VllmEngine:
     def set_kv_puller(self, puller: KvPuller) -> None:
         raise EngineError("the vLLM engine moves KV through vLLM's NixlConnector, not a kvrelay puller")
 
+    def set_peer_puller(self, puller: KvPuller, peers: Any) -> None:
+        pass  # not called: the worker runs no transfer engine for an engine that owns its KV transfer
+
+    async def lease_blocks(self, lease_id: str, hashes: list[int]) -> list[int]:
+        return []  # peers pull from vLLM workers only through its connector (not built yet): never lends
+
     def kv_pool(self) -> None:
         return None
 

@@ -1,0 +1,92 @@
+"""The cluster KV pool (issue 31): a worker pulls a prompt prefix another worker holds in G1 instead of
+computing it, and the greedy tokens equal a cold run's, over NIXL and over TCP.
+
+Real parts: native engines on the tiny model, real transfer engines, the request plane over loopback,
+the frontend's router (its index from the workers' KV events) and the peer lease/pull path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from dataclasses import replace
+
+import pytest
+
+from kvrelay.runtime.rpc import RpcClient
+from kvrelay.workers.api.client import WorkerClient
+from kvrelay.workers.api.messages import EngineRequest, KvPeer, SamplingParams
+from tests.disagg.cluster import Cluster
+from tests.disagg.test_disagg_identity import CFG, _transfer_kinds
+
+BS = 16
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 2000) for _ in range(n)]
+
+
+async def _generate(client: WorkerClient, address: str, prompt: list[int], peer: KvPeer | None = None,
+                    salt: str = "") -> tuple[list[int], int]:
+    req = EngineRequest(request_id=uuid.uuid4().hex, prompt_token_ids=prompt, cache_salt=salt, kv_peer=peer,
+                        sampling=SamplingParams(max_tokens=10, ignore_eos=True))
+    tokens, cached = [], 0
+    async with client.generate(address, req) as stream:
+        async for out in stream:
+            tokens += out.token_ids
+            cached = max(cached, out.num_cached_tokens)
+    return tokens, cached
+
+
+@pytest.mark.parametrize("kind", _transfer_kinds())
+def test_a_worker_pulls_a_prefix_its_peer_holds_and_decodes_the_same_tokens(kind):
+    prompt = _prompt(700, 1)  # 43 full blocks; the last token's block is computed
+
+    async def run():
+        async with Cluster(["agg", "agg"], replace(CFG, kv_transfer=kind)) as c:
+            a, b = c.workers
+            client = WorkerClient(RpcClient(token=c.token))
+            cold, cold_cached = await _generate(client, a.instance.address, prompt)
+            peer = KvPeer(instance_id=a.instance_id, address=a.instance.address, blocks=len(prompt) // BS)
+            pulled, cached = await _generate(client, b.instance.address, prompt, peer)
+            other_salt, salt_cached = await _generate(client, b.instance.address, _prompt(300, 2), peer, salt="t2")
+            await c.settle()
+            await asyncio.sleep(0.2)  # the pull's release notification reaches the lender
+            stats_a, stats_b = a.engine.stats(), b.engine.stats()
+            await client.close()
+            return cold, cold_cached, pulled, cached, salt_cached, stats_a, stats_b
+
+    cold, cold_cached, pulled, cached, salt_cached, a, b = asyncio.run(run())
+    assert cold_cached == 0 and pulled == cold  # token for token, as computed cold on the holder
+    full = (700 - 1) // BS  # blocks that may load: never the last token's
+    assert cached == full * BS  # the pulled prefix counts as cached
+    assert b.peer_asked == 2 and b.peer_pulled_blocks == full and b.peer_pull_failures == 0
+    assert a.peer_lent_blocks == full and a.peer_lease_pinned == 0  # the lease was given back
+    assert salt_cached == 0 and b.peer_fallbacks == 1  # another salt's hashes: the peer lends nothing
+    for s in (a, b):  # no block left referenced: every lease and every request freed its blocks
+        assert s.free_blocks == s.total_blocks
+
+
+def test_the_router_sends_a_busy_holders_conversation_elsewhere_with_a_pull_plan():
+    """The holder is unavailable for new work (suspended, as a busy or draining worker is): the frontend
+    routes to the other worker and tells it to pull; tokens equal the cold run's, the prefix is cached."""
+    prompt = _prompt(500, 3)
+
+    async def run():
+        async with Cluster(["agg", "agg"], CFG) as c:
+            first = await c.generate(prompt, max_tokens=8)
+            await asyncio.sleep(0.3)  # KV events reach the router's index
+            holder = next(w for w in c.workers if w.engine.stats().prefix_hit_tokens == 0
+                          and w.engine.stats().prompt_tokens > 0)
+            c.service.pool.suspend(holder.instance_id, 30.0)
+            second = await c.generate(prompt, max_tokens=8)
+            await c.settle()
+            other = next(w for w in c.workers if w is not holder)
+            routes = c.service.peer_routes.labels(choice="pull")._value.get()
+            return first, second, other.engine.stats(), routes
+
+    first, second, other, routes = asyncio.run(run())
+    assert second == first
+    assert routes == 1 and other.peer_pulled_blocks == (500 - 1) // BS and other.prefix_hit_tokens == other.peer_pulled_blocks * BS

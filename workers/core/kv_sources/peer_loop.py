@@ -1,0 +1,83 @@
+"""The loop half of the peer source: asks a peer for a lease over the request plane (`kv_lease`, with the
+internal token: the worker's `LeaseAsker`) and pulls the leased blocks with the worker's `KvPuller` (NIXL/TCP, or the mocker's
+simulated link), reporting each to the core, always (a `KvAnswered` for an ask, a `KvLoaded` for a pull:
+until then the core keeps the sequence waiting and its blocks out of reach)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from kvrelay.workers.api.messages import EngineRequest, KvHandle, PeerLeaseRequest
+from kvrelay.workers.api.prefill import KvPuller, LeaseAsker
+from kvrelay.workers.core.commands import KvAnswered, KvLoaded
+from kvrelay.workers.core.kv_sources.peer import NAME, PeerAsk, PeerPull
+from kvrelay.workers.core.kv_sources.source import Post
+
+log = logging.getLogger(__name__)
+ASK_TIMEOUT_S = 2.0  # a peer that does not answer a lease this fast is slower than recomputing
+
+
+class PeerLoop:
+    name = NAME
+
+    def __init__(self, puller: KvPuller, ask: LeaseAsker):
+        self.puller, self.ask = puller, ask
+        self._running: dict[str, asyncio.Task] = {}  # reporting jobs that have started, by request id
+        self._tasks: set[asyncio.Task] = set()
+
+    async def before_add(self, request: EngineRequest) -> Any:
+        return None
+
+    def start(self, job: PeerAsk | PeerPull, post: Post) -> None:
+        coro = self._ask(job, post) if isinstance(job, PeerAsk) else self._pull(job, post)
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _ask(self, job: PeerAsk, post: Post) -> None:
+        self._running[job.request_id] = asyncio.current_task()  # type: ignore[assignment]  # never None in a task
+        handle: KvHandle | None = None
+        try:
+            reply = await asyncio.wait_for(self.ask(job.peer.address, PeerLeaseRequest(
+                lease_id=f"peer:{job.request_id}", fingerprint=job.fingerprint, block_hashes=job.hashes)),
+                ASK_TIMEOUT_S)
+            handle = reply.handle
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # gone, refused, slow: recompute
+            log.info("request %s: peer %s lent no KV (%s); computing the prompt", job.request_id,
+                     job.peer.instance_id, e)
+        finally:
+            self._running.pop(job.request_id, None)
+            post(KvAnswered(NAME, job.request_id, handle))
+
+    async def _pull(self, job: PeerPull, post: Post) -> None:
+        if job.report:
+            self._running[job.request_id] = asyncio.current_task()  # type: ignore[assignment]  # as above
+        ok = False
+        try:  # a cancelled pull returns only once the transport stopped writing the blocks
+            ok = await self.puller.pull(job.handle, job.local_block_ids, job.start)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("request %s: pulling KV from peer %s failed; recomputing", job.request_id,
+                          job.handle.prefill_instance)
+        finally:
+            if job.report:
+                self._running.pop(job.request_id, None)
+                post(KvLoaded(NAME, job.request_id, [ok] * len(job.local_block_ids)))
+
+    def cancel(self, request_id: str) -> None:
+        task = self._running.get(request_id)
+        if task is not None:
+            task.cancel()
+
+    async def drain(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
