@@ -351,7 +351,7 @@ def _parse(body: bytes, cls: type[Any]) -> Any:
         # msgspec: "Expected `int`, got `str` - at `$.max_tokens`", "Object missing required field `model`".
         msg = str(e)
         m, missing = _PATH.search(msg), _MISSING.search(msg)
-        path = m.group(1) if m else ""
+        path = (m.group(1) if m else "").split("[...]")[0]  # a map's value: msgspec names no key; the map
         if missing:
             path = f"{path}.{missing.group(1)}" if path else missing.group(1)
             raise ApiError.bad_request(f"Missing required parameter: '{path}'.", param=path) from None
