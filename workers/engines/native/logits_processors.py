@@ -84,7 +84,7 @@ def _penalties(logits: torch.Tensor, rows: list[int], seqs: list[SampledSequence
     out_counts = _counts([s.penalized_output for s in seqs], vocab, device)
     out_seen = out_counts > 0
     rep = torch.tensor([s.sampling.repetition_penalty for s in seqs], dtype=logits.dtype, device=device)
-    if bool((rep != 1.0).any()):
+    if any(s.sampling.repetition_penalty != 1.0 for s in seqs):  # decided on the host: no device sync
         seen = out_seen | (_counts([s.prompt for s in seqs], vocab, device) > 0)
         factor = torch.where(seen, rep[:, None], torch.ones((), dtype=logits.dtype, device=device))
         sub = torch.where(sub > 0, sub / factor, sub * factor)
