@@ -57,8 +57,11 @@ class Delta:
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int] = (), *, skip_special_tokens: bool = True,
-                 stop: Iterable[str] = ()) -> None:
+                 stop: Iterable[str] = (), min_tokens: int = 0) -> None:
+        """`min_tokens`: stop strings are looked for only in the text of output tokens after the first
+        `min_tokens` (as vLLM: a request's min_tokens holds back stop strings as well as stop tokens)."""
         self._tok = tokenizer
+        self._min_tokens = min_tokens
         self._skip = skip_special_tokens
         self._stops: tuple[str, ...] = tuple(dict.fromkeys(s for s in stop if s))  # "" would stop at once
         self._pending = ""  # decoded text not yet emitted: a possible start of a stop string
@@ -87,6 +90,11 @@ class IncrementalDetokenizer:
         """
         if self.stopped:
             return Delta("", True, self.stop_str)
+        cut = self._min_tokens - self.num_tokens
+        if 0 < cut < len(new_ids):  # the text before the min_tokens boundary is searched by no stop string
+            head = self.step(new_ids[:cut])
+            rest = self.step(new_ids[cut:], stop_token=stop_token)
+            return Delta(head.text + rest.text, rest.stopped, rest.stop_str)
         self.num_tokens += len(new_ids)
         ids = new_ids[:-1] if stop_token and new_ids else new_ids
         if self._utf8 is not None:
@@ -141,7 +149,7 @@ class IncrementalDetokenizer:
 
     def _emit(self, text: str, final: bool = False) -> Delta:
         buf = self._pending + text
-        if not self._stops:
+        if not self._stops or self.num_tokens <= self._min_tokens:
             self._pending = ""
             return Delta(buf)
         # No stop string can start in text already emitted (the held-back suffix guarantees it), so

@@ -57,10 +57,18 @@ class ChatLogprobs(Struct):
     content: list[ChatTokenLogprob] | None
 
 
-def chat_logprobs(tokens: Sequence[bytes], logprobs: Sequence[float]) -> ChatLogprobs:
-    """One entry per sampled token: its bytes (`Tokenizer.token_bytes`) and logprob."""
-    return ChatLogprobs([ChatTokenLogprob(b.decode("utf-8", errors="replace"), _lp(lp), list(b))
-                         for b, lp in zip(tokens, logprobs, strict=True)])
+Alternatives = Sequence[tuple[Any, float]]  # one position's most likely tokens (bytes or str) and logprobs
+
+
+def chat_logprobs(tokens: Sequence[bytes], logprobs: Sequence[float],
+                  top: Sequence[Alternatives] | None = None) -> ChatLogprobs:
+    """One entry per sampled token: its bytes (`Tokenizer.token_bytes`) and logprob, and with `top` its
+    position's most likely tokens (as bytes), most likely first."""
+    tops = top if top is not None else [()] * len(tokens)
+    return ChatLogprobs([ChatTokenLogprob(b.decode("utf-8", errors="replace"), _lp(lp), list(b),
+                                          [TopLogprob(a.decode("utf-8", errors="replace"), _lp(alp), list(a))
+                                           for a, alp in alts])
+                         for b, lp, alts in zip(tokens, logprobs, tops, strict=True)])
 
 
 class CompletionLogprobs(Struct):
@@ -70,14 +78,20 @@ class CompletionLogprobs(Struct):
     top_logprobs: list[dict[str, float]] | None
 
 
-def completion_logprobs(tokens: Sequence[str], logprobs: Sequence[float], offset: int = 0) -> CompletionLogprobs:
-    """`text_offset` counts characters from `offset` (the text already sent in earlier chunks)."""
+def completion_logprobs(tokens: Sequence[str], logprobs: Sequence[float], offset: int = 0,
+                        top: Sequence[Alternatives] | None = None) -> CompletionLogprobs:
+    """`text_offset` counts characters from `offset` (the text already sent in earlier chunks). Each
+    `top_logprobs` dict holds the position's most likely tokens (`top`) and the sampled one, as vLLM's
+    (OpenAI's legacy format: tokens with the same text share one key)."""
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
     lps = [_lp(lp) for lp in logprobs]
-    return CompletionLogprobs(list(tokens), lps, offsets, [{t: lp} for t, lp in zip(tokens, lps, strict=True)])
+    tops = top if top is not None else [()] * len(tokens)
+    dicts = [{**{a: _lp(alp) for a, alp in alts if a != t}, t: lp}
+             for t, lp, alts in zip(tokens, lps, tops, strict=True)]
+    return CompletionLogprobs(list(tokens), lps, offsets, dicts)
 
 
 class ChatMessageOut(Struct):

@@ -2,12 +2,14 @@
 
 Requests are decoded with msgspec straight from the body bytes; unknown fields are ignored (clients
 send extras). Every rejection is an `ApiError` whose `.body()` is OpenAI's error JSON, with `param`
-naming the offending field. What the engines cannot do is refused with a 400 rather than ignored:
-n > 1, best_of > 1, echo, suffix, top-N logprobs, response_format other than text, forced tool calls.
+naming the offending field. Every sampling field accepted has its effect (workers/api/messages.py
+`SamplingParams`, README.md "Sampling fields"); what the engines cannot do is refused with a 400 rather
+than ignored: n > 1, best_of > 1, echo, suffix, response_format other than text, forced tool calls.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Annotated, Any
@@ -15,14 +17,18 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from kvrelay.workers.api.messages import MAX_LOGIT_BIAS, MAX_PENALTY, MAX_TOP_LOGPROBS
+
 MAX_STOP = 4  # OpenAI's limit on stop sequences
-MAX_TOP_LOGPROBS = 0  # engines report only the sampled token's logprob (no alternatives)
 MAX_JSON_DEPTH = 32  # nesting allowed inside free-form fields (tools, tool_calls, response_format)
 # Declared bounds of integer fields, so every accepted value fits the worker wire (msgpack int64/uint64).
 INT32_MAX = 2**31 - 1
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64 (msgspec bounds are int64; torch takes it)
 Count = Annotated[int, Meta(ge=1, le=INT32_MAX)]
 TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX)]
+Penalty = Annotated[float, Meta(ge=-MAX_PENALTY, le=MAX_PENALTY)]
+TopLogprobCount = Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)]
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # a logit_bias key: a token id in decimal
 
 # -- errors ---------------------------------------------------------------------------------------
 
@@ -126,6 +132,12 @@ class _Common(Struct, kw_only=True):
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None  # < 1e-5 is greedy (as vLLM)
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
     top_k: Annotated[int, Meta(ge=-1, le=INT32_MAX)] | None = None  # -1 or 0: off (vLLM)
+    min_p: Annotated[float, Meta(ge=0, le=1)] | None = None  # vLLM extension; 0: off
+    repetition_penalty: Annotated[float, Meta(gt=0)] | None = None  # vLLM extension; 1: off
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> [-100, 100]
+    min_tokens: Annotated[int, Meta(ge=0, le=INT32_MAX)] = 0  # vLLM extension
     seed: Annotated[int, Meta(ge=SEED_MIN, le=SEED_MAX)] | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None  # kvrelay/vLLM extension
@@ -160,19 +172,38 @@ class _Common(Struct, kw_only=True):
             value = getattr(self, name)
             return value if value is not None else d.get(name, fallback)
 
+        max_tokens = asked if asked is not None else room
+        _check(self.min_tokens <= max_tokens, f"must not exceed max_tokens ({max_tokens}).", "min_tokens")
         return {
-            "max_tokens": asked if asked is not None else room,
+            "max_tokens": max_tokens,
+            "min_tokens": self.min_tokens,
             "temperature": float(pick("temperature", 1.0)),
             "top_p": float(pick("top_p", 1.0)),
             "top_k": max(int(pick("top_k", 0)), 0),
+            "min_p": float(pick("min_p", 0.0)),
+            "repetition_penalty": float(pick("repetition_penalty", 1.0)),
+            "frequency_penalty": float(self.frequency_penalty),
+            "presence_penalty": float(self.presence_penalty),
+            "logit_bias": self.logit_bias_ids,
             "seed": self.seed,
             "stop_token_ids": list(self.stop_token_ids or []),
             "ignore_eos": self.ignore_eos,
             "logprobs": self.wants_logprobs,
+            "top_logprobs": self.num_top_logprobs,
         }
 
     @property
+    def logit_bias_ids(self) -> dict[int, float]:
+        """`logit_bias` keyed by int token id (validated)."""
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+
+    @property
     def wants_logprobs(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def num_top_logprobs(self) -> int:
+        """How many most likely tokens to report per position (0: the chosen token's logprob only)."""
         raise NotImplementedError
 
     def _validate_common(self) -> None:
@@ -184,13 +215,20 @@ class _Common(Struct, kw_only=True):
                "cache_salt")
         _check(self.stream_options is None or self.stream, "only allowed with stream=true.",
                "stream_options")
+        _check(self.repetition_penalty is None or math.isfinite(self.repetition_penalty), "must be finite.",
+               "repetition_penalty")
+        for key, bias in (self.logit_bias or {}).items():
+            _check(_TOKEN_ID_KEY.fullmatch(key) is not None and int(key) <= INT32_MAX,
+                   f"key {key!r} is not a token id (a non-negative integer).", "logit_bias")
+            _check(-MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS,
+                   f"the bias of token {key} must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}].", "logit_bias")
 
 
 class ChatCompletionRequest(_Common, kw_only=True):
     messages: list[ChatMessage]
     max_completion_tokens: Count | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    top_logprobs: TopLogprobCount | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -203,6 +241,10 @@ class ChatCompletionRequest(_Common, kw_only=True):
     @property
     def wants_logprobs(self) -> bool:
         return self.logprobs
+
+    @property
+    def num_top_logprobs(self) -> int:
+        return self.top_logprobs or 0
 
     def message_dicts(self) -> list[dict[str, Any]]:
         """The messages as plain dicts for `Tokenizer.apply_chat_template` (unset fields left out)."""
@@ -224,8 +266,6 @@ class ChatCompletionRequest(_Common, kw_only=True):
                     _check(isinstance(part.text, str), "a text content part needs a 'text' string.",
                            f"{where}.content[{j}].text")
         _check(self.top_logprobs is None or self.logprobs, "requires logprobs=true.", "top_logprobs")
-        _check((self.top_logprobs or 0) <= MAX_TOP_LOGPROBS,
-               "values > 0 are not supported: only the sampled token's logprob is returned.", "top_logprobs")
         fmt = (self.response_format or {}).get("type", "text")
         _check(fmt == "text", f"type '{fmt}' is not supported; only 'text' is.", "response_format")
         _check(self.tool_choice in (None, "none", "auto"), "only 'none' or 'auto' is supported.",
@@ -242,7 +282,7 @@ class ChatCompletionRequest(_Common, kw_only=True):
 class CompletionRequest(_Common, kw_only=True):
     prompt: str | list[Any]
     max_tokens: Count | None = 16  # OpenAI's default for completions
-    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
+    logprobs: TopLogprobCount | None = None  # the top this-many tokens per position (and the chosen one)
     echo: bool = False
     best_of: Count | None = None
     suffix: str | None = None
@@ -251,6 +291,10 @@ class CompletionRequest(_Common, kw_only=True):
     @property
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None
+
+    @property
+    def num_top_logprobs(self) -> int:
+        return self.logprobs or 0
 
     @property
     def prompt_token_ids(self) -> list[int] | None:
@@ -267,9 +311,6 @@ class CompletionRequest(_Common, kw_only=True):
                 _check(False, "token ids must be integers.", "prompt")
             _check(min(self.prompt) >= 0 and max(self.prompt) <= INT32_MAX,
                    f"token ids must be in [0, {INT32_MAX}].", "prompt")
-        _check((self.logprobs or 0) <= MAX_TOP_LOGPROBS,
-               "values > 0 are not supported: only the sampled token's logprob is returned (use logprobs=0).",
-               "logprobs")
         _check(not self.echo, "echo is not supported.", "echo")
         _check(self.best_of in (None, 1), "only best_of=1 is supported.", "best_of")
         _check(not self.suffix, "suffix is not supported.", "suffix")
@@ -293,9 +334,10 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
 
 def generation_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
     """Sampling defaults a model ships in generation_config.json (vLLM applies them the same way)."""
-    if generation_config.get("do_sample") is False:
-        return {"temperature": 0.0}
-    return {k: generation_config[k] for k in ("temperature", "top_p", "top_k") if k in generation_config}
+    names = ("repetition_penalty",) if generation_config.get("do_sample") is False else (
+        "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    out = {k: generation_config[k] for k in names if k in generation_config}
+    return {**out, "temperature": 0.0} if generation_config.get("do_sample") is False else out
 
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
@@ -309,7 +351,7 @@ def _parse(body: bytes, cls: type[Any]) -> Any:
         # msgspec: "Expected `int`, got `str` - at `$.max_tokens`", "Object missing required field `model`".
         msg = str(e)
         m, missing = _PATH.search(msg), _MISSING.search(msg)
-        path = m.group(1) if m else ""
+        path = (m.group(1) if m else "").split("[...]")[0]  # a map's value: msgspec names no key; the map
         if missing:
             path = f"{path}.{missing.group(1)}" if path else missing.group(1)
             raise ApiError.bad_request(f"Missing required parameter: '{path}'.", param=path) from None

@@ -25,7 +25,7 @@ from kvrelay.frontend.service import FrontendService
 from kvrelay.frontend.tokenizer import ChatTemplateError, Tokenizer
 from kvrelay.runtime.rpc import RpcError
 from kvrelay.workers.api.endpoints import ErrorKind
-from kvrelay.workers.api.messages import EngineRequest, ModelCard, SamplingParams
+from kvrelay.workers.api.messages import EngineRequest, ModelCard, SamplingParams, TopLogprobs
 
 # What a worker's refusal means for the client: its mistake (400); anything else the engine raised is the
 # server's failure (500), never the client's. A full queue is `ApiError.server_busy` (429, Retry-After).
@@ -42,6 +42,7 @@ class Piece:
     token_ids: list[int]
     logprobs: list[float] | None
     finish_reason: str | None = None
+    top_logprobs: list[TopLogprobs] | None = None  # per token, when the request asked for alternatives
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Pipeline:
         if not prompt:
             raise ApiError.bad_request("The prompt is empty.", "prompt")
         check_token_ids(req.stop_token_ids or [], tok.vocab_size, "stop_token_ids")
+        check_token_ids(list(req.logit_bias_ids), tok.vocab_size, "logit_bias")
         defaults = self._defaults.get(card.fingerprint)
         if defaults is None:
             defaults = self._defaults[card.fingerprint] = generation_defaults(tok.generation_config)
@@ -122,7 +124,8 @@ class Pipeline:
     async def run(self, p: Prepared) -> AsyncGenerator[Piece, None]:
         """Stream the response; the last piece has finish_reason. Raises ApiError on failure."""
         detok = IncrementalDetokenizer(p.tokenizer, p.request.prompt_token_ids,
-                                       skip_special_tokens=p.skip_special_tokens, stop=p.stops)
+                                       skip_special_tokens=p.skip_special_tokens, stop=p.stops,
+                                       min_tokens=p.request.sampling.min_tokens)
         stop_ids = set(p.request.sampling.stop_token_ids) | p.tokenizer.eos_token_ids
         start = p.arrival
         first = True
@@ -147,14 +150,14 @@ class Pipeline:
                                   and out.token_ids[-1] in stop_ids)
                 delta = detok.step(out.token_ids, stop_token=ended_by_token)
                 if delta.stopped:  # a stop string: end here; leaving the loop cancels the worker's request
-                    yield Piece(delta.text, out.token_ids, out.logprobs, "stop")
+                    yield Piece(delta.text, out.token_ids, out.logprobs, "stop", out.top_logprobs)
                     return
                 if out.finish_reason is not None:
                     tail = detok.finish()
                     reason = "length" if out.finish_reason == "length" else "stop"
-                    yield Piece(delta.text + tail.text, out.token_ids, out.logprobs, reason)
+                    yield Piece(delta.text + tail.text, out.token_ids, out.logprobs, reason, out.top_logprobs)
                     return
-                yield Piece(delta.text, out.token_ids, out.logprobs)
+                yield Piece(delta.text, out.token_ids, out.logprobs, None, out.top_logprobs)
         except NoWorker:
             raise ApiError.no_worker(p.model) from None
         except WorkerRejected as e:

@@ -17,6 +17,7 @@ from kvrelay.frontend.openai_responses import (
     usage,
 )
 from kvrelay.frontend.pipeline import Piece, Prepared
+from kvrelay.workers.api.messages import TopLogprobs
 
 
 class ResponseBuilder:
@@ -35,10 +36,14 @@ class ResponseBuilder:
             return None
         tok = self.p.tokenizer
         n = min(len(piece.token_ids), len(piece.logprobs))
+        render = tok.token_bytes if self.chat else tok.token_str
+        top = None
+        if piece.top_logprobs is not None:  # the worker sends one per token when the request asked
+            top = [list(zip(map(render, t.token_ids), t.logprobs, strict=True)) for t in piece.top_logprobs[:n]]
         if self.chat:
-            return chat_logprobs([tok.token_bytes(t) for t in piece.token_ids[:n]], piece.logprobs[:n])
+            return chat_logprobs([tok.token_bytes(t) for t in piece.token_ids[:n]], piece.logprobs[:n], top)
         return completion_logprobs([tok.token_str(t) for t in piece.token_ids[:n]], piece.logprobs[:n],
-                                   self._offset)
+                                   self._offset, top)
 
     def head(self) -> list[Any]:
         return [self.chunker.role()] if isinstance(self.chunker, ChatChunker) else []
@@ -84,13 +89,17 @@ class ResponseBuilder:
         texts: list[str] = []
         ids: list[int] = []
         lps: list[float] = []
+        tops: list[TopLogprobs] | None = None
         finish = "stop"
         async for piece in pieces:
             texts.append(piece.text)
             ids += piece.token_ids
             lps += piece.logprobs or []
+            if piece.top_logprobs is not None:
+                tops = tops if tops is not None else []
+                tops += piece.top_logprobs
             finish = piece.finish_reason or finish
-        whole = Piece("".join(texts), ids, lps if self.want_logprobs else None)
+        whole = Piece("".join(texts), ids, lps if self.want_logprobs else None, None, tops)
         lp = self._logprobs(whole) if self.want_logprobs else None
         u = self.p.usage
         body_usage = usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)

@@ -71,7 +71,9 @@ def _merge_backlog(out: EngineOutput, stream: RpcStream) -> EngineOutput:
         if nxt is None:
             break
         logprobs = None if out.logprobs is None or nxt.logprobs is None else out.logprobs + nxt.logprobs
+        top = None if out.top_logprobs is None or nxt.top_logprobs is None else out.top_logprobs + nxt.top_logprobs
         out = msgspec.structs.replace(nxt, token_ids=out.token_ids + nxt.token_ids, logprobs=logprobs,
+                                      top_logprobs=top,
                                       num_cached_tokens=out.num_cached_tokens)
     return out
 
@@ -312,7 +314,9 @@ class FrontendService:
             attempt = msgspec.structs.replace(
                 request, request_id=request.request_id if not migrations else f"{request.request_id}-m{migrations}",
                 prompt_token_ids=tokens,
-                sampling=msgspec.structs.replace(sampling, max_tokens=sampling.max_tokens - len(generated)),
+                prior_output_tokens=request.prior_output_tokens + len(generated),
+                sampling=msgspec.structs.replace(sampling, max_tokens=sampling.max_tokens - len(generated),
+                                                 min_tokens=max(sampling.min_tokens - len(generated), 0)),
                 kv_peer=KvPeer(instance_id=peer.instance_id, address=peer.address, blocks=decision.peer_blocks)
                 if peer is not None and not disaggregated else None)
             self.peer_routes.labels(choice="pull" if attempt.kv_peer is not None else "local").inc()

@@ -120,6 +120,27 @@ def test_seeded_sampling_disaggregated_equals_aggregated():
     assert greedy_like == 0, "temperature 1.3 should give varied tokens; the test would prove little"
 
 
+def test_sampling_fields_disaggregated_equal_aggregated():
+    """Penalties, logit_bias, min_tokens and min_p give the same tokens disaggregated: the decode worker
+    counts the prefill worker's first token as output, as the aggregated engine does."""
+    prompts = _prompts(13)[3:8]
+    params = [dict(repetition_penalty=0.4, frequency_penalty=-1.0), dict(presence_penalty=-2.0, frequency_penalty=-2.0),
+              dict(frequency_penalty=1.5, logit_bias={t: 6.0 for t in range(50, 2000, 150)}),
+              dict(min_tokens=6, stop_token_ids=[9]), dict(temperature=1.2, seed=5, min_p=0.2, presence_penalty=0.5)]
+
+    async def run(roles):
+        async with Cluster(roles, replace(CFG, kv_transfer="tcp"), FrontendConfig(disagg_min_tokens=0)) as c:
+            out = [await c.generate(p, max_tokens=12, **kw) for p, kw in zip(prompts, params, strict=True)]
+            plain = [await c.generate(p, max_tokens=12) for p in prompts]
+            return out, plain, c.service.remote.prefills.labels(where="remote")._value.get()
+
+    want, plain, _ = asyncio.run(run(["agg"]))
+    got, _, remote = asyncio.run(run(["prefill", "decode"]))
+    assert remote == 2 * len(prompts)
+    assert got == want
+    assert [want[i] != plain[i] for i in (0, 1, 2, 4)] == [True] * 4  # the fields did change the tokens
+
+
 def test_mocker_disaggregated_equals_aggregated():
     """The mocker's prefill/decode roles: same tokens as its aggregated serving, blocks accounted."""
     cfg = WorkerConfig(model="tiny", engine="mocker", mocker_speedup=0.0, mocker_num_blocks=4096)

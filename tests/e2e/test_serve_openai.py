@@ -89,6 +89,21 @@ def test_prefix_cache_hit_is_reported(served):
         ("/v1/completions", b'{"model": "kvrelay-tiny", "prompt": "' + b"word " * 6000 + b'"}', 400, "prompt"),
         ("/v1/completions", b'{"model": "kvrelay-tiny", "prompt": [999999]}', 400, "prompt"),
         ("/v1/nothing", b"{}", 404, None),
+        # sampling fields (issue 28): each has its effect (test_sampling_fields) or is a 400 naming it
+        ("/v1/completions", b'{"model": "kvrelay-tiny", "prompt": "x", "logit_bias": {"5000": 1}}', 400, "logit_bias"),
+        ("/v1/completions", b'{"model": "kvrelay-tiny", "prompt": "x", "logit_bias": {"a": 1}}', 400, "logit_bias"),
+        ("/v1/completions", b'{"model": "kvrelay-tiny", "prompt": "x", "frequency_penalty": 3}', 400,
+         "frequency_penalty"),
+        ("/v1/completions", b'{"model": "kvrelay-tiny", "prompt": "x", "presence_penalty": -2.5}', 400,
+         "presence_penalty"),
+        ("/v1/completions", b'{"model": "kvrelay-tiny", "prompt": "x", "repetition_penalty": 0}', 400,
+         "repetition_penalty"),
+        ("/v1/completions", b'{"model": "kvrelay-tiny", "prompt": "x", "min_p": 1.5}', 400, "min_p"),
+        ("/v1/completions", b'{"model": "kvrelay-tiny", "prompt": "x", "logprobs": 21}', 400, "logprobs"),
+        ("/v1/completions", b'{"model": "kvrelay-tiny", "prompt": "x", "max_tokens": 4, "min_tokens": 5}', 400,
+         "min_tokens"),
+        ("/v1/chat/completions", b'{"model": "kvrelay-tiny", "messages": [{"role": "user", "content": "x"}],'
+                                 b' "logprobs": true, "top_logprobs": 21}', 400, "top_logprobs"),
     ],
 )
 def test_bad_requests_get_openai_errors_and_server_keeps_serving(served, path, body, status, param):
@@ -174,3 +189,47 @@ def test_an_idle_keep_alive_connection_outlives_the_clients_pool_expiry(served):
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
             assert b"kvrelay-tiny" in f.read(length)
+
+
+def test_sampling_fields(served):
+    """top_logprobs, logit_bias and min_tokens through the HTTP API (the engine-side semantics are
+    tested token for token in tests/workers/test_sampling_params.py)."""
+    from tokenizers import Tokenizer
+
+    from kvrelay.workers.models.tiny import ensure_tiny_model
+
+    client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0)
+    msgs = [{"role": "user", "content": "Tell me about the ledger"}]
+    chat = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                          top_logprobs=5, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 8
+    for c in content:  # greedy: the chosen token is the most likely one
+        assert len(c.top_logprobs) == 5 and c.top_logprobs[0].bytes == c.bytes
+        assert c.top_logprobs[0].logprob == pytest.approx(c.logprob)
+        assert [t.logprob for t in c.top_logprobs] == sorted((t.logprob for t in c.top_logprobs), reverse=True)
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                            top_logprobs=5, stream=True, extra_body={"ignore_eos": True})
+    streamed = [e for ch in stream if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, [t.token for t in e.top_logprobs]) for e in streamed] == [
+        (e.token, [t.token for t in e.top_logprobs]) for e in content]
+
+    comp = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0.8, seed=3,
+                                     logprobs=3, extra_body={"ignore_eos": True})
+    lp = comp.choices[0].logprobs
+    assert all(tok in top and 3 <= len(top) <= 4 for tok, top in zip(lp.tokens, lp.top_logprobs, strict=True))
+
+    word = Tokenizer.from_file(str(ensure_tiny_model() / "tokenizer.json")).encode(" ledger", add_special_tokens=False)
+    forced = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4, temperature=1.0,
+                                       logit_bias={str(word.ids[0]): 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == word.tokens[0].replace("\u0120", " ") * 4
+
+    plain = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    first = plain.choices[0].text[:2]
+    held = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0, stop=[first],
+                                     extra_body={"ignore_eos": True, "min_tokens": 6})
+    assert held.choices[0].text == plain.choices[0].text  # the stop string is held back by min_tokens
+    cut = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0, stop=[first],
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == ""  # without min_tokens it stops at once

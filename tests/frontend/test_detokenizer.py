@@ -126,6 +126,19 @@ def test_stop_string_examples(tok):
     assert det.finish() == Delta("\n")  # never completed: flushed at the end
 
 
+@SETTINGS
+@given(data=st.data(), min_tokens=st.integers(0, 12))
+def test_min_tokens_hides_stop_strings_in_the_first_tokens(tok, data, min_tokens):
+    """As vLLM: stop strings are looked for only in the text of tokens after the first min_tokens, however
+    the tokens are split into steps (a step across the boundary is cut there)."""
+    ids = tok.encode("ab. ab. ab. ab. ab. ab. ab.", add_special_tokens=False)
+    det = IncrementalDetokenizer(tok, [], stop=["ab."], min_tokens=min_tokens)
+    out, d = stream(det, chunks(data, ids))
+    head = tok.decode(ids[:min_tokens])
+    rest = tok.decode(ids)[len(head):]
+    assert d is not None and out == head + rest[:rest.index("ab.")]
+
+
 def test_stop_token_is_excluded_and_flushes(tok):
     ids = tok.encode("held x", add_special_tokens=False)
     det = IncrementalDetokenizer(tok, [], skip_special_tokens=False, stop=["xyz"])

@@ -42,8 +42,21 @@ BAD = [
     (chat(stop=[""]), "stop"), (chat(stop=5), "stop"), (chat(stop_token_ids=[-1]), "stop_token_ids[0]"),
     (chat(ignore_eos="yes"), "ignore_eos"), (chat(user=5), "user"), (chat(cache_salt=""), "cache_salt"),
     (chat(stream_options={"include_usage": True}), "stream_options"),
-    (chat(logprobs=True, top_logprobs=2), "top_logprobs"), (chat(top_logprobs=0), "top_logprobs"),
-    (chat(top_logprobs=30, logprobs=True), "top_logprobs"), (chat(logprobs=3), "logprobs"),
+    (chat(top_logprobs=2), "top_logprobs"), (chat(top_logprobs=0), "top_logprobs"),
+    (chat(top_logprobs=21, logprobs=True), "top_logprobs"), (chat(top_logprobs=-1, logprobs=True), "top_logprobs"),
+    (chat(logprobs=3), "logprobs"),
+    (chat(repetition_penalty=0), "repetition_penalty"), (chat(repetition_penalty=-1), "repetition_penalty"),
+    (chat(repetition_penalty="x"), "repetition_penalty"), (b'{"model": "m", "messages": [{"role": "user",'
+                                                         b' "content": "Hi"}], "repetition_penalty": 1e999}',
+                                                         "repetition_penalty"),
+    (chat(frequency_penalty=2.5), "frequency_penalty"), (chat(frequency_penalty=-2.01), "frequency_penalty"),
+    (chat(presence_penalty=3), "presence_penalty"), (chat(presence_penalty=-3), "presence_penalty"),
+    (chat(min_p=1.5), "min_p"), (chat(min_p=-0.1), "min_p"),
+    (chat(logit_bias={"5": 101}), "logit_bias"), (chat(logit_bias={"5": -100.5}), "logit_bias"),
+    (chat(logit_bias={"x": 1}), "logit_bias"), (chat(logit_bias={"-1": 1}), "logit_bias"),
+    (chat(logit_bias={" 5": 1}), "logit_bias"), (chat(logit_bias={"99999999999": 1}), "logit_bias"),
+    (chat(logit_bias={"5": "a"}), "logit_bias"), (chat(logit_bias=[1]), "logit_bias"),
+    (chat(min_tokens=-1), "min_tokens"), (chat(min_tokens="2"), "min_tokens"),
     (chat(messages=[]), "messages"), (chat(messages="hi"), "messages"),
     (chat(messages=[{"content": "x"}]), "messages[0].role"),
     (chat(messages=[{"role": "user"}]), "messages[0].content"),
@@ -54,7 +67,9 @@ BAD = [
     (chat(tool_choice="required"), "tool_choice"),
     (comp(prompt=["a", "b"]), "prompt"), (comp(prompt=[[1, 2], [3]]), "prompt"), (comp(prompt=[]), "prompt"),
     (comp(prompt=[1, True]), "prompt"), (comp(prompt=[1, -2]), "prompt"), (comp(prompt=None), "prompt"),
-    (comp(logprobs=True), "logprobs"), (comp(logprobs=1), "logprobs"), (comp(logprobs=-1), "logprobs"),
+    (comp(logprobs=True), "logprobs"), (comp(logprobs=21), "logprobs"), (comp(logprobs=-1), "logprobs"),
+    (comp(frequency_penalty=9), "frequency_penalty"), (comp(logit_bias={"1": 200}), "logit_bias"),
+    (comp(min_p=2), "min_p"), (comp(repetition_penalty=0.0), "repetition_penalty"),
     (comp(echo=True), "echo"), (comp(best_of=3), "best_of"), (comp(suffix="x"), "suffix"),
     (comp(max_tokens=0), "max_tokens"),
 ]
@@ -79,18 +94,27 @@ def test_valid_chat_request_and_sampling():
                   {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, {"role": "tool",
                   "content": "r", "tool_call_id": "1"}],
         max_completion_tokens=7, max_tokens=99, temperature=0, top_p=0.5, top_k=-1, seed=3, stop="###",
-        stop_token_ids=[5], ignore_eos=True, logprobs=True, top_logprobs=0, user="u", cache_salt="salt",
-        stream=True, stream_options={"include_usage": True}, frequency_penalty=0, metadata={"x": 1},
-        unknown_extra={"ignored": True}))
+        stop_token_ids=[5], ignore_eos=True, logprobs=True, top_logprobs=3, user="u", cache_salt="salt",
+        stream=True, stream_options={"include_usage": True}, frequency_penalty=0.5, presence_penalty=-1,
+        repetition_penalty=1.1, min_p=0.05, logit_bias={"7": 100, "0012": -2.5}, min_tokens=2,
+        metadata={"x": 1}, unknown_extra={"ignored": True}))
     assert req.include_usage and req.stop_list == ["###"] and req.cache_salt == "salt" and req.user == "u"
     assert req.message_dicts() == [
         {"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "a"}]},
         {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
         {"role": "tool", "content": "r", "tool_call_id": "1"}]
     kw = req.sampling_kwargs(prompt_tokens=10, max_model_len=100)
-    assert kw == {"max_tokens": 7, "temperature": 0.0, "top_p": 0.5, "top_k": 0, "seed": 3,
-                  "stop_token_ids": [5], "ignore_eos": True, "logprobs": True}
-    SamplingParams(**kw).validate()
+    assert kw == {"max_tokens": 7, "min_tokens": 2, "temperature": 0.0, "top_p": 0.5, "top_k": 0, "min_p": 0.05,
+                  "repetition_penalty": 1.1, "frequency_penalty": 0.5, "presence_penalty": -1.0,
+                  "logit_bias": {7: 100.0, 12: -2.5}, "seed": 3, "stop_token_ids": [5], "ignore_eos": True,
+                  "logprobs": True, "top_logprobs": 3}
+    SamplingParams(**kw).validate(vocab_size=100)
+    with pytest.raises(ApiError) as info:  # more than the completion may have
+        parse_chat_request(chat(min_tokens=8, max_tokens=7)).sampling_kwargs(10, 100)
+    assert (info.value.status, info.value.param) == (400, "min_tokens")
+    with pytest.raises(ApiError) as info:  # without max_tokens, the rest of the context bounds it
+        parse_chat_request(chat(min_tokens=91)).sampling_kwargs(10, 100)
+    assert info.value.param == "min_tokens"
 
 
 def test_defaults_and_context_length():
@@ -99,6 +123,11 @@ def test_defaults_and_context_length():
     kw = c.sampling_kwargs(3, 4096, generation_defaults({"do_sample": False}))
     assert (kw["max_tokens"], kw["temperature"], kw["logprobs"]) == (16, 0.0, False)  # OpenAI's 16
     assert parse_completion_request(comp(logprobs=0)).sampling_kwargs(3, 100)["logprobs"] is True
+    assert parse_completion_request(comp(logprobs=0)).sampling_kwargs(3, 100)["top_logprobs"] == 0
+    assert parse_completion_request(comp(logprobs=5)).sampling_kwargs(3, 100)["top_logprobs"] == 5
+    assert (kw["repetition_penalty"], kw["frequency_penalty"], kw["min_p"], kw["logit_bias"]) == (1.0, 0.0, 0.0, {})
+    assert generation_defaults({"do_sample": False, "repetition_penalty": 1.1, "top_p": 0.5}) == {
+        "repetition_penalty": 1.1, "temperature": 0.0}  # as vLLM, the model's repetition_penalty applies
     ch = parse_chat_request(chat())
     assert ch.sampling_kwargs(10, 100, {"temperature": 0.6, "top_k": 20})["max_tokens"] == 90  # rest of context
     assert ch.sampling_kwargs(10, 100, {"temperature": 0.6, "top_k": 20})["temperature"] == 0.6
@@ -148,6 +177,23 @@ def test_response_bodies_parse_with_openai_types():
     assert parsed.choices[0].logprobs.text_offset == [4, 7] and parsed.choices[0].logprobs.tokens == ["Hel", "lo"]
     assert parsed.choices[0].logprobs.top_logprobs == [{"Hel": -1.0}, {"lo": -0.5}]
     assert parsed.usage.prompt_tokens_details.cached_tokens == 8
+
+
+def test_top_logprobs_bodies_parse_with_openai_types():
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    u = R.usage(4, 2)
+    top = [[(b"Hi", -0.1), (b"Yo", -2.5)], [(b"!", -0.3), (b"\xe4\xb8", float("-inf"))]]
+    lps = R.chat_logprobs([b"Hi", b"!"], [-0.1, -0.3], top)
+    content = ChatCompletion.model_validate(json.loads(R.encode(R.chat_completion("m", "Hi!", "stop", u, lps)))
+                                            ).choices[0].logprobs.content
+    assert [[(t.token, t.logprob, t.bytes) for t in c.top_logprobs] for c in content] == [
+        [("Hi", -0.1, [72, 105]), ("Yo", -2.5, [89, 111])], [("!", -0.3, [33]), ("\ufffd", -9999.0, [0xE4, 0xB8])]]
+    # completions: the top tokens and the sampled one (outside the top here, as vLLM lists it)
+    clp = R.completion_logprobs(["Hel", "lo"], [-1.0, -3.0], top=[[("Hel", -1.0), ("He", -1.5)], [("p", -0.2)]])
+    parsed = Completion.model_validate(json.loads(R.encode(R.completion("m", "Hello", "length", u, clp))))
+    assert parsed.choices[0].logprobs.top_logprobs == [{"Hel": -1.0, "He": -1.5}, {"p": -0.2, "lo": -3.0}]
 
 
 def client_for(routes: dict[str, tuple[int, bytes, str]]):

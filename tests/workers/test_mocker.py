@@ -114,6 +114,28 @@ async def test_eos_and_stop_tokens(model):
     await plain.close()
 
 
+async def test_min_tokens_and_top_logprobs(model):
+    """The mocker has no distribution: min_tokens holds back its EOS, top_logprobs gives k made-up
+    alternatives with the chosen token first (its logprob), the other parameters are accepted and ignored."""
+    e = mocker(model, eos_probability=1.0)
+    await e.start()
+    outs = await run(e, prompt(10), 9, min_tokens=4)
+    assert len(ids(outs)) == 5 and ids(outs)[-1] == 1 and 1 not in ids(outs)[:4]  # EOS as the 5th token
+    plain = mocker(model)
+    await plain.start()
+    base = ids(await run(plain, prompt(10), 6))
+    outs = await run(plain, prompt(10), 6, rid="t", logprobs=True, top_logprobs=3, repetition_penalty=1.5,
+                     frequency_penalty=1.0, presence_penalty=1.0, min_p=0.5, logit_bias={5: 100.0})
+    assert ids(outs) == base
+    tops = [t for o in outs for t in o.top_logprobs or []]
+    lps = [lp for o in outs for lp in o.logprobs or []]
+    assert [t.token_ids[0] for t in tops] == base and [t.logprobs[0] for t in tops] == lps
+    assert all(len(t.token_ids) == 3 == len(set(t.token_ids)) and t.logprobs == sorted(t.logprobs, reverse=True)
+               for t in tops)
+    await e.close()
+    await plain.close()
+
+
 async def test_prefix_hit_is_reported(model):
     e = mocker(model)
     await e.start()

@@ -17,29 +17,69 @@ class RequestError(ValueError):
     """A request that is invalid as given; the message is safe to show a client."""
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs (and on completions' integer logprobs)
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
+MAX_PENALTY = 2.0  # OpenAI's bound on |frequency_penalty| and |presence_penalty|
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    """What a request asks of sampling; every field has its effect on the native engine (in vLLM's order:
+    logit_bias and min_tokens, then the penalties on the raw logits, then temperature, then min_p, top-k,
+    top-p) and is passed to vLLM as its own field (workers/engines/vllm/sampling.py)."""
+
     max_tokens: int = 16
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many output tokens
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # drop tokens whose probability is below min_p x the top token's; 0 = off
+    repetition_penalty: float = 1.0  # over prompt + output tokens: positive logits / p, negative x p
+    frequency_penalty: float = 0.0  # over output tokens: logit -= frequency_penalty x count
+    presence_penalty: float = 0.0  # over output tokens: logit -= presence_penalty if it occurred
+    logit_bias: dict[int, float] = {}  # token id -> added to its raw logit
     seed: int | None = None
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: bool = False  # logprob of each chosen token
+    top_logprobs: int = 0  # with logprobs: this many most likely tokens per position, with their logprobs
 
-    def validate(self) -> None:
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raises RequestError naming the field; `vocab_size` also bounds the token ids given."""
         if self.max_tokens < 1:
             raise RequestError("max_tokens must be >= 1")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestError("min_tokens must be in [0, max_tokens]")
         if self.temperature < 0:
             raise RequestError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise RequestError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise RequestError("top_k must be >= 0")
+        if not 0 <= self.min_p <= 1:  # NaN fails every comparison, so it is refused too
+            raise RequestError("min_p must be in [0, 1]")
+        if not (0 < self.repetition_penalty and math.isfinite(self.repetition_penalty)):
+            raise RequestError("repetition_penalty must be > 0 and finite")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise RequestError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}]")
+        if not all(-MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for b in self.logit_bias.values()):
+            raise RequestError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        if self.top_logprobs and not self.logprobs:
+            raise RequestError("top_logprobs requires logprobs")
         if not math.isfinite(self.temperature):  # JSON has no inf, but msgpack callers can send one
             raise RequestError("temperature must be finite")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise RequestError("seed must fit in 64 bits")
+        if vocab_size is not None:
+            for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+                if ids and not (min(ids) >= 0 and max(ids) < vocab_size):
+                    raise RequestError(f"{name} token ids must be in [0, {vocab_size})")
 
 
 class KvHandle(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,12 +135,24 @@ class EngineRequest(msgspec.Struct, frozen=True, kw_only=True):
     lora_name: str = ""
     kv_handle: KvHandle | None = None  # decode after a remote prefill: pull this KV, continue from it
     kv_peer: KvPeer | None = None  # a worker holding a prefix: lease and pull it rather than compute it
+    # A migrated request is re-sent as prompt + the output so far: its last this-many prompt tokens are
+    # output, which frequency and presence penalties count (min_tokens and max_tokens are reduced instead).
+    prior_output_tokens: int = 0
+
+
+class TopLogprobs(msgspec.Struct, frozen=True, array_like=True):
+    """The most likely tokens at one output position, most likely first, with their logprobs (the raw
+    distribution, as `EngineOutput.logprobs`)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
 
 
 class EngineOutput(msgspec.Struct, kw_only=True):
     request_id: str
     token_ids: list[int]
     logprobs: list[float] | None = None
+    top_logprobs: list[TopLogprobs] | None = None  # one per token when the request asked top_logprobs > 0
     finish_reason: str | None = None  # stop | length | abort
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache

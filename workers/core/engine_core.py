@@ -79,6 +79,7 @@ class EngineCore:
         self._check(req)
         hasher = BlockHasher(self.block_size, root_hash(self.fingerprint, req.cache_salt), req.lora_name.encode())
         seq = self._new_sequence(req.request_id, req.prompt_token_ids, req.sampling, hasher, self._arrivals)
+        seq.num_prior_output = req.prior_output_tokens
         self._arrivals += 1
         self.seqs[seq.request_id] = seq
         if hold:
@@ -89,7 +90,7 @@ class EngineCore:
 
     def _check(self, req: EngineRequest) -> None:
         try:
-            req.sampling.validate()
+            req.sampling.validate(self.vocab_limit)  # logit_bias and stop ids index the logits
         except RequestError as e:
             raise EngineError(str(e)) from None
         prompt, n = req.prompt_token_ids, len(req.prompt_token_ids)
@@ -98,6 +99,8 @@ class EngineCore:
         if n >= self.max_model_len:
             raise EngineError(f"the prompt has {n} tokens; this model's context is {self.max_model_len} "
                               f"and at least one must be generated")
+        if not 0 <= req.prior_output_tokens < n:
+            raise EngineError("prior_output_tokens must be in [0, the prompt's length)")
         if min(prompt) < 0 or max(prompt) >= self.vocab_limit:
             raise EngineError(f"prompt token ids must be in [0, {self.vocab_limit})")
         if -(-(n + 1) // self.block_size) > self.pool.num_blocks:
@@ -190,10 +193,12 @@ class EngineCore:
         outputs = []
         max_tokens = self.pool.num_blocks * self.block_size  # the most any sequence can ever hold
         logprobs = result.logprobs if result.logprobs is not None else [None] * len(result.seqs)
-        for seq, token, logprob in zip(result.seqs, result.tokens, logprobs, strict=True):
+        tops = result.top_logprobs if result.top_logprobs is not None else [None] * len(result.seqs)
+        for seq, token, logprob, top in zip(result.seqs, result.tokens, logprobs, tops, strict=True):
             if seq.status is not running:
                 continue
-            seq.append(token, logprob if seq.sampling.logprobs else None)
+            p = seq.sampling
+            seq.append(token, logprob if p.logprobs else None, top if p.top_logprobs else None)
             self.generated_tokens += 1
             reason = seq.stop_reason(token, self.eos, self.max_model_len)
             if reason is None and seq.num_tokens + 1 > max_tokens:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
+from kvrelay.workers.api.messages import TopLogprobs
 from kvrelay.workers.core.sequence import Sequence
 
 Scheduled = list[tuple[Sequence, int]]  # (sequence, tokens computed for it this step)
@@ -17,6 +18,7 @@ class StepResult(NamedTuple):
     tokens: list[int]  # the token sampled for seqs[i]
     logprobs: list[float] | None  # its logprob, or None when no sequence asked for logprobs
     failed: tuple[int, ...] = ()  # indices into seqs whose sampling failed: those requests end, alone
+    top_logprobs: list[TopLogprobs | None] | None = None  # per seq, for those that asked top_logprobs > 0
 
 
 class Executor(Protocol):

@@ -9,7 +9,7 @@ import xxhash
 
 from kvrelay.kvbm.block_pool import Block
 from kvrelay.kvbm.hashing import BlockHasher
-from kvrelay.workers.api.messages import EngineOutput, SamplingParams
+from kvrelay.workers.api.messages import EngineOutput, SamplingParams, TopLogprobs
 
 if TYPE_CHECKING:
     import torch  # imported lazily below: the core (and the mocker) run without torch
@@ -44,6 +44,10 @@ class Sequence:
         self.prompt = list(prompt)
         self.output: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[TopLogprobs] = []  # kept only when sampling.top_logprobs > 0
+        # The prompt's last this-many tokens were generated before (a migrated request, re-sent as prompt
+        # + output so far): frequency and presence penalties count them as output (`penalized_output`).
+        self.num_prior_output = 0
         self.sampling = sampling
         self.status = Status.WAITING
         self.blocks: list[Block] = []
@@ -86,10 +90,20 @@ class Sequence:
             return self.prompt[start:end]
         return (self.prompt + self.output)[start:end]
 
+    @property
+    def penalized_output(self) -> list[int]:
+        """The tokens frequency/presence penalties count: this request's output, including what a previous
+        worker generated before a migration."""
+        if not self.num_prior_output:
+            return self.output
+        return self.prompt[len(self.prompt) - self.num_prior_output:] + self.output
+
     def stop_reason(self, token: int, eos_ids: frozenset[int] | set[int], max_model_len: int) -> str | None:
         """Why `token` (just appended) ends the sequence, or None to go on."""
         p = self.sampling
-        if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
+        # A stop token counts only after min_tokens (the native sampler never samples one before; the
+        # mocker's token source may).
+        if len(self.output) > p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids)):
             return "stop"
         if len(self.output) >= p.max_tokens or self.num_tokens >= max_model_len:
             return "length"
@@ -99,18 +113,22 @@ class Sequence:
         """The tokens generated since the last call (and the finish reason once finished)."""
         new = self.output[self.num_emitted:]
         lps = self.logprobs[self.num_emitted:] if self.sampling.logprobs else None
+        top = self.top_logprobs[self.num_emitted:] if self.sampling.top_logprobs else None
         self.num_emitted = len(self.output)
-        return EngineOutput(request_id=self.request_id, token_ids=new, logprobs=lps,
+        return EngineOutput(request_id=self.request_id, token_ids=new, logprobs=lps, top_logprobs=top,
                             finish_reason=self.finish_reason, num_prompt_tokens=len(self.prompt),
                             num_cached_tokens=self.num_cached_prompt)
 
     def continue_from(self, first_token: int) -> None:
         """The first token was sampled elsewhere (a prefill worker): it is output, already emitted."""
-        self.append(first_token, 0.0 if self.sampling.logprobs else None)
+        self.append(first_token, 0.0 if self.sampling.logprobs else None,
+                    TopLogprobs([], []) if self.sampling.top_logprobs else None)  # never emitted: placeholders
         self.num_emitted = 1
 
-    def append(self, token: int, logprob: float | None) -> None:
+    def append(self, token: int, logprob: float | None, top: TopLogprobs | None = None) -> None:
         self.output.append(token)
         if logprob is not None:
             self.logprobs.append(logprob)
+        if top is not None:
+            self.top_logprobs.append(top)
         self.hasher.extend((token,))

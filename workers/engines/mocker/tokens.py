@@ -6,7 +6,10 @@ Consequences the tests and the frontend rely on:
 - the same prompt gives the same completion on every worker and every run (same seed);
 - a request migrated mid-stream (re-sent as prompt + tokens so far) continues with the very tokens
   the first worker would have produced, and preemption-by-recompute changes nothing;
-- the sampling parameters other than max_tokens, stop_token_ids, ignore_eos and logprobs are ignored.
+- of the sampling parameters only max_tokens, min_tokens (no EOS before it), stop_token_ids, ignore_eos,
+  logprobs and top_logprobs (the chosen token first, then made-up runners-up) have an effect; the token
+  stream is not a model's distribution, so temperature, top-p/top-k, min_p, the penalties, logit_bias
+  and the seed are accepted and ignored (README.md "Tokens").
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Sequence as Seq
 import xxhash
 
 from kvrelay.kvbm.hashing import BlockHasher
-from kvrelay.workers.api.messages import SamplingParams
+from kvrelay.workers.api.messages import SamplingParams, TopLogprobs
 from kvrelay.workers.core.sequence import Sequence
 
 _MASK64 = (1 << 64) - 1
@@ -38,6 +41,7 @@ class TokenSource:
 
     def __init__(self, vocab_size: int, excluded: Seq[int], eos_ids: Seq[int], eos_probability: float):
         self.excluded = sorted({i for i in excluded if 0 <= i < vocab_size})
+        self.vocab_size = vocab_size
         self.num_allowed = vocab_size - len(self.excluded)
         if self.num_allowed < 1:
             raise ValueError(f"no token id to generate: vocab {vocab_size}, {len(self.excluded)} excluded")
@@ -60,6 +64,12 @@ class TokenSource:
     def logprob(h: int) -> float:
         return -0.05 - ((h >> 16) & 0xFFFF) / 0xFFFF * 2.0  # in [-2.05, -0.05]
 
+    def top_logprobs(self, h: int, token: int, k: int) -> TopLogprobs:
+        """`k` alternatives: the chosen token with `logprob(h)` first (so the mocker looks greedy), then
+        the ids after it, each 0.5 less likely than the one before."""
+        first = self.logprob(h)
+        return TopLogprobs([(token + j) % self.vocab_size for j in range(k)], [first - 0.5 * j for j in range(k)])
+
 
 class MockSequence(Sequence):
     """A core `Sequence` that also carries the running hash its next token comes from."""
@@ -73,6 +83,6 @@ class MockSequence(Sequence):
         """The hash that decides the token at position `num_tokens`."""
         return self.stream.intdigest()
 
-    def append(self, token: int, logprob: float | None) -> None:
-        super().append(token, logprob)
+    def append(self, token: int, logprob: float | None, top: TopLogprobs | None = None) -> None:
+        super().append(token, logprob, top)
         self.stream.update(_u32le((token,)))

@@ -55,7 +55,7 @@ class LLMEngine(EngineCore):
             self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=cfg.device)
         super().__init__(
             cfg.limits.for_model(m.max_position_embeddings),
-            num_blocks, ModelRunner(self.model, self.kv_cache, bs, cfg.device),
+            num_blocks, ModelRunner(self.model, self.kv_cache, bs, cfg.device, m.eos_token_ids),
             fingerprint=model_fingerprint(cfg.model), eos_ids=m.eos_token_ids, vocab_limit=m.vocab_size)
 
     def kv_rows(self) -> torch.Tensor:

@@ -3,6 +3,8 @@ forward of the model over the paged KV cache, then sampling."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from kvrelay.workers.core.executor import Scheduled, StepResult
@@ -11,13 +13,15 @@ from kvrelay.workers.engines.native.sampler import sample
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int, device: str):
+    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int, device: str,
+                 eos_ids: Iterable[int] = ()):
         self.model, self.kv_cache, self.block_size, self.device = model, kv_cache, block_size, device
+        self.eos_ids = frozenset(eos_ids)  # what min_tokens keeps from being sampled (with stop_token_ids)
 
     @torch.inference_mode()
     def execute(self, scheduled: Scheduled) -> StepResult:
         batch = build_batch(scheduled, self.block_size, self.device)
         logits = self.model(batch.input_ids, batch.meta, self.kv_cache, batch.logits_index)
         seqs = batch.sample_seqs
-        tokens, logprobs, failed = sample(logits, [s.sampling for s in seqs], [s.next_generator() for s in seqs])
-        return StepResult(seqs, tokens, logprobs, tuple(failed))
+        tokens, logprobs, failed, top = sample(logits, seqs, [s.next_generator() for s in seqs], self.eos_ids)
+        return StepResult(seqs, tokens, logprobs, tuple(failed), top)

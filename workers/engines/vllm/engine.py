@@ -34,7 +34,7 @@ import msgspec
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.kvbm.fingerprint import model_fingerprint
 from kvrelay.workers.api.errors import EngineError, EngineOverloaded
-from kvrelay.workers.api.messages import EngineOutput, EngineRequest, EngineStats, KvLayout
+from kvrelay.workers.api.messages import EngineOutput, EngineRequest, EngineStats, KvLayout, RequestError
 from kvrelay.workers.api.prefill import KvPuller, PrefillResult
 from kvrelay.workers.core.kv_events import KvEventLog
 from kvrelay.workers.engines.vllm.config import VllmEngineConfig, engine_args
@@ -121,6 +121,10 @@ class VllmEngine:
     def _admit(self, request: EngineRequest) -> None:
         if self.llm is None:
             raise EngineError("engine is not running")
+        try:
+            request.sampling.validate()  # the same refusals as the core's (vLLM checks ids against its vocab)
+        except RequestError as e:
+            raise EngineError(str(e)) from None
         if self._in_flight >= self.cfg.limits.max_num_seqs + self.max_waiting:
             raise EngineOverloaded(f"{self._in_flight} requests in flight; try again later")
         if len(request.prompt_token_ids) >= self.max_model_len:
@@ -148,7 +152,7 @@ class VllmEngine:
             return
         if params is None and handle is not None:  # recompute locally from the handle's first token
             async for out in self._stream(request, self._prompt(request, [handle.first_token]),
-                                          to_vllm(request.sampling, max_tokens=request.sampling.max_tokens - 1),
+                                          to_vllm(request.sampling, already=1),
                                           n + 1, deferred=False):
                 yield msgspec.structs.replace(out, num_prompt_tokens=n)
             return
@@ -167,8 +171,9 @@ class VllmEngine:
                                  "token", request.request_id, out.token_ids[0], handle.first_token)
                         mismatch = True
                         break
-                    out = msgspec.structs.replace(out, token_ids=out.token_ids[1:],
-                                                  logprobs=out.logprobs[1:] if out.logprobs else out.logprobs)
+                    out = msgspec.structs.replace(
+                        out, token_ids=out.token_ids[1:], logprobs=out.logprobs[1:] if out.logprobs else out.logprobs,
+                        top_logprobs=out.top_logprobs[1:] if out.top_logprobs else out.top_logprobs)
                 yield out
         finally:
             # Closed before any recompute starts, so the request counts once in `_in_flight`.
@@ -177,7 +182,7 @@ class VllmEngine:
             assert handle is not None and self.llm is not None
             await self.llm.abort(request.request_id)  # the cancelled pump aborts too; this does it now
             async for rest in self._stream(request, self._prompt(request, [handle.first_token]),
-                                           to_vllm(request.sampling, max_tokens=request.sampling.max_tokens - 1),
+                                           to_vllm(request.sampling, already=1),
                                            n + 1, deferred=False, rid_suffix="-r"):
                 yield msgspec.structs.replace(rest, num_prompt_tokens=n)
 
@@ -224,7 +229,7 @@ class VllmEngine:
                 if isinstance(item, Exception):
                     finished = True
                     raise _engine_error(item)
-                out = to_output(request.request_id, item, n)
+                out = to_output(request.request_id, item, n, request.sampling.top_logprobs)
                 finished = out.finish_reason is not None
                 yield out
                 if finished:
@@ -261,7 +266,7 @@ class VllmEngine:
         final: Any = None
         async for out in self._raw(request, sampling):
             final = out
-        first = to_output(request.request_id, final, n)
+        first = to_output(request.request_id, final, n, request.sampling.top_logprobs)
         params = final.kv_transfer_params
         vllm_reason = first.finish_reason
         reason = "stop" if vllm_reason == "stop" else ("length" if request.sampling.max_tokens == 1 else None)
