@@ -69,12 +69,13 @@ def best_possible_hit_rate(args: argparse.Namespace, block_size: int = 16) -> fl
 
 def router_args(mode: str) -> list[str]:
     """`kv`, `round-robin`, ... or `kv:overlap` / `kv:overlap:nospec` (the cost before issue 27, with or
-    without speculative index entries; `kv` alone is the default cost)."""
+    without speculative index entries; `kv` alone is the default cost); `:nopeer`: no pulls from peers
+    (the cluster KV pool off: routing alone decides what is cached)."""
     name, *opts = mode.split(":")
     out = ["--router-mode", name]
     for o in opts:
         out += {"overlap": ["--router-cost", "overlap"], "ttft": ["--router-cost", "ttft"],
-                "nospec": ["--router-speculative-ttl", "0"]}[o]
+                "nospec": ["--router-speculative-ttl", "0"], "nopeer": ["--router-peer-weight", "0"]}[o]
     return out
 
 
@@ -112,7 +113,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kvrelay.perf.router_bench")
     p.add_argument("--workers", default="4,16")
     p.add_argument("--modes", default="kv,round-robin,random,least-loaded",
-                   help="router modes; kv:overlap = the older cost, kv:overlap:nospec = as before issue 27")
+                   help="router modes; kv:overlap = the older cost, kv:overlap:nospec = as before issue 27, "
+                        "kv:nopeer = without pulls from peers (issue 31)")
     p.add_argument("--family", choices=sorted(FAMILIES), default="default",
                    help="workload family (sets the shape; explicit shape flags override it)")
     p.add_argument("--repeats", type=int, default=1, help="runs per (workers, mode); the table shows the median")

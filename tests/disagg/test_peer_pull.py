@@ -90,3 +90,50 @@ def test_the_router_sends_a_busy_holders_conversation_elsewhere_with_a_pull_plan
     first, second, other, routes = asyncio.run(run())
     assert second == first
     assert routes == 1 and other.peer_pulled_blocks == (500 - 1) // BS and other.prefix_hit_tokens == other.peer_pulled_blocks * BS
+
+
+def test_a_gone_or_forgetful_peer_costs_a_recompute_not_the_request():
+    """Faults: the named peer holds nothing (evicted, or never had it) or is gone (its worker closed):
+    the request completes with the cold run's tokens, nothing is cached, nothing stays pinned."""
+    prompt = _prompt(400, 5)
+
+    async def run():
+        async with Cluster(["agg", "agg", "agg"], CFG) as c:
+            a, b, fresh = c.workers
+            client = WorkerClient(RpcClient(token=c.token))
+            cold, _ = await _generate(client, a.instance.address, prompt)
+            forgetful = KvPeer(instance_id=fresh.instance_id, address=fresh.instance.address, blocks=25)
+            got_forgetful, cached_forgetful = await _generate(client, b.instance.address, prompt, forgetful)
+            await a.close()  # the holder is gone: its address refuses connections
+            c.workers.remove(a)
+            gone = KvPeer(instance_id=a.instance_id, address=a.instance.address, blocks=25)
+            got_gone, cached_gone = await _generate(client, fresh.instance.address, prompt, gone)
+            await c.settle()
+            await client.close()
+            return cold, got_forgetful, cached_forgetful, got_gone, cached_gone, b.engine.stats(), fresh.engine.stats()
+
+    cold, got_forgetful, cached_forgetful, got_gone, cached_gone, b, fresh = asyncio.run(run())
+    assert got_forgetful == cold and got_gone == cold
+    assert cached_forgetful == 0 and b.peer_fallbacks == 1 and b.peer_pulled_blocks == 0
+    assert fresh.peer_fallbacks == 1 and fresh.peer_lease_pinned == 0
+    # `fresh` computed the prompt once (for the gone peer's request): its own G1 held nothing before
+    assert cached_gone == 0
+
+
+def test_mocker_workers_pull_from_each_other_over_the_simulated_link():
+    prompt = _prompt(640, 6)
+
+    async def run():
+        async with Cluster(["agg", "agg"], replace(CFG, engine="mocker", mocker_speedup=0.0)) as c:
+            a, b = c.workers
+            client = WorkerClient(RpcClient(token=c.token))
+            await _generate(client, a.instance.address, prompt)
+            peer = KvPeer(instance_id=a.instance_id, address=a.instance.address, blocks=40)
+            _, cached = await _generate(client, b.instance.address, prompt, peer)
+            await c.settle()
+            await asyncio.sleep(0.2)  # the simulated pull's `release` call reaches the lender
+            await client.close()
+            return cached, a.engine.stats(), b.engine.stats()
+
+    cached, a, b = asyncio.run(run())
+    assert cached == 39 * BS and b.peer_pulled_blocks == 39 and a.peer_lent_blocks == 39 and a.peer_lease_pinned == 0
