@@ -6,8 +6,9 @@ regression beyond noise" check: machine noise then hits both sides alike).
 The base revision is checked out into a temporary git worktree whose folders are mapped onto the
 `kvrelay.*` package names (pyproject's package-dir) through a symlink farm on PYTHONPATH, so both sides
 run the same installed dependencies; only kvrelay's own code differs. Each round runs the base, then
-this checkout (`{json}` in the command becomes a per-run JSON path; without it, the JSON the benchmark
-prints last on stdout is taken). The per-run JSON files and a summary
+this checkout (`{json}` in the command becomes a per-run JSON path; `{dir}` a per-run folder, whose
+`results.json` is read: vllm_tier_bench's `--out`; without either, the JSON the benchmark prints last on
+stdout is taken). The per-run JSON files and a summary
 (every numeric leaf: median per side and the ratio current/base) are written to `--out`.
 """
 
@@ -76,15 +77,17 @@ def main(argv: list[str] | None = None) -> int:
             results: dict[str, list[dict[str, float]]] = {"base": [], "current": []}
             for r in range(args.rounds):
                 for side, farm in sides.items():
-                    path = out / f"{side}-{r}.json"
+                    path, run_dir = out / f"{side}-{r}.json", out / f"{side}-{r}"
                     cmd = [sys.executable, "-m", f"kvrelay.perf.{bench[0]}",
-                           *[a.replace("{json}", str(path)) for a in bench[1:]]]
+                           *[a.replace("{json}", str(path)).replace("{dir}", str(run_dir)) for a in bench[1:]]]
                     env = {**os.environ, "PYTHONPATH": str(farm)}
                     print(f"round {r + 1}/{args.rounds} {side}: {' '.join(cmd[2:])}", flush=True)
-                    to_file = any("{json}" in a for a in bench)
+                    to_file = any("{json}" in a or "{dir}" in a for a in bench)
                     p = subprocess.run(cmd, env=env, check=True, cwd=base_tree if side == "base" else ROOT,
                                        stdout=None if to_file else subprocess.PIPE, text=True)
-                    if not to_file:  # the benchmark prints its JSON last: from the first line opening it
+                    if any("{dir}" in a for a in bench):
+                        path.write_text((run_dir / "results.json").read_text())
+                    elif not to_file:  # the benchmark prints its JSON last: from the first line opening it
                         path.write_text(p.stdout[p.stdout.index("\n{") + 1 if not p.stdout.startswith("{") else 0:])
                     results[side].append(_leaves(json.loads(path.read_text())))
         finally:
