@@ -53,6 +53,8 @@ async def main(args: argparse.Namespace) -> dict:
         await w.start()
         workers.append(w)
     a, b = workers
+    assert a.instance is not None and b.instance is not None
+    addr_a, addr_b = a.instance.address, b.instance.address
     client = WorkerClient(RpcClient())
     rng = random.Random(0)
     vocab = 2000 if args.model == "tiny" else 40000
@@ -63,16 +65,16 @@ async def main(args: argparse.Namespace) -> dict:
     runs: dict[str, list[float]] = {"holder_cold": [], "pulled": [], "recomputed": []}
     cached_pulled: list[int] = []
     try:
-        await _ttft(client, b.instance.address, prompt())  # warm-up: first-call costs out of the runs
+        await _ttft(client, addr_b, prompt())  # warm-up: first-call costs out of the runs
         for _ in range(args.repeats):
             p = prompt()
-            t, _ = await _ttft(client, a.instance.address, p)
+            t, _ = await _ttft(client, addr_a, p)
             runs["holder_cold"].append(t)
-            peer = KvPeer(instance_id=a.instance_id, address=a.instance.address, blocks=len(p) // 16)
-            t, cached = await _ttft(client, b.instance.address, p, peer)
+            peer = KvPeer(instance_id=a.instance_id, address=addr_a, blocks=len(p) // 16)
+            t, cached = await _ttft(client, addr_b, p, peer)
             runs["pulled"].append(t)
             cached_pulled.append(cached)
-            t, _ = await _ttft(client, b.instance.address, prompt())
+            t, _ = await _ttft(client, addr_b, prompt())
             runs["recomputed"].append(t)
         stats = b.engine.stats()
     finally:

@@ -11,7 +11,7 @@ frees it) or, when nothing is pulled, by a `PullJob` with no blocks (`report=Fal
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from kvrelay.workers.api.messages import EngineRequest, KvHandle
 from kvrelay.workers.core.commands import Command, KvLoaded
@@ -23,18 +23,19 @@ NAME = "handoff"
 
 @dataclass(frozen=True)
 class PullJob:
-    """Pull `handle.block_ids[start:]` into `local_block_ids`; `report`: tell the core (a KvLoaded)."""
+    """Pull `handle.block_ids[start:]` into `local_block_ids`; `report`: tell the core (a KvLoaded).
+    `source`: the source whose loop half runs it (the handoff's, or the peer pool's: peer.py)."""
 
-    source: ClassVar[str] = NAME
     request_id: str
     handle: KvHandle
     local_block_ids: list[int]
     start: int
     report: bool = True
+    source: str = NAME
 
     def failed(self) -> Command | None:
         """The report if the job cannot run at all."""
-        return KvLoaded(NAME, self.request_id, [False] * len(self.local_block_ids)) if self.report else None
+        return KvLoaded(self.source, self.request_id, [False] * len(self.local_block_ids)) if self.report else None
 
 
 @dataclass

@@ -29,23 +29,9 @@ class HandoffLoop:
         return None
 
     def start(self, job: PullJob, post: Post) -> None:
-        task = asyncio.get_running_loop().create_task(self._pull(job, post))
+        task = asyncio.get_running_loop().create_task(run_pull(self.puller, job, post, self._pulls))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _pull(self, job: PullJob, post: Post) -> None:
-        self._pulls[job.request_id] = asyncio.current_task()  # type: ignore[assignment]  # never None here
-        ok = False
-        try:  # a cancelled pull returns only once the transport stopped writing the blocks
-            ok = await self.puller.pull(job.handle, job.local_block_ids, job.start)
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            log.exception("request %s: KV pull failed; recomputing the prompt", job.request_id)
-        finally:
-            self._pulls.pop(job.request_id, None)
-            if job.report:
-                post(KvLoaded(NAME, job.request_id, [ok] * len(job.local_block_ids)))
 
     def cancel(self, request_id: str) -> None:
         """Only a pull that has started is cancelled (its puller then gives the lease back itself)."""
@@ -60,3 +46,21 @@ class HandoffLoop:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def run_pull(puller: KvPuller, job: PullJob, post: Post, running: dict[str, asyncio.Task]) -> None:
+    """Run one pull and report it to the core, always (the handoff's and the peer pool's loop halves);
+    while it runs, `running[request id]` is its task (a reporting pull can be cancelled by request)."""
+    if job.report:
+        running[job.request_id] = asyncio.current_task()  # type: ignore[assignment]  # never None in a task
+    ok = False
+    try:  # a cancelled pull returns only once the transport stopped writing the blocks
+        ok = await puller.pull(job.handle, job.local_block_ids, job.start)
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        log.exception("request %s: KV pull from %s failed; recomputing", job.request_id, job.handle.prefill_instance)
+    finally:
+        if job.report:
+            running.pop(job.request_id, None)
+            post(KvLoaded(job.source, job.request_id, [ok] * len(job.local_block_ids)))

@@ -1,13 +1,13 @@
 """Another worker's G1 as a KV source (core half; the cluster KV pool): when the router says a peer holds
 more of a request's prompt than this worker does (`EngineRequest.kv_peer`), the sequence waits while
 the loop half asks the peer to pin that run under a lease (`PeerAsk`), then pulls the blocks past its
-own G1 hit over the transfer engine (`PeerPull`, the same `KvPuller` as the prefill handoff) instead of
+own G1 hit over the transfer engine (a `PullJob`, as the prefill handoff's, with the same `KvPuller`) instead of
 computing them. peer_loop.py does the I/O. docs/ARCHITECTURE.md "Cluster KV pool".
 
 Invariants: blocks are asked for by hash (chained from this engine's fingerprint, the request's cache
 salt and LoRA), so a peer can only ever lend blocks of this very prefix (another salt's hashes differ);
 the peer checks the fingerprint too. Every lease granted is given back exactly once: by its pull's
-notification, or by a `PeerPull` with no blocks (`report=False`) when nothing is pulled. A failed ask or
+notification, or by a `PullJob` with no blocks (`report=False`) when nothing is pulled. A failed ask or
 pull costs a recompute of the missing blocks, never the request.
 """
 
@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 import msgspec
 
 from kvrelay.workers.api.messages import EngineRequest, KvHandle, KvPeer
-from kvrelay.workers.core.commands import Command, KvAnswered, KvLoaded
+from kvrelay.workers.core.commands import Command, KvAnswered
+from kvrelay.workers.core.kv_sources.handoff import PullJob
 from kvrelay.workers.core.kv_sources.source import NO_MATCH, Match
 from kvrelay.workers.core.sequence import Sequence
 
@@ -39,21 +40,6 @@ class PeerAsk:
 
     def failed(self) -> Command:
         return KvAnswered(NAME, self.request_id, None)
-
-
-@dataclass(frozen=True)
-class PeerPull:
-    """Pull `handle.block_ids[start:]` into `local_block_ids`; `report`: tell the core (a KvLoaded)."""
-
-    source: ClassVar[str] = NAME
-    request_id: str
-    handle: KvHandle
-    local_block_ids: list[int]
-    start: int
-    report: bool = True
-
-    def failed(self) -> Command | None:
-        return KvLoaded(NAME, self.request_id, [False] * len(self.local_block_ids)) if self.report else None
 
 
 @dataclass
@@ -125,7 +111,7 @@ class PeerSource:
             self._give_back(seq.request_id, want.handle)
             return
         handle = msgspec.structs.replace(want.handle, block_ids=want.handle.block_ids[:fresh[-1] + 1])
-        self._jobs.append(PeerPull(seq.request_id, handle, [seq.blocks[i].block_id for i in fresh], fresh[0]))
+        self._jobs.append(PullJob(seq.request_id, handle, [seq.blocks[i].block_id for i in fresh], fresh[0], source=NAME))
 
     def arrived(self, seq: Sequence, fresh: list[int], kept: int) -> None:
         pulled = sum(1 for i in fresh if i < kept)
@@ -149,7 +135,7 @@ class PeerSource:
 
     def _give_back(self, request_id: str, handle: KvHandle) -> None:
         """Pull nothing: the job only frees the peer's lease."""
-        self._jobs.append(PeerPull(request_id, handle, [], len(handle.block_ids), report=False))
+        self._jobs.append(PullJob(request_id, handle, [], len(handle.block_ids), report=False, source=NAME))
 
     def take_jobs(self) -> list[Any]:
         jobs, self._jobs = self._jobs, []

@@ -11,8 +11,10 @@ from typing import Any
 
 from kvrelay.workers.api.messages import EngineRequest, KvHandle, PeerLeaseRequest
 from kvrelay.workers.api.prefill import KvPuller, LeaseAsker
-from kvrelay.workers.core.commands import KvAnswered, KvLoaded
-from kvrelay.workers.core.kv_sources.peer import NAME, PeerAsk, PeerPull
+from kvrelay.workers.core.commands import KvAnswered
+from kvrelay.workers.core.kv_sources.handoff import PullJob
+from kvrelay.workers.core.kv_sources.handoff_loop import run_pull
+from kvrelay.workers.core.kv_sources.peer import NAME, PeerAsk
 from kvrelay.workers.core.kv_sources.source import Post
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,8 @@ class PeerLoop:
     async def before_add(self, request: EngineRequest) -> Any:
         return None
 
-    def start(self, job: PeerAsk | PeerPull, post: Post) -> None:
-        coro = self._ask(job, post) if isinstance(job, PeerAsk) else self._pull(job, post)
+    def start(self, job: PeerAsk | PullJob, post: Post) -> None:
+        coro = self._ask(job, post) if isinstance(job, PeerAsk) else run_pull(self.puller, job, post, self._running)
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -52,22 +54,6 @@ class PeerLoop:
         finally:
             self._running.pop(job.request_id, None)
             post(KvAnswered(NAME, job.request_id, handle))
-
-    async def _pull(self, job: PeerPull, post: Post) -> None:
-        if job.report:
-            self._running[job.request_id] = asyncio.current_task()  # type: ignore[assignment]  # as above
-        ok = False
-        try:  # a cancelled pull returns only once the transport stopped writing the blocks
-            ok = await self.puller.pull(job.handle, job.local_block_ids, job.start)
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            log.exception("request %s: pulling KV from peer %s failed; recomputing", job.request_id,
-                          job.handle.prefill_instance)
-        finally:
-            if job.report:
-                self._running.pop(job.request_id, None)
-                post(KvLoaded(NAME, job.request_id, [ok] * len(job.local_block_ids)))
 
     def cancel(self, request_id: str) -> None:
         task = self._running.get(request_id)
