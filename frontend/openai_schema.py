@@ -4,7 +4,8 @@ Requests are decoded with msgspec straight from the body bytes; unknown fields a
 send extras). Every rejection is an `ApiError` whose `.body()` is OpenAI's error JSON, with `param`
 naming the offending field. Every sampling field accepted has its effect (workers/api/messages.py
 `SamplingParams`, README.md "Sampling fields"); what the engines cannot do is refused with a 400 rather
-than ignored: n > 1, best_of > 1, echo, suffix, response_format other than text, forced tool calls.
+than ignored: n > 1, best_of > 1, echo, suffix, forced tool calls. Structured outputs (response_format,
+structured_outputs, guided_*) are read by structured_request.py.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from kvrelay.frontend.structured_request import StructuredError, requested_constraint
 from kvrelay.workers.api.messages import MAX_LOGIT_BIAS, MAX_PENALTY, MAX_TOP_LOGPROBS
+from kvrelay.workers.api.structured import StructuredOutput
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
-MAX_JSON_DEPTH = 32  # nesting allowed inside free-form fields (tools, tool_calls, response_format)
+MAX_JSON_DEPTH = 32  # nesting allowed inside free-form fields (tools, tool_calls, response_format, schemas)
 # Declared bounds of integer fields, so every accepted value fits the worker wire (msgpack int64/uint64).
 INT32_MAX = 2**31 - 1
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64 (msgspec bounds are int64; torch takes it)
@@ -144,6 +147,12 @@ class _Common(Struct, kw_only=True):
     ignore_eos: bool = False
     user: str | None = None
     cache_salt: str | None = None
+    # Structured outputs (structured_request.py): vLLM's field, and its older guided_* fields.
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -197,6 +206,16 @@ class _Common(Struct, kw_only=True):
         """`logit_bias` keyed by int token id (validated)."""
         return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
 
+    def constraint(self) -> tuple[StructuredOutput, str] | None:
+        """The one structured-output constraint the request asks for and the field naming it, or None;
+        ApiError (400 naming the field) for a malformed or second constraint."""
+        try:
+            return requested_constraint(getattr(self, "response_format", None), self.structured_outputs, {
+                "guided_json": self.guided_json, "guided_regex": self.guided_regex,
+                "guided_choice": self.guided_choice, "guided_grammar": self.guided_grammar})
+        except StructuredError as e:
+            raise ApiError.bad_request(f"Invalid '{e.param}': {e}", param=e.param) from None
+
     @property
     def wants_logprobs(self) -> bool:
         raise NotImplementedError
@@ -222,6 +241,10 @@ class _Common(Struct, kw_only=True):
                    f"key {key!r} is not a token id (a non-negative integer).", "logit_bias")
             _check(-MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS,
                    f"the bias of token {key} must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}].", "logit_bias")
+        for name in ("structured_outputs", "guided_json", "response_format"):
+            _check(_depth(getattr(self, name, None)) <= MAX_JSON_DEPTH,
+                   f"nested deeper than {MAX_JSON_DEPTH} levels.", name)
+        self.constraint()  # its shape (conflicts, types, empty lists); the grammar is compiled by the pipeline
 
 
 class ChatCompletionRequest(_Common, kw_only=True):
@@ -266,13 +289,9 @@ class ChatCompletionRequest(_Common, kw_only=True):
                     _check(isinstance(part.text, str), "a text content part needs a 'text' string.",
                            f"{where}.content[{j}].text")
         _check(self.top_logprobs is None or self.logprobs, "requires logprobs=true.", "top_logprobs")
-        fmt = (self.response_format or {}).get("type", "text")
-        _check(fmt == "text", f"type '{fmt}' is not supported; only 'text' is.", "response_format")
         _check(self.tool_choice in (None, "none", "auto"), "only 'none' or 'auto' is supported.",
                "tool_choice")
-        for name in ("tools", "response_format"):
-            _check(_depth(getattr(self, name)) <= MAX_JSON_DEPTH, f"nested deeper than {MAX_JSON_DEPTH} levels.",
-                   name)
+        _check(_depth(self.tools) <= MAX_JSON_DEPTH, f"nested deeper than {MAX_JSON_DEPTH} levels.", "tools")
         for i, m in enumerate(self.messages):
             if m.tool_calls is not UNSET:
                 _check(_depth(m.tool_calls) <= MAX_JSON_DEPTH, f"nested deeper than {MAX_JSON_DEPTH} levels.",

@@ -22,6 +22,7 @@ from kvrelay.frontend.openai_schema import (
     generation_defaults,
 )
 from kvrelay.frontend.service import FrontendService
+from kvrelay.frontend.structured_request import GrammarChecks, StructuredError
 from kvrelay.frontend.tokenizer import ChatTemplateError, Tokenizer
 from kvrelay.runtime.rpc import RpcError
 from kvrelay.workers.api.endpoints import ErrorKind
@@ -73,6 +74,7 @@ class Pipeline:
         self.service, self.metrics = service, metrics
         self._tokenizers: dict[str, Tokenizer] = {}
         self._defaults: dict[str, dict] = {}
+        self.grammar_checks = GrammarChecks()  # a schema that cannot compile is the client's 400, here
 
     def tokenizer(self, card: ModelCard) -> Tokenizer:
         tok = self._tokenizers.get(card.fingerprint)
@@ -115,7 +117,14 @@ class Pipeline:
         defaults = self._defaults.get(card.fingerprint)
         if defaults is None:
             defaults = self._defaults[card.fingerprint] = generation_defaults(tok.generation_config)
-        sampling = SamplingParams(**req.sampling_kwargs(len(prompt), card.max_model_len, defaults))
+        constraint = req.constraint()
+        if constraint is not None:
+            try:
+                self.grammar_checks.check(*constraint)
+            except StructuredError as e:
+                raise ApiError.bad_request(f"Invalid '{e.param}': {e}", param=e.param) from None
+        sampling = SamplingParams(**req.sampling_kwargs(len(prompt), card.max_model_len, defaults),
+                                  structured=constraint[0] if constraint is not None else None)
         engine_req = EngineRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
                                    cache_salt=req.cache_salt or "")
         return Prepared(req.model, card, tok, engine_req, req.stop_list, req.skip_special_tokens,

@@ -8,6 +8,8 @@ import math
 
 import msgspec
 
+from kvrelay.workers.api.structured import StructuredOutput
+
 
 class Empty(msgspec.Struct):
     """The request of endpoints that take no arguments (kv_snapshot, stats, model_card)."""
@@ -42,6 +44,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     ignore_eos: bool = False
     logprobs: bool = False  # logprob of each chosen token
     top_logprobs: int = 0  # with logprobs: this many most likely tokens per position, with their logprobs
+    # The output must match this (structured outputs); the native engine masks each step's logits with
+    # the constraint's grammar and ends the request once the grammar is complete (workers/README.md).
+    structured: StructuredOutput | None = None
 
     @property
     def has_penalties(self) -> bool:
@@ -76,6 +81,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             raise RequestError("temperature must be finite")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise RequestError("seed must fit in 64 bits")
+        if self.structured is not None and (problem := self.structured.problem()) is not None:
+            raise RequestError(f"structured: {problem}")
         if vocab_size is not None:
             for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
                 if ids and not (min(ids) >= 0 and max(ids) < vocab_size):
