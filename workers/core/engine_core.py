@@ -194,13 +194,16 @@ class EngineCore:
         max_tokens = self.pool.num_blocks * self.block_size  # the most any sequence can ever hold
         logprobs = result.logprobs if result.logprobs is not None else [None] * len(result.seqs)
         tops = result.top_logprobs if result.top_logprobs is not None else [None] * len(result.seqs)
-        for seq, token, logprob, top in zip(result.seqs, result.tokens, logprobs, tops, strict=True):
+        complete = set(result.stopped)
+        for i, (seq, token, logprob, top) in enumerate(zip(result.seqs, result.tokens, logprobs, tops, strict=True)):
             if seq.status is not running:
                 continue
             p = seq.sampling
             seq.append(token, logprob if p.logprobs else None, top if p.top_logprobs else None)
             self.generated_tokens += 1
             reason = seq.stop_reason(token, self.eos, self.max_model_len)
+            if reason is None and i in complete:
+                reason = "stop"  # its grammar is complete: nothing may follow
             if reason is None and seq.num_tokens + 1 > max_tokens:
                 reason = "length"  # the next token would not fit even the whole pool: stop, never livelock
             if reason is not None:

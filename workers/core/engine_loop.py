@@ -98,6 +98,7 @@ class EngineLoop:
         assert self.loops is not None
         if request.kv_handle is not None and self.loops.get("handoff") is None:
             raise EngineError(f"this worker cannot take a KV handle ({self._no_handle_reason})")
+        await self._prepare(request)
         hints = await self.loops.before_add(request)
         stream = Stream(asyncio.get_running_loop())
         self.driver.post(Add(request, stream, hints=hints))
@@ -117,6 +118,10 @@ class EngineLoop:
             if not finished:
                 self._abort(request.request_id)
 
+    async def _prepare(self, request: EngineRequest) -> None:
+        """The engine's own work before a request is posted to the core, off the core's thread (the native
+        engine compiles its structured-output grammar here). Raises EngineError to refuse the request."""
+
     def _abort(self, request_id: str) -> None:
         self.driver.post(Abort(request_id))
         if self.loops is not None:
@@ -129,6 +134,7 @@ class EngineLoop:
         if not self.running:
             raise EngineError("engine is not running")
         assert self.loops is not None
+        await self._prepare(request)
         hints = await self.loops.before_add(request)
         stream = Stream(asyncio.get_running_loop())
         self.driver.post(Add(request, stream, hold=True, hints=hints))

@@ -19,6 +19,9 @@ class StepResult(NamedTuple):
     logprobs: list[float] | None  # its logprob, or None when no sequence asked for logprobs
     failed: tuple[int, ...] = ()  # indices into seqs whose sampling failed: those requests end, alone
     top_logprobs: list[TopLogprobs | None] | None = None  # per seq, for those that asked top_logprobs > 0
+    # indices into seqs whose output constraint is complete with this token (structured outputs): those
+    # requests end with "stop" (nothing else could follow), whatever max_tokens, ignore_eos or min_tokens say
+    stopped: tuple[int, ...] = ()
 
 
 class Executor(Protocol):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,7 @@ from kvrelay.workers.api.messages import KvLayout
 from kvrelay.workers.core.engine_core import EngineCore
 from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.native.config import DTYPES
+from kvrelay.workers.engines.native.grammar_cache import GrammarCache
 from kvrelay.workers.engines.native.loader import load_model
 from kvrelay.workers.engines.native.model_runner import ModelRunner
 
@@ -53,9 +55,11 @@ class LLMEngine(EngineCore):
             self.kv_cache = aligned_empty(num_blocks * block_bytes).view(self.dtype).view(shape).zero_()
         else:
             self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=cfg.device)
+        # Structured outputs: grammars over the model's own tokenizer, the mask as wide as the logits.
+        self.grammars = GrammarCache(Path(cfg.model) / "tokenizer.json", m.vocab_size, m.eos_token_ids)
         super().__init__(
             cfg.limits.for_model(m.max_position_embeddings),
-            num_blocks, ModelRunner(self.model, self.kv_cache, bs, cfg.device, m.eos_token_ids),
+            num_blocks, ModelRunner(self.model, self.kv_cache, bs, cfg.device, m.eos_token_ids, self.grammars),
             fingerprint=model_fingerprint(cfg.model), eos_ids=m.eos_token_ids, vocab_limit=m.vocab_size)
 
     def kv_rows(self) -> torch.Tensor:
