@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvrelay.workers.api.messages import EngineOutput, SamplingParams, TopLogprobs
+from kvrelay.workers.api.structured import StructuredOutput
 
 
 def vllm_sampling_kwargs(s: SamplingParams, *, already: int = 0, max_tokens: int | None = None,
@@ -26,17 +27,33 @@ def vllm_sampling_kwargs(s: SamplingParams, *, already: int = 0, max_tokens: int
         stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
         # vLLM returns the sampled token's logprob and the top `logprobs` (raw_logprobs, its default mode).
         logprobs=s.top_logprobs if s.logprobs else None, detokenize=False, skip_special_tokens=False,
-        extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params is not None else None)
+        extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params is not None else None,
+        structured_outputs=structured_outputs_kwargs(s.structured) if s.structured is not None else None)
+
+
+def structured_outputs_kwargs(c: StructuredOutput) -> dict[str, Any]:
+    """The keyword arguments of vLLM's `StructuredOutputsParams` (vllm/sampling_params.py, 0.10 - 0.32) for
+    `c`: exactly one constraint field, as vLLM's own OpenAI server fills it from the same request. vLLM
+    picks the grammar backend (its default `auto`: xgrammar, else llguidance, the native engine's)."""
+    if c.kind == "json":
+        return {"json": c.spec}  # the schema's JSON text: vLLM takes a str or a dict
+    if c.kind == "json_object":
+        return {"json_object": True}
+    if c.kind == "choice":
+        return {"choice": list(c.choices)}
+    return {c.kind: c.spec}  # regex, grammar
 
 
 def to_vllm(s: SamplingParams, *, already: int = 0, max_tokens: int | None = None,
             kv_transfer_params: dict | None = None) -> Any:
     from vllm import SamplingParams as VllmSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-    return VllmSamplingParams(**vllm_sampling_kwargs(s, already=already, max_tokens=max_tokens,
-                                                     kv_transfer_params=kv_transfer_params),
-                              output_kind=RequestOutputKind.DELTA)
+    kw = vllm_sampling_kwargs(s, already=already, max_tokens=max_tokens, kv_transfer_params=kv_transfer_params)
+    structured = kw.pop("structured_outputs")
+    if structured is not None:
+        kw["structured_outputs"] = StructuredOutputsParams(**structured)
+    return VllmSamplingParams(**kw, output_kind=RequestOutputKind.DELTA)
 
 
 def to_output(request_id: str, out: Any, num_prompt_tokens: int, top_logprobs: int = 0) -> EngineOutput:
