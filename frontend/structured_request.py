@@ -36,31 +36,32 @@ class StructuredError(ValueError):
 
 def requested_constraint(response_format: dict[str, Any] | None, structured_outputs: dict[str, Any] | None,
                          guided: dict[str, Any]) -> tuple[StructuredOutput, str] | None:
-    """The request's one constraint and the field it came from (None: unconstrained). `guided`: the
-    guided_* fields by name (None when absent). Checks shape only (no compiling; `GrammarChecks` does)."""
-    found: list[tuple[StructuredOutput, str]] = []
+    """The request's one constraint and the parameter that holds it (`response_format.json_schema.schema`,
+    `structured_outputs.regex`, `guided_json`, ...; None: unconstrained). `guided`: the guided_* fields by
+    name (None when absent). Checks shape only (no compiling; `GrammarChecks` does)."""
+    found: list[tuple[str, tuple[StructuredOutput, str]]] = []  # (top-level field, (constraint, param))
     if response_format is not None:
-        s = _from_response_format(response_format)
-        if s is not None:
-            found.append((s, "response_format"))
+        c = _from_response_format(response_format)
+        if c is not None:
+            found.append(("response_format", c))
     if structured_outputs is not None:
-        found.append((_from_structured_outputs(structured_outputs), "structured_outputs"))
+        found.append(("structured_outputs", _from_structured_outputs(structured_outputs)))
     for name, kind in _GUIDED.items():
         if guided.get(name) is not None:
-            found.append((_constraint(kind, guided[name], name), name))
+            found.append((name, (_constraint(kind, guided[name], name), name)))
     if len(found) > 1:
-        first, second = found[0][1], found[1][1]
+        first, second = found[0][0], found[1][0]
         raise StructuredError(f"only one structured-output constraint is allowed per request; "
                               f"'{second}' conflicts with '{first}'.", second)
-    return found[0] if found else None
+    return found[0][1] if found else None
 
 
-def _from_response_format(rf: dict[str, Any]) -> StructuredOutput | None:
+def _from_response_format(rf: dict[str, Any]) -> tuple[StructuredOutput, str] | None:
     kind = rf.get("type", "text")
     if kind == "text":
         return None
     if kind == "json_object":
-        return StructuredOutput(kind="json_object")
+        return StructuredOutput(kind="json_object"), "response_format"
     if kind != "json_schema":
         raise StructuredError(f"type {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'.",
                               "response_format")
@@ -73,10 +74,11 @@ def _from_response_format(rf: dict[str, Any]) -> StructuredOutput | None:
         raise StructuredError("'strict' must be a boolean.", "response_format.json_schema.strict")
     if "schema" not in spec:
         raise StructuredError("'schema' is required.", "response_format.json_schema.schema")
-    return _json_schema(spec["schema"], "response_format.json_schema.schema")
+    param = "response_format.json_schema.schema"
+    return _json_schema(spec["schema"], param), param
 
 
-def _from_structured_outputs(so: dict[str, Any]) -> StructuredOutput:
+def _from_structured_outputs(so: dict[str, Any]) -> tuple[StructuredOutput, str]:
     unknown = sorted(set(so) - set(_CONSTRAINT_KEYS))
     if unknown:
         raise StructuredError(f"{unknown[0]!r} is not supported; supported keys: {', '.join(_CONSTRAINT_KEYS)}.",
@@ -86,11 +88,12 @@ def _from_structured_outputs(so: dict[str, Any]) -> StructuredOutput:
         raise StructuredError(f"exactly one of {', '.join(_CONSTRAINT_KEYS)} must be given "
                               f"({'none' if not given else ', '.join(given)} given).", "structured_outputs")
     key = given[0]
+    param = f"structured_outputs.{key}"
     if key == "json_object":
         if so[key] is not True:
-            raise StructuredError("must be true.", "structured_outputs.json_object")
-        return StructuredOutput(kind="json_object")
-    return _constraint(key, so[key], f"structured_outputs.{key}")
+            raise StructuredError("must be true.", param)
+        return StructuredOutput(kind="json_object"), param
+    return _constraint(key, so[key], param), param
 
 
 def _constraint(kind: str, value: Any, param: str) -> StructuredOutput:
