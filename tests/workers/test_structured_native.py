@@ -12,13 +12,13 @@ import jsonschema
 import pytest
 
 from kvrelay.frontend.tokenizer import Tokenizer
+from kvrelay.perf.structured_schemas import SCHEMAS
 from kvrelay.workers.api.errors import EngineError
 from kvrelay.workers.api.messages import EngineRequest, SamplingParams
 from kvrelay.workers.api.structured import StructuredOutput, json_schema_output
 from kvrelay.workers.engines.native import LLMEngine, NativeEngine, NativeEngineConfig
 from kvrelay.workers.engines.native.grammar_cache import GrammarCache
 from kvrelay.workers.models.registry import resolve_model
-from tests.workers.structured_schemas import SCHEMAS
 
 SEEDS = (0, 1, 2)
 

@@ -1,4 +1,4 @@
-"""A fixed set of JSON schemas for structured-output tests and perf/structured_bench.py: nested objects,
+"""A fixed set of JSON schemas for perf/structured_bench.py and the structured-output tests: nested objects,
 arrays, enums, bounded numbers, required fields, patterns, unions. Every string and array is bounded
 (maxLength, maxItems, enum, pattern), so even the random-weight tiny model, whose masked distribution is
 nearly uniform, finishes each one within a few hundred tokens: the grammar does all the work."""
