@@ -86,6 +86,7 @@ async def _serve(fe: FrontendConfig, disc: DiscoveryConfig, ev: EventsConfig, to
         else:
             log.info("kvrelay frontend on http://%s:%d (%d HTTP process%s)", fe.http_host, server.port, n,
                      "es" if n > 1 else "")
+            await server.pipeline.announce_models()  # models already served: their tool-call format
         await stop.wait()
         await asyncio.gather(server.drain(fe.drain_timeout),
                              *([extra.stop(fe.drain_timeout)] if extra is not None else []))

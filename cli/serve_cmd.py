@@ -204,6 +204,7 @@ async def _serve(counts: dict[Role, int], fe: FrontendConfig, disc: DiscoveryCon
             if planner is not None:
                 planning = start_planner(fleet, Role.AGG not in counts, *planner, planes.disc, fe,
                                          f"http://{fe.http_host}:{server.port}", stop)
+            await server.pipeline.announce_models()  # the tool-call format each model gets, in the log
             shape = ", ".join(f"{n} {role.value}" for role, n in counts.items() if n)
             log.info("kvrelay serving %s on http://%s:%d with workers: %s", wk.served_model_name or wk.model,
                      fe.http_host, server.port, shape)

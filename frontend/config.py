@@ -68,6 +68,11 @@ class FrontendConfig:
     drain_timeout: float = setting(30.0, "on SIGTERM: seconds in-flight streams may take to finish before "
                                    "they are ended with an error event", non_negative)
 
+    tool_call_parser: Literal["auto", "hermes"] = setting(
+        "auto", "how tool calls are written and parsed (frontend/README.md \"Tool calling\"): auto = picked per "
+        "model from its chat template (hermes for templates that write <tool_call> and for those without tool "
+        "support, which get hermes-style rendering); hermes = <tool_call>{json}</tool_call>")
+
     def with_key_file(self) -> FrontendConfig:
         """This config with `api_key` read from `api_key_file` when one is given (ConfigError if unreadable)."""
         if not self.api_key_file:

@@ -5,7 +5,10 @@ Shaped exactly as the `openai` client's types (tests parse them with it). Stream
   chunk with an empty delta and `finish_reason`; completions: text chunks, then one with empty text and `finish_reason`.
 - with stream_options.include_usage every chunk carries "usage": null and one extra chunk with
   "choices": [] and the usage comes last; without it the key is absent. Then `SSE_DONE`.
-- finish_reason is "stop" (EOS, stop token or stop string) or "length".
+- finish_reason is "stop" (EOS, stop token or stop string), "length", or "tool_calls" (the model called
+  tools and stopped).
+- tool calls stream as `delta.tool_calls` chunks (one call per chunk: index, id, type and name first,
+  then pieces of its arguments).
 """
 
 from __future__ import annotations
@@ -94,16 +97,28 @@ def completion_logprobs(tokens: Sequence[str], logprobs: Sequence[float], offset
     return CompletionLogprobs(list(tokens), lps, offsets, dicts)
 
 
+class FunctionCall(Struct):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(Struct):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class ChatMessageOut(Struct):
     content: str | None
     role: str = "assistant"
+    tool_calls: list[ToolCall] | UnsetType = UNSET  # absent unless the model called tools
 
 
 class ChatChoice(Struct):
     index: int
     message: ChatMessageOut
     logprobs: ChatLogprobs | None
-    finish_reason: str  # stop | length
+    finish_reason: str  # stop | length | tool_calls
 
 
 class ChatCompletion(Struct, kw_only=True):
@@ -116,9 +131,24 @@ class ChatCompletion(Struct, kw_only=True):
     system_fingerprint: str | None = None
 
 
+class FunctionDelta(Struct, omit_defaults=True):
+    name: str | UnsetType = UNSET
+    arguments: str | UnsetType = UNSET
+
+
+class ToolCallDelta(Struct, omit_defaults=True):
+    """A call's first delta has index, id, type and the name (arguments ""); later ones index and arguments."""
+
+    index: int
+    function: FunctionDelta
+    id: str | UnsetType = UNSET
+    type: str | UnsetType = UNSET
+
+
 class ChatDelta(Struct, omit_defaults=True):
     role: str | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    tool_calls: list[ToolCallDelta] | UnsetType = UNSET
 
 
 class ChatChunkChoice(Struct):
@@ -158,10 +188,12 @@ class Completion(Struct, kw_only=True):
     system_fingerprint: str | None = None
 
 
-def chat_completion(model: str, text: str, finish_reason: str, usage: Usage,
-                    logprobs: ChatLogprobs | None = None, id: str | None = None) -> ChatCompletion:
+def chat_completion(model: str, text: str | None, finish_reason: str, usage: Usage,
+                    logprobs: ChatLogprobs | None = None, id: str | None = None,
+                    tool_calls: list[ToolCall] | None = None) -> ChatCompletion:
+    message = ChatMessageOut(text, tool_calls=tool_calls) if tool_calls else ChatMessageOut(text)
     return ChatCompletion(id=id or new_id("chatcmpl"), created=now(), model=model, usage=usage,
-                          choices=[ChatChoice(0, ChatMessageOut(text), logprobs, finish_reason)])
+                          choices=[ChatChoice(0, message, logprobs, finish_reason)])
 
 
 def completion(model: str, text: str, finish_reason: str, usage: Usage,
@@ -187,6 +219,9 @@ class ChatChunker:
                 finish_reason: str | None = None) -> ChatCompletionChunk:
         delta = ChatDelta(content=text) if text or finish_reason is None else ChatDelta()
         return self._chunk([ChatChunkChoice(0, delta, logprobs, finish_reason)], self._usage)
+
+    def tool_call(self, delta: ToolCallDelta, logprobs: ChatLogprobs | None = None) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(0, ChatDelta(tool_calls=[delta]), logprobs)], self._usage)
 
     def usage(self, usage: Usage) -> ChatCompletionChunk:
         return self._chunk([], usage)

@@ -4,8 +4,8 @@ Requests are decoded with msgspec straight from the body bytes; unknown fields a
 send extras). Every rejection is an `ApiError` whose `.body()` is OpenAI's error JSON, with `param`
 naming the offending field. Every sampling field accepted has its effect (workers/api/messages.py
 `SamplingParams`, README.md "Sampling fields"); what the engines cannot do is refused with a 400 rather
-than ignored: n > 1, best_of > 1, echo, suffix, forced tool calls. Structured outputs (response_format,
-structured_outputs, guided_*) are read by structured_request.py.
+than ignored: n > 1, best_of > 1, echo, suffix. Structured outputs (response_format, structured_outputs,
+guided_*) are read by structured_request.py; messages by chat_messages.py; tools by tool_request.py.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import msgspec
-from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import UNSET, Meta, Struct
 
+from kvrelay.frontend.chat_messages import ChatMessage, check_messages, message_dicts
 from kvrelay.frontend.structured_request import StructuredError, requested_constraint
+from kvrelay.frontend.tool_request import ToolError, ToolRequest, tool_request
 from kvrelay.workers.api.messages import MAX_LOGIT_BIAS, MAX_PENALTY, MAX_TOP_LOGPROBS
 from kvrelay.workers.api.structured import StructuredOutput
 
@@ -110,20 +112,6 @@ class ApiError(Exception):
 
 class StreamOptions(Struct):
     include_usage: bool = False
-
-
-class ContentPart(Struct):
-    type: str
-    text: str | UnsetType = UNSET
-
-
-class ChatMessage(Struct):
-    # UNSET fields are left out of `to_builtins`, so templates see `is defined` as the client meant it.
-    role: str
-    content: str | list[ContentPart] | None | UnsetType = UNSET
-    name: str | UnsetType = UNSET
-    tool_calls: list[dict[str, Any]] | UnsetType = UNSET
-    tool_call_id: str | UnsetType = UNSET
 
 
 class _Common(Struct, kw_only=True):
@@ -252,8 +240,9 @@ class ChatCompletionRequest(_Common, kw_only=True):
     max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: TopLogprobCount | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None  # tool_request.py
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM extension
     skip_special_tokens: bool = True  # vLLM extension
@@ -271,31 +260,27 @@ class ChatCompletionRequest(_Common, kw_only=True):
 
     def message_dicts(self) -> list[dict[str, Any]]:
         """The messages as plain dicts for `Tokenizer.apply_chat_template` (unset fields left out)."""
-        return [msgspec.to_builtins(m) for m in self.messages]
+        return message_dicts(self.messages)
+
+    def tool_request(self) -> ToolRequest:
+        """The request's tools and tool_choice, checked (400 naming the field)."""
+        try:
+            return tool_request(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except ToolError as e:
+            raise ApiError.bad_request(f"Invalid '{e.param}': {e}", param=e.param) from None
 
     def validate(self) -> None:
         self._validate_common()
-        _check(bool(self.messages), "must be a non-empty list.", "messages")
-        for i, m in enumerate(self.messages):
-            where = f"messages[{i}]"
-            if m.content is UNSET or m.content is None:
-                _check(m.role == "assistant", f"content is required for role '{m.role}'.",
-                       f"{where}.content")
-            elif isinstance(m.content, list):
-                for j, part in enumerate(m.content):
-                    _check(part.type == "text",
-                           f"content part type '{part.type}' is not supported; only 'text' parts are.",
-                           f"{where}.content[{j}].type")
-                    _check(isinstance(part.text, str), "a text content part needs a 'text' string.",
-                           f"{where}.content[{j}].text")
+        check_messages(self.messages, _check)
         _check(self.top_logprobs is None or self.logprobs, "requires logprobs=true.", "top_logprobs")
-        _check(self.tool_choice in (None, "none", "auto"), "only 'none' or 'auto' is supported.",
-               "tool_choice")
         _check(_depth(self.tools) <= MAX_JSON_DEPTH, f"nested deeper than {MAX_JSON_DEPTH} levels.", "tools")
+        _check(_depth(self.tool_choice) <= MAX_JSON_DEPTH, f"nested deeper than {MAX_JSON_DEPTH} levels.",
+               "tool_choice")
         for i, m in enumerate(self.messages):
             if m.tool_calls is not UNSET:
                 _check(_depth(m.tool_calls) <= MAX_JSON_DEPTH, f"nested deeper than {MAX_JSON_DEPTH} levels.",
                        f"messages[{i}].tool_calls")
+        self.tool_request()
 
 
 class CompletionRequest(_Common, kw_only=True):

@@ -7,6 +7,7 @@ whose details stay in the server log.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -24,9 +25,15 @@ from kvrelay.frontend.openai_schema import (
 from kvrelay.frontend.service import FrontendService
 from kvrelay.frontend.structured_request import GrammarChecks, StructuredError
 from kvrelay.frontend.tokenizer import ChatTemplateError, Tokenizer
+from kvrelay.frontend.tool_parsers import ToolCallFormat, pick_format
+from kvrelay.frontend.tool_prompt import template_inputs
+from kvrelay.frontend.tool_request import ToolRequest
 from kvrelay.runtime.rpc import RpcError
 from kvrelay.workers.api.endpoints import ErrorKind
 from kvrelay.workers.api.messages import EngineRequest, ModelCard, SamplingParams, TopLogprobs
+from kvrelay.workers.api.structured import StructuredOutput
+
+log = logging.getLogger(__name__)
 
 # What a worker's refusal means for the client: its mistake (400); anything else the engine raised is the
 # server's failure (500), never the client's. A full queue is `ApiError.server_busy` (429, Retry-After).
@@ -63,6 +70,8 @@ class Prepared:
     skip_special_tokens: bool
     arrival: float = field(default_factory=time.monotonic)  # when the HTTP request arrived (monotonic)
     first_token_at: float | None = None  # when the first token reached the frontend (the access log's TTFT)
+    tool_format: ToolCallFormat | None = None  # set when the output is parsed for tool calls
+    max_tool_calls: int | None = None  # 1 with parallel_tool_calls false
     usage: Usage = field(init=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +83,7 @@ class Pipeline:
         self.service, self.metrics = service, metrics
         self._tokenizers: dict[str, Tokenizer] = {}
         self._defaults: dict[str, dict] = {}
+        self._tool_formats: dict[str, ToolCallFormat] = {}
         self.grammar_checks = GrammarChecks()  # a schema that cannot compile is the client's 400, here
 
     def tokenizer(self, card: ModelCard) -> Tokenizer:
@@ -81,6 +91,25 @@ class Pipeline:
         if tok is None:
             tok = self._tokenizers[card.fingerprint] = Tokenizer(self.service.card_dir(card))
         return tok
+
+    def tool_format(self, card: ModelCard, tok: Tokenizer) -> ToolCallFormat:
+        """The model's tool-call format (`--tool-call-parser`, or picked from its template), logged once."""
+        fmt = self._tool_formats.get(card.fingerprint)
+        if fmt is None:
+            fmt, why = pick_format(self.service.cfg.tool_call_parser, tok.template_source(tools=True))
+            self._tool_formats[card.fingerprint] = fmt
+            log.info("model %s: tool calls in %s format (%s)", card.name, fmt.name, why)
+        return fmt
+
+    async def announce_models(self) -> None:
+        """Load each served model's tokenizer now and log its tool-call format (startup; otherwise both
+        happen at the model's first request). A model whose card cannot be fetched is left for then."""
+        for model in self.service.models():
+            try:
+                card = await self.service.model_card(model)
+            except NoWorker:
+                continue
+            self.tool_format(card, self.tokenizer(card))
 
     async def resolve_model(self, model: str) -> ModelCard:
         svc = self.service
@@ -101,8 +130,13 @@ class Pipeline:
         card = await self.resolve_model(req.model)
         tok = self.tokenizer(card)
         try:
+            tools: ToolRequest | None = None
             if isinstance(req, ChatCompletionRequest):
-                prompt = tok.chat_prompt_ids(req.message_dicts(), add_generation_prompt=req.add_generation_prompt)
+                tools, fmt = req.tool_request(), self.tool_format(card, tok)
+                messages, template_tools = template_inputs(req.message_dicts(), tools.template_tools(),
+                                                           tok.template_source(tools=bool(tools.tools)), fmt)
+                prompt = tok.chat_prompt_ids(messages, add_generation_prompt=req.add_generation_prompt,
+                                             tools=template_tools)
             elif isinstance(req.prompt, str):
                 prompt = tok.encode(req.prompt)
             else:  # token ids (validated: a non-empty flat list of ints)
@@ -118,6 +152,12 @@ class Pipeline:
         if defaults is None:
             defaults = self._defaults[card.fingerprint] = generation_defaults(tok.generation_config)
         constraint = req.constraint()
+        if tools is not None and tools.forced:
+            if constraint is not None:
+                raise ApiError.bad_request(f"Invalid 'tool_choice': a forced tool call conflicts with "
+                                           f"'{constraint[1]}'.", "tool_choice")
+            grammar = fmt.forced_grammar(tools.forced, parallel=tools.parallel and tools.mode == "required")
+            constraint = StructuredOutput(kind="grammar", spec=grammar), "tools"
         if constraint is not None:
             try:
                 self.grammar_checks.check(*constraint)
@@ -127,8 +167,11 @@ class Pipeline:
                                   structured=constraint[0] if constraint is not None else None)
         engine_req = EngineRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
                                    cache_salt=req.cache_salt or "")
+        parses = tools is not None and tools.parses_calls
         return Prepared(req.model, card, tok, engine_req, req.stop_list, req.skip_special_tokens,
-                        arrival if arrival is not None else time.monotonic())
+                        arrival if arrival is not None else time.monotonic(),
+                        tool_format=fmt if parses else None,
+                        max_tool_calls=None if tools is None or tools.parallel else 1)
 
     async def run(self, p: Prepared) -> AsyncGenerator[Piece, None]:
         """Stream the response; the last piece has finish_reason. Raises ApiError on failure."""

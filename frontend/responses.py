@@ -8,6 +8,10 @@ from typing import Any
 from kvrelay.frontend.openai_responses import (
     ChatChunker,
     CompletionChunker,
+    FunctionCall,
+    FunctionDelta,
+    ToolCall,
+    ToolCallDelta,
     chat_completion,
     chat_logprobs,
     completion,
@@ -17,6 +21,7 @@ from kvrelay.frontend.openai_responses import (
     usage,
 )
 from kvrelay.frontend.pipeline import Piece, Prepared
+from kvrelay.frontend.tool_call_stream import CallDelta, Event, ToolCallStream, parse_tool_calls
 from kvrelay.workers.api.messages import TopLogprobs
 
 
@@ -30,6 +35,9 @@ class ResponseBuilder:
             ChatChunker if self.chat else CompletionChunker)(prepared.model, self.include_usage)
         self._offset = 0  # characters of completion text emitted so far (completions' text_offset)
         self._text_event: tuple[bytes, bytes] | None = None  # a text chunk's SSE bytes around its text
+        # Tool calls are read from the text as it streams (tool_call_stream.py); None: plain text.
+        self._calls: ToolCallStream | None = (ToolCallStream(prepared.tool_format, prepared.max_tool_calls)
+                                              if self.chat and prepared.tool_format is not None else None)
 
     def _logprobs(self, piece: Piece):
         if not self.want_logprobs or piece.logprobs is None:
@@ -54,8 +62,30 @@ class ResponseBuilder:
             return self.chunker.content(text, logprobs, finish_reason)
         return self.chunker.text(text, logprobs, finish_reason)
 
+    def _finish_reason(self, reason: str, calls: int) -> str:
+        """A model that called tools and stopped finished with "tool_calls" (OpenAI's)."""
+        return "tool_calls" if calls and reason == "stop" else reason
+
+    def _call_chunks(self, piece: Piece, lp: Any, calls: ToolCallStream) -> list[Any]:
+        assert isinstance(self.chunker, ChatChunker)  # only chat requests parse tool calls
+        events: list[Event] = calls.feed(piece.text)
+        if piece.finish_reason is not None:
+            events += calls.finish()
+        out = [self.chunker.content(e) if isinstance(e, str) else self.chunker.tool_call(_delta(e))
+               for e in events]
+        if lp is not None:  # the piece's logprobs ride on its first chunk (one of their own if none)
+            if out:
+                out[0].choices[0].logprobs = lp
+            else:
+                out.append(self.chunker.content("", lp))
+        if piece.finish_reason is not None:
+            out.append(self.chunker.content("", None, self._finish_reason(piece.finish_reason, calls.calls)))
+        return out
+
     def chunks(self, piece: Piece) -> list[Any]:
         lp = self._logprobs(piece)
+        if self._calls is not None:
+            return self._call_chunks(piece, lp, self._calls)
         out = []
         if piece.text or lp is not None:
             out.append(self._text_chunk(piece.text, lp))
@@ -68,7 +98,8 @@ class ResponseBuilder:
         """`chunks(piece)` as SSE bytes. A plain text piece (the per-token case) is one JSON string
         encode between the pre-rendered bytes of this stream's text chunk, byte for byte what encoding
         the chunk would give (the chunks of one stream differ only in the text)."""
-        if piece.finish_reason is not None or not piece.text or (self.want_logprobs and piece.logprobs is not None):
+        if (piece.finish_reason is not None or not piece.text or self._calls is not None
+                or (self.want_logprobs and piece.logprobs is not None)):
             return b"".join([sse(c) for c in self.chunks(piece)])
         if self._text_event is None:
             mark = "\x00kvrelay-text\x00"
@@ -103,6 +134,17 @@ class ResponseBuilder:
         lp = self._logprobs(whole) if self.want_logprobs else None
         u = self.p.usage
         body_usage = usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+        if self.chat and self.p.tool_format is not None:
+            content, calls = parse_tool_calls(self.p.tool_format, whole.text, self.p.max_tool_calls)
+            return chat_completion(self.p.model, content, self._finish_reason(finish, len(calls)), body_usage, lp,
+                                   id=self.chunker.id,
+                                   tool_calls=[ToolCall(c.id, FunctionCall(c.name, c.arguments)) for c in calls])
         if self.chat:
             return chat_completion(self.p.model, whole.text, finish, body_usage, lp, id=self.chunker.id)
         return completion(self.p.model, whole.text, finish, body_usage, lp, id=self.chunker.id)
+
+
+def _delta(e: CallDelta) -> ToolCallDelta:
+    if e.id is not None:
+        return ToolCallDelta(e.index, FunctionDelta(name=e.name or "", arguments=e.arguments), id=e.id, type="function")
+    return ToolCallDelta(e.index, FunctionDelta(arguments=e.arguments))

@@ -151,7 +151,7 @@ class Tokenizer:
         Raises ChatTemplateError for a missing template, a non-text content part, or a template that
         rejects the conversation (`raise_exception`, undefined values, sandbox violations).
         """
-        name = "tool_use" if tools and "tool_use" in self.chat_templates else "default"
+        name = self._template_name(bool(tools))
         source = self.chat_templates.get(name)
         if source is None:
             raise ChatTemplateError("this model has no chat template; use the completions API instead")
@@ -166,6 +166,13 @@ class Tokenizer:
             raise
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
             raise ChatTemplateError(f"chat template error: {e}") from e
+
+    def template_source(self, tools: bool = False) -> str | None:
+        """The chat template used with (or without) tools, or None when the model has none."""
+        return self.chat_templates.get(self._template_name(tools))
+
+    def _template_name(self, tools: bool) -> str:
+        return "tool_use" if tools and "tool_use" in self.chat_templates else "default"
 
     def chat_prompt_ids(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                         tools: list[dict[str, Any]] | None = None) -> list[int]:

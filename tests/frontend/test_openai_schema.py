@@ -103,8 +103,8 @@ def test_rejections_are_400_naming_the_field(body, param):
 def test_valid_chat_request_and_sampling():
     req = parse_chat_request(chat(
         messages=[{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "a"}]},
-                  {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, {"role": "tool",
-                  "content": "r", "tool_call_id": "1"}],
+                  {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {
+                      "name": "f", "arguments": '{"a": 1}'}}]}, {"role": "tool", "content": "r", "tool_call_id": "1"}],
         max_completion_tokens=7, max_tokens=99, temperature=0, top_p=0.5, top_k=-1, seed=3, stop="###",
         stop_token_ids=[5], ignore_eos=True, logprobs=True, top_logprobs=3, user="u", cache_salt="salt",
         stream=True, stream_options={"include_usage": True}, frequency_penalty=0.5, presence_penalty=-1,
@@ -113,7 +113,8 @@ def test_valid_chat_request_and_sampling():
     assert req.include_usage and req.stop_list == ["###"] and req.cache_salt == "salt" and req.user == "u"
     assert req.message_dicts() == [
         {"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "a"}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+        {"role": "assistant", "content": None, "tool_calls": [  # arguments decoded for the template
+            {"id": "1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]},
         {"role": "tool", "content": "r", "tool_call_id": "1"}]
     kw = req.sampling_kwargs(prompt_tokens=10, max_model_len=100)
     assert kw == {"max_tokens": 7, "min_tokens": 2, "temperature": 0.0, "top_p": 0.5, "top_k": 0, "min_p": 0.05,

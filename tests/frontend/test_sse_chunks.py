@@ -14,7 +14,7 @@ from kvrelay.frontend.responses import ResponseBuilder
 
 
 def _builder(endpoint: str, include_usage: bool, logprobs: bool = False) -> ResponseBuilder:
-    prepared = SimpleNamespace(model='m"odel\u2028', tokenizer=None, usage=None)
+    prepared = SimpleNamespace(model='m"odel\u2028', tokenizer=None, usage=None, tool_format=None, max_tool_calls=None)
     req = SimpleNamespace(include_usage=include_usage, wants_logprobs=logprobs)
     return ResponseBuilder(endpoint, prepared, req)
 
