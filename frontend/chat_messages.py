@@ -58,7 +58,9 @@ def _check_call(call: dict[str, Any], where: str, check: Check) -> None:
     check(call.get("type", "function") == "function", "only 'function' tool calls are supported.", f"{where}.type")
     check(isinstance(call.get("id", ""), str), "must be a string.", f"{where}.id")
     fn = call.get("function")
-    check(isinstance(fn, dict), "a tool call needs a 'function' object.", f"{where}.function")
+    if not isinstance(fn, dict):
+        check(False, "a tool call needs a 'function' object.", f"{where}.function")
+        return
     check(isinstance(fn.get("name"), str) and bool(fn["name"]), "must be a non-empty string.",
           f"{where}.function.name")
     args = fn.get("arguments", "{}")

@@ -4,7 +4,8 @@ One parser serves both paths: a non-streamed reply is the same parser fed the wh
 (`parse_tool_calls`), so the two agree on what is a call. Rules:
 - Text outside calls is content. Markup is never content: a suffix that could begin the open tag is
   held back until the next text decides. Trailing whitespace of content is held until other content follows:
-  dropped when a call comes next (the newlines around calls), kept when the output has no call.
+  dropped when a call comes next, as is whitespace right after a call (the newlines around calls);
+  kept when the output has no call.
 - A call is announced (index, id, type, name) as soon as its JSON begins `{"name": "...",
   "arguments":`; the arguments object then streams as the model writes it (its characters up to its
   closing brace; `arguments` is the model's own JSON text, so streamed pieces joined are exactly the
@@ -51,7 +52,8 @@ class ToolCallStream:
                                 + re.escape(json.dumps(fmt.arguments_key)) + r"\s*:\s*")
         self._buf = ""  # text after the last decision
         self._in_call = False
-        self._ws = ""  # whitespace-only content held back
+        self._ws = ""  # trailing whitespace of content, held back
+        self._after_call = False  # the last thing decided was a call
         self.calls = 0  # calls announced so far (the next call's index)
         self._reset_call()
 
@@ -61,6 +63,7 @@ class ToolCallStream:
         self._args_at = -1  # where its arguments value starts in _body (-1: not streaming arguments)
         self._sent = ""  # its arguments text sent so far
         self._scan = _ValueScan()
+        self._pre_ws = ""  # the held whitespace before its open tag (content again if it is no call)
 
     def feed(self, text: str) -> list[Event]:
         self._buf += text
@@ -82,7 +85,7 @@ class ToolCallStream:
                 i = self._buf.find(fmt.open)
                 if i >= 0:
                     self._content(self._buf[:i], out)
-                    self._ws = ""  # whitespace before a call is not content
+                    self._pre_ws, self._ws = self._ws, ""  # whitespace before a call is not content
                     self._buf, self._in_call = self._buf[i + len(fmt.open):], True
                     continue
                 keep = 0 if final else _partial_suffix(self._buf, fmt.open)
@@ -104,6 +107,9 @@ class ToolCallStream:
             return out
 
     def _content(self, text: str, out: list[Event]) -> None:
+        if self._after_call:  # whitespace right after a call is not content either
+            text = text.lstrip()
+            self._after_call = not text
         kept = text.rstrip()
         if kept:
             out.append(self._ws + kept)
@@ -145,6 +151,7 @@ class ToolCallStream:
 
     def _end_call(self, body: str, markup: str, out: list[Event]) -> None:
         parsed = parse_call(body, self.fmt.arguments_key)
+        self._after_call = self._started or parsed is not None
         if self._dropped():
             pass
         elif self._started:
@@ -154,6 +161,7 @@ class ToolCallStream:
             self._announce(parsed[0], out)
             out.append(CallDelta(self.calls - 1, parsed[1]))
         else:
+            self._ws = self._pre_ws
             self._content(markup, out)
         self._in_call = False
         self._reset_call()

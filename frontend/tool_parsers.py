@@ -41,17 +41,23 @@ class ToolCallFormat:
     def forced_grammar(self, tools: Sequence[Tool], parallel: bool) -> str:
         """A Lark grammar (llguidance's dialect, `%json` for the JSON schemas) whose every sentence is one
         call (or, with `parallel`, one or more) of `tools`, each call's arguments valid against its
-        function's `parameters` and its name first, so a stream can send the name before the arguments."""
+        function's `parameters` and its name first (llguidance keeps the schema's property order), so a
+        stream can send the name before the arguments."""
         rules = ["start: call" + (f" ({json.dumps(self.separator)} call)*" if parallel else ""),
                  "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
         for i, tool in enumerate(tools):
-            schema = {"type": "object", "properties": {"name": {"const": tool.name},
+            schema = {"x-guidance": _COMPACT, "type": "object", "properties": {"name": {"const": tool.name},
                                                        self.arguments_key: tool.parameters},
                       "required": ["name", self.arguments_key], "additionalProperties": False}
             rules.append(f"call_{i}: {json.dumps(self.open + chr(10))} body_{i} {json.dumps(chr(10) + self.close)}")
             rules.append(f"body_{i}: %json {json.dumps(schema)}")
         return "\n".join(rules) + "\n"
 
+
+# Forced calls are written as models write them ({"name": "f", "arguments": {"a": 1}}): one space after
+# ':' and ',' and no other whitespace (llguidance's option), not JSON's flexible whitespace, which a weak
+# model fills with runs of blanks and newlines until max_tokens.
+_COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 HERMES = ToolCallFormat("hermes", "<tool_call>", "</tool_call>", "arguments")
 _FORMATS = {"hermes": HERMES}
