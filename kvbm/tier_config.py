@@ -133,7 +133,7 @@ async def open_tiers(cfg: TierConfig, block_bytes: int, fingerprint: str,
     (serving goes on without it); a malformed configuration raises TierConfigError. `shape`: the
     block's structure, for G3/G4 codecs (kvbm/codecs); None = opaque bytes (lossless still works)."""
     from kvrelay.kvbm.codecs.shape import BlockShape
-    from kvrelay.kvbm.codecs.store import CodecStore
+    from kvrelay.kvbm.codecs.store import CodecStore, slot_bytes
     from kvrelay.kvbm.tiers import HostStore, ObjectStore
 
     if shape is None or shape.block_bytes != block_bytes:
@@ -146,7 +146,8 @@ async def open_tiers(cfg: TierConfig, block_bytes: int, fingerprint: str,
         stores.append(HostStore(block_bytes, cfg.host_bytes, policy=cfg.tier_policy, on_event=on_event.get("G2"),
                                 retry_after_s=cfg.tier_retry_s))
     if cfg.disk_dir != "off" and (codec := _codec(cfg.compress_g3, shape, "G3")) is not False:
-        disk = await _open_disk(cfg, codec.max_bytes if codec else block_bytes, fingerprint, on_event.get("G3"))
+        disk = await _open_disk(cfg, slot_bytes(codec, True) if codec else block_bytes, fingerprint,
+                                on_event.get("G3"))
         if disk is not None:
             stores.append(CodecStore(disk, codec, variable=False) if codec else disk)
     if cfg.object_store and (codec := _codec(cfg.compress_g4, shape, "G4")) is not False:

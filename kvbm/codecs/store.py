@@ -3,7 +3,8 @@
 
 - put: each block is encoded on a worker thread; the frames go to the inner store, which checksums and
   bounds them as it does any block: G3 (`DiskStore`, fixed slots) gets rows of `codec.max_bytes`
-  (int8 is fixed-size, so a slot is ~1/3.6 of a float32 block); G4 (`ObjectStore(variable=True)`)
+  (int8 is fixed-size, so a slot is ~1/3.6 of a float32 block; lossless frames vary, so a G3 slot
+  stays the raw block's size: see `slot_bytes`); G4 (`ObjectStore(variable=True)`)
   gets each frame at its own length. A block the codec cannot encode is not stored (rejected).
 - get: the inner store verifies its checksum into a staging row (a corrupted frame is a checksum miss
   there); the frame is then decoded into the caller's tensor on a worker thread. A frame this codec
@@ -26,15 +27,24 @@ from kvrelay.kvbm.tiers.base import TierStats, TierStore, check_batch
 from .base import Codec
 
 
+def slot_bytes(codec: Codec, fixed_slots: bool) -> int:
+    """The frame size the inner store holds. A fixed-slot tier (G3) caps a variable-size codec at the
+    raw block size: a slot never grows past the raw block's (a 4 KiB-aligned block would otherwise take
+    one more page for the header), and the rare frame that does not fit (a block zstd cannot shrink by
+    its header) is not stored."""
+    if fixed_slots and not codec.fixed_size:
+        return min(codec.max_bytes, codec.shape.block_bytes)
+    return codec.max_bytes
+
+
 class CodecStore:
     def __init__(self, inner: TierStore, codec: Codec, *, variable: bool):
-        """inner: holds frames, `inner.block_bytes == codec.max_bytes`; variable: it takes each frame at
-        its own length (G4) instead of a padded row (G3)."""
-        assert inner.block_bytes == codec.max_bytes, "the inner store must hold the largest frame"
+        """inner: holds frames of up to `inner.block_bytes` (`slot_bytes(codec)`); variable: it takes each
+        frame at its own length (G4) instead of a padded row (G3). A longer frame is not stored."""
         self.inner, self.codec, self.variable = inner, codec, variable
         self.tier = inner.tier
         self.block_bytes = codec.shape.block_bytes
-        self._unencodable = 0  # puts the codec refused (non-finite values for a lossy codec)
+        self._unencodable = 0  # puts not stored: the codec refused (non-finite values), or too long a frame
         self._undecodable = 0  # inner hits whose frame did not decode: misses
 
     @property
@@ -66,7 +76,8 @@ class CodecStore:
         u8s = check_batch(hashes, srcs, self.block_bytes)
         if not u8s:
             return []
-        frames = await asyncio.to_thread(self._encode_all, u8s)
+        frames = [f if f is not None and len(f) <= self.inner.block_bytes else None
+                  for f in await asyncio.to_thread(self._encode_all, u8s)]
         keep = [i for i, f in enumerate(frames) if f is not None]
         self._unencodable += len(frames) - len(keep)
         out = [False] * len(u8s)
