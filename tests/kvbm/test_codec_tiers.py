@@ -165,3 +165,30 @@ async def test_compressed_g4_is_bounded_by_stored_bytes(tmp_path, s3):
     ok, dst = await read(store, hashes[-3:])
     assert all(ok) and exact(dst[2], hashes[-1])
     await store.close()
+
+
+async def test_decode_time_is_inside_the_tier_time_the_cost_model_measures(tmp_path, monkeypatch):
+    """TieredKv times each tier's `get`; a codec store decodes inside it, so a slow decode makes the
+    tier look slow (its effective bandwidth) and the cost model recomputes rather than wait."""
+    import time
+
+    from kvrelay.kvbm.cost_model import CostModel
+    from kvrelay.kvbm.tiered_kv import OnboardPlan, TieredKv, TierFlow
+
+    store = await open_g3(tmp_path, "lossless")
+    assert isinstance(store, CodecStore)
+    await store.put([1], [kv(1)])
+    real = type(store.codec).decode
+
+    def slow(self, frame, out):
+        time.sleep(0.05)
+        return real(self, frame, out)
+
+    monkeypatch.setattr(type(store.codec), "decode", slow)
+    rows = torch.zeros((2, SHAPE.block_bytes), dtype=torch.uint8)
+    tiered = TieredKv(rows, CostModel(SHAPE.block_bytes, 16))
+    tiered.stores, tiered.flows = [store], {"G3": TierFlow()}
+    assert await tiered.onboard(OnboardPlan([1], [0], ["G3"])) == [True]
+    assert exact(rows[0], 1)
+    assert tiered.cost.tiers["G3"].latency_s >= 0.05
+    await store.close()
