@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .base import Codec
 from .lossless import LosslessCodec
 from .quant import Int8Codec
 from .shape import BlockShape
 
-_BUILDERS = {"lossless": LosslessCodec, "int8": Int8Codec}
+_BUILDERS: dict[str, Callable[[BlockShape], Codec]] = {"lossless": LosslessCodec, "int8": Int8Codec}
 
 
 def make_codec(name: str, shape: BlockShape) -> Codec | None:

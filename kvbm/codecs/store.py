@@ -126,7 +126,7 @@ class CodecStore:
             dst = dsts[i]
             tmp = dst if dst.device.type == "cpu" else torch.empty(self.block_bytes, dtype=torch.uint8)
             try:
-                ok = self.codec.decode(memoryview(staging[i].numpy()), tmp)
+                ok = self.codec.decode(staging[i].numpy().data, tmp)
             except (ValueError, RuntimeError):  # a frame that passed its checks yet fails: still a miss
                 ok = False
             if ok and tmp is not dst:
