@@ -23,9 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import parse_qs, urlsplit
 
+from kvrelay.kvbm.codecs.names import check_codec_name
 from kvrelay.runtime.config import non_negative, positive, setting
 
 if TYPE_CHECKING:  # the stores import torch; TierConfig (the worker's flags) must not
+    from kvrelay.kvbm.codecs.base import Codec
+    from kvrelay.kvbm.codecs.shape import BlockShape
     from kvrelay.kvbm.tiers import DiskStore, TierStore
     from kvrelay.kvbm.tiers.base import EventCallback
 
@@ -66,6 +69,11 @@ class TierConfig:
         "(write-through)")
     onboard: Literal["cost", "always"] = setting(
         "cost", "load a lower-tier hit only when the measured cost model says it beats recompute, or always")
+    compress_g3: str = setting("none", "G3: codec of stored blocks: none, lossless (byte planes + zstd, "
+                               "bit-exact) or int8 (lossy, per-channel; kvbm/README.md Compression)",
+                               check_codec_name)
+    compress_g4: str = setting("none", "G4: codec of stored objects: none, lossless or int8 (as for G3)",
+                               check_codec_name)
     tier_retry_s: float = setting(30.0, "seconds before a tier disabled by an I/O error (S3 down, disk "
                                   "error) is probed again; a probe that works re-enables it", positive)
 
@@ -120,10 +128,16 @@ def object_store_from_url(url: str):
 
 
 async def open_tiers(cfg: TierConfig, block_bytes: int, fingerprint: str,
-                     on_event: dict[str, EventCallback]) -> list[TierStore]:
+                     on_event: dict[str, EventCallback], shape: BlockShape | None = None) -> list[TierStore]:
     """Open the configured tiers, fastest first. A tier that cannot open is left out with a WARNING
-    (serving goes on without it); a malformed configuration raises TierConfigError."""
+    (serving goes on without it); a malformed configuration raises TierConfigError. `shape`: the
+    block's structure, for G3/G4 codecs (kvbm/codecs); None = opaque bytes (lossless still works)."""
+    from kvrelay.kvbm.codecs.shape import BlockShape
+    from kvrelay.kvbm.codecs.store import CodecStore, slot_bytes
     from kvrelay.kvbm.tiers import HostStore, ObjectStore
+
+    if shape is None or shape.block_bytes != block_bytes:
+        shape = BlockShape.opaque(block_bytes)
 
     stores: list[TierStore] = []
     if cfg.host_bytes:
@@ -131,15 +145,30 @@ async def open_tiers(cfg: TierConfig, block_bytes: int, fingerprint: str,
             raise TierConfigError(f"--kv-host-bytes {cfg.host_bytes} holds no block of {block_bytes} bytes")
         stores.append(HostStore(block_bytes, cfg.host_bytes, policy=cfg.tier_policy, on_event=on_event.get("G2"),
                                 retry_after_s=cfg.tier_retry_s))
-    if cfg.disk_dir != "off":
-        disk = await _open_disk(cfg, block_bytes, fingerprint, on_event.get("G3"))
+    if cfg.disk_dir != "off" and (codec := _codec(cfg.compress_g3, shape, "G3")) is not False:
+        disk = await _open_disk(cfg, slot_bytes(codec, True) if codec else block_bytes, fingerprint,
+                                on_event.get("G3"))
         if disk is not None:
-            stores.append(disk)
-    if cfg.object_store:
+            stores.append(CodecStore(disk, codec, variable=False) if codec else disk)
+    if cfg.object_store and (codec := _codec(cfg.compress_g4, shape, "G4")) is not False:
         store = object_store_from_url(cfg.object_store)
-        stores.append(ObjectStore(store, fingerprint, block_bytes, cfg.object_bytes, policy=cfg.tier_policy,
-                                  on_event=on_event.get("G4"), retry_after_s=cfg.tier_retry_s))
+        g4 = ObjectStore(store, fingerprint, codec.max_bytes if codec else block_bytes, cfg.object_bytes,
+                         policy=cfg.tier_policy, on_event=on_event.get("G4"), retry_after_s=cfg.tier_retry_s,
+                         variable=codec is not None, key_tag=codec.name if codec else "")
+        stores.append(CodecStore(g4, codec, variable=True) if codec else g4)
     return stores
+
+
+def _codec(name: str, shape: BlockShape, tier: str) -> Codec | None | Literal[False]:
+    """The tier's codec (None: raw blocks), or False when this engine cannot feed it (WARNING; the tier
+    is left out rather than silently storing another format)."""
+    from kvrelay.kvbm.codecs.registry import make_codec
+
+    try:
+        return make_codec(name, shape)
+    except ValueError as exc:
+        log.warning("KV tier %s disabled: --kv-compress-%s %s: %s", tier, tier.lower(), name, exc)
+        return False
 
 
 async def _open_disk(cfg: TierConfig, block_bytes: int, fingerprint: str,

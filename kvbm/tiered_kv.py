@@ -30,6 +30,7 @@ import torch
 from kvrelay.kvbm.cost_model import CostModel
 from kvrelay.kvbm.tier_config import TierConfig, open_tiers
 from kvrelay.kvbm.tiers import TierStats, TierStore
+from kvrelay.workers.api.messages import KvLayout
 
 log = logging.getLogger(__name__)
 G4_PROBE_BATCH = 8  # HEADs in flight while probing G4 for a prompt's continuation (after the first)
@@ -73,11 +74,15 @@ class TieredKv:
 
     @classmethod
     async def open(cls, cfg: TierConfig, rows: torch.Tensor, block_size: int, fingerprint: str,
-                   sink: TierSink | None = None) -> TieredKv:
+                   sink: TierSink | None = None, layout: KvLayout | None = None) -> TieredKv:
+        """layout: the G1 pool's (for the G3/G4 codecs, kvbm/codecs); None = blocks are opaque bytes."""
+        from kvrelay.kvbm.codecs.shape import BlockShape
+
         kv = cls(rows, CostModel(rows.shape[1], block_size, always=cfg.onboard == "always"))
         kv._sink = sink
         callbacks = {t: kv._event_callback(t) for t in ("G2", "G3", "G4")}
-        kv.stores = await open_tiers(cfg, kv.block_bytes, fingerprint, callbacks)
+        shape = BlockShape.of_layout(layout) if layout is not None and layout.layout == "block_contiguous" else None
+        kv.stores = await open_tiers(cfg, kv.block_bytes, fingerprint, callbacks, shape)
         kv.flows = {s.tier: TierFlow() for s in kv.stores}
         return kv
 

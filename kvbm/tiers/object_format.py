@@ -1,5 +1,7 @@
 """G4's object format: key `kvrelay/<model fingerprint>/<seq_hash as 16 hex>`, body = a 32-byte header
 (magic "KVR4", version, flags, block_bytes, seq_hash, xxh3_64 of the payload) + the block's bytes.
+An encoded block (kvbm/codecs) is the same object with a shorter payload (its frame), `block_bytes`
+naming the payload's length, under the key with its codec's tag.
 
 `verify` accepts an object only if its length, header and checksum all match the block asked for: a
 truncated, padded, mis-keyed (another block's object under this key) or corrupted object is rejected.
@@ -17,8 +19,10 @@ _HDR = struct.Struct("<4sHHQQQ")  # magic, version, flags, block_bytes, seq_hash
 MAGIC, VERSION, HEADER_BYTES = b"KVR4", 1, _HDR.size
 
 
-def object_key(fingerprint: str, seq_hash: int) -> str:
-    return f"kvrelay/{fingerprint}/{seq_hash:016x}"
+def object_key(fingerprint: str, seq_hash: int, tag: str = "") -> str:
+    """`tag`: the codec of an encoded block (`<hash>.lossless`): each codec has its own objects, so a
+    worker configured otherwise never reads, overwrites or deletes them as corrupt."""
+    return f"kvrelay/{fingerprint}/{seq_hash:016x}" + (f".{tag}" if tag else "")
 
 
 def encode(seq_hash: int, src: torch.Tensor) -> bytearray:
@@ -30,12 +34,15 @@ def encode(seq_hash: int, src: torch.Tensor) -> bytearray:
     return body
 
 
-def verify(body: memoryview, seq_hash: int, block_bytes: int) -> memoryview | None:
-    """The payload if `body` is exactly block `seq_hash`'s object, else None (a miss)."""
-    if len(body) != HEADER_BYTES + block_bytes:
+def verify(body: memoryview, seq_hash: int, block_bytes: int, variable: bool = False) -> memoryview | None:
+    """The payload if `body` is exactly block `seq_hash`'s object, else None (a miss). `variable`:
+    payloads of 1..block_bytes bytes (encoded blocks, kvbm/codecs), the header naming the length."""
+    if len(body) < HEADER_BYTES or (not variable and len(body) != HEADER_BYTES + block_bytes):
         return None
     magic, version, _, bb, h, csum = _HDR.unpack_from(body)
-    if (magic, version, bb, h) != (MAGIC, VERSION, block_bytes, seq_hash):
+    if (magic, version, h) != (MAGIC, VERSION, seq_hash) or len(body) != HEADER_BYTES + bb:
+        return None
+    if bb != block_bytes and not (variable and 0 < bb <= block_bytes):
         return None
     payload = body[HEADER_BYTES:]
     return payload if xxhash.xxh3_64_intdigest(payload) == csum else None

@@ -32,7 +32,7 @@ from obstore.exceptions import AlreadyExistsError, NotFoundError
 
 from kvrelay.runtime.log import Throttled
 
-from .base import RETRY_AFTER_S, EventCallback, Health, TierStats, check_batch, emit, log
+from .base import RETRY_AFTER_S, EventCallback, Health, TierStats, as_u8, check_batch, emit, log
 from .object_format import HEADER_BYTES, MAGIC, encode, object_key, verify
 from .policy import make_policy
 from .s3 import s3_store
@@ -47,21 +47,27 @@ class ObjectStore:
     def __init__(self, store: Any, fingerprint: str, block_bytes: int, capacity_bytes: int, *,
                  policy: str = "lru", max_concurrency: int = 16, timeout_s: float = 10.0,
                  retry_after_s: float | None = RETRY_AFTER_S, conditional_put: bool = True,
-                 on_event: EventCallback | None = None):
-        self.object_bytes = HEADER_BYTES + block_bytes
+                 on_event: EventCallback | None = None, variable: bool = False, key_tag: str = ""):
+        """variable: blocks are encoded frames (kvbm/codecs) of 1..block_bytes bytes, each object as long
+        as its frame and accounted by its real size; key_tag: the codec's name, in every key."""
+        self.object_bytes = HEADER_BYTES + block_bytes  # the largest object
         self.max_blocks = capacity_bytes // self.object_bytes
         if block_bytes < 1 or self.max_blocks < 1:
             raise ValueError(f"G4: capacity {capacity_bytes} B holds no object of {self.object_bytes} B")
         self.store, self.fingerprint, self.block_bytes = store, fingerprint, block_bytes
         self.timeout_s, self.conditional_put, self.on_event = timeout_s, conditional_put, on_event
+        self.variable, self.key_tag, self.capacity_bytes = variable, key_tag, capacity_bytes
         self._owned = make_policy(policy, self.max_blocks)  # committed objects we wrote, eviction order
-        self._pending: set[int] = set()  # our puts in flight (room reserved)
-        self._deleting: set[int] = set()  # evicted/removed, delete not yet confirmed (still counted)
+        self._sizes: dict[int, int] = {}  # owned hash -> its object's bytes (header included)
+        self._pending: dict[int, int] = {}  # our puts in flight (room reserved) -> object bytes
+        self._deleting: dict[int, int] = {}  # evicted/removed, delete not yet confirmed (still counted)
+        self._held = 0  # bytes of _sizes + _pending + _deleting: the footprint
         self._sem = asyncio.Semaphore(max_concurrency)
         self._stats = TierStats(tier=self.tier, capacity_bytes=capacity_bytes)
         self._health = Health(self.tier, retry_after_s)
         self._corrupt_log = Throttled(log)
-        # Invariant: (len(_owned) + len(_pending) + len(_deleting)) * object_bytes <= capacity_bytes.
+        # Invariant: _held <= capacity_bytes once a put's evictions are drained (the deletes it starts
+        # are confirmed before its objects are written).
 
     @property
     def enabled(self) -> bool:
@@ -71,8 +77,8 @@ class ObjectStore:
     def stats(self) -> TierStats:
         s = self._stats.copy()
         s.blocks = len(self._owned)
-        s.used_bytes = s.blocks * self.block_bytes
-        s.footprint_bytes = (s.blocks + len(self._pending) + len(self._deleting)) * self.object_bytes
+        s.used_bytes = sum(self._sizes.values()) - s.blocks * HEADER_BYTES  # stored (encoded) bytes
+        s.footprint_bytes = self._held
         s.enabled = self._health.enabled
         return s
 
@@ -80,7 +86,26 @@ class ObjectStore:
         return list(self._owned)
 
     def key(self, seq_hash: int) -> str:
-        return object_key(self.fingerprint, seq_hash)
+        return object_key(self.fingerprint, seq_hash, self.key_tag)
+
+    def _check(self, hashes: Sequence[int], tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.variable:
+            return check_batch(hashes, tensors, self.block_bytes)
+        if len(hashes) != len(tensors):
+            raise ValueError(f"{len(hashes)} hashes but {len(tensors)} tensors")
+        u8s = [as_u8(t, t.numel() * t.element_size()) for t in tensors]
+        if any(not 0 < u.numel() <= self.block_bytes for u in u8s):
+            raise ValueError(f"G4 objects hold 1..{self.block_bytes} bytes")
+        return u8s
+
+    def _commit(self, h: int) -> None:
+        self._sizes[h] = self._pending.pop(h)
+        self._owned.insert(h)
+
+    def _drop(self, h: int) -> None:
+        """An owned object leaves the owned set: its bytes stay counted until its delete is confirmed."""
+        self._owned.remove(h)
+        self._deleting[h] = self._deleting.get(h, 0) + self._sizes.pop(h)
 
     async def close(self) -> None:
         """Afterwards every call is a miss or a dropped put (objects stay: G4 outlives workers)."""
@@ -88,12 +113,12 @@ class ObjectStore:
 
     # -- put ------------------------------------------------------------------------------------------
     async def put(self, hashes: Sequence[int], srcs: Sequence[torch.Tensor]) -> list[bool]:
-        u8s = check_batch(hashes, srcs, self.block_bytes)
+        u8s = self._check(hashes, srcs)
         out, st = [False] * len(u8s), self._stats
         if not self._health.allow():
             st.rejected_puts += len(u8s)
             return out
-        todo, evicted = [], []
+        todo, evicted, freed = [], [], 0  # freed: bytes this put evicts (deleted before it writes)
         for i, (h, src) in enumerate(zip(hashes, u8s, strict=True)):
             self._owned.record(h)
             if h in self._owned or h in self._pending:
@@ -101,15 +126,19 @@ class ObjectStore:
                 st.dedup_puts += 1
                 out[i] = True
                 continue
-            if len(self._owned) + len(self._pending) + len(self._deleting) >= self.max_blocks:
+            size = HEADER_BYTES + src.numel()
+            while self._held - freed + size > self.capacity_bytes:
                 victim = self._owned.victim()
                 if victim is None or not self._owned.admit(h, victim):
-                    st.rejected_puts += 1
-                    continue
-                self._owned.remove(victim)
-                self._deleting.add(victim)
+                    break
+                freed += self._sizes[victim]
+                self._drop(victim)
                 evicted.append(victim)
-            self._pending.add(h)
+            if self._held - freed + size > self.capacity_bytes:
+                st.rejected_puts += 1
+                continue
+            self._pending[h] = size
+            self._held += size
             todo.append((i, h, src))
         st.evictions += len(evicted)
         emit(self.on_event, "removed", evicted)
@@ -124,20 +153,23 @@ class ObjectStore:
         else:
             results = await asyncio.gather(*(self._put_one(h, src) for _, h, src in todo))
         stored, error = [], None
-        for (i, h, _), r in zip(todo, results, strict=True):
-            self._pending.discard(h)
+        written = 0
+        for (i, h, src), r in zip(todo, results, strict=True):
             if r == "stored":
-                self._owned.insert(h)
+                self._commit(h)
                 stored.append(h)
+                written += src.numel()
                 out[i] = True
-            elif r == "exists":  # another worker wrote it: in G4, not ours
+                continue
+            self._held -= self._pending.pop(h)
+            if r == "exists":  # another worker wrote it: in G4, not ours
                 st.dedup_puts += 1
                 out[i] = True
             else:
                 st.rejected_puts += 1
                 error = error or r
         st.puts += len(stored)
-        st.bytes_written += len(stored) * self.block_bytes
+        st.bytes_written += written
         st.write_seconds += perf_counter() - t0
         self._outcome(error, any(r in ("stored", "exists") for r in results))
         emit(self.on_event, "stored", stored)
@@ -164,12 +196,13 @@ class ObjectStore:
         except Exception as exc:
             self._outcome(exc, False)
             return False
-        self._deleting.difference_update(hashes)
+        for h in hashes:
+            self._held -= self._deleting.pop(h, 0)  # a concurrent drain may have confirmed it first
         return True
 
     # -- get / contains / remove ----------------------------------------------------------------------
     async def get(self, hashes: Sequence[int], dsts: Sequence[torch.Tensor]) -> list[bool]:
-        u8s = check_batch(hashes, dsts, self.block_bytes)
+        u8s = check_batch(hashes, dsts, self.block_bytes)  # room for the largest object
         st = self._stats
         if not self._health.allow():
             st.misses += len(u8s)
@@ -179,9 +212,9 @@ class ObjectStore:
         st.read_seconds += perf_counter() - t0
         gone, error = [], None
         for h, r in zip(hashes, results, strict=True):
-            if r == "hit":
+            if isinstance(r, int) and not isinstance(r, bool):  # a hit: the payload's bytes
                 st.hits += 1
-                st.bytes_read += self.block_bytes
+                st.bytes_read += r
                 self._owned.touch(h)
                 continue
             st.misses += 1
@@ -192,15 +225,16 @@ class ObjectStore:
                 continue
             if h in self._owned:  # ours, but gone or corrupt: no longer in the tier
                 self._owned.remove(h)
+                self._held -= self._sizes.pop(h)
                 gone.append(h)
         st.removals += len(gone)
         corrupt = sum(r == "corrupt" for r in results)
         if corrupt:
             self._corrupt_log.warning("checksum", "KV tier G4: %d object(s) failed their checksum (deleted, "
                                       "recomputed; %d in all)", corrupt, st.checksum_failures)
-        self._outcome(error, any(r in ("hit", "missing", "corrupt") for r in results))
+        self._outcome(error, any(isinstance(r, int) or r in ("missing", "corrupt") for r in results))
         emit(self.on_event, "removed", gone)
-        return [r == "hit" for r in results]
+        return [isinstance(r, int) and not isinstance(r, bool) for r in results]
 
     async def _get_one(self, h: int, dst: torch.Tensor) -> Any:
         self._owned.record(h)
@@ -212,19 +246,19 @@ class ObjectStore:
                 return "missing"
             except Exception as exc:
                 return exc
-            payload = verify(memoryview(buf), h, self.block_bytes)
+            payload = verify(memoryview(buf), h, self.block_bytes, self.variable)
             if payload is None:
                 try:  # a corrupt object would block every conditional rewrite: drop it
                     await asyncio.wait_for(obstore.delete_async(self.store, key), self.timeout_s)
                 except Exception:
                     pass
                 return "corrupt"
-        src = np.frombuffer(payload, np.uint8)
+        src, n = np.frombuffer(payload, np.uint8), len(payload)
         if dst.device.type == "cpu":
-            dst.numpy()[:] = src
+            dst.numpy()[:n] = src
         else:
-            dst.copy_(torch.from_numpy(src.copy()))
-        return "hit"
+            dst[:n].copy_(torch.from_numpy(src.copy()))
+        return n  # a hit, this many bytes (a variable object fills dst's head)
 
     async def _fetch(self, key: str) -> Any:
         result = await obstore.get_async(self.store, key)
@@ -259,8 +293,7 @@ class ObjectStore:
         """Delete objects this worker wrote (others' objects are left alone)."""
         mine = [h for h in dict.fromkeys(hashes) if h in self._owned]
         for h in mine:
-            self._owned.remove(h)
-            self._deleting.add(h)
+            self._drop(h)
         self._stats.removals += len(mine)
         emit(self.on_event, "removed", mine)
         if mine and self._health.allow():

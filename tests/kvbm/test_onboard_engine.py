@@ -27,12 +27,19 @@ ONLY = {
     "G3": lambda tmp, s3: TierConfig(host_bytes=0, disk_dir=str(tmp / "g3"), disk_bytes=16 << 20),
     "G4": lambda tmp, s3: TierConfig(host_bytes=0, disk_dir="off", object_store=s3.store_url(s3.new_bucket()),
                                      object_bytes=16 << 20, onboard="always"),
+    # Through the lossless codec (kvbm/codecs): bit-identical KV, so the same tokens as cold.
+    "G3-lossless": lambda tmp, s3: TierConfig(host_bytes=0, disk_dir=str(tmp / "g3"), disk_bytes=16 << 20,
+                                              compress_g3="lossless"),
+    "G4-lossless": lambda tmp, s3: TierConfig(host_bytes=0, disk_dir="off", object_bytes=16 << 20,
+                                              object_store=s3.store_url(s3.new_bucket()), onboard="always",
+                                              compress_g4="lossless"),
 }
 
 
-@pytest.mark.parametrize("name", ["G2", "G3", "G4"])
-def test_evicted_prompt_is_onboarded_with_identical_tokens(name, tmp_path, s3):
+@pytest.mark.parametrize("case", ["G2", "G3", "G4", "G3-lossless", "G4-lossless"])
+def test_evicted_prompt_is_onboarded_with_identical_tokens(case, tmp_path, s3):
     p = prompt(300, seed=7)  # 18 full blocks; G1 holds 48
+    name = case.split("-")[0]
 
     async def main():
         cold_eng = engine(None)
@@ -40,10 +47,12 @@ def test_evicted_prompt_is_onboarded_with_identical_tokens(name, tmp_path, s3):
         cold, _ = await generate(cold_eng, p)
         await cold_eng.close()
 
-        eng = engine(ONLY[name](tmp_path, s3))
+        eng = engine(ONLY[case](tmp_path, s3))
         await eng.start()
         try:
             assert [t.tier for t in eng.stats().tiers] == [name]
+            if "-" in case:  # the tier stores through its codec
+                assert type(eng.loops.get("tiers").tiers.stores[0]).__name__ == "CodecStore"
             first, hit = await generate(eng, p)
             assert first == cold and hit == 0
             await settle(eng)

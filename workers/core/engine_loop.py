@@ -22,7 +22,7 @@ import msgspec
 
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.workers.api.errors import EngineError
-from kvrelay.workers.api.messages import EngineOutput, EngineRequest, EngineStats
+from kvrelay.workers.api.messages import EngineOutput, EngineRequest, EngineStats, KvLayout
 from kvrelay.workers.api.prefill import KvPuller, LeaseAsker, PrefillResult
 from kvrelay.workers.core.commands import Abort, Add, Lease, Snapshot
 from kvrelay.workers.core.driver import CoreDriver, Sink
@@ -72,12 +72,17 @@ class EngineLoop:
         from kvrelay.workers.core.kv_sources.tiers_loop import TiersLoop
 
         assert self.loops is not None
-        half = await TiersLoop.open(cfg, rows, core.block_size, core.fingerprint, core.pool.cached, self.driver.post)
+        half = await TiersLoop.open(cfg, rows, core.block_size, core.fingerprint, core.pool.cached, self.driver.post,
+                                    layout=self.kv_layout())
         if half is not None:
             core.door.add_source(TierSource(core.block_size, half.tiers.cost, g1_has=core.kv.cached.__contains__,
                                             pins=OffloadTracker(core.kv.pool, cfg.offload,
                                                                 max_pinned=core.kv.num_blocks // 4)))
             self.loops.add(half)
+
+    def kv_layout(self) -> KvLayout:
+        """The G1 pool's layout (each engine's own); the tiers' codecs read blocks through it."""
+        raise NotImplementedError
 
     @property
     def running(self) -> bool:

@@ -15,7 +15,7 @@ from kvrelay.kvbm.hashing import BlockHasher, root_hash
 from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.kvbm.tiered_kv import OnboardPlan, TieredKv, TierFlow
 from kvrelay.kvbm.tiers import TierStats
-from kvrelay.workers.api.messages import EngineRequest, TierCounters
+from kvrelay.workers.api.messages import EngineRequest, KvLayout, TierCounters
 from kvrelay.workers.core.commands import KvAnswered, KvLoaded, KvSaved, KvTierEvents
 from kvrelay.workers.core.kv_sources.source import Post
 from kvrelay.workers.core.kv_sources.tiers import NAME, TierLoad, TierLookup, Tiers, TierSave
@@ -33,14 +33,14 @@ class TiersLoop:
 
     @classmethod
     async def open(cls, cfg: TierConfig, rows: Any, block_size: int, fingerprint: str, g1: dict[int, Any],
-                   post: Post) -> TiersLoop | None:
+                   post: Post, layout: KvLayout | None = None) -> TiersLoop | None:
         """Open the configured tiers over the G1 pool (`rows`: its bytes as a uint8 tensor [num_blocks,
         block_bytes]); None if no tier could be opened (each one that failed said why)."""
 
         def sink(tier: str, kind: str, hashes: list[int]) -> None:
             post(KvTierEvents(tier, kind, hashes))
 
-        tiers = await TieredKv.open(cfg, rows, block_size, fingerprint, sink=sink)
+        tiers = await TieredKv.open(cfg, rows, block_size, fingerprint, sink=sink, layout=layout)
         if not tiers.stores:
             return None
         log.info("KV tiers: %s (offload %s, onboard %s)", ", ".join(tiers.tiers), cfg.offload, cfg.onboard)

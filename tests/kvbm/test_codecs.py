@@ -1,0 +1,119 @@
+"""The codecs alone: lossless is bit-identical (hypothesis over dtypes, shapes, special values), int8
+stays within its per-channel bound, and a frame of another codec, version or shape is refused."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvrelay.kvbm.codecs.frame import HEADER_BYTES, open_frame
+from kvrelay.kvbm.codecs.lossless import LosslessCodec
+from kvrelay.kvbm.codecs.quant import Int8Codec
+from kvrelay.kvbm.codecs.registry import make_codec
+from kvrelay.kvbm.codecs.shape import BlockShape
+
+SPECIALS = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 1e-40, 65504.0, -3.0e38]
+
+
+def decoded(codec, block: torch.Tensor) -> torch.Tensor:
+    frame = codec.encode(block)
+    assert frame is not None and len(frame) <= codec.max_bytes
+    out = torch.full_like(block, 0xA5)
+    assert codec.decode(memoryview(frame), out)
+    return out
+
+
+@st.composite
+def blocks(draw):
+    dtype = draw(st.sampled_from(["float32", "float16", "bfloat16"]))
+    shape = BlockShape(dtype, draw(st.integers(1, 4)) * 2, draw(st.sampled_from([1, 4, 16])),
+                       draw(st.sampled_from([1, 8, 64])))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape.numel, generator=g) * draw(st.sampled_from([1e-3, 1.0, 300.0]))
+    n_special = draw(st.integers(0, min(8, shape.numel)))
+    idx = torch.randint(0, shape.numel, (n_special,), generator=g)
+    x[idx] = torch.tensor([SPECIALS[i % len(SPECIALS)] for i in range(n_special)])
+    raw = draw(st.booleans())  # random bits: NaN payloads, subnormals, everything
+    block = (torch.randint(0, 256, (shape.block_bytes,), dtype=torch.uint8, generator=g) if raw
+             else x.to(shape.torch_dtype).view(torch.uint8))
+    return shape, block
+
+
+@settings(max_examples=150, deadline=None)
+@given(blocks())
+def test_lossless_round_trip_is_bit_identical(case):
+    shape, block = case
+    assert torch.equal(decoded(LosslessCodec(shape), block), block)
+
+
+def test_lossless_shrinks_kv_like_bfloat16_and_never_grows_noise():
+    shape = BlockShape("bfloat16", 8, 16, 128)
+    kv = torch.randn(shape.numel).to(torch.bfloat16).view(torch.uint8)
+    codec = LosslessCodec(shape)
+    assert len(codec.encode(kv)) < 0.85 * shape.block_bytes  # the exponent plane compresses
+    noise = torch.randint(0, 256, (shape.block_bytes,), dtype=torch.uint8)
+    assert len(codec.encode(noise)) <= codec.max_bytes  # stored raw, one mode byte over
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_int8_error_is_within_half_a_step_per_channel(dtype):
+    shape = BlockShape(dtype, 6, 16, 40)
+    g = torch.Generator().manual_seed(3)
+    # Channels of very different magnitude, as keys have (outlier lanes): a per-block scale would fail.
+    x = torch.randn(shape.groups, shape.tokens, shape.channels, generator=g)
+    x *= torch.logspace(-3, 2, shape.channels)
+    x[0, :, 0] = 0.0  # an all-zero channel decodes to zeros
+    x = x.to(shape.torch_dtype)
+    codec = Int8Codec(shape)
+    y = decoded(codec, x.view(-1).view(torch.uint8)).view(shape.torch_dtype).view_as(x)
+    absmax = x.float().abs().amax(dim=1, keepdim=True)
+    step = torch.clamp(absmax / 127 * (1 + 2**-8), min=2**-14)
+    rounding = absmax * torch.finfo(shape.torch_dtype).eps  # the engine dtype's own rounding of x'
+    err = (y.float() - x.float()).abs()
+    assert bool((err <= step / 2 + rounding).all()), float((err - step / 2 - rounding).max())
+    assert bool((y[0, :, 0] == 0).all())
+    assert len(codec.encode(x.view(-1).view(torch.uint8))) == codec.max_bytes  # fixed size
+    assert codec.max_bytes < shape.block_bytes * (0.3 if dtype == "float32" else 0.6)
+
+
+def test_int8_refuses_non_finite_blocks():
+    shape = BlockShape("float16", 2, 16, 8)
+    x = torch.randn(shape.numel).half()
+    x[5] = float("inf")
+    assert Int8Codec(shape).encode(x.view(torch.uint8)) is None
+
+
+def test_int8_needs_a_layout():
+    with pytest.raises(ValueError):
+        make_codec("int8", BlockShape.opaque(4096))
+    assert make_codec("lossless", BlockShape.opaque(4096)) is not None  # bytes of any structure
+    assert make_codec("none", BlockShape.opaque(4096)) is None
+
+
+def test_a_frame_of_another_codec_version_or_shape_is_refused():
+    shape = BlockShape("float16", 2, 16, 8)
+    block = torch.randn(shape.numel).half().view(torch.uint8)
+    lossless, int8 = LosslessCodec(shape), Int8Codec(shape)
+    out = torch.empty_like(block)
+    frame = bytearray(lossless.encode(block))
+    assert not int8.decode(memoryview(frame), out)  # codec id
+    assert not LosslessCodec(BlockShape("bfloat16", 2, 16, 8)).decode(memoryview(frame), out)  # shape tag
+    bumped = bytearray(frame)
+    bumped[5] += 1  # version
+    assert not lossless.decode(memoryview(bumped), out)
+    assert not lossless.decode(memoryview(frame[:HEADER_BYTES + 3]), out)  # truncated
+    zeros = bytearray(len(frame))
+    assert not lossless.decode(memoryview(zeros), out)  # no frame at all
+    long = bytearray(frame)
+    struct.pack_into("<I", long, 12, 10**6)  # a length beyond the buffer
+    assert open_frame(memoryview(long), 1, 1, shape.tag) is None
+    garbled = bytearray(frame)
+    garbled[HEADER_BYTES:HEADER_BYTES + 9] = b"\x01" + b"\xff" * 8  # zstd mode, data that is no zstd frame
+    assert not lossless.decode(memoryview(garbled), out)
+    garbled[HEADER_BYTES] = 7  # a mode this version does not know
+    assert not lossless.decode(memoryview(garbled), out)
