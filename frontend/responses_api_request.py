@@ -130,9 +130,10 @@ def renamed(e: ApiError) -> ApiError:
     if e.param is None:
         return e
     param = _rename(e.param)
-    if param == e.param:
-        return e
-    return ApiError(e.status, e.message.replace(f"'{e.param}'", f"'{param}'"), e.type, param, e.code, e.retry_after)
+    message = e.message.replace(f"'{e.param}'", f"'{param}'")
+    if e.code == "context_length_exceeded":  # "... reduce the length of the prompt or of max_tokens."
+        message = message.replace("max_tokens", "max_output_tokens")
+    return ApiError(e.status, message, e.type, param, e.code, e.retry_after)
 
 
 _RENAMES = (("response_format.json_schema", "text.format"), ("response_format", "text.format"),
