@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API (Starlette on uvicorn, uvloop in servers).
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, /health, /ready, /metrics,
-/openapi.json.
-Every error is OpenAI error JSON; no stack trace ever reaches a client. The two generate endpoints
+Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, GET /v1/models, /health,
+/ready, /metrics, /openapi.json.
+Every error is OpenAI error JSON; no stack trace ever reaches a client. The three generate endpoints
 are plain ASGI (`generate_handler.py`, the hot path); Starlette serves the rest.
 """
 
@@ -25,12 +25,14 @@ from starlette.routing import Route
 
 from kvrelay.frontend.access_log import AccessLog
 from kvrelay.frontend.config import FrontendConfig
-from kvrelay.frontend.generate_handler import GenerateHandler
+from kvrelay.frontend.generate_handler import GenerateHandler, GenerateRoute, chat_builder
 from kvrelay.frontend.metrics import FrontendMetrics
 from kvrelay.frontend.openai_schema import ApiError, parse_chat_request, parse_completion_request
 from kvrelay.frontend.openapi import openapi_document
 from kvrelay.frontend.peer_metrics import PeerMetrics
 from kvrelay.frontend.pipeline import Pipeline
+from kvrelay.frontend.responses_api_builder import ResponsesBuilder
+from kvrelay.frontend.responses_api_request import parse_responses_request, prepare_responses
 from kvrelay.frontend.service import FrontendService
 from kvrelay.runtime.discovery import Discovery
 from kvrelay.runtime.events import EventPlane
@@ -171,11 +173,11 @@ class FrontendServer:
 
     # -- routes -----------------------------------------------------------------------------------------
     async def asgi(self, scope: dict, receive, send) -> None:
-        """The ASGI entry point: the two generate endpoints take the plain-ASGI hot path."""
+        """The ASGI entry point: the generate endpoints take the plain-ASGI hot path."""
         if scope["type"] == "http" and scope["method"] == "POST":
             route = _GENERATE.get(scope["path"])
             if route is not None:
-                await self.generate(scope, receive, send, *route)
+                await self.generate(scope, receive, send, route)
                 return
         await self.app(scope, receive, send)
 
@@ -251,5 +253,8 @@ def _version() -> str:
         return "0"
 
 
-_GENERATE = {"/v1/chat/completions": ("chat", parse_chat_request),
-             "/v1/completions": ("completions", parse_completion_request)}
+_GENERATE = {
+    "/v1/chat/completions": GenerateRoute("chat", parse_chat_request, chat_builder("chat")),
+    "/v1/completions": GenerateRoute("completions", parse_completion_request, chat_builder("completions")),
+    "/v1/responses": GenerateRoute("responses", parse_responses_request, ResponsesBuilder, prepare_responses),
+}

@@ -1,4 +1,4 @@
-"""The hot path: POST /v1/chat/completions and /v1/completions as plain ASGI.
+"""The hot path: POST /v1/chat/completions, /v1/completions and /v1/responses as plain ASGI.
 
 Starlette serves every other route; these two skip its middleware stack and the task group behind
 each StreamingResponse, which cost more CPU per request than the rest of the frontend together
@@ -17,21 +17,48 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from kvrelay.frontend.access_log import SCOPE_KEY
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.frontend.metrics import FrontendMetrics
-from kvrelay.frontend.openai_responses import SSE_DONE, encode, new_id, sse
+from kvrelay.frontend.openai_responses import encode, new_id
 from kvrelay.frontend.openai_schema import ApiError
-from kvrelay.frontend.pipeline import Pipeline
+from kvrelay.frontend.pipeline import Piece, Pipeline, Prepared
 from kvrelay.frontend.responses import ResponseBuilder
 
 log = logging.getLogger(__name__)
 
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+class ReplyBuilder(Protocol):
+    """One request's reply, whole or streamed (responses.py's chat/completions builder, and
+    responses_api_builder.py's for the Responses API): the stream's framing is the builder's."""
+
+    def head_sse(self) -> bytes: ...
+    def sse(self, piece: Piece) -> bytes: ...
+    def tail_sse(self) -> bytes: ...
+    def error_sse(self, e: ApiError) -> bytes: ...
+    async def collect(self, pieces: AsyncIterator[Piece]) -> Any: ...
+
+
+async def _prepare(pipeline: Pipeline, req: Any, request_id: str, arrival: float) -> Prepared:
+    return await pipeline.prepare(req, request_id, arrival)
+
+
+@dataclass(frozen=True)
+class GenerateRoute:
+    """A generate endpoint: `endpoint` (the metrics label), how its body is parsed, prepared (tokenized,
+    checked) and answered."""
+
+    endpoint: str
+    parse: Callable[[bytes], Any]
+    builder: Callable[[Prepared, Any], ReplyBuilder]
+    prepare: Callable[[Pipeline, Any, str, float], Awaitable[Prepared]] = _prepare
 
 
 class GenerateHandler:
@@ -44,20 +71,20 @@ class GenerateHandler:
         self.active = 0
         self._work: set[asyncio.Future] = set()  # the generation of each request in flight
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable, endpoint: str, parse) -> None:
+    async def __call__(self, scope: dict, receive: Callable, send: Callable, route: GenerateRoute) -> None:
         arrival = time.monotonic()  # TTFT and queue time start here, before the body is read
         self.metrics.inflight.inc()
         self.active += 1
         self.idle.clear()
         status = 500
         try:
-            status = await self._serve(scope, receive, send, endpoint, parse, arrival)
+            status = await self._serve(scope, receive, send, route, arrival)
         finally:
             self.active -= 1
             if not self.active:
                 self.idle.set()
             self.metrics.inflight.dec()
-            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.requests.labels(route.endpoint, str(status)).inc()
 
     def expire(self) -> None:
         """The drain timeout passed: end every request still in flight (each with the draining error)."""
@@ -65,7 +92,7 @@ class GenerateHandler:
         for work in list(self._work):
             work.cancel()
 
-    async def _serve(self, scope: dict, receive: Callable, send: Callable, endpoint: str, parse,
+    async def _serve(self, scope: dict, receive: Callable, send: Callable, route: GenerateRoute,
                      arrival: float) -> int:
         try:
             self._authorize(scope)
@@ -74,24 +101,24 @@ class GenerateHandler:
             body = await self._body(receive)
             if body is None:
                 return 499  # the client left before sending its request
-            req = parse(body)
-            prepared = await self.pipeline.prepare(req, new_id("req"), arrival)
+            req = route.parse(body)
+            prepared = await route.prepare(self.pipeline, req, new_id("req"), arrival)
             scope[SCOPE_KEY] = prepared  # for the access log (access_log.py): model, tokens, TTFT
         except ApiError as e:
             return await _send_error(send, e)
         except Exception:
-            log.exception("unexpected error preparing %s", endpoint)
+            log.exception("unexpected error preparing %s", route.endpoint)
             return await _send_error(send, ApiError.internal())
         if self.expired:  # it was still being prepared when the drain timed out
             return await _send_error(send, _DRAINING)
-        builder = ResponseBuilder(endpoint, prepared, req)
+        builder = route.builder(prepared, req)
         if req.stream:
             work = self._stream(send, prepared, builder)
         else:
             work = self._whole(send, prepared, builder)
         return await _until_disconnect(work, receive, self._work)
 
-    async def _stream(self, send: Callable, prepared, builder: ResponseBuilder) -> int:
+    async def _stream(self, send: Callable, prepared, builder: ReplyBuilder) -> int:
         """Status before streaming: the first output (the request routed, admitted by a worker and
         prefilled) is awaited before the 200 goes out, so a refusal (full queues, no worker, draining) is
         its own status with `Retry-After`, never an error event inside a 200. An error after the first
@@ -113,7 +140,7 @@ class GenerateHandler:
             log.exception("unexpected error before streaming")
             return await _send_error(send, ApiError.internal())
         await send({"type": "http.response.start", "status": 200, "headers": _SSE})
-        chunks = [sse(c) for c in builder.head()]
+        chunks = [builder.head_sse()]
         status = 200
         try:
             piece = first
@@ -125,30 +152,29 @@ class GenerateHandler:
                 await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
                 chunks = []
                 piece = await pieces.__anext__()
-            chunks += [sse(c) for c in builder.tail()]
+            chunks.append(builder.tail_sse())
         except StopAsyncIteration:
-            chunks += [sse(c) for c in builder.tail()]
+            chunks.append(builder.tail_sse())
         except ApiError as e:
             if e.code is None:  # after the 200 the code is all a client can branch on: never null
                 e = ApiError(e.status, e.message, e.type, e.param, code="request_failed")
-            chunks.append(sse(e))
+            chunks.append(builder.error_sse(e))
             status = e.status
         except asyncio.CancelledError:
             if not self.expired:
                 raise
-            chunks.append(sse(_DRAINING))  # ended by the drain timeout: the client learns why
+            chunks.append(builder.error_sse(_DRAINING))  # ended by the drain timeout: the client learns why
             status = _DRAINING.status
         except Exception:
             log.exception("unexpected error while streaming")
-            chunks.append(sse(ApiError.internal()))
+            chunks.append(builder.error_sse(ApiError.internal()))
             status = 500
         finally:
             await pieces.aclose()
-        chunks.append(SSE_DONE)
         await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": False})
         return status
 
-    async def _whole(self, send: Callable, prepared, builder: ResponseBuilder) -> int:
+    async def _whole(self, send: Callable, prepared, builder: ReplyBuilder) -> int:
         try:
             body = encode(await builder.collect(self.pipeline.run(prepared)))
         except ApiError as e:
@@ -193,6 +219,10 @@ async def _send_error(send: Callable, e: ApiError) -> int:
     await send({"type": "http.response.start", "status": e.status, "headers": e.headers()})
     await send({"type": "http.response.body", "body": e.body(), "more_body": False})
     return e.status
+
+
+def chat_builder(endpoint: str) -> Callable[[Prepared, Any], ReplyBuilder]:
+    return lambda prepared, req: ResponseBuilder(endpoint, prepared, req)
 
 
 async def _until_disconnect(work: Any, receive: Callable, active: set[asyncio.Future]) -> int:

@@ -230,7 +230,7 @@ class _Common(Struct, kw_only=True):
             _check(-MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS,
                    f"the bias of token {key} must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}].", "logit_bias")
         for name in ("structured_outputs", "guided_json", "response_format"):
-            _check(_depth(getattr(self, name, None)) <= MAX_JSON_DEPTH,
+            _check(json_depth(getattr(self, name, None)) <= MAX_JSON_DEPTH,
                    f"nested deeper than {MAX_JSON_DEPTH} levels.", name)
         self.constraint()  # its shape (conflicts, types, empty lists); the grammar is compiled by the pipeline
 
@@ -273,12 +273,12 @@ class ChatCompletionRequest(_Common, kw_only=True):
         self._validate_common()
         check_messages(self.messages, _check)
         _check(self.top_logprobs is None or self.logprobs, "requires logprobs=true.", "top_logprobs")
-        _check(_depth(self.tools) <= MAX_JSON_DEPTH, f"nested deeper than {MAX_JSON_DEPTH} levels.", "tools")
-        _check(_depth(self.tool_choice) <= MAX_JSON_DEPTH, f"nested deeper than {MAX_JSON_DEPTH} levels.",
+        _check(json_depth(self.tools) <= MAX_JSON_DEPTH, f"nested deeper than {MAX_JSON_DEPTH} levels.", "tools")
+        _check(json_depth(self.tool_choice) <= MAX_JSON_DEPTH, f"nested deeper than {MAX_JSON_DEPTH} levels.",
                "tool_choice")
         for i, m in enumerate(self.messages):
             if m.tool_calls is not UNSET:
-                _check(_depth(m.tool_calls) <= MAX_JSON_DEPTH, f"nested deeper than {MAX_JSON_DEPTH} levels.",
+                _check(json_depth(m.tool_calls) <= MAX_JSON_DEPTH, f"nested deeper than {MAX_JSON_DEPTH} levels.",
                        f"messages[{i}].tool_calls")
         self.tool_request()
 
@@ -321,11 +321,11 @@ class CompletionRequest(_Common, kw_only=True):
 
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
-    return _parse(body, ChatCompletionRequest)
+    return decode_request(body, ChatCompletionRequest)
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
-    return _parse(body, CompletionRequest)
+    return decode_request(body, CompletionRequest)
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
@@ -346,16 +346,21 @@ def generation_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]+)`")  # Structs with forbid_unknown_fields (the Responses API's)
 
 
-def _parse(body: bytes, cls: type[Any]) -> Any:
+def decode_request(body: bytes, cls: type[Any]) -> Any:
+    """`body` decoded as `cls` and validated (`cls.validate()`); every problem is a 400 naming the field."""
     try:
         req = msgspec.json.decode(body, type=cls)
     except msgspec.ValidationError as e:
         # msgspec: "Expected `int`, got `str` - at `$.max_tokens`", "Object missing required field `model`".
         msg = str(e)
-        m, missing = _PATH.search(msg), _MISSING.search(msg)
+        m, missing, unknown = _PATH.search(msg), _MISSING.search(msg), _UNKNOWN.search(msg)
         path = (m.group(1) if m else "").split("[...]")[0]  # a map's value: msgspec names no key; the map
+        if unknown:
+            path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+            raise ApiError.bad_request(f"Unsupported parameter: '{path}'.", param=path) from None
         if missing:
             path = f"{path}.{missing.group(1)}" if path else missing.group(1)
             raise ApiError.bad_request(f"Missing required parameter: '{path}'.", param=path) from None
@@ -370,12 +375,12 @@ def _parse(body: bytes, cls: type[Any]) -> Any:
     return req
 
 
-def _depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
     """Nesting depth of decoded JSON, counted up to `limit` + 1 (no deeper: the answer is "too deep")."""
     if limit < 0 or not isinstance(value, (dict, list)):
         return 0
     children = value.values() if isinstance(value, dict) else value
-    return 1 + max((_depth(c, limit - 1) for c in children), default=0)
+    return 1 + max((json_depth(c, limit - 1) for c in children), default=0)
 
 
 def _check(ok: bool, message: str, param: str) -> None:

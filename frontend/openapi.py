@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from kvrelay.frontend.openai_schema import ChatCompletionRequest, CompletionRequest
+from kvrelay.frontend.responses_api_request import ResponsesRequest
 
 _REF = "#/components/schemas/{name}"
 
@@ -28,10 +29,9 @@ _ERRORS = {str(s): {"description": d, "content": {"application/json": {"schema":
                         (413, "body too large"), (503, "no worker can serve the model now"))}
 
 
-def _generate(request: str, response: str) -> dict[str, Any]:
+def _generate(request: str, response: str, stream: str = "chunks ending in `data: [DONE]`") -> dict[str, Any]:
     body = {"content": {"application/json": {"schema": {"$ref": _REF.format(name=request)}}}, "required": True}
-    ok = {"description": f"a {response} object, or with stream=true a text/event-stream of chunks ending in "
-                         "`data: [DONE]`",
+    ok = {"description": f"a {response} object, or with stream=true a text/event-stream of {stream}",
           "content": {"application/json": {"schema": {"type": "object"}},
                       "text/event-stream": {"schema": {"type": "string"}}}}
     return {"post": {"operationId": request, "requestBody": body, "responses": {"200": ok, **_ERRORS}}}
@@ -44,15 +44,18 @@ def _get(op: str, description: str, status: tuple[str, ...] = ()) -> dict[str, A
 
 
 def openapi_document(version: str) -> dict[str, Any]:
-    (chat, completion), components = msgspec.json.schema_components(
-        [ChatCompletionRequest, CompletionRequest], ref_template=_REF)
+    (chat, completion, responses), components = msgspec.json.schema_components(
+        [ChatCompletionRequest, CompletionRequest, ResponsesRequest], ref_template=_REF)
     assert chat["$ref"].endswith("ChatCompletionRequest") and completion["$ref"].endswith("CompletionRequest")
+    assert responses["$ref"].endswith("ResponsesRequest")
     return {
         "openapi": "3.1.0",
         "info": {"title": "kvrelay OpenAI-compatible API", "version": version},
         "paths": {
             "/v1/chat/completions": _generate("ChatCompletionRequest", "chat.completion"),
             "/v1/completions": _generate("CompletionRequest", "text_completion"),
+            "/v1/responses": _generate("ResponsesRequest", "response",
+                                       "Responses events (`event: response.created` ... `response.completed`)"),
             "/v1/models": _get("listModels", "the served models", ("401",)),
             "/health": _get("health", "the process is up"),
             "/ready": _get("ready", "a request for every served model would be routed now", ("503",)),

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from kvrelay.frontend.openai_responses import (
+    SSE_DONE,
     ChatChunker,
     CompletionChunker,
     FunctionCall,
@@ -20,6 +21,7 @@ from kvrelay.frontend.openai_responses import (
     sse,
     usage,
 )
+from kvrelay.frontend.openai_schema import ApiError
 from kvrelay.frontend.pipeline import Piece, Prepared
 from kvrelay.frontend.tool_call_stream import CallDelta, Event, ToolCallStream, parse_tool_calls
 from kvrelay.workers.api.messages import TopLogprobs
@@ -93,6 +95,19 @@ class ResponseBuilder:
         if piece.finish_reason is not None:  # OpenAI ends with a chunk holding only the finish reason
             out.append(self._text_chunk("", None, piece.finish_reason))
         return out
+
+    def head_sse(self) -> bytes:
+        """What a stream starts with (GenerateHandler's streaming interface, shared with the Responses API's
+        builder): the role chunk."""
+        return b"".join([sse(c) for c in self.head()])
+
+    def tail_sse(self) -> bytes:
+        """What a finished stream ends with: the usage chunk (when asked) and `[DONE]`."""
+        return b"".join([sse(c) for c in self.tail()]) + SSE_DONE
+
+    def error_sse(self, e: ApiError) -> bytes:
+        """A failure after the 200: the error's JSON as an event, then `[DONE]`."""
+        return sse(e) + SSE_DONE
 
     def sse(self, piece: Piece) -> bytes:
         """`chunks(piece)` as SSE bytes. A plain text piece (the per-token case) is one JSON string

@@ -45,6 +45,11 @@ def check_answer(r: httpx.Response) -> None:
         assert set(err) == {"message", "type", "param", "code"}
     elif r.headers["content-type"].startswith("text/event-stream"):
         events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        if events[0].startswith('{"type":"response.'):  # /v1/responses: typed events, no [DONE]
+            assert json.loads(events[-1])["type"] in ("response.completed", "response.incomplete",
+                                                      "response.failed"), events[-1]
+            assert all(json.loads(e).get("code") != "internal_error" for e in events), events
+            return
         assert events[-1] == "[DONE]"
         for e in events[:-1]:
             assert json.loads(e).get("error", {}).get("type") != "internal_error", e
@@ -53,7 +58,8 @@ def check_answer(r: httpx.Response) -> None:
 def test_openapi_document_describes_the_served_api(api):
     client, doc = api
     assert doc["openapi"].startswith("3.1")
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready"} <= set(doc["paths"])
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health",
+            "/ready"} <= set(doc["paths"])
     schemas = doc["components"]["schemas"]
     chat = schemas["ChatCompletionRequest"]
     assert set(chat["required"]) == {"model", "messages"}
@@ -86,7 +92,8 @@ def test_hostile_bodies_are_400(api, body):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("path,schema", [("/v1/chat/completions", "ChatCompletionRequest"),
-                                         ("/v1/completions", "CompletionRequest")])
+                                         ("/v1/completions", "CompletionRequest"),
+                                         ("/v1/responses", "ResponsesRequest")])
 def test_fuzzed_bodies_never_5xx(api, path, schema):
     client, doc = api
     components = doc["components"]["schemas"]
@@ -94,7 +101,13 @@ def test_fuzzed_bodies_never_5xx(api, path, schema):
                  "prompt": st.text(max_size=40) | st.lists(st.integers(-2, 700), max_size=12) | st.none(),
                  "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
                                                              "content": st.text(max_size=40)}), min_size=1, max_size=3)
-                 | from_schema(components[schema]["properties"].get("messages", {}), components, top=False)}
+                 | from_schema(components[schema]["properties"].get("messages", {}), components, top=False),
+                 "input": st.text(max_size=40) | st.lists(st.fixed_dictionaries({
+                     "role": st.sampled_from(["user", "system", "assistant", "tool"]),
+                     "content": st.text(max_size=40) | st.lists(st.fixed_dictionaries({
+                         "type": st.sampled_from(["input_text", "output_text", "input_image"]),
+                         "text": st.text(max_size=20)}), max_size=2)}), max_size=3)
+                 | from_schema(components[schema]["properties"].get("input", {}), components, top=False)}
     bodies = from_schema(components[schema], components, overrides)
     counts: dict[int, int] = {}
     started = time.monotonic()
