@@ -17,11 +17,12 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvrelay.frontend.access_log import SCOPE_KEY
+from kvrelay.frontend.choices import ChoicesBuilder, run_choices
 from kvrelay.frontend.config import FrontendConfig
 from kvrelay.frontend.metrics import FrontendMetrics
 from kvrelay.frontend.openai_responses import encode, new_id
@@ -124,7 +125,7 @@ class GenerateHandler:
         its own status with `Retry-After`, never an error event inside a 200. An error after the first
         byte ends the stream with an SSE error event (always with a `code`) and is counted under its
         own status: the 200 was sent, but the request failed."""
-        pieces = self.pipeline.run(prepared)
+        pieces = self._pieces(prepared)
         try:
             first = await pieces.__anext__()
         except ApiError as e:
@@ -146,7 +147,7 @@ class GenerateHandler:
             piece = first
             while True:
                 chunks.append(builder.sse(piece))
-                if piece.finish_reason is not None:
+                if piece.finish_reason is not None and not piece.more:
                     break
                 # the last piece goes out with the tail: one write
                 await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
@@ -176,7 +177,7 @@ class GenerateHandler:
 
     async def _whole(self, send: Callable, prepared, builder: ReplyBuilder) -> int:
         try:
-            body = encode(await builder.collect(self.pipeline.run(prepared)))
+            body = encode(await builder.collect(self._pieces(prepared)))
         except ApiError as e:
             return await _send_error(send, e)
         except asyncio.CancelledError:
@@ -189,6 +190,9 @@ class GenerateHandler:
         await send({"type": "http.response.start", "status": 200, "headers": _JSON})
         await send({"type": "http.response.body", "body": body, "more_body": False})
         return 200
+
+    def _pieces(self, prepared: Prepared) -> AsyncGenerator[Piece, None]:
+        return run_choices(self.pipeline, prepared) if prepared.n > 1 else self.pipeline.run(prepared)
 
     def _authorize(self, scope: dict) -> None:
         if not self.cfg.api_key:
@@ -222,7 +226,7 @@ async def _send_error(send: Callable, e: ApiError) -> int:
 
 
 def chat_builder(endpoint: str) -> Callable[[Prepared, Any], ReplyBuilder]:
-    return lambda prepared, req: ResponseBuilder(endpoint, prepared, req)
+    return lambda prepared, req: (ChoicesBuilder if prepared.n > 1 else ResponseBuilder)(endpoint, prepared, req)
 
 
 async def _until_disconnect(work: Any, receive: Callable, active: set[asyncio.Future]) -> int:

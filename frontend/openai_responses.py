@@ -207,21 +207,22 @@ class ChatChunker:
 
     def __init__(self, model: str, include_usage: bool = False, id: str | None = None) -> None:
         self.id, self.model, self.created = id or new_id("chatcmpl"), model, now()
+        self.index = 0  # the choice these chunks carry (choices.py sets it when n > 1)
         self._usage: None | UnsetType = None if include_usage else UNSET
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None | UnsetType) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
     def role(self) -> ChatCompletionChunk:
-        return self._chunk([ChatChunkChoice(0, ChatDelta(role="assistant", content=""))], self._usage)
+        return self._chunk([ChatChunkChoice(self.index, ChatDelta(role="assistant", content=""))], self._usage)
 
     def content(self, text: str, logprobs: ChatLogprobs | None = None,
                 finish_reason: str | None = None) -> ChatCompletionChunk:
         delta = ChatDelta(content=text) if text or finish_reason is None else ChatDelta()
-        return self._chunk([ChatChunkChoice(0, delta, logprobs, finish_reason)], self._usage)
+        return self._chunk([ChatChunkChoice(self.index, delta, logprobs, finish_reason)], self._usage)
 
     def tool_call(self, delta: ToolCallDelta, logprobs: ChatLogprobs | None = None) -> ChatCompletionChunk:
-        return self._chunk([ChatChunkChoice(0, ChatDelta(tool_calls=[delta]), logprobs)], self._usage)
+        return self._chunk([ChatChunkChoice(self.index, ChatDelta(tool_calls=[delta]), logprobs)], self._usage)
 
     def usage(self, usage: Usage) -> ChatCompletionChunk:
         return self._chunk([], usage)
@@ -232,12 +233,13 @@ class CompletionChunker:
 
     def __init__(self, model: str, include_usage: bool = False, id: str | None = None) -> None:
         self.id, self.model, self.created = id or new_id("cmpl"), model, now()
+        self.index = 0
         self._usage: None | UnsetType = None if include_usage else UNSET
 
     def text(self, text: str, logprobs: CompletionLogprobs | None = None,
              finish_reason: str | None = None) -> Completion:
         return Completion(id=self.id, created=self.created, model=self.model, usage=self._usage,
-                          choices=[CompletionChoice(0, text, logprobs, finish_reason)])
+                          choices=[CompletionChoice(self.index, text, logprobs, finish_reason)])
 
     def usage(self, usage: Usage) -> Completion:
         return Completion(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)

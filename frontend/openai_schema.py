@@ -4,7 +4,7 @@ Requests are decoded with msgspec straight from the body bytes; unknown fields a
 send extras). Every rejection is an `ApiError` whose `.body()` is OpenAI's error JSON, with `param`
 naming the offending field. Every sampling field accepted has its effect (workers/api/messages.py
 `SamplingParams`, README.md "Sampling fields"); what the engines cannot do is refused with a 400 rather
-than ignored: n > 1, best_of > 1, echo, suffix. Structured outputs (response_format, structured_outputs,
+than ignored: best_of != n, echo, suffix. n > 1 is served by choices.py. Structured outputs (response_format, structured_outputs,
 guided_*) are read by structured_request.py; messages by chat_messages.py; tools by tool_request.py.
 """
 
@@ -25,6 +25,7 @@ from kvrelay.workers.api.messages import MAX_LOGIT_BIAS, MAX_PENALTY, MAX_TOP_LO
 from kvrelay.workers.api.structured import StructuredOutput
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_N = 16  # choices per request: each is a sequence on one worker, so n bounds one request's load there
 MAX_JSON_DEPTH = 32  # nesting allowed inside free-form fields (tools, tool_calls, response_format, schemas)
 # Declared bounds of integer fields, so every accepted value fits the worker wire (msgpack int64/uint64).
 INT32_MAX = 2**31 - 1
@@ -118,7 +119,7 @@ class _Common(Struct, kw_only=True):
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Count = 1
+    n: Annotated[int, Meta(ge=1, le=MAX_N)] = 1
     max_tokens: Count | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None  # < 1e-5 is greedy (as vLLM)
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
@@ -214,7 +215,6 @@ class _Common(Struct, kw_only=True):
         raise NotImplementedError
 
     def _validate_common(self) -> None:
-        _check(self.n == 1, "only n=1 is supported.", "n")
         stops = self.stop_list
         _check(len(stops) <= MAX_STOP, f"at most {MAX_STOP} stop sequences are allowed.", "stop")
         _check(all(stops), "stop sequences must be non-empty strings.", "stop")
@@ -316,7 +316,7 @@ class CompletionRequest(_Common, kw_only=True):
             _check(min(self.prompt) >= 0 and max(self.prompt) <= INT32_MAX,
                    f"token ids must be in [0, {INT32_MAX}].", "prompt")
         _check(not self.echo, "echo is not supported.", "echo")
-        _check(self.best_of in (None, 1), "only best_of=1 is supported.", "best_of")
+        _check(self.best_of in (None, self.n), "must equal n (every sampled sequence is returned).", "best_of")
         _check(not self.suffix, "suffix is not supported.", "suffix")
 
 

@@ -22,7 +22,7 @@ from kvrelay.frontend.openai_schema import (
     check_token_ids,
     generation_defaults,
 )
-from kvrelay.frontend.service import FrontendService
+from kvrelay.frontend.service import FrontendService, WorkerPin
 from kvrelay.frontend.structured_request import GrammarChecks, StructuredError
 from kvrelay.frontend.tokenizer import ChatTemplateError, Tokenizer
 from kvrelay.frontend.tool_parsers import ToolCallFormat, pick_format
@@ -51,6 +51,8 @@ class Piece:
     logprobs: list[float] | None
     finish_reason: str | None = None
     top_logprobs: list[TopLogprobs] | None = None  # per token, when the request asked for alternatives
+    choice: int = 0  # which of the request's n choices (choices.py)
+    more: bool = False  # on a finished piece: other choices are still running (the stream goes on)
 
 
 @dataclass
@@ -72,6 +74,8 @@ class Prepared:
     first_token_at: float | None = None  # when the first token reached the frontend (the access log's TTFT)
     tool_format: ToolCallFormat | None = None  # set when the output is parsed for tool calls
     max_tool_calls: int | None = None  # 1 with parallel_tool_calls false
+    n: int = 1  # choices asked for (choices.py runs n > 1)
+    pin: WorkerPin | None = None  # set on each choice's copy: all n go to one worker
     usage: Usage = field(init=False)
 
     def __post_init__(self) -> None:
@@ -171,21 +175,23 @@ class Pipeline:
         return Prepared(req.model, card, tok, engine_req, req.stop_list, req.skip_special_tokens,
                         arrival if arrival is not None else time.monotonic(),
                         tool_format=fmt if parses else None,
-                        max_tool_calls=None if tools is None or tools.parallel else 1)
+                        max_tool_calls=None if tools is None or tools.parallel else 1, n=req.n)
 
-    async def run(self, p: Prepared) -> AsyncGenerator[Piece, None]:
-        """Stream the response; the last piece has finish_reason. Raises ApiError on failure."""
+    async def run(self, p: Prepared, count_prompt: bool = True) -> AsyncGenerator[Piece, None]:
+        """Stream the response; the last piece has finish_reason. Raises ApiError on failure.
+        `count_prompt` False: another choice of the same request counted the prompt (metrics)."""
         detok = IncrementalDetokenizer(p.tokenizer, p.request.prompt_token_ids,
                                        skip_special_tokens=p.skip_special_tokens, stop=p.stops,
                                        min_tokens=p.request.sampling.min_tokens)
         stop_ids = set(p.request.sampling.stop_token_ids) | p.tokenizer.eos_token_ids
         start = p.arrival
         first = True
-        self.metrics.prompt_tokens.inc(p.usage.prompt_tokens)
+        if count_prompt:
+            self.metrics.prompt_tokens.inc(p.usage.prompt_tokens)
         last = time.monotonic()
         self.metrics.queue.observe(last - start)
         try:
-            async for out in self.service.generate(p.model, p.card, p.request):
+            async for out in self.service.generate(p.model, p.card, p.request, p.pin):
                 now = time.monotonic()
                 if first:
                     p.first_token_at = now

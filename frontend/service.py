@@ -63,6 +63,15 @@ SYNC_WAIT_S = 10.0  # how long start() waits for the pool to hold the workers di
 MAX_WAITING_FOR_WORKER = 1024  # requests waiting (--worker-wait) for a worker at once; more fail at once
 
 
+class WorkerPin:
+    """Where the sequences of one request go (choices.py, n > 1): the first routed sets the worker and
+    the others follow it, so their prompt blocks are prefix-cache hits there instead of a prefill each.
+    A pinned worker that is gone or failed is not forced: routing then picks as usual."""
+
+    def __init__(self) -> None:
+        self.worker_id: str | None = None
+
+
 def _merge_backlog(out: EngineOutput, stream: RpcStream) -> EngineOutput:
     """Fold outputs that already arrived behind `out` into it: when the frontend falls behind the
     engine, it then detokenizes and sends one chunk for the backlog instead of one per step."""
@@ -277,7 +286,8 @@ class FrontendService:
                            waiting_requests=load.waiting, report_age=max(now - load.timestamp, 0.0),
                            prefill_rate=load.prefill_rate)
 
-    async def generate(self, model: str, card: ModelCard, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    async def generate(self, model: str, card: ModelCard, request: EngineRequest,
+                       pin: WorkerPin | None = None) -> AsyncIterator[EngineOutput]:
         prompt, sampling = request.prompt_token_ids, request.sampling
         generated: list[int] = []
         excluded: set[str] = set()
@@ -293,6 +303,8 @@ class FrontendService:
             if not workers:
                 raise NoWorker(f"no worker serves model {model!r}" if not excluded
                                else f"every worker of {model!r} failed during the request")
+            if pin is not None and pin.worker_id is not None:  # the router still accounts it (one candidate)
+                workers = [w for w in workers if w.instance_id == pin.worker_id] or workers
             tokens = prompt + generated
             route = RouteRequest(request_id=request.request_id, num_prompt_tokens=len(tokens),
                                  block_hashes=block_hashes(tokens, card.block_size, root),
@@ -307,6 +319,8 @@ class FrontendService:
                 decision = self.router.select(route, states)
                 overlap = decision.overlap_blocks
             inst = self.pool.instances[decision.worker_id]
+            if pin is not None:
+                pin.worker_id = decision.worker_id
             peer = self.pool.instances.get(decision.peer_id) if decision.peer_id else None
             # Each attempt has its own id on the workers: a migrated attempt may reach a prefill worker
             # that still holds the previous attempt's handle (its release is in flight), and a worker

@@ -38,7 +38,7 @@ BAD = [
     (chat(temperature=2.5), "temperature"), (chat(temperature=-0.1), "temperature"),
     (chat(temperature="hot"), "temperature"),
     (chat(top_p=0), "top_p"), (chat(top_p=1.01), "top_p"), (chat(top_k=-2), "top_k"),
-    (chat(seed="x"), "seed"), (chat(n=2), "n"), (chat(stop=["a", "b", "c", "d", "e"]), "stop"),
+    (chat(seed="x"), "seed"), (chat(n=17), "n"), (chat(n=0), "n"), (chat(stop=["a", "b", "c", "d", "e"]), "stop"),
     (chat(stop=[""]), "stop"), (chat(stop=5), "stop"), (chat(stop_token_ids=[-1]), "stop_token_ids[0]"),
     (chat(ignore_eos="yes"), "ignore_eos"), (chat(user=5), "user"), (chat(cache_salt=""), "cache_salt"),
     (chat(stream_options={"include_usage": True}), "stream_options"),
@@ -83,6 +83,7 @@ BAD = [
     (comp(frequency_penalty=9), "frequency_penalty"), (comp(logit_bias={"1": 200}), "logit_bias"),
     (comp(min_p=2), "min_p"), (comp(repetition_penalty=0.0), "repetition_penalty"),
     (comp(echo=True), "echo"), (comp(best_of=3), "best_of"), (comp(suffix="x"), "suffix"),
+    (comp(n=2, best_of=1), "best_of"),
     (comp(max_tokens=0), "max_tokens"),
 ]
 
