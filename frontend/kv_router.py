@@ -85,6 +85,7 @@ class KvRouter(BaseRouter):
             actives = [self.inflight.requests(w.worker_id) for w in workers]
             mean_active = sum(actives) / len(actives)
             now = self.clock()
+            rate = fleet_rate(workers)
             peer = self._best_holder(held)
             terms = [self.ttft.terms(w.worker_id, num_tokens=request.num_prompt_tokens,
                                      block_size=request.block_size,
@@ -92,7 +93,7 @@ class KvRouter(BaseRouter):
                                      queued_inflight=self.inflight.queued_prefill(w.worker_id,
                                                                                   since=now - w.report_age),
                                      waiting_reported=w.waiting_requests, report_age=w.report_age,
-                                     reported_rate=w.prefill_rate,
+                                     reported_rate=rate,
                                      active=active,
                                      excess=self.balance * max(active - (BALANCE_ZONE * mean_active + BALANCE_SLACK), 0.0))
                      for w, active in zip(workers, actives, strict=True)]
@@ -178,3 +179,13 @@ BALANCE_SLACK = 2.0
 _NONE = Held(0, 0, 0.0)
 
 
+
+
+def fleet_rate(workers: Sequence[WorkerState]) -> float:
+    """One prefill rate for every candidate: the median of what they report (0: none reports). Not each
+    worker's own: identical workers report different rates for their different mixes of prompts
+    (attention grows with context), and with peer pulls making history cheap to move, the router then
+    piled conversations onto whichever worker had been fed short prompts (max/mean prompt tokens per
+    worker 4.2-5.7 at 16 mocker workers, perf/RESULTS.md). A fleet of unequal GPUs is not yet modeled."""
+    reported = sorted(w.prefill_rate for w in workers if w.prefill_rate > 0)
+    return reported[len(reported) // 2] if reported else 0.0

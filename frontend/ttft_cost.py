@@ -22,9 +22,10 @@ worker's prefill rate:
   of an unloaded engine does not show; in the unit of the workload (a request's worth of prefill), so
   a short conversation moves at a small imbalance and a long one only at a large one, and new
   conversations (little cached anywhere) spread over the workers.
-- rate: the prefill rate the worker measures and reports in its load reports (`LoadMetrics.prefill_rate`,
-  workers/prefill_meter.py); until it has, or from an engine that does not (vLLM), `PrefillRate`,
-  learned here from first-token times (prefill_rate.py).
+- rate: the prefill rate the workers measure and report in their load reports (`LoadMetrics.prefill_rate`,
+  workers/prefill_meter.py), one for all candidates (their median: kv_router.py `fleet_rate`); until one
+  has, or from an engine that does not (vLLM), `PrefillRate`, learned here from first-token times
+  (prefill_rate.py).
 """
 
 from __future__ import annotations

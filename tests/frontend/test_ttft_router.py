@@ -7,7 +7,7 @@ import random
 import pytest
 
 from kvrelay.frontend.kv_index import KvIndex
-from kvrelay.frontend.kv_router import KvRouter
+from kvrelay.frontend.kv_router import KvRouter, fleet_rate
 from kvrelay.frontend.prefill_rate import PrefillRate
 from kvrelay.frontend.router import RouteRequest, WorkerState
 from kvrelay.frontend.speculative_index import Held, SpeculativeIndex, held_prefix
@@ -255,19 +255,21 @@ def test_reported_waiting_counts_as_queued_work_drained_since_the_report() -> No
 
 
 def test_a_reported_prefill_rate_replaces_the_learned_one() -> None:
-    """Workers measure their prefill rate at the engine (LoadMetrics.prefill_rate): a worker reporting a
-    4x faster prefill wins a request whose uncached work would take longer on the slow one, and one that
-    reports nothing falls back to the learned rate."""
+    """Workers measure their prefill rate at the engine (LoadMetrics.prefill_rate), and the router uses
+    it instead of the learned one; with no report it falls back to the learned rate."""
     r = KvRouter(KvIndex(), prefill_rate=fixed_rate(1000.0), clock=Clock())
     terms = r.ttft.terms("w0", num_tokens=1000, block_size=BS, held=Held(0, 0, 0.0), queued_inflight=0,
                          waiting_reported=0, active=0, reported_rate=4000.0)
     assert terms.rate == 4000.0 and terms.seconds == pytest.approx(1000 / 4000.0)
     assert r.ttft.terms("w0", num_tokens=1000, block_size=BS, held=Held(0, 0, 0.0), queued_inflight=0,
                         waiting_reported=0, active=0).rate == 1000.0
-    slow = WorkerState(worker_id="slow", prefill_rate=1000.0, waiting_requests=0, report_age=0.0)
-    fast = WorkerState(worker_id="fast", prefill_rate=4000.0, waiting_requests=1, report_age=0.0)
-    # the fast one has a request (256 tokens, the prior mean) queued: 1,256 / 4,000 s < 1,000 / 1,000 s
-    assert r.select(req("a", prompt(7, 1000)), [slow, fast]).worker_id == "fast"
+    # One rate for all candidates, the median of what they report: identical workers report different
+    # rates for different prompt mixes, and that must not pull work towards one of them.
+    ws = [WorkerState(worker_id=f"w{i}", prefill_rate=r, report_age=0.0) for i, r in enumerate((1e3, 4e3, 9e3))]
+    assert fleet_rate(ws) == 4000.0 and fleet_rate(W4) == 0.0
+    idle_slow, busy_fast = (WorkerState(worker_id="slow", prefill_rate=1000.0, report_age=0.0),
+                            WorkerState(worker_id="fast", prefill_rate=8000.0, waiting_requests=1, report_age=0.0))
+    assert r.select(req("a", prompt(7, 1000)), [idle_slow, busy_fast]).worker_id == "slow"
 
 
 def test_a_loaded_holder_is_passed_over_with_a_pull_plan_and_an_idle_one_is_not() -> None:
