@@ -106,7 +106,8 @@ def _run(tmp_path, args: list[str], files: list[str], workers: int | None, plann
         model = httpx.get(f"{serve.base_url}/v1/models", timeout=5).json()["data"][0]["id"]
         _load(serve.base_url, model)
         time.sleep(2.5)  # two scrapes after the load
-        for _ in range(3):  # more rounds: cached prefixes, evicted blocks found in lower tiers
+        for _ in range(6):  # more rounds (until every panel has data): cached prefixes, evicted blocks found in
+            # lower tiers; on a loaded machine the first rounds may not reach every tier within the scrape window
             _load(serve.base_url, model)
             time.sleep(2.5)
             empty = _empty_panels(prom, files)
