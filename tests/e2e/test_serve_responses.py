@@ -9,12 +9,9 @@ from typing import Literal
 
 import httpx
 import jsonschema
-import openai
 import pydantic
 import pytest
 from openai.types.responses import Response
-
-from tests.e2e.serve import Serve
 
 MODEL = "kvrelay-tiny"
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
@@ -29,16 +26,6 @@ class Pet(pydantic.BaseModel):
     kind: Literal["cat", "dog", "fish"]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    srv = Serve(tmp_path_factory.mktemp("serve"), "--lease-ttl", "3", workers=1).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0)
 
 
 def _chat(client, messages, max_tokens):

@@ -9,11 +9,8 @@ import re
 from typing import Literal
 
 import httpx
-import openai
 import pydantic
 import pytest
-
-from tests.e2e.serve import Serve
 
 MODEL = "kvrelay-tiny"
 
@@ -25,16 +22,6 @@ class Pet(pydantic.BaseModel):
     vaccinated: bool
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    srv = Serve(tmp_path_factory.mktemp("serve"), "--lease-ttl", "3", workers=1).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0)
 
 
 def test_openai_parse_with_a_pydantic_model(client):

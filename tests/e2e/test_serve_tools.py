@@ -10,10 +10,7 @@ import json
 
 import httpx
 import jsonschema
-import openai
 import pytest
-
-from tests.e2e.serve import Serve
 
 MODEL = "kvrelay-tiny"
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -29,16 +26,6 @@ SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    srv = Serve(tmp_path_factory.mktemp("serve"), "--lease-ttl", "3", workers=1).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0)
 
 
 def _valid(name: str, arguments: str) -> None:
