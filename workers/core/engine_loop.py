@@ -24,13 +24,13 @@ from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.workers.api.errors import EngineError
 from kvrelay.workers.api.messages import EngineOutput, EngineRequest, EngineStats, KvLayout
 from kvrelay.workers.api.prefill import KvPuller, LeaseAsker, PrefillResult
-from kvrelay.workers.core.commands import Abort, Add, Lease, Snapshot
+from kvrelay.workers.core.commands import Abort, Add, Lease, Snapshot, Wake
 from kvrelay.workers.core.driver import CoreDriver, Sink
 from kvrelay.workers.core.engine_core import EngineCore
 from kvrelay.workers.core.kv_sources.handoff import HandoffSource
 from kvrelay.workers.core.kv_sources.handoff_loop import HandoffLoop
 from kvrelay.workers.core.kv_sources.loops import SourceLoops
-from kvrelay.workers.core.kv_sources.peer import PeerSource
+from kvrelay.workers.core.kv_sources.peer import LEND_WAIT_S, PeerSource
 from kvrelay.workers.core.kv_sources.peer_loop import PeerLoop
 from kvrelay.workers.core.runner import CoreRunner
 from kvrelay.workers.core.streams import Stream
@@ -180,7 +180,15 @@ class EngineLoop:
             return []
         fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self.driver.post(Lease(lease_id, hashes, fut))
-        return await fut
+        if fut.done():
+            return fut.result()
+        # The lease may wait for a prefill in progress here (lease_waits.py): the bound is checked when
+        # a step ends or a command arrives, so make sure one arrives at the bound.
+        timer = asyncio.get_running_loop().call_later(LEND_WAIT_S, self.driver.post, Wake())
+        try:
+            return await fut
+        finally:
+            timer.cancel()
 
     async def kv_snapshot(self) -> KvSnapshot:
         """What the worker's tiers hold, consistent with the event stream: every event with id <=

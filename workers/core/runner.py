@@ -30,6 +30,7 @@ from kvrelay.workers.core.commands import (
     Wake,
 )
 from kvrelay.workers.core.engine_core import EngineCore
+from kvrelay.workers.core.lease_waits import LeaseWaits
 from kvrelay.workers.core.streams import Item, Stream, resolve
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class CoreRunner:
         """`publish`: hands KV events to the sink; `submit`: hands KV-source jobs to their loop halves."""
         self.core, self.publish, self.submit = core, publish, submit
         self.streams: dict[str, Stream] = {}  # owner only
+        self.lends = LeaseWaits(core)  # peers' leases, some waiting for a prefill in progress here
 
     def command(self, cmd: Command, deliveries: Deliveries) -> None:
         core = self.core
@@ -54,10 +56,13 @@ class CoreRunner:
                 else:
                     self.streams[request.request_id] = stream
             case Abort(request_id=rid):
+                if self.lends.cancel(rid):
+                    return
                 out = core.abort(rid)
                 target = self.streams.pop(rid, None)
                 if out is not None and target is not None:
                     deliveries.append((target, out))
+                self.lends.settle()  # a lease may have waited for this request's prefill
             case KvLoaded(request_id=rid, ok=ok):
                 core.kv_loaded(rid, ok)
             case KvAnswered(source=source, request_id=rid, answer=answer):
@@ -66,14 +71,14 @@ class CoreRunner:
                 core.kv_saved(source, block_ids)
             case KvTierEvents(tier=tier, kind=kind, hashes=hashes):
                 core.kv.events.tier_event(tier, kind, hashes)
-            case Lease(lease_id=lease_id, hashes=hashes, future=fut):
-                fut.get_loop().call_soon_threadsafe(resolve, fut, core.leases.lease(lease_id, hashes))
+            case Lease() as lease:
+                self.lends.ask(lease)
             case Snapshot(future=fut):
                 self.publish_events()  # events up to the snapshot reach the sink first
                 snap = core.kv_snapshot()
                 fut.get_loop().call_soon_threadsafe(resolve, fut, snap)
             case Wake():
-                pass
+                self.lends.settle()  # a lease's bound may have passed while a step ran
 
     def route(self, outputs: list[EngineOutput], deliveries: Deliveries) -> None:
         """A step's outputs to their streams; a prefill that parked becomes its `PrefillResult`; a
@@ -93,9 +98,11 @@ class CoreRunner:
             deliveries.append((target, item))
             if out.finish_reason is not None or item is not out:
                 del self.streams[out.request_id]
+        self.lends.settle()  # a prefill a peer's lease waits for may have computed its blocks
 
     def fail_all(self, error: Exception, deliveries: Deliveries) -> None:
         """End every request with `error` (an engine bug, or shutdown) and free its blocks."""
+        self.lends.cancel_all()
         for rid in list(self.core.seqs):
             self.core.abort(rid)
         deliveries.extend((s, error) for s in self.streams.values())

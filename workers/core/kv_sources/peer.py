@@ -25,6 +25,9 @@ from kvrelay.workers.core.kv_sources.source import NO_MATCH, Match
 from kvrelay.workers.core.sequence import Sequence
 
 NAME = "peer"
+# The longest a lender holds an ask open while a prefill in progress computes the asked run
+# (lease_waits.py); the asker waits twice that for the answer, so a lease that waited still arrives.
+LEND_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)

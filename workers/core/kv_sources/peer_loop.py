@@ -14,11 +14,13 @@ from kvrelay.workers.api.prefill import KvPuller, LeaseAsker
 from kvrelay.workers.core.commands import KvAnswered
 from kvrelay.workers.core.kv_sources.handoff import PullJob
 from kvrelay.workers.core.kv_sources.handoff_loop import run_pull
-from kvrelay.workers.core.kv_sources.peer import NAME, PeerAsk
+from kvrelay.workers.core.kv_sources.peer import LEND_WAIT_S, NAME, PeerAsk
 from kvrelay.workers.core.kv_sources.source import Post
 
 log = logging.getLogger(__name__)
-ASK_TIMEOUT_S = 2.0  # a peer that does not answer a lease this fast is slower than recomputing
+# A peer that does not answer a lease this fast is slower than recomputing (it may hold the ask up to
+# LEND_WAIT_S while its own prefill computes the blocks).
+ASK_TIMEOUT_S = 2 * LEND_WAIT_S
 
 
 class PeerLoop:
