@@ -86,7 +86,7 @@ class KvRouter(BaseRouter):
             mean_active = sum(actives) / len(actives)
             now = self.clock()
             rate = fleet_rate(workers)
-            peer = self._best_holder(held)
+            peer = self._best_holder(held, request.block_hashes)
             terms = [self.ttft.terms(w.worker_id, num_tokens=request.num_prompt_tokens,
                                      block_size=request.block_size,
                                      held=self._with_peer(held.get(w.worker_id, _NONE), w.worker_id, peer),
@@ -110,19 +110,30 @@ class KvRouter(BaseRouter):
         chosen = workers[i]
         peer_id, peer_blocks = "", 0
         if self.cost != "overlap" and self.peer_weight > 0:
-            holder = self._best_holder(held)
+            holder = self._best_holder(held, request.block_hashes)
             if holder is not None and holder[0] != chosen.worker_id \
                     and holder[1] > held.get(chosen.worker_id, _NONE).blocks:
                 peer_id, peer_blocks = holder
         return Decision(worker_id=chosen.worker_id, overlap_blocks=held.get(chosen.worker_id, _NONE).g1,
                         cost=costs[i], prefill_tokens=prefill[i], peer_id=peer_id, peer_blocks=peer_blocks)
 
-    def _best_holder(self, held: Mapping[str, Held]) -> tuple[str, int] | None:
+    def _best_holder(self, held: Mapping[str, Held], hashes: Sequence[int]) -> tuple[str, int] | None:
         """The worker holding the longest leading run in G1 (or speculatively), any worker the index
-        knows (a busy or draining one included: it can still lend); None with peers off or no holder."""
+        knows (a busy or draining one included: it can still lend); None with peers off or no holder.
+        Of equal runs, the one whose events confirmed more of it, then the one routed it first: at a
+        burst of prompts sharing a new prefix every worker routed one holds it speculatively, and most
+        of them are pulling it from the first (naming one of those made a chain of waits, or a lease
+        of nothing and a recompute: issue 27, 16 workers)."""
         if self.peer_weight <= 0 or not held:
             return None
-        worker, h = max(held.items(), key=lambda kv: (kv[1].g1, kv[0]))
+
+        def key(item: tuple[str, Held]) -> tuple[int, int, float, str]:
+            worker, h = item
+            routed = self.speculative.holders(hashes[h.g1 - 1]).get(worker, 0.0) \
+                if self.speculative is not None and h.g1 > h.confirmed else 0.0
+            return h.g1, h.confirmed, -routed, worker  # routed: the entry's expiry (earlier routed: smaller)
+
+        worker, h = max(held.items(), key=key)
         return (worker, h.g1) if h.g1 > 0 else None
 
     def _with_peer(self, own: Held, worker_id: str, peer: tuple[str, int] | None) -> Held:
@@ -131,7 +142,7 @@ class KvRouter(BaseRouter):
         if peer is None or peer[0] == worker_id or peer[1] <= own.blocks:
             return own
         extra = peer[1] - own.blocks
-        return Held(own.blocks + extra, own.g1, own.credit + extra * self.peer_weight)
+        return Held(own.blocks + extra, own.g1, own.credit + extra * self.peer_weight, own.confirmed)
 
     def select(self, request: RouteRequest, workers: Sequence[WorkerState]) -> Decision:
         decision = super().select(request, workers)

@@ -81,6 +81,7 @@ class Held(NamedTuple):
     blocks: int  # leading blocks held anywhere (G1, speculative or a weighted lower tier)
     g1: int  # of those, the leading run held in G1 or speculatively (the blocks it will hit at once)
     credit: float  # sum over the `blocks` of the best tier weight holding each (G1, speculative: 1.0)
+    confirmed: int = 0  # of `g1`, the leading run its KV events confirmed (computed, not only routed there)
 
 
 def held_prefix(hashes: Sequence[int], index: KvIndex, spec: SpeculativeIndex | None,
@@ -113,8 +114,9 @@ def held_prefix(hashes: Sequence[int], index: KvIndex, spec: SpeculativeIndex | 
         if not step:
             break
         for w, wt in step.items():
-            blocks, g1_run, credit = out.get(w, _NOTHING)
-            out[w] = Held(i + 1, g1_run + 1 if wt >= 1.0 and g1_run == i else g1_run, credit + wt)
+            blocks, g1_run, credit, confirmed = out.get(w, _NOTHING)
+            out[w] = Held(i + 1, g1_run + 1 if wt >= 1.0 and g1_run == i else g1_run, credit + wt,
+                          confirmed + 1 if w in in_g1 and confirmed == i else confirmed)
         alive = set(step)
     return out
 

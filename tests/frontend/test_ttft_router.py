@@ -72,7 +72,7 @@ def test_a_confirmed_speculation_leaves_the_index_authoritative() -> None:
     held_prefix(h, index, spec, {"G1": 1.0})  # the lookup finds both: the speculation is dropped
     assert len(spec) == 0
     assert index.apply(KvEvent(worker_id="w0", event_id=2, kind="removed", seq_hashes=h[2:]))
-    assert held_prefix(h, index, spec, {"G1": 1.0})["w0"] == Held(2, 2, 2.0)  # the eviction shows at once
+    assert held_prefix(h, index, spec, {"G1": 1.0})["w0"] == Held(2, 2, 2.0, 2)  # the eviction shows at once
 
 
 def test_held_prefix_chains_index_speculation_and_lower_tiers() -> None:
@@ -84,7 +84,7 @@ def test_held_prefix_chains_index_speculation_and_lower_tiers() -> None:
     store(index, "w0", 2, h[6:8], tier="G2")
     store(index, "w1", 1, h[1:], tier="G1")  # no first block: holds no prefix
     held = held_prefix(h, index, spec, {"G1": 1.0, "G2": 0.5})
-    assert held == {"w0": Held(8, 6, 7.0)}
+    assert held == {"w0": Held(8, 6, 7.0, 4)}  # confirmed: the index's 4, not the speculative 2
 
 
 def test_two_turns_routed_close_together_go_to_the_same_worker() -> None:
@@ -288,3 +288,26 @@ def test_a_loaded_holder_is_passed_over_with_a_pull_plan_and_an_idle_one_is_not(
     assert d.worker_id != "w0" and d.peer_id == "w0" and d.peer_blocks == 64
     off = KvRouter(index, prefill_rate=fixed_rate(10_000.0), speculative_ttl=0, clock=Clock())
     assert off.select(req("c", p), busy).peer_id == ""  # peer pulls off (weight 0): no plan
+
+
+def test_a_burst_sharing_a_new_prefix_pulls_from_the_worker_routed_it_first() -> None:
+    """Prompts sharing a prefix nobody has computed yet, routed one after another: every worker routed one
+    holds it speculatively, but only the first computes it (the others pull it); each later prompt names
+    the first as its peer, never one that is itself pulling (a chain of waits, or a lease of nothing)."""
+    index, clock = KvIndex(), Clock()
+    shared = prompt(12, 16 * BS)
+    r = KvRouter(index, prefill_rate=fixed_rate(10_000.0), peer_weight=0.8, speculative_ttl=10.0, clock=clock)
+    first = r.select(req("r0", shared + prompt(100, BS)), W4)
+    plans = 0
+    for i in range(1, 8):
+        clock.t += 0.001
+        d = r.select(req(f"r{i}", shared + prompt(100 + i, BS)), W4)
+        if d.peer_id:  # (a worker routed one before holds the prefix itself: no plan needed)
+            assert d.peer_id == first.worker_id and d.peer_blocks == 16, (i, d)
+            plans += 1
+    assert plans >= 2  # the first prompt of the burst on each other worker chosen
+    # once a later holder's events confirm the prefix and the first's do not yet, the confirmed one lends
+    other = next(w.worker_id for w in W4 if w.worker_id != first.worker_id)
+    store(index, other, 1, block_hashes(shared, BS, ROOT))
+    held = held_prefix(block_hashes(shared + prompt(200, BS), BS, ROOT), index, r.speculative, {"G1": 1.0})
+    assert r._best_holder(held, block_hashes(shared + prompt(200, BS), BS, ROOT)) == (other, 16)
