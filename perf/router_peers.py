@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -113,13 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     best = best_possible_hit_rate(args)
     print(f"family {args.family} ({FAMILIES[args.family] or 'router_bench defaults'}), {args.workers_n} workers; "
           f"oracle (token ids) {best:.3f}", flush=True)
-    rows = []
-    for arm in own.arms.split(","):
-        runs = [run_arm(arm, args) for _ in range(args.repeats)]
-        for r in runs:
+    arms = own.arms.split(",")
+    by_arm: dict[str, list[dict]] = {a: [] for a in arms}
+    for _ in range(args.repeats):  # interleaved: a change in the machine's load lands on every arm alike
+        for arm in arms:
+            r = run_arm(arm, args)
+            by_arm[arm].append(r)
             print(f"  run: {arm}: hit {r['hit_rate']:.3f} ttft p50 {r['ttft_p50_ms']:.1f} p99 {r['ttft_p99_ms']:.1f} "
-                  f"req/s {r['request_rate']:.1f} spread {r['spread']:.2f} failed {r['failed']}", flush=True)
-        rows.append({**sorted(runs, key=lambda r: r["hit_rate"])[len(runs) // 2], "runs": [r["hit_rate"] for r in runs]})
+                  f"req/s {r['request_rate']:.1f} spread {r['spread']:.2f} failed {r['failed']} "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+    rows = [{**sorted(runs, key=lambda r: r["hit_rate"])[len(runs) // 2], "runs": [r["hit_rate"] for r in runs],
+             "ttft_p99_runs": [r["ttft_p99_ms"] for r in runs]} for runs in by_arm.values()]
     print("| router | prefix hit rate (median) | of oracle | TTFT p50 / p99 ms | req/s | max/mean prompt tokens "
           "per worker | failed |\n|---|---|---|---|---|---|---|")
     for r in rows:
