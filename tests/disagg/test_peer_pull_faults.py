@@ -74,8 +74,10 @@ def test_a_killed_holder_costs_recomputes_never_a_request(pair):
 
     async def run():
         cold = [(await _generate(a.address, p))[0] for p in prompts]
-        pulls = [asyncio.create_task(_generate(b.address, p, _peer(a.address, p))) for p in prompts]
-        await asyncio.sleep(0.05)  # asks out, some leased, some pulling: then the holder dies
+        pulls = []
+        for p in prompts:  # staggered: the kill lands between the first requests' asks and pulls and the last's
+            pulls.append(asyncio.create_task(_generate(b.address, p, _peer(a.address, p))))
+            await asyncio.sleep(0.004)
         a.proc.kill()
         a.proc.wait()
         got = await asyncio.gather(*pulls)
@@ -86,7 +88,8 @@ def test_a_killed_holder_costs_recomputes_never_a_request(pair):
     cold, got, after, cached_after, ref, s = asyncio.run(run())
     assert got == cold
     assert after == ref and cached_after == 0  # a dead holder: the ask is refused, the prompt computed
-    assert s.peer_asked == 5 and s.peer_pulled_blocks + s.peer_fallbacks + s.peer_pull_failures > 0
+    # the kill cut into at least one of the four (one more fallback is the request after it)
+    assert s.peer_asked == 5 and s.peer_fallbacks + s.peer_pull_failures >= 2
 
 
 def test_a_frozen_holder_times_out_the_ask_and_gives_the_lease_back_when_it_thaws(pair):

@@ -13,10 +13,13 @@ import asyncio
 import time
 from dataclasses import replace
 
+from prometheus_client import generate_latest
+
 from kvrelay.runtime.rpc import RpcClient
 from kvrelay.transfer.tcp_server import BlockServer
 from kvrelay.workers.api.client import WorkerClient
 from kvrelay.workers.api.messages import KvPeer
+from kvrelay.workers.metrics import MetricsServer
 from kvrelay.workers.worker import Worker
 from tests.disagg.cluster import Cluster
 from tests.disagg.test_disagg_identity import CFG
@@ -63,14 +66,19 @@ def test_a_holder_lends_a_prefix_that_only_its_g2_holds():
             await settle(a.engine)
             await _no_pins(a, b)
             await client.close()
-            return cold, in_g1, pulled, cached, a.engine.stats(), b.engine.stats()
+            scrape = generate_latest(MetricsServer(b.engine, "b").registry).decode()
+            return cold, in_g1, pulled, cached, a.engine.stats(), b.engine.stats(), scrape
 
-    cold, in_g1, pulled, cached, a, b = asyncio.run(run())
+    cold, in_g1, pulled, cached, a, b, scrape = asyncio.run(run())
     assert not any(in_g1)  # the prefix was only in A's G2 when B asked
     assert pulled == cold and cached == full * BS
     assert a.peer_lent_from_g2 == full and a.peer_lent_blocks == full
     assert b.peer_pulled_blocks == full and b.peer_pulled_bytes == full * 32768 and b.peer_verify_failures == 0
     assert sum(b.peer_pull_seconds_buckets) == 1
+    assert 'kvrelay_kv_peer_pull_seconds_bucket{le="+Inf",worker="b"} 1.0' in scrape
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in scrape.splitlines()
+               if line.startswith("kvrelay_kv_peer_")}
+    assert samples['kvrelay_kv_peer_pulled_bytes_total{worker="b"}'] == full * 32768
 
 
 def test_a_corrupted_block_is_recomputed_never_served(monkeypatch):
