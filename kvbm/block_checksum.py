@@ -15,10 +15,13 @@ import xxhash
 
 
 def block_checksums(rows: torch.Tensor, block_ids: Sequence[int]) -> list[int]:
-    """xxh3_64 of each block's bytes; `rows`: the G1 pool as uint8 [num_blocks, block_bytes] (any device:
-    device rows are copied to the host in one gather first)."""
+    """xxh3_64 of each block's bytes; `rows`: the G1 pool as uint8 [num_blocks, block_bytes]. Host rows
+    are summed in place (no copy); device rows are gathered and copied to the host once first (callers
+    run that off the event loop: it waits for the device)."""
     if not block_ids:
         return []
-    picked = rows[torch.tensor(list(block_ids), dtype=torch.long, device=rows.device)]
-    host = picked.cpu().contiguous().numpy()
-    return [xxhash.xxh3_64_intdigest(host[i].data) for i in range(len(block_ids))]
+    if rows.device.type == "cpu":
+        host = rows.numpy()
+        return [xxhash.xxh3_64_intdigest(host[i].data) for i in block_ids]
+    picked = rows[torch.tensor(list(block_ids), dtype=torch.long, device=rows.device)].cpu().numpy()
+    return [xxhash.xxh3_64_intdigest(picked[i].data) for i in range(len(block_ids))]

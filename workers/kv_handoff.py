@@ -206,10 +206,15 @@ async def lend_blocks(engine: Any, leases: PrefillLeases, request: PeerLeaseRequ
         raise
     if not block_ids:
         return None
+    try:
+        checksums = await engine.block_checksums(block_ids)
+    except asyncio.CancelledError:
+        leases.free_now(request.lease_id)
+        raise
     if not leases.hold(request.lease_id):
         return None  # given back already (the asker timed out or was cancelled): freed by hold
     return KvHandle(request_id=request.lease_id, prefill_instance=instance.instance_id,
                     prefill_address=instance.address, transfer_metadata=transfer_metadata,
                     fingerprint=engine.fingerprint, block_ids=block_ids,
                     num_tokens=len(block_ids) * engine.kv_layout().block_size, first_token=-1,
-                    lease_s=leases.lease_s, block_checksums=engine.block_checksums(block_ids))
+                    lease_s=leases.lease_s, block_checksums=checksums)

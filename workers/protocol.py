@@ -74,7 +74,7 @@ class Engine(Protocol):
         """Pin the leading run of `hashes` G1 caches for a peer's pull; their block ids ([]: none, or the
         engine does not lend). `abort(lease_id)` frees them."""
 
-    def block_checksums(self, block_ids: list[int]) -> list[int]:
+    async def block_checksums(self, block_ids: list[int]) -> list[int]:
         """xxh3_64 of each of these (pinned) G1 blocks' bytes, sent with a lease so the puller can verify
         what it got ([]: the engine's KV is not this process's memory, nothing to verify)."""
 

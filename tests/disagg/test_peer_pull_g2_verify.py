@@ -92,8 +92,8 @@ def test_a_corrupted_block_is_recomputed_never_served(monkeypatch):
             a, b = c.workers
             sums = a.engine.block_checksums
 
-            def sum_then_corrupt(block_ids: list[int]) -> list[int]:
-                out = sums(block_ids)
+            async def sum_then_corrupt(block_ids: list[int]) -> list[int]:
+                out = await sums(block_ids)
                 if len(block_ids) == full:  # the lease's sums: then the bytes go bad
                     a.engine.core.kv_rows()[block_ids[bad]] ^= 0x5A
                 return out

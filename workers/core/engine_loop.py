@@ -171,13 +171,17 @@ class EngineLoop:
         checksums = self.block_checksums if self.kv_pool() is not None else None
         self.loops.add(PeerLoop(puller, link, self.kv_layout().block_bytes, checksums))
 
-    def block_checksums(self, block_ids: list[int]) -> list[int]:
-        """xxh3_64 of each G1 block's bytes ([] where the KV is not real memory: the mocker)."""
+    async def block_checksums(self, block_ids: list[int]) -> list[int]:
+        """xxh3_64 of each G1 block's bytes ([] where the KV is not real memory: the mocker). Device
+        rows are copied to the host on a thread, so the loop never waits for the device."""
         if self._rows is None or self.kv_pool() is None:
             return []
         from kvrelay.kvbm.block_checksum import block_checksums  # imports torch
 
-        return block_checksums(self._rows(), block_ids)
+        rows = self._rows()
+        if rows.device.type == "cpu":  # summed in place: microseconds per block
+            return block_checksums(rows, block_ids)
+        return await asyncio.to_thread(block_checksums, rows, block_ids)
 
     def kv_pool(self) -> Any:
         """The G1 pool tensor, or None where the KV is not real memory (each engine's own)."""

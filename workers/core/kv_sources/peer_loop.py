@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 ASK_TIMEOUT_S = 2.0  # a peer that does not answer a lease this fast is slower than recomputing
 RELEASE_TIMEOUT_S = 5.0
 
-Checksums = Callable[[list[int]], list[int]]  # this worker's G1 block ids -> xxh3_64 of their bytes
+Checksums = Callable[[list[int]], Awaitable[list[int]]]  # this worker's G1 block ids -> xxh3_64 of their bytes
 
 
 class PeerLoop:
@@ -98,9 +98,11 @@ class PeerLoop:
         """Pull (or, with no blocks, give the lease back), verify, report; the budget is freed either way."""
         if job.report:
             self._running[job.request_id] = asyncio.current_task()  # type: ignore[assignment]  # never None here
-        t0, pulled = perf_counter(), False
+        t0, n = perf_counter(), len(job.local_block_ids)
+        ok = [False] * n
         try:  # a cancelled pull returns only once the transport stopped writing the blocks
-            pulled = await self.puller.pull(job.handle, job.local_block_ids, job.start)
+            if await self.puller.pull(job.handle, job.local_block_ids, job.start):
+                ok = await self._verify(job)
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -110,12 +112,11 @@ class PeerLoop:
             self.budget.give(job.request_id)
             if job.report:
                 self._running.pop(job.request_id, None)
-                ok = self._verify(job) if pulled else [False] * len(job.local_block_ids)
-                if job.local_block_ids:
+                if n:
                     self.stats.observe(perf_counter() - t0)
                 post(KvLoaded(NAME, job.request_id, ok))
 
-    def _verify(self, job: PullJob) -> list[bool]:
+    async def _verify(self, job: PullJob) -> list[bool]:
         """Per pulled block: its bytes sum as the lender's did (True for all when the lender sent no sums
         or this worker's KV is not real memory: the mocker)."""
         n = len(job.local_block_ids)
@@ -127,7 +128,7 @@ class PeerLoop:
                         job.handle.prefill_instance, len(want), n)
             ok = [False] * n
         else:
-            ok = [a == b for a, b in zip(self.checksums(job.local_block_ids), want, strict=True)]
+            ok = [a == b for a, b in zip(await self.checksums(job.local_block_ids), want, strict=True)]
             bad = n - sum(ok)
             if bad:
                 self.stats.verify_failures += bad
