@@ -18,7 +18,7 @@ from prometheus_client import generate_latest
 from kvrelay.runtime.rpc import RpcClient
 from kvrelay.transfer.tcp_server import BlockServer
 from kvrelay.workers.api.client import WorkerClient
-from kvrelay.workers.api.messages import KvPeer
+from kvrelay.workers.api.messages import KvPeer, PeerLeaseRequest
 from kvrelay.workers.metrics import MetricsServer
 from kvrelay.workers.worker import Worker
 from tests.disagg.cluster import Cluster
@@ -205,3 +205,28 @@ def test_over_the_pull_budget_a_request_computes_its_prompt(monkeypatch):
     assert [g[0] for g in got] == cold
     assert sorted(g[1] for g in got) == [0, full * BS]
     assert b.peer_budget_refusals == 1 and b.peer_pulled_blocks == full and b.peer_pulls_in_flight == 0
+
+
+def test_a_lease_nobody_pulls_or_gives_back_expires():
+    """The asker vanished after the grant (killed between its ask and its pull): the lease's expiry
+    frees the blocks (here 1 s)."""
+    prompt = _prompt(300, 17)
+
+    async def run():
+        async with Cluster(["agg"], replace(TCP, kv_lease_s=1.0)) as c:
+            a = c.workers[0]
+            client = WorkerClient(RpcClient(token=c.token))
+            await _generate(client, a.instance.address, prompt)
+            hashes = block_hashes(a.engine, prompt)
+            reply = await client.lease(a.instance.address, PeerLeaseRequest(
+                lease_id="peer:vanished", fingerprint=a.engine.fingerprint, block_hashes=hashes))
+            pinned = a.engine.stats().peer_lease_pinned
+            await asyncio.sleep(1.5)
+            await _no_pins(a)
+            await client.close()
+            assert a.leases is not None
+            return reply.handle, pinned, a.leases.released["expired"]
+
+    handle, pinned, expired = asyncio.run(run())
+    assert handle is not None and len(handle.block_checksums) == len(handle.block_ids) == pinned == 300 // BS
+    assert expired == 1
