@@ -92,6 +92,11 @@ class TransferSettings:
     kv_peer_pull: bool = setting(True, "cluster KV pool: pull a prompt prefix that another worker holds "
                                  "(the router names it) instead of computing it, and lend this worker's "
                                  "blocks to peers (needs --kv-transfer other than none)")
+    kv_peer_max_pulls: int = setting(4, "cluster KV pool: peer asks and pulls in flight at once on this worker; "
+                                     "a request over the bound computes its prompt instead", non_negative)
+    kv_peer_max_bytes: int = setting(256 << 20, "cluster KV pool: bytes of KV that this worker's peer pulls in "
+                                     "flight may bring at once (a request over it computes its prompt; one "
+                                     "pull alone is always allowed)", positive)
 
 
 @dataclass(frozen=True)

@@ -71,27 +71,50 @@ class PrefillLeases:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
         self.released = {"pulled": 0, "released": 0, "expired": 0, "cancelled": 0}
+        self._given_back: dict[str, float] = {}  # peer lease id -> when its early `release` came (loop time)
 
     def __len__(self) -> int:
         return len(self._timers)
 
-    def hold(self, request_id: str) -> None:
+    def hold(self, request_id: str) -> bool:
+        """Start the lease's timer. False if a peer's lease was given back before it was held (its
+        `release` overtook the grant: the asker timed out or was cancelled): it is freed at once instead."""
         loop = asyncio.get_running_loop()
+        if self._given_back.pop(request_id, None) is not None:
+            self.released["released"] += 1
+            self.free_now(request_id)
+            return False
         self._timers[request_id] = loop.call_later(self.lease_s, self.release, request_id, "expired")
+        return True
+
+    def free_now(self, request_id: str) -> None:
+        """Free blocks pinned under `request_id` that no timer holds (a grant nobody will take)."""
+        task = asyncio.get_running_loop().create_task(self._free(request_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def release(self, request_id: str, why: str) -> bool:
-        """Free the handle's blocks now; False if it is not held (already freed, or never was)."""
+        """Free the handle's blocks now; False if it is not held (already freed, or never was). A peer's
+        lease released before it is held is remembered for a lease's time, so its grant frees it."""
         timer = self._timers.pop(request_id, None)
         if timer is None:
+            if why == "released" and request_id.startswith("peer:"):
+                self._remember_given_back(request_id)
             return False
         timer.cancel()
         self.released[why] += 1
         if why == "expired":
             log.warning("KV handle %s was not pulled within %.1f s; freeing its blocks", request_id, self.lease_s)
-        task = asyncio.get_running_loop().create_task(self._free(request_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.free_now(request_id)
         return True
+
+    def _remember_given_back(self, lease_id: str) -> None:
+        now = asyncio.get_running_loop().time()
+        for rid, at in list(self._given_back.items()):  # oldest first: forget what no grant can follow now
+            if now - at < self.lease_s:
+                break
+            del self._given_back[rid]
+        self._given_back[lease_id] = now
 
     async def consume(self, transfer: Any) -> None:
         """Release handles as the decode side's notifications arrive (run as a task)."""
@@ -164,18 +187,34 @@ class SimulatedPuller(HandleReleaser):
 
 async def lend_blocks(engine: Any, leases: PrefillLeases, request: PeerLeaseRequest, instance: Any,
                       transfer_metadata: bytes) -> KvHandle | None:
-    """A peer's `kv_lease` (the cluster KV pool): pin the leading run of the asked blocks this worker's
-    G1 holds under the request's lease id, timed like a prefill's handle (freed by the pull's
-    notification, `release`, or expiry), and describe them as a handle; None when it holds none, or the
-    ask is for another model. `engine`: the worker's Engine; `instance`: its discovery Instance."""
+    """A peer's `kv_lease` (the cluster KV pool): pin the leading run of the asked blocks this worker holds
+    (G1, and after it what G2 holds, loaded into G1: workers/core/lend_from_g2.py) under the request's
+    lease id, timed like a prefill's handle (freed by the pull's notification, `release`, or expiry), and
+    describe them as a handle with each block's checksum; None when it holds none, or the ask is for
+    another model, or the asker gave the lease back before it was granted. `engine`: the worker's Engine;
+    `instance`: its discovery Instance.
+
+    Cancelled (the asker left) while the engine pins: the pinning runs to its end and its blocks are
+    freed at once, never left to the lease's expiry."""
     if request.fingerprint != engine.fingerprint or not request.lease_id.startswith("peer:"):
         return None  # another model's hashes; a lease id that is not a peer's could name a request
-    block_ids = await engine.lease_blocks(request.lease_id, request.block_hashes)
+    pinning = asyncio.ensure_future(engine.lease_blocks(request.lease_id, request.block_hashes))
+    try:
+        block_ids = await asyncio.shield(pinning)
+    except asyncio.CancelledError:
+        pinning.add_done_callback(lambda _: leases.free_now(request.lease_id))
+        raise
     if not block_ids:
         return None
-    leases.hold(request.lease_id)
+    try:
+        checksums = await engine.block_checksums(block_ids)
+    except asyncio.CancelledError:
+        leases.free_now(request.lease_id)
+        raise
+    if not leases.hold(request.lease_id):
+        return None  # given back already (the asker timed out or was cancelled): freed by hold
     return KvHandle(request_id=request.lease_id, prefill_instance=instance.instance_id,
                     prefill_address=instance.address, transfer_metadata=transfer_metadata,
                     fingerprint=engine.fingerprint, block_ids=block_ids,
                     num_tokens=len(block_ids) * engine.kv_layout().block_size, first_token=-1,
-                    lease_s=leases.lease_s)
+                    lease_s=leases.lease_s, block_checksums=checksums)

@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from kvrelay.workers.core.kv_sources.peer_pull_stats import PULL_SECONDS_BUCKETS
 from kvrelay.workers.protocol import Engine
 
 _ENGINE_GAUGES = {
@@ -27,12 +28,17 @@ _ENGINE_GAUGES = {
     "total_blocks": "G1 blocks", "held_requests": "prefill role: handles whose blocks wait to be pulled",
     "offload_pinned": "G1 blocks pinned while being copied to lower tiers",
 }
-_PEER_GAUGES = {"lease_pinned": "G1 blocks pinned now for peers' pulls (the cluster KV pool)"}
+_PEER_GAUGES = {"lease_pinned": "G1 blocks pinned now for peers' pulls (the cluster KV pool)",
+                "pulls_in_flight": "peer asks and pulls holding this worker's pull budget now"}
 _PEER_COUNTERS = {
     "asked": "requests that asked a peer to lend a prompt prefix", "pulled_blocks": "blocks pulled from peers",
     "pull_failures": "peer pulls that did not deliver (recomputed)",
     "fallbacks": "peer asks that got less than asked (evicted or gone): recomputed",
     "lent_blocks": "blocks this worker lent to peers' pulls",
+    "lent_from_g2": "of the blocks lent, those loaded from G2 into G1 to be lent",
+    "verify_failures": "pulled blocks whose bytes did not match the lender's checksum (recomputed, never served)",
+    "pulled_bytes": "bytes of KV pulled from peers and kept",
+    "budget_refusals": "peer asks not made: the pull budget (--kv-peer-max-pulls/-bytes) was spent (recomputed)",
 }
 _ENGINE_COUNTERS = {
     "prefix_hit_tokens": "prompt tokens served from cache (G1 hits and onboarded blocks)",
@@ -63,7 +69,7 @@ class WorkerCollector(Collector):
     def __init__(self, engine: Engine, worker_id: str):
         self.engine, self.worker_id = engine, worker_id
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         s = self.engine.stats()
         for name, doc in _ENGINE_GAUGES.items():
             g = GaugeMetricFamily(f"kvrelay_worker_{name}", doc, labels=["worker"])
@@ -81,6 +87,7 @@ class WorkerCollector(Collector):
             c = CounterMetricFamily(f"kvrelay_kv_peer_{name}", doc, labels=["worker"])
             c.add_metric([self.worker_id], getattr(s, f"peer_{name}"))
             yield c
+        yield _pull_seconds(self.worker_id, s.peer_pull_seconds_buckets, s.peer_pull_seconds_sum)
         for name, doc in _TIER_GAUGES.items():
             g = GaugeMetricFamily(f"kvrelay_kv_tier_{name}", doc, labels=["worker", "tier"])
             for t in s.tiers:
@@ -91,6 +98,22 @@ class WorkerCollector(Collector):
             for t in s.tiers:
                 c.add_metric([self.worker_id, t.tier], float(getattr(t, name)))
             yield c
+
+
+def _pull_seconds(worker_id: str, counts: list[int], total: float) -> HistogramMetricFamily:
+    """`kvrelay_kv_peer_pull_seconds`: from per-bucket counts (peer_pull_stats.py) to Prometheus'
+    cumulative buckets."""
+    h = HistogramMetricFamily("kvrelay_kv_peer_pull_seconds", "seconds each pull of a peer's blocks took "
+                              "(from the transfer's start to its last byte, verification included)",
+                              labels=["worker"])
+    counts = counts or [0] * (len(PULL_SECONDS_BUCKETS) + 1)
+    bounds = [*(f"{b:g}" for b in PULL_SECONDS_BUCKETS), "+Inf"]
+    running, buckets = 0, []
+    for bound, n in zip(bounds, counts, strict=True):
+        running += n
+        buckets.append((bound, running))
+    h.add_metric([worker_id], buckets, total)
+    return h
 
 
 class MetricsServer:

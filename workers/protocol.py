@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.workers.api.messages import EngineOutput, EngineRequest, EngineStats, KvLayout
-from kvrelay.workers.api.prefill import KvPuller, LeaseAsker, PrefillResult
+from kvrelay.workers.api.prefill import KvPuller, PeerLink, PrefillResult
 
 
 @runtime_checkable
@@ -66,12 +66,17 @@ class Engine(Protocol):
 
     def set_kv_puller(self, puller: KvPuller) -> None: ...
 
-    def set_peer_puller(self, puller: KvPuller, ask: LeaseAsker) -> None:
-        """Let requests pull the prefix a peer holds (`EngineRequest.kv_peer`) with `puller`."""
+    def set_peer_puller(self, puller: KvPuller, link: PeerLink) -> None:
+        """Let requests pull the prefix a peer holds (`EngineRequest.kv_peer`) with `puller`, leasing it
+        over `link` (and within its pull budget)."""
 
     async def lease_blocks(self, lease_id: str, hashes: list[int]) -> list[int]:
         """Pin the leading run of `hashes` G1 caches for a peer's pull; their block ids ([]: none, or the
         engine does not lend). `abort(lease_id)` frees them."""
+
+    async def block_checksums(self, block_ids: list[int]) -> list[int]:
+        """xxh3_64 of each of these (pinned) G1 blocks' bytes, sent with a lease so the puller can verify
+        what it got ([]: the engine's KV is not this process's memory, nothing to verify)."""
 
     def kv_pool(self) -> Any:
         """The G1 pool tensor for transfer registration (block-contiguous), or None if the engine's KV

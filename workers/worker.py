@@ -46,6 +46,7 @@ from kvrelay.workers.api.messages import (
     PrefillReply,
     ReleaseRequest,
 )
+from kvrelay.workers.api.prefill import PeerLink
 from kvrelay.workers.config import WorkerConfig
 from kvrelay.workers.kv_handoff import (
     PrefillLeases,
@@ -256,7 +257,9 @@ class Worker:
                 raise ConfigError(f"--role decode: engine {self.cfg.engine!r} has no KV pool to pull into")
             self.engine.set_kv_puller(self.puller)
         if self._lends_kv() and self.puller is not None:
-            self.engine.set_peer_puller(self.puller, self.peers.lease)
+            self.engine.set_peer_puller(self.puller, PeerLink(
+                ask=self.peers.lease, release=self.peers.release, max_pulls=self.cfg.kv_peer_max_pulls,
+                max_bytes=self.cfg.kv_peer_max_bytes))
         if self.transfer is not None and self.leases is not None:  # pulls of our blocks end in notifications
             self._tasks.append(asyncio.create_task(self.leases.consume(self.transfer)))
 

@@ -104,6 +104,9 @@ class KvHandle(msgspec.Struct, frozen=True, kw_only=True):
     num_tokens: int  # prompt tokens the blocks hold
     first_token: int
     lease_s: float  # the blocks are freed this long after the handle was made, pulled or not
+    # A peer's lease (the cluster KV pool): xxh3_64 of each block's bytes when it was pinned
+    # (kvbm/block_checksum.py); the puller keeps only blocks whose bytes sum the same. Empty: not verified.
+    block_checksums: list[int] = []
 
 
 class ReleaseRequest(msgspec.Struct, frozen=True):
@@ -239,6 +242,13 @@ class EngineStats(msgspec.Struct, kw_only=True):
     peer_fallbacks: int = 0  # cumulative: peer asks that got less than asked (evicted, gone): recomputed
     peer_lent_blocks: int = 0  # cumulative: blocks this worker pinned for peers' pulls
     peer_lease_pinned: int = 0  # blocks pinned for peers' pulls now
+    peer_lent_from_g2: int = 0  # cumulative, of peer_lent_blocks: blocks loaded from G2 into G1 to lend them
+    peer_verify_failures: int = 0  # cumulative: pulled blocks whose checksum did not match (recomputed)
+    peer_pulled_bytes: int = 0  # cumulative: bytes pulled from peers that were kept
+    peer_pulls_in_flight: int = 0  # pulls (asked or pulling) holding the pull budget now
+    peer_budget_refusals: int = 0  # cumulative: asks not made: the pull budget was spent (recomputed)
+    peer_pull_seconds_buckets: list[int] = []  # pull latency histogram, per PULL_SECONDS_BUCKETS bound
+    peer_pull_seconds_sum: float = 0.0
     prefill_tokens_computed: int = 0  # cumulative: prompt tokens computed (not cached, not loaded)
     prefill_seconds: float = 0.0  # cumulative: wall seconds of the steps that computed prompt tokens
     tiers: list[TierCounters] = []

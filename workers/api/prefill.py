@@ -5,6 +5,7 @@ engine-internal finish reason of a prefill whose blocks stay held (`PREFILLED`).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import msgspec
@@ -37,3 +38,17 @@ class KvPuller(Protocol):
 # How a worker asks a peer to lease blocks for a pull (the cluster KV pool): (the peer's request-plane
 # address, the request) -> its reply; the worker provides it (`WorkerClient.lease`, token-authenticated).
 LeaseAsker = Callable[[str, PeerLeaseRequest], Awaitable[PeerLeaseReply]]
+
+
+@dataclass(frozen=True)
+class PeerLink:
+    """What a worker gives its engine to pull prefixes peers hold (the cluster KV pool): how to ask a peer
+    for a lease (`ask`), how to give one back that nobody will pull (`release(address, lease id)`, e.g.
+    the request was cancelled while its ask was out), and the pull budget: at most `max_pulls` asks and
+    pulls in flight and `max_bytes` bytes of blocks they may bring (an ask over either is not made: the
+    prompt is computed)."""
+
+    ask: LeaseAsker
+    release: Callable[[str, str], Awaitable[None]]
+    max_pulls: int
+    max_bytes: int

@@ -82,8 +82,30 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class LeaseGrow:
+    """Add up to `n` fresh G1 blocks to a peer's lease for G2 to fill (block_leases.py `grow`); resolve
+    `future` with their ids ([]: none free, nothing added)."""
+
+    lease_id: str
+    n: int
+    future: asyncio.Future
+
+
+@dataclass(frozen=True)
+class LeaseFilled:
+    """G2 filled a lease's grown blocks (`ok` per block): publish and keep the ones that arrived
+    (block_leases.py `filled`); resolve `future` with the lease's block ids."""
+
+    lease_id: str
+    hashes: list[int]
+    ok: list[bool]
+    future: asyncio.Future
+
+
+@dataclass(frozen=True)
 class Wake:
     """Nothing: ends a blocking wait of the core's thread."""
 
 
-Command = Add | Abort | KvLoaded | KvAnswered | KvSaved | KvTierEvents | Lease | Snapshot | Wake
+Command = (Add | Abort | KvLoaded | KvAnswered | KvSaved | KvTierEvents | Lease | LeaseGrow | LeaseFilled | Snapshot
+           | Wake)

@@ -23,7 +23,7 @@ import msgspec
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.workers.api.errors import EngineError
 from kvrelay.workers.api.messages import EngineOutput, EngineRequest, EngineStats, KvLayout
-from kvrelay.workers.api.prefill import KvPuller, LeaseAsker, PrefillResult
+from kvrelay.workers.api.prefill import KvPuller, PeerLink, PrefillResult
 from kvrelay.workers.core.commands import Abort, Add, Lease, Snapshot, Wake
 from kvrelay.workers.core.driver import CoreDriver, Sink
 from kvrelay.workers.core.engine_core import EngineCore
@@ -50,6 +50,7 @@ class EngineLoop:
         self.loops: SourceLoops | None = None  # the KV sources' loop halves
         self._sink: Sink | None = None
         self._no_handle_reason = "no transfer engine"
+        self._rows: Callable[[], Any] | None = None  # the G1 pool as uint8 rows, where it is real memory
 
     async def _attach(self, core: EngineCore, tiers: TierConfig | None = None,
                       rows: Callable[[], Any] | None = None) -> None:
@@ -59,6 +60,7 @@ class EngineLoop:
         if self.driver.running:
             return
         self.core = core
+        self._rows = rows
         self.loops = SourceLoops(asyncio.get_running_loop(), self.driver.post)
         core.door.add_source(HandoffSource(core.block_size, core.fingerprint))
         if tiers is not None and tiers.any and rows is not None:
@@ -161,11 +163,29 @@ class EngineLoop:
         assert self.loops is not None, "start() first"
         self.loops.add(HandoffLoop(puller))
 
-    def set_peer_puller(self, puller: KvPuller, ask: LeaseAsker) -> None:
-        """Pull prefixes other workers hold (`EngineRequest.kv_peer`): lease them with `ask`, copy them
-        with `puller`. Without it a request's peer is ignored (its ask fails at once: recomputed)."""
+    def set_peer_puller(self, puller: KvPuller, link: PeerLink) -> None:
+        """Pull prefixes other workers hold (`EngineRequest.kv_peer`): lease them over `link`, copy them
+        with `puller`, verify them against the lender's checksums. Without it a request's peer is ignored
+        (its ask fails at once: recomputed)."""
         assert self.loops is not None, "start() first"
-        self.loops.add(PeerLoop(puller, ask))
+        checksums = self.block_checksums if self.kv_pool() is not None else None
+        self.loops.add(PeerLoop(puller, link, self.kv_layout().block_bytes, checksums))
+
+    async def block_checksums(self, block_ids: list[int]) -> list[int]:
+        """xxh3_64 of each G1 block's bytes ([] where the KV is not real memory: the mocker). Device
+        rows are copied to the host on a thread, so the loop never waits for the device."""
+        if self._rows is None or self.kv_pool() is None:
+            return []
+        from kvrelay.kvbm.block_checksum import block_checksums  # imports torch
+
+        rows = self._rows()
+        if rows.device.type == "cpu":  # summed in place: microseconds per block
+            return block_checksums(rows, block_ids)
+        return await asyncio.to_thread(block_checksums, rows, block_ids)
+
+    def kv_pool(self) -> Any:
+        """The G1 pool tensor, or None where the KV is not real memory (each engine's own)."""
+        return None
 
     def subscribe_kv_events(self, sink: Callable[[list[KvEvent]], None]) -> None:
         """`sink` is called on the current event loop with each step's KV events, in event_id order."""
@@ -180,15 +200,18 @@ class EngineLoop:
             return []
         fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self.driver.post(Lease(lease_id, hashes, fut))
-        if fut.done():
-            return fut.result()
-        # The lease may wait for a prefill in progress here (lease_waits.py): the bound is checked when
-        # a step ends or a command arrives, so make sure one arrives at the bound.
-        timer = asyncio.get_running_loop().call_later(LEND_WAIT_S, self.driver.post, Wake())
-        try:
-            return await fut
-        finally:
-            timer.cancel()
+        if not fut.done():
+            # The lease may wait for a prefill in progress here (lease_waits.py): the bound is checked
+            # when a step ends or a command arrives, so make sure one arrives at the bound.
+            timer = asyncio.get_running_loop().call_later(LEND_WAIT_S, self.driver.post, Wake())
+            fut.add_done_callback(lambda _: timer.cancel())
+        block_ids = await fut
+        tiers = self.loops.get("tiers") if self.loops is not None else None
+        if tiers is not None and len(block_ids) < len(hashes):  # G1 stops short: G2 may hold the rest
+            from kvrelay.workers.core.lend_from_g2 import lend_from_g2  # the tiers import torch
+
+            block_ids = await lend_from_g2(self.driver.post, tiers.tiers, lease_id, hashes, block_ids)
+        return block_ids
 
     async def kv_snapshot(self) -> KvSnapshot:
         """What the worker's tiers hold, consistent with the event stream: every event with id <=
@@ -210,4 +233,13 @@ class EngineLoop:
     def stats(self) -> EngineStats:
         s = self.driver.stats()
         tiers = self.loops.get("tiers") if self.loops is not None else None
-        return s if tiers is None else msgspec.structs.replace(s, tiers=tiers.counters())
+        if tiers is not None:
+            s = msgspec.structs.replace(s, tiers=tiers.counters())
+        peers = self.loops.get("peer") if self.loops is not None else None
+        if peers is not None:  # what the peer source's loop half measured
+            p = peers.stats
+            s = msgspec.structs.replace(
+                s, peer_verify_failures=p.verify_failures, peer_pulled_bytes=p.pulled_bytes,
+                peer_pull_seconds_buckets=list(p.seconds_counts), peer_pull_seconds_sum=p.seconds_sum,
+                peer_pulls_in_flight=peers.budget.in_flight, peer_budget_refusals=peers.budget.refusals)
+        return s

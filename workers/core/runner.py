@@ -26,6 +26,8 @@ from kvrelay.workers.core.commands import (
     KvSaved,
     KvTierEvents,
     Lease,
+    LeaseFilled,
+    LeaseGrow,
     Snapshot,
     Wake,
 )
@@ -73,6 +75,10 @@ class CoreRunner:
                 core.kv.events.tier_event(tier, kind, hashes)
             case Lease() as lease:
                 self.lends.ask(lease)
+            case LeaseGrow(lease_id=lease_id, n=n, future=fut):
+                fut.get_loop().call_soon_threadsafe(resolve, fut, core.leases.grow(lease_id, n))
+            case LeaseFilled(lease_id=lease_id, hashes=hashes, ok=ok, future=fut):
+                fut.get_loop().call_soon_threadsafe(resolve, fut, core.leases.filled(lease_id, hashes, ok))
             case Snapshot(future=fut):
                 self.publish_events()  # events up to the snapshot reach the sink first
                 snap = core.kv_snapshot()

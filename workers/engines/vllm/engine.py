@@ -335,6 +335,9 @@ class VllmEngine:
     async def lease_blocks(self, lease_id: str, hashes: list[int]) -> list[int]:
         return []  # peers pull from vLLM workers only through its connector (not built yet): never lends
 
+    async def block_checksums(self, block_ids: list[int]) -> list[int]:
+        return []  # never lends (lease_blocks)
+
     def kv_pool(self) -> None:
         return None
 
