@@ -14,9 +14,10 @@ from dataclasses import replace
 
 import pytest
 
+from kvrelay.kvbm.hashing import block_hashes, root_hash
 from kvrelay.runtime.rpc import RpcClient
 from kvrelay.workers.api.client import WorkerClient
-from kvrelay.workers.api.messages import EngineRequest, KvPeer, SamplingParams
+from kvrelay.workers.api.messages import EngineRequest, KvPeer, PeerLeaseRequest, SamplingParams
 from tests.disagg.cluster import Cluster
 from tests.disagg.test_disagg_identity import CFG, _transfer_kinds
 
@@ -137,3 +138,35 @@ def test_mocker_workers_pull_from_each_other_over_the_simulated_link():
 
     cached, a, b = asyncio.run(run())
     assert cached == 39 * BS and b.peer_pulled_blocks == 39 and a.peer_lent_blocks == 39 and a.peer_lease_pinned == 0
+
+
+def test_a_peer_without_the_internal_token_cannot_lease_a_prefix():
+    """The trust boundary: `kv_lease` is an internal call; a caller without the cluster's token is refused
+    before the engine is asked, so nothing is pinned or lent (the transfer port refuses it too:
+    tests/runtime/test_internal_token.py)."""
+    prompt = _prompt(400, 9)
+
+    async def run():
+        async with Cluster(["agg"], CFG, token="the-cluster-token") as c:
+            (a,) = c.workers
+            client = WorkerClient(RpcClient(token=c.token))
+            await _generate(client, a.instance.address, prompt)
+            hashes = block_hashes(prompt, BS, root_hash(a.engine.fingerprint, ""))
+            outsider = WorkerClient(RpcClient(token="not-the-cluster-token"))
+            refused = None
+            try:
+                await outsider.lease(a.instance.address, PeerLeaseRequest(
+                    lease_id="peer:outsider", fingerprint=a.engine.fingerprint, block_hashes=hashes))
+            except Exception as e:  # the request plane's refusal
+                refused = e
+            granted = await client.lease(a.instance.address, PeerLeaseRequest(  # the same call, with the token
+                lease_id="peer:insider", fingerprint=a.engine.fingerprint, block_hashes=hashes))
+            stats = a.engine.stats()
+            await outsider.close()
+            await client.close()
+            return refused, granted, stats
+
+    refused, granted, stats = asyncio.run(run())
+    assert refused is not None and "token" in str(refused).lower(), refused
+    assert granted.handle is not None and len(granted.handle.block_ids) == 400 // BS  # it is the token alone
+    assert stats.peer_lent_blocks == 400 // BS  # only the insider's lease pinned anything
