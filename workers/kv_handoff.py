@@ -167,15 +167,18 @@ async def lend_blocks(engine: Any, leases: PrefillLeases, request: PeerLeaseRequ
     """A peer's `kv_lease` (the cluster KV pool): pin the leading run of the asked blocks this worker's
     G1 holds under the request's lease id, timed like a prefill's handle (freed by the pull's
     notification, `release`, or expiry), and describe them as a handle; None when it holds none, or the
-    ask is for another model. `engine`: the worker's Engine; `instance`: its discovery Instance."""
+    ask is for another model. `engine`: the worker's Engine; `instance`: its discovery Instance;
+    `transfer_metadata`: the worker's transfer engine's, unless the engine lends from a pool of its own
+    (`Engine.lend_pool`: vLLM's connector)."""
     if request.fingerprint != engine.fingerprint or not request.lease_id.startswith("peer:"):
         return None  # another model's hashes; a lease id that is not a peer's could name a request
     block_ids = await engine.lease_blocks(request.lease_id, request.block_hashes)
     if not block_ids:
         return None
     leases.hold(request.lease_id)
+    pool, transfer_metadata = engine.lend_pool() or ("g1", transfer_metadata)
     return KvHandle(request_id=request.lease_id, prefill_instance=instance.instance_id,
-                    prefill_address=instance.address, transfer_metadata=transfer_metadata,
+                    prefill_address=instance.address, transfer_metadata=transfer_metadata, pool=pool,
                     fingerprint=engine.fingerprint, block_ids=block_ids,
                     num_tokens=len(block_ids) * engine.kv_layout().block_size, first_token=-1,
                     lease_s=leases.lease_s)

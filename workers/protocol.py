@@ -35,6 +35,9 @@ class Engine(Protocol):
     # True when the engine moves KV between workers itself (vLLM's connector): the worker then runs no
     # transfer engine and no puller, and handles carry `PrefillResult.transfer_params`.
     owns_kv_transfer: bool
+    # The cluster KV pool runs inside the engine's KV connector (vLLM): the worker serves `kv_lease` and
+    # hands the engine no puller; the engine asks, pulls and lends itself (`lend_pool`).
+    lends_through_connector: bool
 
     @property
     def fingerprint(self) -> str:
@@ -72,6 +75,10 @@ class Engine(Protocol):
     async def lease_blocks(self, lease_id: str, hashes: list[int]) -> list[int]:
         """Pin the leading run of `hashes` G1 caches for a peer's pull; their block ids ([]: none, or the
         engine does not lend). `abort(lease_id)` frees them."""
+
+    def lend_pool(self) -> tuple[str, bytes] | None:
+        """Where `lease_blocks`' block ids are read from when the engine lends through its own transfer
+        engine (`lends_through_connector`): (pool name, transfer metadata); None: the worker's G1 pool."""
 
     def kv_pool(self) -> Any:
         """The G1 pool tensor for transfer registration (block-contiguous), or None if the engine's KV
