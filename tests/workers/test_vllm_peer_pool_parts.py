@@ -8,7 +8,8 @@ CPU cache.
   half reads them from A's rows and scatters them into vLLM's blocks byte for byte; the read's release
   notification gives A's rows back.
 - A read past its deadline (the lease may have been given back) is a miss that vLLM recomputes, and
-  `free` gives a lease's rows back.
+  `free` gives a lease's rows back; a lease is read at most once (a preempted request asks its own
+  tiers again, not the peer); another model's lease is never planned.
 
 The real thing, in real vLLM behind `kvrelay serve`, is tests/vllm/test_vllm_peer_pull.py.
 """
@@ -32,6 +33,7 @@ from kvrelay.workers.engines.vllm.tier_runtime import TierRuntime, TierSettings
 from kvrelay.workers.engines.vllm.tier_scheduler import TierScheduler
 from kvrelay.workers.engines.vllm.tier_worker import TierWorker
 from tests.disagg.test_disagg_identity import _transfer_kinds
+from tests.workers.test_vllm_tier_connector_parts import ScriptedLookups
 
 BS, FP = 32, "vllm-test"
 NUM_BLOCKS = 16
@@ -168,3 +170,34 @@ def test_a_read_past_its_deadline_is_recomputed_and_free_gives_the_rows_back(sid
     asyncio.run(free(a.key, "peer:r1"))
     assert not a.rt.pool.leases and a.rt.rows_in_use == 0
     asyncio.run(free(a.key, "peer:r1"))  # idempotent
+
+
+def test_a_lease_is_read_once_and_a_preempted_request_asks_again_without_its_peer():
+    """The lender gives its rows back after one read: a request preempted after its pull (vLLM lost the
+    blocks) must recompute or load from its own tiers, never read the lender's rows again."""
+    lookups = ScriptedLookups()
+    sched = TierScheduler(BS, FP, lookups)
+    handle = KvHandle(request_id="peer:r", prefill_instance="worker-a", prefill_address="127.0.0.1:1",
+                      transfer_metadata=b"", pool=POOL, fingerprint=FP, block_ids=[70, 71, 72, 73],
+                      num_tokens=4 * BS, first_token=-1, lease_s=30.0)
+    peer = (handle, time.time() + 15)
+    assert sched.matched("r", PROMPT, "s", "", 0, peer) == (None, False)
+    assert lookups.peer_blocks["r"] == 4  # the lookup knows the peer's leased run
+    lookups.answers[lookups.asked[-1][0]] = ["G2", PEER_TIER, PEER_TIER]
+    assert sched.matched("r", PROMPT, "s", "", 0, peer) == (3 * BS, True)
+    sched.allocated("r", list(range(5, 11)), 3 * BS)
+    sched.step([])
+    assert sched.take_reads()["r"].remote_ids == [71, 72]  # prompt blocks 1 and 2: the lease's rows 1, 2
+    sched.step([("r", 3 * BS, BS, PROMPT, lambda: list(range(5, 11)))])  # it ran: block 3 computed
+    assert sched.matched("r", PROMPT, "s", "", 0, peer) == (None, False)  # preempted: vLLM lost them all
+    assert lookups.peer_blocks["r"] == 0  # asked again, of its own tiers only
+
+
+def test_another_models_lease_is_never_planned():
+    lookups = ScriptedLookups()
+    sched = TierScheduler(BS, FP, lookups)
+    handle = KvHandle(request_id="peer:r", prefill_instance="w", prefill_address="127.0.0.1:1",
+                      transfer_metadata=b"", pool=POOL, fingerprint="vllm-other-model", block_ids=[1, 2],
+                      num_tokens=2 * BS, first_token=-1, lease_s=30.0)
+    sched.matched("r", PROMPT, "", "", 0, (handle, time.time() + 15))
+    assert lookups.peer_blocks["r"] == 0

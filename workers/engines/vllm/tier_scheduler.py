@@ -77,7 +77,9 @@ class TierScheduler:
         self.live: dict[str, Any] = {}  # req_id -> vLLM's Request, from admission to finish
         self._loads: list[TierLoad] = []
         self._hit_sources: dict[str, dict[str, int]] = {}
-        self.peers: dict[str, tuple[KvHandle, float]] = {}  # req_id -> its leased peer (the cluster KV pool)
+        # req_id -> its leased peer (the cluster KV pool); None once a load has read it (the lender gives
+        # the rows back after one read: a preempted request asking again must not read them twice)
+        self.peers: dict[str, tuple[KvHandle, float] | None] = {}
         self._reads: dict[str, PeerRead] = {}  # this step's loads' peer blocks, by request
 
     def _state(self, req_id: str, salt: str, lora: str) -> _Request:
@@ -92,8 +94,8 @@ class TierScheduler:
         """prompt: every token vLLM would compute (a preempted request's outputs included). peer: the
         request's leased peer (its handle and read deadline; peer_pool.py): blocks no local tier holds
         are planned from it."""
-        if peer is not None and peer[0].fingerprint == self.fingerprint:
-            self.peers.setdefault(req_id, peer)
+        if req_id not in self.peers:  # the first time vLLM asks; a lease is read at most once (below)
+            self.peers[req_id] = peer if peer is not None and peer[0].fingerprint == self.fingerprint else None
         st = self._state(req_id, salt, lora)
         local = num_computed // self.block_size
         if st.running:  # preempted: the blocks it had saved may be in a tier while vLLM lost them
@@ -155,6 +157,7 @@ class TierScheduler:
         handle, deadline = peer
         position = {h: k for k, h in enumerate(st.hasher.hashes)}
         ks = [position.get(h, -1) for h, t in zip(job.hashes, job.tiers, strict=True) if t == PEER_TIER]
+        self.peers[job.request_id] = None  # read once, whatever comes of it
         if all(0 <= k < len(handle.block_ids) for k in ks):
             self._reads[job.request_id] = PeerRead(handle, [handle.block_ids[k] for k in ks], deadline)
 
