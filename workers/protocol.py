@@ -80,6 +80,10 @@ class Engine(Protocol):
         """Where `lease_blocks`' block ids are read from when the engine lends through its own transfer
         engine (`lends_through_connector`): (pool name, transfer metadata); None: the worker's G1 pool."""
 
+    def transfer_stats(self) -> Any:
+        """The stats (kvrelay.transfer.base.TransferStats) of a transfer engine the engine runs itself (vLLM's
+        pool, in vLLM's worker process), or None: the worker's `transfer_stats` reports its own."""
+
     def kv_pool(self) -> Any:
         """The G1 pool tensor for transfer registration (block-contiguous), or None if the engine's KV
         is not real memory (mocker)."""

@@ -320,7 +320,8 @@ class Worker:
     async def _transfer_stats(self, _: Empty) -> AsyncGenerator[Any, None]:
         from kvrelay.transfer.base import TransferStats
 
-        yield self.transfer.stats() if self.transfer is not None else TransferStats(kind="none")
+        own = self.engine.transfer_stats() if self.transfer is None else None  # vLLM's pool moves its own
+        yield self.transfer.stats() if self.transfer is not None else own or TransferStats(kind="none")
 
     async def _snapshot(self, _: Empty) -> AsyncGenerator[KvSnapshot, None]:
         # Events up to snap.last_event_id may still be queued for publication; consumers ignore any

@@ -2,7 +2,7 @@
 given to worker B with A named as its peer (`EngineRequest.kv_peer`, what the kv router sets when it
 sends a request away from the holder) is served by B from blocks pulled from A over the transfer
 engine (NIXL), not recomputed: B's cached_tokens cover the prefix, both workers' `kvrelay_kv_peer_*`
-show the blocks, and B's greedy tokens equal A's cold run token for token. A request with another
+and transfer stats show the blocks, and B's greedy tokens equal A's cold run token for token. A request with another
 cache_salt pulls nothing.
 
 Real parts: `kvrelay serve --engine vllm` with two vLLM workers on SmolLM2-135M (float32, block size
@@ -27,6 +27,7 @@ from tests.e2e.test_serve_disagg import _wait_all_workers
 from tests.vllm.conftest import vllm_serve
 
 BS = 32
+BLOCK_BYTES = BS * 30 * 2 * 3 * 64 * 4  # SmolLM2-135M in float32: tokens * layers * (K, V) * kv heads * head dim * 4 B
 PROMPT = [random.Random(31).randrange(3, 49000) for _ in range(840)]
 FULL = (len(PROMPT) - 1) // BS  # 26 blocks may load: never the last token's
 
@@ -50,6 +51,16 @@ async def _generate(client: WorkerClient, address: str, prompt: list[int], peer:
             tokens += out.token_ids
             cached = max(cached, out.num_cached_tokens)
     return tokens, cached
+
+
+def _expected_transport() -> str:
+    try:
+        from kvrelay.transfer import load_nixl_api
+
+        load_nixl_api()
+        return "nixl"
+    except ImportError:
+        return "tcp"
 
 
 def _metric(metrics_addr: str, name: str) -> float:
@@ -77,11 +88,12 @@ def test_a_vllm_worker_pulls_the_prefix_its_peer_holds_and_decodes_the_same_toke
                 await asyncio.sleep(1.0)  # the pool's counters ride vLLM's next stats
                 await _generate(client, a.address, PROMPT[:40])  # a step on each: fresh connector stats
                 await _generate(client, b.address, PROMPT[:40])
+                moved = await client.transfer_stats(a.address), await client.transfer_stats(b.address)
             finally:
                 await client.close()
-            return a, b, cold, cold_cached, pulled, cached, salted, salt_cached
+            return a, b, cold, cold_cached, pulled, cached, salted, salt_cached, moved
 
-        a, b, cold, cold_cached, pulled, cached, salted, salt_cached = asyncio.run(run())
+        a, b, cold, cold_cached, pulled, cached, salted, salt_cached, (ta, tb) = asyncio.run(run())
         stats: dict[str, EngineStats] = {k: s for k, (_, s) in
                                          asyncio.run(worker_stats(DiscoveryConfig(discovery="file", discovery_dir=srv.discovery_dir),
                                                                    token=srv.internal_token)).items()}
@@ -95,5 +107,9 @@ def test_a_vllm_worker_pulls_the_prefix_its_peer_holds_and_decodes_the_same_toke
         assert salted == cold  # the same prompt computed under another salt: the same tokens
         assert _metric(b.labels["metrics"], "kvrelay_kv_peer_pulled_blocks_total") == FULL  # what /metrics exports
         assert _metric(a.labels["metrics"], "kvrelay_kv_peer_lent_blocks_total") == FULL
+        # The bytes moved once, over the pool's transfer engine (NIXL where it loads, as here), A -> B.
+        assert tb.kind == ta.kind == _expected_transport()
+        assert tb.reads == 1 and tb.bytes_read == FULL * BLOCK_BYTES and tb.failures == 0
+        assert ta.bytes_read == 0 and ta.notifications_received == 1  # the pull's release
     finally:
         srv.stop()

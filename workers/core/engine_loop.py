@@ -176,6 +176,9 @@ class EngineLoop:
         if self._sink is not None:
             self.driver.publish(self._sink, events)
 
+    def transfer_stats(self) -> None:
+        return None  # the worker's transfer engine moves this engine's KV
+
     def lend_pool(self) -> None:
         return None  # lent blocks are G1's, in the worker's transfer engine
 

@@ -362,6 +362,13 @@ class VllmEngine:
         """The staging rows holding the leading run of `hashes` this worker's tiers hold (peer_pool.py)."""
         return await self.peers.lend(lease_id, hashes) if self.peers is not None else []
 
+    def transfer_stats(self) -> Any:
+        """The pool's transfer engine in vLLM's worker process (its stats ride vLLM's connector stats)."""
+        from kvrelay.transfer.base import TransferStats
+
+        snap = self.stats_sink.peer_transfer
+        return msgspec.convert(snap, TransferStats) if snap else None
+
     def lend_pool(self) -> tuple[str, bytes] | None:
         return self.peers.lend_pool if self.peers is not None else None
 

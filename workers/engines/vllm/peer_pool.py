@@ -233,6 +233,10 @@ class PeerPool:
         self.stats.pulled_requests += pulled > 0
         self.stats.failures += pulled < len(peer)
 
+    def transfer_stats(self) -> dict[str, Any]:
+        """The pool's transfer engine's TransferStats, as builtins (they ride vLLM's connector stats)."""
+        return msgspec.to_builtins(self.engine.stats())
+
     def counters(self) -> dict[str, int]:
         s = self.stats
         return {"pulled_blocks": s.pulled_blocks, "pulled_requests": s.pulled_requests, "failures": s.failures,

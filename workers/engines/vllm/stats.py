@@ -38,6 +38,7 @@ class VllmStats:
         self.tiers: list[TierCounters] = []  # kvrelay's G2/G3/G4 under vLLM: the latest snapshot
         self.save_skipped = self.rows_in_use = self.onboarded = 0
         self.peer: dict[str, int] = {}  # the cluster KV pool's counters in vLLM's worker (peer_pool.py)
+        self.peer_transfer: dict[str, Any] = {}  # its transfer engine's TransferStats, as builtins
 
     def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
         if scheduler_stats is not None:
@@ -54,6 +55,7 @@ class VllmStats:
                 self.save_skipped, self.rows_in_use = snap.get("save_skipped", 0), snap.get("rows_in_use", 0)
                 self.onboarded = snap.get("onboarded", 0)
                 self.peer = dict(snap.get("peer") or {})
+                self.peer_transfer = dict(snap.get("peer_transfer") or {})
         if iteration_stats is not None:
             self.generated_tokens += iteration_stats.num_generation_tokens
             self.preemptions += iteration_stats.num_preempted_reqs

@@ -181,7 +181,8 @@ class KvrelayTierConnector(KVConnectorBase_V1):
         return TierStats(data={STATS_KEY: [msgspec.to_builtins(c) for c in self._r.counters()],
                                "save_skipped": self._r.save_skipped, "rows_in_use": self._r.rows_in_use,
                                "onboarded": self._r.onboarded,
-                               "peer": self._r.pool.counters() if self._r.pool is not None else {}})
+                               "peer": self._r.pool.counters() if self._r.pool is not None else {},
+                               "peer_transfer": self._r.pool.transfer_stats() if self._r.pool is not None else {}})
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
