@@ -24,7 +24,7 @@ from kvrelay.workers.api.client import WorkerClient
 from kvrelay.workers.api.messages import EngineRequest, EngineStats, KvPeer, SamplingParams
 from tests.e2e.serve import worker_stats
 from tests.e2e.test_serve_disagg import _wait_all_workers
-from tests.vllm.conftest import vllm_serve
+from tests.vllm.conftest import START_S, vllm_serve
 
 BS = 32
 BLOCK_BYTES = BS * 30 * 2 * 3 * 64 * 4  # SmolLM2-135M in float32: tokens * layers * (K, V) * kv heads * head dim * 4 B
@@ -74,7 +74,7 @@ def _metric(metrics_addr: str, name: str) -> float:
 def test_a_vllm_worker_pulls_the_prefix_its_peer_holds_and_decodes_the_same_tokens(tmp_path):
     srv = vllm_serve(tmp_path, workers=2)
     try:
-        _wait_all_workers(srv, 2)
+        _wait_all_workers(srv, 2, timeout=START_S)  # serve is up with one; the other may start minutes later
 
         async def run():
             a, b = await _instances(srv)
