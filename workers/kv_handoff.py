@@ -188,11 +188,13 @@ class SimulatedPuller(HandleReleaser):
 async def lend_blocks(engine: Any, leases: PrefillLeases, request: PeerLeaseRequest, instance: Any,
                       transfer_metadata: bytes) -> KvHandle | None:
     """A peer's `kv_lease` (the cluster KV pool): pin the leading run of the asked blocks this worker holds
-    (G1, and after it what G2 holds, loaded into G1: workers/core/lend_from_g2.py) under the request's
-    lease id, timed like a prefill's handle (freed by the pull's notification, `release`, or expiry), and
-    describe them as a handle with each block's checksum; None when it holds none, or the ask is for
-    another model, or the asker gave the lease back before it was granted. `engine`: the worker's Engine;
-    `instance`: its discovery Instance.
+    (G1, and after it what G2 holds, loaded into G1: workers/core/lend_from_g2.py; a vLLM worker lends
+    from its tiers' staging rows, `Engine.lend_pool`) under the request's lease id, timed like a prefill's
+    handle (freed by the pull's notification, `release`, or expiry), and describe them as a handle with
+    each block's checksum (where the engine's KV is this process's memory); None when it holds none, or
+    the ask is for another model, or the asker gave the lease back before it was granted. `engine`: the
+    worker's Engine; `instance`: its discovery Instance; `transfer_metadata`: the worker's transfer
+    engine's, unless the engine lends from a pool of its own (vLLM's connector).
 
     Cancelled (the asker left) while the engine pins: the pinning runs to its end and its blocks are
     freed at once, never left to the lease's expiry."""
@@ -213,8 +215,9 @@ async def lend_blocks(engine: Any, leases: PrefillLeases, request: PeerLeaseRequ
         raise
     if not leases.hold(request.lease_id):
         return None  # given back already (the asker timed out or was cancelled): freed by hold
+    pool, transfer_metadata = engine.lend_pool() or ("g1", transfer_metadata)
     return KvHandle(request_id=request.lease_id, prefill_instance=instance.instance_id,
-                    prefill_address=instance.address, transfer_metadata=transfer_metadata,
+                    prefill_address=instance.address, transfer_metadata=transfer_metadata, pool=pool,
                     fingerprint=engine.fingerprint, block_ids=block_ids,
                     num_tokens=len(block_ids) * engine.kv_layout().block_size, first_token=-1,
                     lease_s=leases.lease_s, block_checksums=checksums)

@@ -35,6 +35,9 @@ class Engine(Protocol):
     # True when the engine moves KV between workers itself (vLLM's connector): the worker then runs no
     # transfer engine and no puller, and handles carry `PrefillResult.transfer_params`.
     owns_kv_transfer: bool
+    # The cluster KV pool runs inside the engine's KV connector (vLLM): the worker serves `kv_lease` and
+    # hands the engine no puller; the engine asks, pulls and lends itself (`lend_pool`).
+    lends_through_connector: bool
 
     @property
     def fingerprint(self) -> str:
@@ -77,6 +80,14 @@ class Engine(Protocol):
     async def block_checksums(self, block_ids: list[int]) -> list[int]:
         """xxh3_64 of each of these (pinned) G1 blocks' bytes, sent with a lease so the puller can verify
         what it got ([]: the engine's KV is not this process's memory, nothing to verify)."""
+
+    def lend_pool(self) -> tuple[str, bytes] | None:
+        """Where `lease_blocks`' block ids are read from when the engine lends through its own transfer
+        engine (`lends_through_connector`): (pool name, transfer metadata); None: the worker's G1 pool."""
+
+    def transfer_stats(self) -> Any:
+        """The stats (kvrelay.transfer.base.TransferStats) of a transfer engine the engine runs itself (vLLM's
+        pool, in vLLM's worker process), or None: the worker's `transfer_stats` reports its own."""
 
     def kv_pool(self) -> Any:
         """The G1 pool tensor for transfer registration (block-contiguous), or None if the engine's KV

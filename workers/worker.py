@@ -75,7 +75,8 @@ MODEL_CARD_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_confi
                     "chat_template.jinja", "chat_template.json", "special_tokens_map.json")
 
 
-def build_engine(cfg: WorkerConfig, model_dir: str) -> Engine:
+def build_engine(cfg: WorkerConfig, model_dir: str, token: str = "") -> Engine:
+    """token: the internal token, for an engine that moves KV between workers itself (vLLM's pool)."""
     if cfg.engine == "native":
         from kvrelay.workers.engines.native import NativeEngine, NativeEngineConfig
 
@@ -91,7 +92,7 @@ def build_engine(cfg: WorkerConfig, model_dir: str) -> Engine:
     if cfg.engine == "vllm":
         from kvrelay.workers.engines.vllm.build import build_vllm_engine
 
-        return build_vllm_engine(cfg, model_dir, tier_config(cfg))
+        return build_vllm_engine(cfg, model_dir, tier_config(cfg), token)
     raise ValueError(f"unknown engine {cfg.engine!r}")
 
 
@@ -122,7 +123,7 @@ class Worker:
         self.cfg, self.discovery, self.events = cfg, discovery, events
         self.internal_token = internal_token
         self.model_dir, self.model_name = resolve_model(cfg)
-        self.engine = engine or build_engine(cfg, self.model_dir)
+        self.engine = engine or build_engine(cfg, self.model_dir, internal_token)
         self.instance_id = instance_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.server = RpcServer(cfg.host, cfg.port, token=internal_token)
         self.instance: Instance | None = None
@@ -229,8 +230,10 @@ class Worker:
         await self.events.close()
 
     def _lends_kv(self) -> bool:
-        """Peer pulls (the cluster KV pool) are on: this worker lends its G1 blocks and pulls others'."""
-        return self.cfg.kv_peer_pull and self.cfg.kv_transfer != "none" and not self.engine.owns_kv_transfer
+        """Peer pulls (the cluster KV pool) are on: this worker lends its G1 blocks and pulls others'
+        (vLLM: its tiers' blocks, through its connector, `lends_through_connector`)."""
+        return self.cfg.kv_peer_pull and self.cfg.kv_transfer != "none" and (
+            not self.engine.owns_kv_transfer or self.engine.lends_through_connector)
 
     async def _start_transfer(self) -> None:
         """A transfer engine over the G1 pool (prefill/decode roles, and every role with peer pulls);
@@ -320,7 +323,8 @@ class Worker:
     async def _transfer_stats(self, _: Empty) -> AsyncGenerator[Any, None]:
         from kvrelay.transfer.base import TransferStats
 
-        yield self.transfer.stats() if self.transfer is not None else TransferStats(kind="none")
+        own = self.engine.transfer_stats() if self.transfer is None else None  # vLLM's pool moves its own
+        yield self.transfer.stats() if self.transfer is not None else own or TransferStats(kind="none")
 
     async def _snapshot(self, _: Empty) -> AsyncGenerator[KvSnapshot, None]:
         # Events up to snap.last_event_id may still be queued for publication; consumers ignore any

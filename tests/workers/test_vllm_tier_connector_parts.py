@@ -39,10 +39,12 @@ class ScriptedLookups:
 
     def __init__(self):
         self.asked: list[tuple[str, list[int], int]] = []
+        self.peer_blocks: dict[str, int] = {}  # the last ask's leased peer blocks, by request
         self.answers: dict[str, list[str]] = {}
 
-    def ask(self, request_id, hashes, local):
+    def ask(self, request_id, hashes, local, peer=0):
         self.asked.append((request_id, list(hashes), local))
+        self.peer_blocks[request_id] = peer
 
     def result(self, request_id, wait_s):
         return self.answers.pop(request_id, None)

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 class EngineLoop:
     owns_kv_transfer = False  # KV moves through the worker's transfer engine and the puller
+    lends_through_connector = False  # peers read G1 through the worker's transfer engine
 
     def __init__(self, driver: CoreDriver):
         self.driver = driver
@@ -194,6 +195,12 @@ class EngineLoop:
     def _publish(self, events: list[KvEvent]) -> None:
         if self._sink is not None:
             self.driver.publish(self._sink, events)
+
+    def transfer_stats(self) -> None:
+        return None  # the worker's transfer engine moves this engine's KV
+
+    def lend_pool(self) -> None:
+        return None  # lent blocks are G1's, in the worker's transfer engine
 
     async def lease_blocks(self, lease_id: str, hashes: list[int]) -> list[int]:
         if not self.running:

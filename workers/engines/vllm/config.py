@@ -39,6 +39,7 @@ class VllmEngineConfig:
     socket_dir: str = ""  # the engine's private directory: KV-event sockets (ipc://), logging config
     tiers: TierConfig | None = None  # kvrelay's G2/G3/G4 through KvrelayTierConnector (tier_connector.py)
     fingerprint: str = ""  # kvrelay's block identity root (set at start, from the model directory)
+    pool: Any = None  # peer_pool.PoolSettings: the cluster KV pool through the tier connector; None = off
 
     def event_endpoints(self) -> tuple[str, str]:
         return f"ipc://{self.socket_dir}/kv-events", f"ipc://{self.socket_dir}/kv-replay"
@@ -73,7 +74,7 @@ class VllmEngineConfig:
             from kvrelay.workers.engines.vllm.tier_runtime import TierSettings
 
             settings = TierSettings(key=self.socket_dir, fingerprint=self.fingerprint, block_size=self.limits.block_size,
-                                    tiers=self.tiers)
+                                    tiers=self.tiers, pool=self.pool)
             tiers = {"kv_connector": "KvrelayTierConnector", "kv_role": "kv_both",
                      "kv_connector_module_path": TIER_CONNECTOR_MODULE,
                      "kv_connector_extra_config": {"kvrelay": settings.to_extra()}}

@@ -9,7 +9,13 @@ kvrelay adds around it:
 - load: vLLM's stat-logger interface (stats.py);
 - disaggregation through vLLM's NixlConnector: a prefill returns vLLM's `kv_transfer_params` inside
   kvrelay's handle (`KvHandle.transfer_metadata`, pool "vllm-nixl"); the decode side passes them back
-  to vLLM, which reads the blocks itself (`owns_kv_transfer`: the worker runs no transfer engine).
+  to vLLM, which reads the blocks itself (`owns_kv_transfer`: the worker runs no transfer engine);
+- the cluster KV pool through kvrelay's tier connector (peer_pool.py, `lends_through_connector`): a
+  request naming a peer (`EngineRequest.kv_peer`) first leases the prefix from it (`kv_lease`, as the
+  native core's peer source does), then goes to vLLM with the handle in `kv_transfer_params`, where the
+  connector pulls the blocks like a tier load; `lease_blocks` lends what this worker's tiers hold
+  (peer_lend.py). The lease is given back when vLLM's first token shows the pull is over (its
+  notification usually freed it already); a request aborted before that leaves it to expire.
 
 Invariants: every request ends with exactly one final output or one exception; a request whose consumer
 leaves early is aborted in vLLM (its blocks freed), except that the abort of a decode whose KV is being
@@ -41,6 +47,7 @@ from kvrelay.workers.engines.vllm.config import VllmEngineConfig, engine_args
 from kvrelay.workers.engines.vllm.event_subscriber import VllmEventSubscriber
 from kvrelay.workers.engines.vllm.kv_events import VllmEventMapper, decode_batch
 from kvrelay.workers.engines.vllm.orphan_guard import disarm, guard_process_group
+from kvrelay.workers.engines.vllm.peer_ask import PeerAsker
 from kvrelay.workers.engines.vllm.sampling import to_output, to_vllm
 from kvrelay.workers.engines.vllm.start_errors import EngineStartError, StartErrorLog, model_shape
 from kvrelay.workers.engines.vllm.stats import VllmStats, stat_logger_factory
@@ -58,8 +65,10 @@ class VllmEngine:
     fingerprint: str
     max_model_len: int
 
-    def __init__(self, cfg: VllmEngineConfig, max_waiting: int = 1024):
+    def __init__(self, cfg: VllmEngineConfig, max_waiting: int = 1024, token: str = ""):
         self.cfg, self.max_waiting = cfg, max_waiting
+        self.lends_through_connector = cfg.pool is not None and cfg.tiers is not None
+        self.peers = PeerAsker(token) if self.lends_through_connector else None
         self.llm: Any = None
         self.stats_sink = VllmStats()
         self.events = KvEventLog()
@@ -79,6 +88,8 @@ class VllmEngine:
             os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", cfg.host)
             os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_PORT", str(_free_port(cfg.host)))
         layers, kv_heads, head_dim, itemsize = model_shape(cfg.model, cfg.dtype)
+        if self.peers is not None:
+            self.peers.before_vllm_starts()  # the token reaches vLLM's worker process in its environment
         if cfg.guard_orphans:
             self._watchdog = guard_process_group()
         errors = StartErrorLog(Path(cfg.socket_dir))
@@ -101,6 +112,8 @@ class VllmEngine:
         pub, replay = cfg.event_endpoints()
         self.subscriber = VllmEventSubscriber(pub, replay, self._on_batch, self._on_lost)
         self.subscriber.start()
+        if self.peers is not None:
+            self.peers.start(cfg.socket_dir, self.fingerprint, self.block_size)
         log.info("vLLM engine up: %d KV blocks of %d tokens, max_model_len %d, role %s", self.num_blocks,
                  self.block_size, self.max_model_len, cfg.role)
 
@@ -110,6 +123,8 @@ class VllmEngine:
         if self.subscriber is not None:
             await self.subscriber.close()
             self.subscriber = None
+        if self.peers is not None:
+            await self.peers.close()
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
@@ -156,12 +171,20 @@ class VllmEngine:
                                           n + 1, deferred=False):
                 yield msgspec.structs.replace(out, num_prompt_tokens=n)
             return
+        lease = None
+        if handle is None and request.kv_peer is not None and self.peers is not None:
+            lease = await self.peers.ask(request)
+            params = lease.params if lease is not None else None
         sampling = to_vllm(request.sampling, kv_transfer_params=params)
         first = handle is not None
         mismatch = False
         stream = self._stream(request, self._prompt(request), sampling, n, deferred=handle is not None)
         try:
             async for out in stream:
+                if lease is not None and (out.token_ids or out.finish_reason is not None):
+                    assert self.peers is not None  # a lease comes from it
+                    self.peers.give_back(lease)  # vLLM scheduled the request: its pull is over
+                    lease = None
                 if first and out.token_ids:  # vLLM decodes from the prompt and samples the first token again
                     first = False
                     assert handle is not None
@@ -291,6 +314,8 @@ class VllmEngine:
             self._in_flight -= 1
 
     async def abort(self, request_id: str) -> None:
+        if self.peers is not None and request_id.startswith("peer:"):  # a lease lent to a peer (worker's timer)
+            await self.peers.free(request_id)
         if self.llm is not None:
             await self.llm.abort(request_id)
 
@@ -324,7 +349,8 @@ class VllmEngine:
                         num_kv_heads=kv_heads, head_dim=head_dim, dtype=self.dtype, device=self.cfg.device)
 
     def stats(self) -> EngineStats:
-        return self.stats_sink.engine_stats(self.num_blocks, self._in_flight, self.block_size)
+        stats = self.stats_sink.engine_stats(self.num_blocks, self._in_flight, self.block_size)
+        return self.peers.add_counters(stats) if self.peers is not None else stats
 
     def set_kv_puller(self, puller: KvPuller) -> None:
         raise EngineError("the vLLM engine moves KV through vLLM's NixlConnector, not a kvrelay puller")
@@ -333,7 +359,18 @@ class VllmEngine:
         pass  # not called: the worker runs no transfer engine for an engine that owns its KV transfer
 
     async def lease_blocks(self, lease_id: str, hashes: list[int]) -> list[int]:
-        return []  # peers pull from vLLM workers only through its connector (not built yet): never lends
+        """The staging rows holding the leading run of `hashes` this worker's tiers hold (peer_pool.py)."""
+        return await self.peers.lend(lease_id, hashes) if self.peers is not None else []
+
+    def transfer_stats(self) -> Any:
+        """The pool's transfer engine in vLLM's worker process (its stats ride vLLM's connector stats)."""
+        from kvrelay.transfer.base import TransferStats
+
+        snap = self.stats_sink.peer_transfer
+        return msgspec.convert(snap, TransferStats) if snap else None
+
+    def lend_pool(self) -> tuple[str, bytes] | None:
+        return self.peers.lend_pool if self.peers is not None else None
 
     async def block_checksums(self, block_ids: list[int]) -> list[int]:
         return []  # never lends (lease_blocks)

@@ -37,6 +37,8 @@ class VllmStats:
         self.remote_prefills = self.pull_failures = 0  # decode role: handles used / recomputed instead
         self.tiers: list[TierCounters] = []  # kvrelay's G2/G3/G4 under vLLM: the latest snapshot
         self.save_skipped = self.rows_in_use = self.onboarded = 0
+        self.peer: dict[str, int] = {}  # the cluster KV pool's counters in vLLM's worker (peer_pool.py)
+        self.peer_transfer: dict[str, Any] = {}  # its transfer engine's TransferStats, as builtins
 
     def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
         if scheduler_stats is not None:
@@ -52,6 +54,8 @@ class VllmStats:
                 self.tiers = msgspec.convert(snap[TIER_STATS_KEY], list[TierCounters])
                 self.save_skipped, self.rows_in_use = snap.get("save_skipped", 0), snap.get("rows_in_use", 0)
                 self.onboarded = snap.get("onboarded", 0)
+                self.peer = dict(snap.get("peer") or {})
+                self.peer_transfer = dict(snap.get("peer_transfer") or {})
         if iteration_stats is not None:
             self.generated_tokens += iteration_stats.num_generation_tokens
             self.preemptions += iteration_stats.num_preempted_reqs
@@ -61,13 +65,19 @@ class VllmStats:
         running, waiting = (self.running, self.waiting) if in_flight else (0, 0)
         used = min(total_blocks, round(self.kv_usage * total_blocks))
         onboarded = self.onboarded  # blocks vLLM used; a tier's onboard_blocks also counts those read past a miss
-        pulled = max(0, self.external_hit_tokens // block_size - sum(t.onboard_blocks for t in self.tiers))
+        peer = self.peer
+        # External hits are the handoff's NIXL reads, tier loads and peer pulls: the first are what is left.
+        pulled = max(0, self.external_hit_tokens // block_size - sum(t.onboard_blocks for t in self.tiers)
+                     - peer.get("pulled_blocks", 0))
         return EngineStats(running=running, waiting=waiting, used_blocks=used, free_blocks=total_blocks - used,
                            total_blocks=total_blocks, prefix_hit_tokens=self.prefix_hit_tokens,
                            prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
                            preemptions=self.preemptions, remote_prefills=self.remote_prefills,
                            pulled_blocks=pulled, pull_failures=self.pull_failures, onboarded_blocks=onboarded,
-                           offload_pinned=self.rows_in_use, offload_skipped=self.save_skipped, tiers=self.tiers)
+                           offload_pinned=self.rows_in_use, offload_skipped=self.save_skipped, tiers=self.tiers,
+                           peer_pulled_blocks=peer.get("pulled_blocks", 0),
+                           peer_pull_failures=peer.get("failures", 0), peer_lent_blocks=peer.get("lent_blocks", 0),
+                           peer_lease_pinned=peer.get("lease_pinned", 0))
 
 
 def stat_logger_factory(sink: VllmStats) -> Any:

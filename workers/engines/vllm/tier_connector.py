@@ -34,6 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvrelay.workers.core.kv_sources.tiers import TierLoad, TierSave
+from kvrelay.workers.engines.vllm.peer_pool import PeerRead, peer_from_params
 from kvrelay.workers.engines.vllm.stats import TIER_STATS_KEY as STATS_KEY
 from kvrelay.workers.engines.vllm.tier_lookup import LookupClient
 from kvrelay.workers.engines.vllm.tier_runtime import TierRuntime, TierSettings
@@ -50,8 +51,10 @@ _HIT_SOURCES = {"G2": CacheHitSource.HOST, "G3": CacheHitSource.DISK}
 class TierMetadata(KVConnectorMetadata):
     """One step's work for the worker half."""
 
-    def __init__(self, loads: list[TierLoad], saves: list[TierSave], prompt_tokens: int):
+    def __init__(self, loads: list[TierLoad], saves: list[TierSave], prompt_tokens: int,
+                 reads: dict[str, PeerRead] | None = None):
         self.loads, self.saves, self.prompt_tokens = loads, saves, prompt_tokens
+        self.reads = reads or {}  # the loads' blocks from peers (the cluster KV pool), by request
 
 
 class TierEvents(KVConnectorWorkerMetadata):
@@ -152,7 +155,8 @@ class KvrelayTierConnector(KVConnectorBase_V1):
         self._w.mark_step()  # just before the forward: the prefill clock starts
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        self._w.start_loads(self._meta().loads)
+        meta = self._meta()
+        self._w.start_loads(meta.loads, meta.reads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are whole requests, finished before vLLM schedules them (async loading)
@@ -176,7 +180,9 @@ class KvrelayTierConnector(KVConnectorBase_V1):
             return None
         return TierStats(data={STATS_KEY: [msgspec.to_builtins(c) for c in self._r.counters()],
                                "save_skipped": self._r.save_skipped, "rows_in_use": self._r.rows_in_use,
-                               "onboarded": self._r.onboarded})
+                               "onboarded": self._r.onboarded,
+                               "peer": self._r.pool.counters() if self._r.pool is not None else {},
+                               "peer_transfer": self._r.pool.transfer_stats() if self._r.pool is not None else {}})
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
@@ -208,7 +214,7 @@ class KvrelayTierConnector(KVConnectorBase_V1):
             return 0, False
         lora = request.lora_request.lora_name if request.lora_request is not None else ""
         return self._s.matched(request.request_id, request.all_token_ids, request.cache_salt or "", lora,
-                                   num_computed_tokens)
+                               num_computed_tokens, peer_from_params(request.kv_transfer_params))
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else ()
@@ -236,7 +242,7 @@ class KvrelayTierConnector(KVConnectorBase_V1):
             scheduled.append((req_id, computed, n, req.all_token_ids,
                               lambda req_id=req_id: manager.get_block_ids(req_id)[0]))
         loads, saves = self._s.step(scheduled)
-        return TierMetadata(loads, saves, prompt_tokens)
+        return TierMetadata(loads, saves, prompt_tokens, self._s.take_reads())
 
     def on_new_request(self, request: Any) -> None:
         self._s.live[request.request_id] = request

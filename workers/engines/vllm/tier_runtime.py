@@ -33,6 +33,8 @@ from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.kvbm.tiered_kv import TieredKv
 from kvrelay.workers.api.messages import TierCounters
 from kvrelay.workers.core.kv_sources.tiers_loop import tier_counters
+from kvrelay.workers.engines.vllm.peer_lend import LendServer
+from kvrelay.workers.engines.vllm.peer_pool import PeerPool, PoolSettings
 from kvrelay.workers.engines.vllm.tier_lookup import LookupServer
 
 log = logging.getLogger("kvrelay.vllm.tiers")
@@ -49,16 +51,20 @@ class TierSettings:
     block_size: int
     tiers: TierConfig
     staging_bytes: int = DEFAULT_STAGING_BYTES  # at least; more if two engine steps' new blocks need more
+    pool: PoolSettings | None = None  # the cluster KV pool (peer_pool.py): lend and pull; None = off
 
     def to_extra(self) -> dict[str, Any]:
         return {"key": self.key, "fingerprint": self.fingerprint, "block_size": self.block_size,
-                "staging_bytes": self.staging_bytes, "tiers": dataclasses.asdict(self.tiers)}
+                "staging_bytes": self.staging_bytes, "tiers": dataclasses.asdict(self.tiers),
+                "pool": self.pool.to_extra() if self.pool is not None else None}
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> TierSettings:
+        pool = extra.get("pool")
         return cls(key=str(extra["key"]), fingerprint=extra["fingerprint"], block_size=int(extra["block_size"]),
                    tiers=TierConfig(**extra["tiers"]),
-                   staging_bytes=int(extra.get("staging_bytes", DEFAULT_STAGING_BYTES)))
+                   staging_bytes=int(extra.get("staging_bytes", DEFAULT_STAGING_BYTES)),
+                   pool=PoolSettings.from_extra(pool) if pool else None)
 
 
 class TierRuntime:
@@ -66,6 +72,8 @@ class TierRuntime:
         self.settings = settings
         self.tiered: TieredKv | None = None  # None until the worker half registered vLLM's caches
         self._lookups: LookupServer | None = None
+        self.pool: PeerPool | None = None  # the cluster KV pool, when on and its transfer engine started
+        self._lends: LendServer | None = None
         self.rows: torch.Tensor | None = None
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="kvrelay-tiers", daemon=True)
@@ -92,6 +100,8 @@ class TierRuntime:
         self.tiered = self.run(TieredKv.open(self.settings.tiers, self.rows, self.settings.block_size,
                                              self.settings.fingerprint, sink=self._on_event))
         self.run(self._serve_lookups())
+        if self.settings.pool is not None:
+            self.run(self._join_pool(self.settings.pool, start=bool(self.tiered.stores)))
         if not self.tiered.stores:
             return False
         log.info("kvrelay tiers under vLLM: %s; %d staging rows of %d B (%.0f MiB); offload write-through, "
@@ -114,11 +124,27 @@ class TierRuntime:
     async def _serve_lookups(self) -> None:
         self._lookups = LookupServer(self.settings.key, self.kv, self.num_rows)
 
+    async def _join_pool(self, settings: PoolSettings, start: bool) -> None:
+        """Lend and pull (peer_pool.py); without a tier or a transfer engine that starts the pool is off
+        here (lends answer nothing at once, lookups plan no pulls), never the tiers."""
+        try:
+            self.pool = await PeerPool.start(self, settings) if start else None
+        except Exception as e:
+            log.warning("kvrelay KV pool under vLLM: the transfer engine did not start (%s: %s); this worker "
+                        "neither lends nor pulls", type(e).__name__, e)
+        self._lends = LendServer(self.settings.key, self.pool)
+        assert self._lookups is not None
+        self._lookups.pulls = self.pool is not None
+
     def close(self) -> None:
         if self.tiered is not None:
             try:
                 if self._lookups is not None:
                     self.run(self._lookups.close(), timeout=5)
+                if self._lends is not None:
+                    self.run(self._lends.close(), timeout=5)
+                if self.pool is not None:
+                    self.run(self.pool.close(), timeout=10)
                 self.run(self.tiered.close(), timeout=30)
             except Exception:
                 log.exception("closing kvrelay's tiers failed")

@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvrelay.kvbm.hashing import BlockHasher, root_hash
+from kvrelay.workers.api.messages import KvHandle
 from kvrelay.workers.core.kv_sources.source import Match
 from kvrelay.workers.core.kv_sources.tiers import TierLoad, TierLookup, TierSave, TierSource
+from kvrelay.workers.engines.vllm.peer_pool import PEER_TIER, PeerRead
 from kvrelay.workers.engines.vllm.tier_lookup import LookupClient
 
 log = logging.getLogger("kvrelay.vllm.tiers")
@@ -75,6 +77,10 @@ class TierScheduler:
         self.live: dict[str, Any] = {}  # req_id -> vLLM's Request, from admission to finish
         self._loads: list[TierLoad] = []
         self._hit_sources: dict[str, dict[str, int]] = {}
+        # req_id -> its leased peer (the cluster KV pool); None once a load has read it (the lender gives
+        # the rows back after one read: a preempted request asking again must not read them twice)
+        self.peers: dict[str, tuple[KvHandle, float] | None] = {}
+        self._reads: dict[str, PeerRead] = {}  # this step's loads' peer blocks, by request
 
     def _state(self, req_id: str, salt: str, lora: str) -> _Request:
         st = self.reqs.get(req_id)
@@ -84,8 +90,12 @@ class TierScheduler:
         return st
 
     def matched(self, req_id: str, prompt: Sequence[int], salt: str, lora: str,
-                num_computed: int) -> tuple[int | None, bool]:
-        """prompt: every token vLLM would compute (a preempted request's outputs included)."""
+                num_computed: int, peer: tuple[KvHandle, float] | None = None) -> tuple[int | None, bool]:
+        """prompt: every token vLLM would compute (a preempted request's outputs included). peer: the
+        request's leased peer (its handle and read deadline; peer_pool.py): blocks no local tier holds
+        are planned from it."""
+        if req_id not in self.peers:  # the first time vLLM asks; a lease is read at most once (below)
+            self.peers[req_id] = peer if peer is not None and peer[0].fingerprint == self.fingerprint else None
         st = self._state(req_id, salt, lora)
         local = num_computed // self.block_size
         if st.running:  # preempted: the blocks it had saved may be in a tier while vLLM lost them
@@ -127,13 +137,34 @@ class TierScheduler:
         for job in self.source.take_jobs():
             match job:
                 case TierLookup(request_id=rid, hashes=hashes, local=local):
-                    self.lookups.ask(rid, hashes, local)
+                    peer = self.peers.get(rid)
+                    self.lookups.ask(rid, hashes, local, len(peer[0].block_ids) if peer is not None else 0)
                 case TierLoad():
                     self._loads.append(job)
+                    self._plan_read(job)
                     split: dict[str, int] = {}
                     for t in job.tiers:
                         split[t] = split.get(t, 0) + self.block_size
                     self._hit_sources[job.request_id] = split
+
+    def _plan_read(self, job: TierLoad) -> None:
+        """Where the load's peer blocks are on the lender: block k of the prompt is the lease's k-th."""
+        if PEER_TIER not in job.tiers:
+            return
+        peer, st = self.peers.get(job.request_id), self.reqs.get(job.request_id)
+        if peer is None or st is None:
+            return  # no read: the worker half reports the peer blocks missing, vLLM recomputes them
+        handle, deadline = peer
+        position = {h: k for k, h in enumerate(st.hasher.hashes)}
+        ks = [position.get(h, -1) for h, t in zip(job.hashes, job.tiers, strict=True) if t == PEER_TIER]
+        self.peers[job.request_id] = None  # read once, whatever comes of it
+        if all(0 <= k < len(handle.block_ids) for k in ks):
+            self._reads[job.request_id] = PeerRead(handle, [handle.block_ids[k] for k in ks], deadline)
+
+    def take_reads(self) -> dict[str, PeerRead]:
+        """The peer reads of the loads `step` hands out (to the worker half with them)."""
+        reads, self._reads = self._reads, {}
+        return reads
 
     def step(self, scheduled: Sequence[tuple[str, int, int, Sequence[int], Callable[[], Sequence[int]]]]) -> tuple[
             list[TierLoad], list[TierSave]]:
@@ -165,6 +196,7 @@ class TierScheduler:
     def finished(self, req_id: str) -> None:
         self.live.pop(req_id, None)
         self._hit_sources.pop(req_id, None)
+        self.peers.pop(req_id, None)
         self.source.finished(req_id)
         self.reqs.pop(req_id, None)
         self.lookups.forget(req_id)

@@ -6,6 +6,9 @@ tiers, through the staging rows of `TierRuntime` (tier_connector.py calls it; no
   the forward, every step) scatters what arrived into vLLM's blocks, on this thread, and reports the
   request; blocks from the first one that did not arrive are reported as load errors, so vLLM
   recomputes them (policy "recompute"; a corrupt G3 block or truncated G4 object is such a miss).
+- Loads with blocks from a peer (tier "peer", the cluster KV pool): the tier loop reads them from the
+  lender's rows into this worker's (peer_pool.py `PeerPool.load`) while local tiers fill the others;
+  the scatter and the error report are the same.
 - Saves (`save`, after the forward): gather each new full block (every layer) into a row, on this
   thread, before vLLM can reuse the block; the tier loop then writes the rows to every tier
   (`TieredKv.offload`) and frees them. vLLM's blocks are never held for a save.
@@ -27,6 +30,7 @@ import torch
 from kvrelay.kernels.layer_pages import LayerPages, block_bytes, gather_layer_pages, scatter_layer_pages
 from kvrelay.kvbm.tiered_kv import OnboardPlan
 from kvrelay.workers.core.kv_sources.tiers import TierLoad, TierSave
+from kvrelay.workers.engines.vllm.peer_pool import PEER_TIER, PeerRead
 from kvrelay.workers.engines.vllm.tier_runtime import TierRuntime
 
 log = logging.getLogger("kvrelay.vllm.tiers")
@@ -65,12 +69,20 @@ class TierWorker:
     def mark_step(self) -> None:
         self._t0 = perf_counter()
 
-    def start_loads(self, jobs: Sequence[TierLoad]) -> None:
+    def start_loads(self, jobs: Sequence[TierLoad], reads: Mapping[str, PeerRead] | None = None) -> None:
+        """reads: where each load's blocks from a peer are (the cluster KV pool); a load with peer blocks
+        but no read (or no pool here) reports them missing, so vLLM recomputes them."""
         for job in jobs:
             rows = self.rt.take_rows(len(job.hashes), save=False) if self.enabled else None
             fut = None
-            if rows is not None:
+            read = (reads or {}).get(job.request_id)
+            if rows is not None and PEER_TIER not in job.tiers:
                 fut = self.rt.submit(self.rt.kv.onboard(OnboardPlan(job.hashes, rows, job.tiers)))
+            elif rows is not None and read is not None and self.rt.pool is not None:
+                fut = self.rt.submit(self.rt.pool.load(job, rows, read))
+            elif rows is not None:  # nothing will fill them
+                self.rt.give_rows(rows, save=False)
+                rows = None
             self._loads[job.request_id] = (job, rows or [], fut)
 
     def finished_loads(self) -> set[str]:
@@ -97,6 +109,8 @@ class TierWorker:
                 if rows:
                     self.rt.give_rows(rows, save=False)
             self.rt.onboarded += n
+            if self.rt.pool is not None:
+                self.rt.pool.loaded(job, n)
             self._errors.update(job.block_ids[n:])
         return done
 
