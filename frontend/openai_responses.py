@@ -255,15 +255,27 @@ def now() -> int:
 
 
 _encoder = msgspec.json.Encoder()
+# Characters JSON may carry raw in a string but that line-splitting clients take for line ends (Python's
+# str.splitlines, which httpx's `aiter_lines` uses: a generated U+2028 cut an SSE event in two for such a
+# client): sent escaped. Their UTF-8 bytes occur only inside JSON strings, so replacing them is exact.
+_LINE_ENDS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"), (b"\xc2\x85", b"\\u0085"))
+
+
+def line_safe(payload: bytes) -> bytes:
+    if b"\xe2\x80" in payload or b"\xc2\x85" in payload:
+        for raw, escaped in _LINE_ENDS:
+            payload = payload.replace(raw, escaped)
+    return payload
 
 
 def encode(obj: Any) -> bytes:
-    return _encoder.encode(obj)
+    """JSON of `obj`, with no character a client could take for a line end (it goes into SSE events)."""
+    return line_safe(_encoder.encode(obj))
 
 
 def sse(obj: Any) -> bytes:
     """One server-sent event carrying `obj` as JSON (an ApiError becomes its error body)."""
-    payload = obj.body() if isinstance(obj, ApiError) else _encoder.encode(obj)
+    payload = line_safe(obj.body()) if isinstance(obj, ApiError) else encode(obj)
     return b"data: " + payload + b"\n\n"
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
+from kvrelay.frontend.openai_responses import line_safe
 from kvrelay.frontend.openai_schema import ApiError
 
 
@@ -123,7 +124,7 @@ _encoder = msgspec.json.Encoder()
 
 def event_sse(event: dict[str, Any]) -> bytes:
     """One stream event as SSE: `event: <type>` and its JSON (OpenAI names each event; no `[DONE]`)."""
-    return b"event: " + event["type"].encode() + b"\ndata: " + _encoder.encode(event) + b"\n\n"
+    return b"event: " + event["type"].encode() + b"\ndata: " + line_safe(_encoder.encode(event)) + b"\n\n"
 
 
 def encode(obj: Any) -> bytes:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -99,7 +100,7 @@ class BenchClient:
                     rec.error = f"HTTP {resp.status_code}: {text}"
                 else:
                     done = False
-                    async for line in resp.aiter_lines():  # read to the end: the connection is then reused
+                    async for line in sse_lines(resp):  # read to the end: the connection is then reused
                         if done or not line.startswith("data:"):
                             continue
                         data = line[5:].strip()
@@ -153,3 +154,17 @@ async def discover_model(url: str, api_key: str = "", timeout: float = 30.0) -> 
     if not models:
         raise RuntimeError(f"{url} lists no models at /v1/models; pass --model")
     return str(models[0]["id"])
+
+
+async def sse_lines(resp: httpx.Response) -> AsyncIterator[str]:
+    """The lines of an event stream, split where the SSE format ends a line (LF, CRLF) and nowhere else:
+    httpx's `aiter_lines` also splits at U+2028, U+0085 and the like (Python's `splitlines`), which JSON
+    carries raw inside strings, so a generated one cut a `data:` line in two (a DecodeError)."""
+    buffer = b""
+    async for piece in resp.aiter_bytes():
+        buffer += piece
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode(errors="replace")
+    if buffer:
+        yield buffer.rstrip(b"\r").decode(errors="replace")
