@@ -112,6 +112,7 @@ class ChatMessageOut(Struct):
     content: str | None
     role: str = "assistant"
     tool_calls: list[ToolCall] | UnsetType = UNSET  # absent unless the model called tools
+    refusal: None = None  # required (nullable) in OpenAI's schema, as vLLM writes it; never a refusal here
 
 
 class ChatChoice(Struct):

@@ -74,6 +74,8 @@ class Prepared:
     first_token_at: float | None = None  # when the first token reached the frontend (the access log's TTFT)
     tool_format: ToolCallFormat | None = None  # set when the output is parsed for tool calls
     max_tool_calls: int | None = None  # 1 with parallel_tool_calls false
+    # A named tool_choice: its call finishes with "stop", not "tool_calls" (OpenAI's and vLLM's rule).
+    named_tool_choice: bool = False
     n: int = 1  # choices asked for (choices.py runs n > 1)
     pin: WorkerPin | None = None  # set on each choice's copy: all n go to one worker
     usage: Usage = field(init=False)
@@ -175,7 +177,8 @@ class Pipeline:
         return Prepared(req.model, card, tok, engine_req, req.stop_list, req.skip_special_tokens,
                         arrival if arrival is not None else time.monotonic(),
                         tool_format=fmt if parses else None,
-                        max_tool_calls=None if tools is None or tools.parallel else 1, n=req.n)
+                        max_tool_calls=None if tools is None or tools.parallel else 1,
+                        named_tool_choice=tools is not None and tools.mode == "named", n=req.n)
 
     async def run(self, p: Prepared, count_prompt: bool = True) -> AsyncGenerator[Piece, None]:
         """Stream the response; the last piece has finish_reason. Raises ApiError on failure.

@@ -65,8 +65,9 @@ class ResponseBuilder:
         return self.chunker.text(text, logprobs, finish_reason)
 
     def _finish_reason(self, reason: str, calls: int) -> str:
-        """A model that called tools and stopped finished with "tool_calls" (OpenAI's)."""
-        return "tool_calls" if calls and reason == "stop" else reason
+        """A model that called tools and stopped finished with "tool_calls" (OpenAI's), except under a
+        named tool_choice: "stop" there, as OpenAI's API and vLLM's server answer."""
+        return "tool_calls" if calls and reason == "stop" and not self.p.named_tool_choice else reason
 
     def _call_chunks(self, piece: Piece, lp: Any, calls: ToolCallStream) -> list[Any]:
         assert isinstance(self.chunker, ChatChunker)  # only chat requests parse tool calls

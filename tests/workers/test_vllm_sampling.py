@@ -45,9 +45,10 @@ def test_tokens_already_generated_shrink_max_and_min_tokens():
     assert vllm_sampling_kwargs(SamplingParams(max_tokens=8, min_tokens=2), already=5)["min_tokens"] == 0
 
 
-SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-CONSTRAINTS = [
-    (json_schema_output(SCHEMA), {"json": '{"properties":{"a":{"type":"integer"}},"required":["a"],"type":"object"}'}),
+SCHEMA = {"type": "object", "properties": {"z": {"type": "integer"}, "a": {"type": "integer"}}, "required": ["z"]}
+CONSTRAINTS = [  # the schema's key order reaches vLLM: its grammar writes properties in that order
+    (json_schema_output(SCHEMA),
+     {"json": '{"type":"object","properties":{"z":{"type":"integer"},"a":{"type":"integer"}},"required":["z"]}'}),
     (StructuredOutput(kind="json_object"), {"json_object": True}),
     (StructuredOutput(kind="regex", spec="[a-z]+"), {"regex": "[a-z]+"}),
     (StructuredOutput(kind="choice", choices=("yes", "no")), {"choice": ["yes", "no"]}),

@@ -67,9 +67,11 @@ class StructuredOutput(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def json_schema_output(schema: Any) -> StructuredOutput:
-    """A JSON-schema constraint with its spec canonical (sorted keys, no spaces): the same schema sent
-    twice, or by two clients, is one cache entry."""
-    return StructuredOutput(kind="json", spec=json.dumps(schema, sort_keys=True, separators=(",", ":")))
+    """A JSON-schema constraint with its spec compact (no spaces): the same schema sent twice, or by two
+    clients, is one cache entry. Key order is kept: the grammar writes an object's properties in the
+    schema's order (llguidance and xgrammar alike, as OpenAI does), so a reordered schema is another
+    constraint (sorting them made kvrelay write `{"age", "name"}` where vLLM writes `{"name", "age"}`)."""
+    return StructuredOutput(kind="json", spec=json.dumps(schema, separators=(",", ":")))
 
 
 def grammar_error(s: StructuredOutput, tokenizer: Any = None) -> str | None:
