@@ -111,8 +111,13 @@ class KvRouter(BaseRouter):
         peer_id, peer_blocks = "", 0
         if self.cost != "overlap" and self.peer_weight > 0:
             holder = self._best_holder(held, request.block_hashes)
+            # Against what the chosen worker has computed (confirmed), not what was routed to it: a run it
+            # holds only speculatively may be another request's pull in progress there, and without a
+            # plan of its own this request computes the run beside that pull (a burst at 16 workers: each
+            # worker's second prompt of the burst computed the shared prefix). Its worker asks only for
+            # blocks its G1 lacks when it gets there, so a plan it does not need costs nothing.
             if holder is not None and holder[0] != chosen.worker_id \
-                    and holder[1] > held.get(chosen.worker_id, _NONE).blocks:
+                    and holder[1] > held.get(chosen.worker_id, _NONE).confirmed:
                 peer_id, peer_blocks = holder
         return Decision(worker_id=chosen.worker_id, overlap_blocks=held.get(chosen.worker_id, _NONE).g1,
                         cost=costs[i], prefill_tokens=prefill[i], peer_id=peer_id, peer_blocks=peer_blocks)
