@@ -12,6 +12,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 from kvrelay.perf.serve_process import free_port, wait_until_up
 
@@ -34,19 +35,20 @@ class MotoS3:
                                      stdout=self.log, stderr=subprocess.STDOUT)
         wait_until_up(self.proc, f"{self.url}/moto-api/", timeout, lambda: Path(self.log.name).read_text()[-2000:],
                       "moto")
-        import boto3  # only the G4 arm needs it
-
-        boto3.client("s3", endpoint_url=self.url, region_name="us-east-1").create_bucket(Bucket=self.bucket)
+        self._client().create_bucket(Bucket=self.bucket)
         return self
+
+    def _client(self) -> Any:
+        import boto3  # type: ignore[import-untyped]  # no stubs installed; only the G4 arm needs boto3
+
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1")
 
     def store_url(self) -> str:
         """The `--kv-object-store` (WorkerConfig.kv_object_store) URL of this run's bucket."""
         return f"s3://{self.bucket}?endpoint={self.url}"
 
     def objects(self) -> int:
-        import boto3
-
-        s3 = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1")
+        s3 = self._client()
         return sum(page.get("KeyCount", 0) for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket))
 
     def stop(self) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import random
@@ -63,7 +62,7 @@ async def _saved_to_g4(s3: MotoS3, at_least: int, timeout: float = 120.0) -> int
 
 async def main(args: argparse.Namespace) -> dict:
     if args.g4:
-        s3: MotoS3 | None = MotoS3().start()
+        s3 = MotoS3().start()
         try:
             return await _run(args, s3)
         finally:
@@ -75,11 +74,12 @@ async def _run(args: argparse.Namespace, s3: MotoS3 | None) -> dict:
     store, broker = MemStore(), InprocBroker()
     # No G2/G3 on any worker: G3's default directory outlives the run, and a later run's "fresh" prompts
     # (the same seed) would be onboarded from it instead of recomputed.
-    cfg = WorkerConfig(model=args.model, kv_transfer=args.transfer, kv_cache_bytes=args.kv_cache_mib << 20,
-                       max_num_batched_tokens=args.tokens + 16, max_model_len=args.tokens + 64, metrics_port=-1,
-                       kv_host_bytes=0, kv_disk_dir="off")
+    common = dict(model=args.model, kv_transfer=args.transfer, kv_cache_bytes=args.kv_cache_mib << 20,
+                  max_num_batched_tokens=args.tokens + 16, max_model_len=args.tokens + 64, metrics_port=-1,
+                  kv_host_bytes=0, kv_disk_dir="off")
+    cfg = WorkerConfig(**common)
     # A (holder) and C (the G4 arm's reader) share G4, A saves to it, C's hit can come from nowhere else.
-    g4_cfg = dataclasses.replace(cfg, kv_object_store=s3.store_url(), kv_onboard="always") if s3 else cfg
+    g4_cfg = WorkerConfig(**common, kv_object_store=s3.store_url(), kv_onboard="always") if s3 else cfg
     workers = []
     for c in (g4_cfg, cfg, *([g4_cfg] if s3 else [])):
         w = Worker(c, make_discovery(DiscoveryConfig(discovery="mem"), mem_store=store), InprocEventPlane(broker))
