@@ -119,7 +119,9 @@ async def _run(args: argparse.Namespace, s3: MotoS3 | None) -> dict:
             runs["recomputed"].append(t)
             cached_recomputed.append(cached)
             if s3 is not None and g4_reader is not None and g4_reader.instance is not None:
-                await _saved_to_g4(s3, (len(runs["g4"]) + 1) * (len(p) // 16))
+                # G4 holds C's warm-up prompt and A's prompts so far (each len // 16 full blocks; C's
+                # onboarded blocks written back are the same objects): wait for this repeat's.
+                await _saved_to_g4(s3, (len(runs["g4"]) + 2) * (len(p) // 16))
                 t, cached = await _ttft(client, g4_reader.instance.address, p)
                 runs["g4"].append(t)
                 cached_g4.append(cached)
