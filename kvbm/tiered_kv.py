@@ -84,7 +84,20 @@ class TieredKv:
         shape = BlockShape.of_layout(layout) if layout is not None and layout.layout == "block_contiguous" else None
         kv.stores = await open_tiers(cfg, kv.block_bytes, fingerprint, callbacks, shape)
         kv.flows = {s.tier: TierFlow() for s in kv.stores}
+        await kv._fold_codecs()
         return kv
+
+    async def _fold_codecs(self) -> None:
+        """Each codec tier's prior becomes its effective bandwidth: the codec's ratio and decode speed,
+        measured now on a KV-like block (kvbm/codecs/calibrate.py), folded into the I/O prior."""
+        from kvrelay.kvbm.codecs.calibrate import calibrate
+        from kvrelay.kvbm.codecs.store import CodecStore
+
+        for store in self.stores:
+            if isinstance(store, CodecStore):
+                rate = await asyncio.to_thread(calibrate, store.codec)
+                if rate is not None:
+                    self.cost.fold_codec(store.tier, rate.ratio, rate.decode_bytes_per_s)
 
     def _event_callback(self, tier: str):
         def on_event(kind: str, hashes: list[int]) -> None:
