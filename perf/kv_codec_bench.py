@@ -130,27 +130,28 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 async def quality(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]],
                   workdir: str) -> tuple[dict[str, Any], NativeEngine]:
+    """Prompt by prompt, cold first, then each codec's engine (all open at once), so a run cut short
+    still has every codec measured on the same prompts (`--rows`)."""
     blocks = (MAX_LEN + args.tokens) // 16 + 8  # one prompt and its continuation fit
     limits = EngineLimits(max_model_len=blocks * 16, max_num_batched_tokens=MAX_LEN + 256)
     base = dict(model=str(model_dir), num_blocks=blocks, limits=limits)
     cold_eng = NativeEngine(NativeEngineConfig(**base))
     await cold_eng.start()
-    cold = []
-    assert cold_eng.core is not None
-    for p in prompts:
-        cold_eng.core.pool.reset_prefix_cache()  # every prompt computed from scratch (the last one's
-        cold.append(await run(cold_eng, p, args.tokens))  # blocks stay: size_and_speed reads them)
-    report: dict[str, Any] = {}
-    for codec in args.codecs:
-        eng = NativeEngine(NativeEngineConfig(**base, tiers=TierConfig(
-            host_bytes=0, disk_dir=f"{workdir}/{codec}", disk_bytes=8 << 30, onboard="always",
-            compress_g3=codec)))
-        await eng.start()
-        assert eng.core is not None
-        rows: list[dict[str, Any]] = []
-        t0 = time.monotonic()
-        try:
-            for n, (p, (ref, ref_lps, _, _)) in enumerate(zip(prompts, cold, strict=True)):
+    engines: dict[str, NativeEngine] = {}
+    rows: dict[str, list[dict[str, Any]]] = {c: [] for c in args.codecs}
+    t0 = time.monotonic()
+    try:
+        for codec in args.codecs:
+            engines[codec] = eng = NativeEngine(NativeEngineConfig(**base, tiers=TierConfig(
+                host_bytes=0, disk_dir=f"{workdir}/{codec}", disk_bytes=8 << 30, onboard="always",
+                compress_g3=codec)))
+            await eng.start()
+        assert cold_eng.core is not None
+        for n, p in enumerate(prompts):
+            cold_eng.core.pool.reset_prefix_cache()  # computed from scratch (the last prompt's blocks
+            ref, ref_lps, _, _ = await run(cold_eng, p, args.tokens)  # stay: size_and_speed reads them)
+            for codec, eng in engines.items():
+                assert eng.core is not None
                 await run(eng, p, 1)
                 await settle(eng)  # released: write-back has put p's full blocks into G3
                 eng.core.pool.reset_prefix_cache()  # G1 forgets them: the next run loads them from G3
@@ -159,19 +160,21 @@ async def quality(args: argparse.Namespace, model_dir: Path, prompts: list[list[
                 forced, missing = await forced_logprobs(eng, p, ref, first)
                 await settle(eng)
                 eng.core.pool.reset_prefix_cache()  # the next prompt starts alike
-                rows.append({"len": len(p), "from_g3": cached, "first": out[:1] == ref[:1], "all": out == ref,
-                             "prefix": common_prefix(out, ref), "ppl": ppl(forced), "ppl_cold": ppl(ref_lps),
-                             "ppl_self": ppl(lps), "missing": missing, "lps": forced, "lps_cold": ref_lps})
+                row = {"len": len(p), "from_g3": cached, "first": out[:1] == ref[:1], "all": out == ref,
+                       "prefix": common_prefix(out, ref), "ppl": ppl(forced), "ppl_cold": ppl(ref_lps),
+                       "ppl_self": ppl(lps), "missing": missing, "lps": forced, "lps_cold": ref_lps}
+                rows[codec].append(row)
                 if args.rows:  # partial results survive a run cut short
                     with open(args.rows, "a") as f:  # noqa: ASYNC230 (one line per prompt, seconds apart)
-                        f.write(json.dumps({"codec": codec, **rows[-1]}) + "\n")
+                        f.write(json.dumps({"codec": codec, "prompt": n, **row}) + "\n")
                 print(f"{codec} {n + 1}/{len(prompts)} {time.monotonic() - t0:.0f}s identical={out == ref} "
-                      f"ppl {rows[-1]['ppl']:.4f} vs {rows[-1]['ppl_cold']:.4f}", file=sys.stderr, flush=True)
-        finally:
+                      f"ppl {row['ppl']:.4f} vs {row['ppl_cold']:.4f}", file=sys.stderr, flush=True)
+    finally:
+        for eng in engines.values():
             await eng.close()
-        report[codec] = summarize(rows)
-        if args.out:
-            await asyncio.to_thread(Path(args.out).write_text, json.dumps(report, indent=2))
+    report = {codec: summarize(r) for codec, r in rows.items()}
+    if args.out:
+        await asyncio.to_thread(Path(args.out).write_text, json.dumps(report, indent=2))
     return report, cold_eng
 
 
@@ -278,7 +281,16 @@ def cli() -> None:
     ap.add_argument("--out", default="", help="also write each codec's quality summary here as it finishes")
     ap.add_argument("--rows", default="", help="append each prompt's row (JSON lines) here as it is measured")
     ap.add_argument("--no-speed", action="store_true", help="quality only (no size and speed section)")
-    print(json.dumps(asyncio.run(main(ap.parse_args())), indent=2))  # noqa: T201
+    ap.add_argument("--summarize", default="", help="only summarize a --rows file (a run cut short) and exit")
+    args = ap.parse_args()
+    if args.summarize:
+        by: dict[str, list[dict[str, Any]]] = {}
+        for line in Path(args.summarize).read_text().splitlines():
+            row = json.loads(line)
+            by.setdefault(row["codec"], []).append(row)
+        print(json.dumps({c: summarize(r) for c, r in by.items()}, indent=2))  # noqa: T201
+        return
+    print(json.dumps(asyncio.run(main(args)), indent=2))  # noqa: T201
 
 
 if __name__ == "__main__":
