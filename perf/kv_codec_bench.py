@@ -148,6 +148,8 @@ async def quality(args: argparse.Namespace, model_dir: Path, prompts: list[list[
             await eng.start()
         assert cold_eng.core is not None
         for n, p in enumerate(prompts):
+            if n < args.first:
+                continue
             cold_eng.core.pool.reset_prefix_cache()  # computed from scratch (the last prompt's blocks
             ref, ref_lps, _, _ = await run(cold_eng, p, args.tokens)  # stay: size_and_speed reads them)
             for codec, eng in engines.items():
@@ -281,6 +283,7 @@ def cli() -> None:
     ap.add_argument("--out", default="", help="also write each codec's quality summary here as it finishes")
     ap.add_argument("--rows", default="", help="append each prompt's row (JSON lines) here as it is measured")
     ap.add_argument("--no-speed", action="store_true", help="quality only (no size and speed section)")
+    ap.add_argument("--first", type=int, default=0, help="start at this prompt (resume a cut run's --rows)")
     ap.add_argument("--summarize", default="", help="only summarize a --rows file (a run cut short) and exit")
     args = ap.parse_args()
     if args.summarize:

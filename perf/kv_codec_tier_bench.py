@@ -36,6 +36,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.kvbm.tiers.disk_index import DiskIndex
 from kvrelay.workers.api.messages import EngineRequest, SamplingParams
@@ -50,7 +52,8 @@ async def serve(eng: NativeEngine, tokens: list[int], n: int = 1) -> tuple[float
     """(seconds to the first token, prompt tokens from cache, output tokens)."""
     req = EngineRequest(request_id=f"t{time.monotonic_ns()}", prompt_token_ids=tokens,
                         sampling=SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0))
-    t0, first, cached, out = time.perf_counter(), 0.0, 0, []
+    t0, first, cached = time.perf_counter(), 0.0, 0
+    out: list[int] = []
     async for o in eng.generate(req):
         if not out and o.token_ids:
             first = time.perf_counter() - t0
@@ -77,7 +80,11 @@ class Moto:
     """A moto S3 server on a loopback port (the G4 of this benchmark)."""
 
     def __init__(self, workdir: Path):
+        import os
         import socket
+
+        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}.items():
+            os.environ.setdefault(k, v)  # moto accepts any credentials; the workers' S3 client needs some
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -86,21 +93,17 @@ class Moto:
         self.log = open(workdir / "moto.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        import boto3
-
-        self.client = boto3.client("s3", endpoint_url=self.url, aws_access_key_id="test",
-                                   aws_secret_access_key="test", region_name="us-east-1")
-        for _ in range(200):
+        for _ in range(300):
             try:
-                self.client.list_buckets()
+                httpx.get(self.url + "/", timeout=2).raise_for_status()
                 return
-            except Exception:
+            except httpx.HTTPError:
                 time.sleep(0.1)
         raise RuntimeError("moto did not start")
 
     def bucket_url(self) -> str:
         name = f"kvrelay-{uuid.uuid4().hex[:12]}"
-        self.client.create_bucket(Bucket=name)
+        httpx.put(f"{self.url}/{name}", timeout=10).raise_for_status()  # moto takes an unsigned CreateBucket
         return f"s3://{name}?endpoint={self.url}"
 
     def stop(self) -> None:

@@ -29,8 +29,9 @@ class Fp16Codec:
     name, codec_id, version, lossy = "fp16", 3, 1, True
 
     def __init__(self, shape: BlockShape):
-        if shape.dtype != "float32":
-            raise ValueError("fp16 shrinks float32 KV only (this engine's KV is " + shape.dtype + ")")
+        if shape.dtype != "float32" or not shape.structured:
+            raise ValueError(f"fp16 needs float32 KV in the engine's layout (this engine's: {shape.dtype}, "
+                             f"layout {'known' if shape.layout_known else 'unknown'})")
         self.shape = shape
         self._exp_bytes = shape.groups * shape.channels
 
