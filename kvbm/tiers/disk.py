@@ -200,16 +200,16 @@ class DiskStore(SlotStore):
         if book is None:
             return [], True
         need, before = pages(src.numel()), book.alloc.get(slot, 0)
-        extra, freed = max(0, need - before), 0
+        extra = max(0, need - before)
         evicted: list[int] = []
-        # Room: leftovers of dropped blocks first, then idle blocks in eviction order. `freed` counts
-        # only for this put: it punches them before it writes (disk_extents.py).
+        # Room: leftovers of dropped blocks first, then idle blocks in eviction order; their punches run
+        # before any write (disk_extents.py).
         for spare in list(book.dirty):
-            if book.held - freed + extra <= book.budget:
+            if extra <= book.room():
                 break
             if self._slots.take_free(spare):
-                freed += book.queue_reclaim(spare)
-        while book.held - freed + extra > book.budget:
+                book.queue_reclaim(spare)
+        while extra > book.room():
             got = self._slots.evict(h)
             if got is None:
                 if before:
@@ -217,7 +217,7 @@ class DiskStore(SlotStore):
                 return evicted, False
             evicted.append(got[0])
             self._index.log_free([got[1]])  # no PUT will supersede its record: a restart must not count it
-            freed += book.queue_reclaim(got[1])
+            book.queue_reclaim(got[1])
         self._prior[slot] = book.grow(slot, need)
         return evicted, True
 

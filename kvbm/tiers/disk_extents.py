@@ -9,11 +9,13 @@ size (`MAX_RATIO` times as many): slot numbers are cheap, the pages are what is 
 
 `ExtentBook` is the accounting, on the event loop: `alloc[slot]` = bytes the slot may hold on disk now
 (a page-rounded frame, or leftovers of dropped blocks not yet punched), `held` = their sum plus what
-puts in flight will add. A put is admitted only if `held - freed + need <= budget`, where `freed` is
-what this same put punches before it writes (its own reclaims): every put punches first and writes
-after, so the disk's real allocation never passes `held` at any instant (other puts see the reclaimed
-bytes only once punched: conservative). Reclaimed slots are pinned (SlotTable "doomed") while their
-punch is queued, so no other put can be handed a slot that is about to be punched.
+puts in flight will add, `reclaiming` = the part of it in slots queued to be punched. A block is
+admitted only if `held - reclaiming + need <= budget`. That is safe although the punches have not
+happened yet: every write first punches every slot queued so far (`drain`, under a lock), so no byte
+is written before the room it was promised is given back, and the slots queued after a write began
+were live when that write was admitted, i.e. counted against the budget then. Reclaimed slots are
+pinned (SlotTable "doomed") while their punch is queued, so no put can be handed a slot that is about
+to be punched. (Counting only a put's own reclaims would evict again for every block of a batch.)
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class ExtentBook:
         self.budget = budget
         self.alloc: dict[int, int] = {}  # slot -> bytes it may hold on disk now (absent: 0)
         self.held = 0  # sum(alloc) (+ growth of puts in flight, inside alloc already)
+        self.reclaiming = 0  # bytes of queued or punched slots not credited yet (inside held)
         self.dirty: set[int] = set()  # free or doomed slots with alloc > 0 (leftovers to punch)
         self._lock = threading.Lock()  # the punch queue is drained on I/O threads
         self._queued: list[int] = []  # reclaimed slots (pinned) whose whole range is to be punched
@@ -107,7 +110,9 @@ class ExtentBook:
         self.dirty.discard(slot)
         with self._lock:
             self._queued.append(slot)
-        return self.alloc.get(slot, 0)
+        freed = self.alloc.get(slot, 0)
+        self.reclaiming += freed
+        return freed
 
     def drain(self, fd: int, slot_bytes: int) -> None:
         """I/O thread, before any write: punch every queued slot. Holding the lock while punching makes a
@@ -123,5 +128,11 @@ class ExtentBook:
         with self._lock:
             done, self._punched = self._punched, []
         for slot in done:
-            self.held -= self.alloc.pop(slot, 0)
+            freed = self.alloc.pop(slot, 0)
+            self.held -= freed
+            self.reclaiming -= freed
         return done
+
+    def room(self) -> int:
+        """Bytes a new block may take now (see the module doc for why `reclaiming` counts as free)."""
+        return self.budget - (self.held - self.reclaiming)
