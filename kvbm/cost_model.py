@@ -11,6 +11,11 @@ tier at the tail (a G4 run too short to pay its round trip) is recomputed while 
 
 Priors (used until a tier has been measured) are conservative on purpose: they are an order of magnitude
 below what the tiers do on the dev VM, so a tier must prove itself faster before it loses requests.
+A tier that stores through a codec (kvbm/codecs) has an effective bandwidth, in the raw bytes G1 gets:
+its I/O moves `ratio` x fewer bytes and each block is then decoded, so per raw byte it costs
+1 / (io_rate * ratio) + 1 / decode_rate. `fold_codec` applies that to the tier's prior with the codec's
+ratio and decode speed measured when the tier opened (kvbm/codecs/calibrate.py); every measured load
+after that times the tier's `get`, decode included, so the measured rate is the effective one as is.
 Reads and writes of these floats from the engine thread and the event loop need no lock: each is one
 attribute store, and a stale value only shifts one decision.
 """
@@ -42,6 +47,17 @@ class CostModel:
         self.tiers = {t: TierRate(*p) for t, p in PRIORS.items()}
         self.prefill_tokens_per_s = PREFILL_PRIOR_TOKENS_PER_S
         self.prefill_samples = 0
+        self.codecs: dict[str, tuple[float, float]] = {}  # tier -> (ratio, decode bytes/s) folded in
+
+    def fold_codec(self, tier: str, ratio: float, decode_bytes_per_s: float) -> None:
+        """The tier stores through a codec: its prior becomes the effective rate (module doc). A tier
+        already measured keeps its measurement (which includes the decode)."""
+        if ratio <= 0 or decode_bytes_per_s <= 0:
+            return
+        rate = self.tiers.setdefault(tier, TierRate(*PRIORS.get(tier, (1e-3, 100e6))))
+        self.codecs[tier] = (ratio, decode_bytes_per_s)
+        if rate.samples == 0:
+            rate.bytes_per_s = 1.0 / (1.0 / (rate.bytes_per_s * ratio) + 1.0 / decode_bytes_per_s)
 
     # -- measurements -----------------------------------------------------------------------------------
     def observe_load(self, tier: str, blocks: int, seconds: float) -> None:

@@ -40,6 +40,10 @@ class LoadMetrics(msgspec.Struct, frozen=True, kw_only=True):
     # Prompt tokens per second of its recent prefill steps (the kv router's expected-TTFT rate); 0: not
     # known yet (no prefill since it started, or an engine that does not count it).
     prefill_rate: float = 0.0
+    # Per lower tier, the bytes per second it has delivered into G1 so far (onboard bytes / onboard
+    # seconds: raw G1 bytes, so a codec tier's decode time is in it: its effective bandwidth); tiers
+    # that have not onboarded yet are absent.
+    tier_onboard_rates: dict[str, float] = {}
 
     @property
     def kv_usage(self) -> float:

@@ -70,9 +70,9 @@ class TierConfig:
     onboard: Literal["cost", "always"] = setting(
         "cost", "load a lower-tier hit only when the measured cost model says it beats recompute, or always")
     compress_g3: str = setting("none", "G3: codec of stored blocks: none, lossless (byte planes + zstd, "
-                               "bit-exact) or int8 (lossy, per-channel; kvbm/README.md Compression)",
-                               check_codec_name)
-    compress_g4: str = setting("none", "G4: codec of stored objects: none, lossless or int8 (as for G3)",
+                               "bit-exact), fp16 (lossy, float32 KV only) or int8 (lossy, per-channel; "
+                               "kvbm/README.md Compression)", check_codec_name)
+    compress_g4: str = setting("none", "G4: codec of stored objects: none, lossless, fp16 or int8 (as for G3)",
                                check_codec_name)
     tier_retry_s: float = setting(30.0, "seconds before a tier disabled by an I/O error (S3 down, disk "
                                   "error) is probed again; a probe that works re-enables it", positive)
@@ -146,10 +146,11 @@ async def open_tiers(cfg: TierConfig, block_bytes: int, fingerprint: str,
         stores.append(HostStore(block_bytes, cfg.host_bytes, policy=cfg.tier_policy, on_event=on_event.get("G2"),
                                 retry_after_s=cfg.tier_retry_s))
     if cfg.disk_dir != "off" and (codec := _codec(cfg.compress_g3, shape, "G3")) is not False:
+        variable = codec is not None and not codec.fixed_size  # frames of their own length, sparse G3
         disk = await _open_disk(cfg, slot_bytes(codec, True) if codec else block_bytes, fingerprint,
-                                on_event.get("G3"))
+                                on_event.get("G3"), variable)
         if disk is not None:
-            stores.append(CodecStore(disk, codec, variable=False) if codec else disk)
+            stores.append(CodecStore(disk, codec, variable=variable) if codec else disk)
     if cfg.object_store and (codec := _codec(cfg.compress_g4, shape, "G4")) is not False:
         store = object_store_from_url(cfg.object_store)
         g4 = ObjectStore(store, fingerprint, codec.max_bytes if codec else block_bytes, cfg.object_bytes,
@@ -172,7 +173,7 @@ def _codec(name: str, shape: BlockShape, tier: str) -> Codec | None | Literal[Fa
 
 
 async def _open_disk(cfg: TierConfig, block_bytes: int, fingerprint: str,
-                     on_event: EventCallback | None) -> DiskStore | None:
+                     on_event: EventCallback | None, variable: bool = False) -> DiskStore | None:
     from kvrelay.kvbm.tiers import DiskStore
 
     base = default_cache_dir() if cfg.disk_dir == "auto" else Path(cfg.disk_dir)
@@ -191,7 +192,7 @@ async def _open_disk(cfg: TierConfig, block_bytes: int, fingerprint: str,
             log.info("KV tier G3: %.2f GiB instead of --kv-disk-bytes %.2f GiB (%.0f%% of %.1f GiB free)",
                      size / 2**30, cfg.disk_bytes / 2**30, 100 * DISK_FREE_SHARE, free / 2**30)
         store = await DiskStore.open(directory, block_bytes, size, policy=cfg.tier_policy, on_event=on_event,
-                                     remove_if_empty=True, retry_after_s=cfg.tier_retry_s)
+                                     remove_if_empty=True, retry_after_s=cfg.tier_retry_s, variable=variable)
         if store.enabled:
             log.info("KV tier G3 at %s: up to %.2f GiB (%d blocks), grows as blocks are written; "
                      "holds %.1f MiB now (O_DIRECT %s)", directory, size / 2**30, store.num_slots,

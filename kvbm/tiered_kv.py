@@ -74,17 +74,34 @@ class TieredKv:
 
     @classmethod
     async def open(cls, cfg: TierConfig, rows: torch.Tensor, block_size: int, fingerprint: str,
-                   sink: TierSink | None = None, layout: KvLayout | None = None) -> TieredKv:
-        """layout: the G1 pool's (for the G3/G4 codecs, kvbm/codecs); None = blocks are opaque bytes."""
-        from kvrelay.kvbm.codecs.shape import BlockShape
+                   sink: TierSink | None = None, layout: KvLayout | None = None,
+                   word_dtype: str | None = None) -> TieredKv:
+        """layout: the G1 pool's (for the G3/G4 codecs, kvbm/codecs); None = blocks are opaque bytes, or,
+        with `word_dtype`, words of that dtype in an unknown order (vLLM's rows: lossless splits planes)."""
+        from kvrelay.kvbm.codecs.shape import DTYPES, BlockShape
 
         kv = cls(rows, CostModel(rows.shape[1], block_size, always=cfg.onboard == "always"))
         kv._sink = sink
         callbacks = {t: kv._event_callback(t) for t in ("G2", "G3", "G4")}
         shape = BlockShape.of_layout(layout) if layout is not None and layout.layout == "block_contiguous" else None
+        if shape is None and word_dtype in DTYPES:
+            shape = BlockShape.words(word_dtype, rows.shape[1])
         kv.stores = await open_tiers(cfg, kv.block_bytes, fingerprint, callbacks, shape)
         kv.flows = {s.tier: TierFlow() for s in kv.stores}
+        await kv._fold_codecs()
         return kv
+
+    async def _fold_codecs(self) -> None:
+        """Each codec tier's prior becomes its effective bandwidth: the codec's ratio and decode speed,
+        measured now on a KV-like block (kvbm/codecs/calibrate.py), folded into the I/O prior."""
+        from kvrelay.kvbm.codecs.calibrate import calibrate
+        from kvrelay.kvbm.codecs.store import CodecStore
+
+        for store in self.stores:
+            if isinstance(store, CodecStore):
+                rate = await asyncio.to_thread(calibrate, store.codec)
+                if rate is not None:
+                    self.cost.fold_codec(store.tier, rate.ratio, rate.decode_bytes_per_s)
 
     def _event_callback(self, tier: str):
         def on_event(kind: str, hashes: list[int]) -> None:

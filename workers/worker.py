@@ -366,7 +366,9 @@ class Worker:
             s = self.engine.stats()
             metrics = LoadMetrics(worker_id=self.instance_id, running=s.running, waiting=s.waiting,
                                   used_blocks=s.used_blocks, total_blocks=s.total_blocks, timestamp=time.time(),
-                                  prefill_rate=meter.update(s))
+                                  prefill_rate=meter.update(s),
+                                  tier_onboard_rates={t.tier: t.onboard_bytes / t.onboard_seconds
+                                                      for t in s.tiers if t.onboard_seconds > 0})
             try:
                 await self.events.publish(subject, metrics)
             except Exception:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import Codec
+from .half import Fp16Codec
 from .lossless import LosslessCodec
 from .quant import Int8Codec
 from .shape import BlockShape
 
-_BUILDERS: dict[str, Callable[[BlockShape], Codec]] = {"lossless": LosslessCodec, "int8": Int8Codec}
+_BUILDERS: dict[str, Callable[[BlockShape], Codec]] = {"lossless": LosslessCodec, "int8": Int8Codec,
+                                                        "fp16": Fp16Codec}
 
 
 def make_codec(name: str, shape: BlockShape) -> Codec | None:

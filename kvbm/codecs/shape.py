@@ -26,6 +26,7 @@ class BlockShape:
     groups: int
     tokens: int
     channels: int
+    layout_known: bool = True  # False: words of `dtype` in an unknown order (lossless only, plane split)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -45,16 +46,27 @@ class BlockShape:
 
     @property
     def tag(self) -> int:
-        return xxhash.xxh32_intdigest(f"{self.dtype}/{self.groups}/{self.tokens}/{self.channels}".encode())
+        words = "" if self.layout_known else "/words"
+        return xxhash.xxh32_intdigest(f"{self.dtype}/{self.groups}/{self.tokens}/{self.channels}{words}".encode())
 
     @property
     def structured(self) -> bool:
         """True when the channel view is real (lossy codecs need it), not a bytes-only stand-in."""
-        return self.dtype != "uint8"
+        return self.dtype != "uint8" and self.layout_known
 
     @classmethod
     def of_layout(cls, layout: KvLayout) -> BlockShape:
         return cls(layout.dtype, layout.num_layers * 2, layout.block_size, layout.num_kv_heads * layout.head_dim)
+
+    @classmethod
+    def words(cls, dtype: str, block_bytes: int) -> BlockShape:
+        """Elements of a known dtype in an order the codecs cannot rely on (vLLM's per-layer pages, whose
+        order depends on its attention backend): lossless splits the words into byte planes (the
+        exponent plane is what compresses); the lossy codecs, which need the channel view, refuse it."""
+        itemsize = DTYPES[dtype].itemsize
+        if block_bytes % itemsize:
+            return cls.opaque(block_bytes)
+        return cls(dtype, 1, 1, block_bytes // itemsize, layout_known=False)
 
     @classmethod
     def opaque(cls, block_bytes: int) -> BlockShape:

@@ -2,10 +2,12 @@
 (what `TieredKv` moves to and from G1) over an inner store of encoded frames (kvbm/codecs/frame.py).
 
 - put: each block is encoded on a worker thread; the frames go to the inner store, which checksums and
-  bounds them as it does any block: G3 (`DiskStore`, fixed slots) gets rows of `codec.max_bytes`
-  (int8 is fixed-size, so a slot is ~1/3.6 of a float32 block; lossless frames vary, so a G3 slot
-  stays the raw block's size: see `slot_bytes`); G4 (`ObjectStore(variable=True)`)
-  gets each frame at its own length. A block the codec cannot encode is not stored (rejected).
+  bounds them as it does any block. A fixed-size codec (int8) fills fixed slots of `codec.max_bytes`
+  (G3 `DiskStore`: a slot is ~1/3.6 of a float32 block). A variable-size codec (lossless) hands each
+  frame over at its own length (`variable=True`): G3 `DiskStore(variable=True)` writes only the frame's
+  pages into a sparse file and charges its capacity by them (kvbm/tiers/disk_extents.py), G4
+  `ObjectStore(variable=True)` stores an object as long as the frame. A block the codec cannot encode
+  is not stored (rejected).
 - get: the inner store verifies its checksum into a staging row (a corrupted frame is a checksum miss
   there); the frame is then decoded into the caller's tensor on a worker thread. A frame this codec
   cannot decode (another codec id or version, another shape) is a miss: counted in `misses` (not
@@ -28,10 +30,10 @@ from .base import Codec
 
 
 def slot_bytes(codec: Codec, fixed_slots: bool) -> int:
-    """The frame size the inner store holds. A fixed-slot tier (G3) caps a variable-size codec at the
-    raw block size: a slot never grows past the raw block's (a 4 KiB-aligned block would otherwise take
-    one more page for the header), and the rare frame that does not fit (a block zstd cannot shrink by
-    its header) is not stored."""
+    """The largest frame the inner store holds. G3 caps a variable-size codec at the raw block size: a
+    slot never grows past the raw block's pages (a 4 KiB-aligned block would otherwise take one more
+    page for the header), and the rare frame that does not fit (a block zstd cannot shrink by its
+    header) is not stored."""
     if fixed_slots and not codec.fixed_size:
         return min(codec.max_bytes, codec.shape.block_bytes)
     return codec.max_bytes

@@ -22,6 +22,15 @@ place; otherwise the block goes through a per-thread aligned staging buffer (pin
 present), and on reads the bytes reach the caller's tensor only after their checksum matched. In
 buffered mode CPU tensors are always used in place. Every read is verified against the checksum in
 the index; a mismatch is a miss, counted, and the slot is freed. I/O runs on `io_threads` threads.
+
+Variable-size blocks (`variable=True`, G3 under a codec: kvbm/codecs/store.py): a put is 1..block_bytes
+bytes (an encoded frame) and takes only the pages it needs; each index record carries its length
+(disk_index.py), so a restart knows every block's size. Where the filesystem can punch holes (probed on
+open; ext4, xfs, btrfs, tmpfs can), the data file is sparse and the capacity is charged by the frames'
+pages, not by slots: `disk_extents.py` (more slots than full-size blocks would fit, a byte budget,
+evictions until a frame fits, punched room given back before a write). Footprint is then the data
+file's real allocation (st_blocks) plus the index. Without hole punching it keeps one slot per block,
+as a fixed-size store. Checksums cover the frame's own bytes: a corrupted frame is a miss as ever.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import fcntl
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +50,9 @@ import xxhash
 
 from kvrelay.runtime.paths import private_dir
 
-from .base import RETRY_AFTER_S, EventCallback
-from .disk_index import HEADER_BYTES, RECORD_BYTES, DiskIndex
+from .base import RETRY_AFTER_S, EventCallback, as_u8
+from .disk_extents import MAX_RATIO, PAGE, ExtentBook, pages, punch_hole, punch_supported
+from .disk_index import HEADER_BYTES, RECORD_BYTES, DiskIndex, Entry
 from .slots import Item, SlotStore, coalesce
 
 log = logging.getLogger("kvrelay.kvbm.tiers")
@@ -55,20 +66,34 @@ class DiskStore(SlotStore):
     def __init__(self, directory: str | os.PathLike[str], block_bytes: int, capacity_bytes: int, *,
                  policy: str = "lru", direct_io: bool = True, on_event: EventCallback | None = None,
                  io_threads: int = 2, stage_bytes: int = 16 << 20, inline_bytes: int = 0,
-                 remove_if_empty: bool = False, retry_after_s: float | None = RETRY_AFTER_S):
+                 remove_if_empty: bool = False, retry_after_s: float | None = RETRY_AFTER_S,
+                 variable: bool = False):
         """Opens (or creates) the store; I/O errors leave it disabled with a warning, never raise.
-        `await DiskStore.open(...)` does the same on a thread."""
+        `await DiskStore.open(...)` does the same on a thread. variable: blocks are 1..block_bytes long
+        (see "Variable-size blocks" above)."""
         slot_bytes = -(-max(1, block_bytes) // ALIGN) * ALIGN
-        num_slots = max(0, capacity_bytes - 2 * HEADER_BYTES) // (slot_bytes + 3 * RECORD_BYTES)
+        room = max(0, capacity_bytes - 2 * HEADER_BYTES)
+        num_slots = room // (slot_bytes + 3 * RECORD_BYTES)
+        sparse = variable and num_slots > 0 and punch_supported(Path(directory))
+        budget = 0
+        if sparse:  # slots are cheap (index records); the pages of the frames are what is bounded
+            num_slots = max(num_slots, min(MAX_RATIO * num_slots, room // (PAGE + 3 * RECORD_BYTES)))
+            data = capacity_bytes - DiskIndex.max_bytes(num_slots)
+            # The filesystem's extent tree of a sparse file: ~12 B per extent, one or two extents per
+            # block of >= 4 KiB (<= 0.6%); 1/128 leaves margin.
+            budget = data - data // 128
         self.chunk_blocks = max(1, stage_bytes // slot_bytes)  # one chunk fills one staging buffer
         super().__init__(block_bytes, num_slots, capacity_bytes, policy=policy, on_event=on_event,
                          inline_bytes=inline_bytes, io_threads=io_threads, retry_after_s=retry_after_s)
-        assert num_slots * slot_bytes + DiskIndex.max_bytes(num_slots) <= capacity_bytes
-        self.directory, self.slot_bytes = Path(directory), slot_bytes
+        assert (budget if sparse else num_slots * slot_bytes) + DiskIndex.max_bytes(num_slots) <= capacity_bytes
+        self.directory, self.slot_bytes, self.variable = Path(directory), slot_bytes, variable
         self.direct_io = False
         self.remove_if_empty = remove_if_empty
-        self._index = DiskIndex(self.directory, block_bytes, slot_bytes, num_slots)
+        self._index = DiskIndex(self.directory, block_bytes, slot_bytes, num_slots, variable=variable)
         self._sums = [0] * num_slots  # checksum of committed slots (written before commit, read after)
+        self._lens = [block_bytes] * num_slots  # bytes of each committed block (variable: its frame's)
+        self._book = ExtentBook(budget) if sparse else None  # None: one slot per block bounds the disk
+        self._prior: dict[int, int] = {}  # slot -> its bytes on disk before a put in flight (tail to punch)
         self._fd = self._lock_fd = -1
         self._tls = threading.local()
         self._pad = bytes(slot_bytes - block_bytes)
@@ -105,7 +130,7 @@ class DiskStore(SlotStore):
                 entries, length = {}, 0
                 os.ftruncate(fd, 0)
             # A slot the file does not cover cannot hold its block (the file was cut short behind our back).
-            entries = {s: e for s, e in entries.items() if (s + 1) * self.slot_bytes <= length}
+            entries = {s: e for s, e in entries.items() if s * self.slot_bytes + pages(e.nbytes) <= length}
             self._index.log_free([s for s in self._index.entries if s not in entries])
             self._index.sync()
         except BaseException:
@@ -116,7 +141,9 @@ class DiskStore(SlotStore):
             self._try_direct(path)
         self._slots.restore([(e.seq_hash, s) for s, e in sorted(entries.items(), key=lambda kv: kv[1].gen)])
         for s, e in entries.items():
-            self._sums[s] = e.checksum
+            self._sums[s], self._lens[s] = e.checksum, e.nbytes
+        if self._book is not None:
+            self._restore_book(entries, length)
         log.info("G3 %s: %d slots of %d B, %d blocks found, %s", self.directory, self.num_slots,
                  self.block_bytes, len(entries), "O_DIRECT" if self.direct_io else "buffered + fdatasync")
 
@@ -135,9 +162,113 @@ class DiskStore(SlotStore):
         os.close(self._fd)
         self._fd, self.direct_io = fd, hasattr(os, "O_DIRECT")
 
+    def _restore_book(self, entries: dict[int, Entry], length: int) -> None:
+        """Charge the blocks found; if the file holds more than they take (a crash between a drop and
+        its punch), punch every page no block owns."""
+        book = self._book
+        assert book is not None
+        for s, e in entries.items():
+            book.alloc[s] = pages(e.nbytes)
+        book.held = sum(book.alloc.values())
+        if os.fstat(self._fd).st_blocks * 512 <= book.held + max(1 << 20, book.budget // 64):
+            return
+        sb = self.slot_bytes
+        for s in range(-(-length // sb)):
+            punch_hole(self._fd, s * sb + book.alloc.get(s, 0), sb - book.alloc.get(s, 0))
+
     def _footprint(self) -> int:
-        """What the files take now: the data file as far as it has grown, plus the index."""
-        return (os.fstat(self._fd).st_size + self._index.file_bytes()) if self._fd >= 0 else 0
+        """What the files take now: the data file as far as it has grown (a sparse one: its allocated
+        pages), plus the index."""
+        if self._fd < 0:
+            return 0
+        st = os.fstat(self._fd)
+        return (st.st_blocks * 512 if self._book is not None else st.st_size) + self._index.file_bytes()
+
+    # -- variable-size blocks (module doc) ------------------------------------------------------------
+    def _check(self, hashes: Sequence[int], srcs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.variable:
+            return super()._check(hashes, srcs)
+        if len(hashes) != len(srcs):
+            raise ValueError(f"{len(hashes)} hashes but {len(srcs)} tensors")
+        u8s = [as_u8(t, t.numel() * t.element_size()) for t in srcs]
+        if any(not 0 < u.numel() <= self.block_bytes for u in u8s):
+            raise ValueError(f"G3 blocks hold 1..{self.block_bytes} bytes")
+        return u8s
+
+    def _admit(self, h: int, slot: int, src: torch.Tensor) -> tuple[list[int], bool]:
+        book = self._book
+        if book is None:
+            return [], True
+        need, before = pages(src.numel()), book.alloc.get(slot, 0)
+        extra = max(0, need - before)
+        evicted: list[int] = []
+        # Room: leftovers of dropped blocks first, then idle blocks in eviction order; their punches run
+        # before any write (disk_extents.py).
+        for spare in list(book.dirty):
+            if extra <= book.room():
+                break
+            if self._slots.take_free(spare):
+                book.queue_reclaim(spare)
+        while extra > book.room():
+            got = self._slots.evict(h)
+            if got is None:
+                if before:
+                    book.dirty.add(slot)  # the slot goes back with the old bytes it holds
+                return evicted, False
+            evicted.append(got[0])
+            self._index.log_free([got[1]])  # no PUT will supersede its record: a restart must not count it
+            book.queue_reclaim(got[1])
+        self._prior[slot] = book.grow(slot, need)
+        return evicted, True
+
+    def _settled(self, batch: list[tuple[int, int, int, torch.Tensor]], ok: bool) -> None:
+        book = self._book
+        if book is None:
+            return
+        for _, _, slot, src in batch:
+            self._prior.pop(slot, None)
+            if ok:
+                book.settle(slot, pages(src.numel()))
+            else:
+                book.dirty.add(slot)  # partly written, perhaps: punched when room is needed
+        for slot in book.credit():
+            self._slots.unpin(slot)
+
+    def _stored_bytes(self, slot: int) -> int:
+        return self._lens[slot]
+
+    def _used_bytes(self) -> int:
+        return sum(self._lens[s] for s in self._slots.map.values())
+
+    def _write_var(self, items: list[Item]) -> None:
+        """Each frame into the first pages of its slot, zero-padded to a page; the slot's old pages past
+        them punched first, and before anything every slot reclaimed for room (the bound)."""
+        sb, stage = self.slot_bytes, self._stage()
+        if self._book is not None:
+            self._book.drain(self._fd, sb)
+        for k, (_, slot, src) in enumerate(items):
+            n = src.numel()
+            p = pages(n)
+            before = self._prior.get(slot, 0)
+            if self._book is not None and before > p:
+                punch_hole(self._fd, slot * sb + p, before - p)
+            region = stage[k * sb:k * sb + p]
+            region[:n].copy_(src)
+            region[n:].zero_()
+            self._sums[slot], self._lens[slot] = xxhash.xxh3_64_intdigest(region[:n].numpy().data), n
+            _io_all(os.pwritev, self._fd, [region.numpy().data], slot * sb)
+
+    def _read_var(self, items: list[Item]) -> list[bool]:
+        sb, stage, oks = self.slot_bytes, self._stage(), []
+        for k, (_, slot, dst) in enumerate(items):
+            n = self._lens[slot]
+            region = stage[k * sb:k * sb + pages(n)]
+            _io_all(os.preadv, self._fd, [region.numpy().data], slot * sb)
+            ok = xxhash.xxh3_64_intdigest(region[:n].numpy().data) == self._sums[slot]
+            if ok:
+                dst[:n].copy_(region[:n])  # only verified bytes reach the caller
+            oks.append(ok)
+        return oks
 
     async def close(self) -> None:
         await super().close()
@@ -218,6 +349,8 @@ class DiskStore(SlotStore):
         return [v for b in bufs for v in ([b] if len(b) == self.slot_bytes or not pad else [b, pad])]
 
     def _write(self, items: list[Item]) -> None:
+        if self.variable:
+            return self._write_var(items)
         bufs = self._stage_in(items, inbound=False)
         for (_, slot, _), (mv, _) in zip(items, bufs, strict=True):
             self._sums[slot] = xxhash.xxh3_64_intdigest(mv[:self.block_bytes])
@@ -228,10 +361,12 @@ class DiskStore(SlotStore):
     def _write_durable(self, items: list[Item]) -> None:
         os.fdatasync(self._fd)  # bytes first, then the records naming them
         for h, slot, _ in items:
-            self._index.log_put(slot, h, self._sums[slot])
+            self._index.log_put(slot, h, self._sums[slot], self._lens[slot])
         self._index.sync()
 
     def _read(self, items: list[Item]) -> list[bool]:
+        if self.variable:
+            return self._read_var(items)
         bufs = self._stage_in(items, inbound=True)
         scratch = memoryview(bytearray(len(self._pad)))  # padding lands here, never in the caller's bytes
         for first, run in self._runs(list(range(len(items))), items):
@@ -247,6 +382,8 @@ class DiskStore(SlotStore):
 
     def _forget(self, slots: list[int]) -> None:
         self._index.log_free(slots)  # buffered; durable with the next sync (a resurrected block is valid)
+        if self._book is not None:
+            self._book.dirty.update(slots)  # their pages stay until room is needed (then punched)
 
 
 def aligned_empty(nbytes: int) -> torch.Tensor:

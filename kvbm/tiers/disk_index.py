@@ -1,9 +1,14 @@
 """G3's index: which slot holds which seq_hash and the checksum of its bytes, as an append-only log.
 
 `index.log` = a header, then fixed 40-byte records, each guarded by its own xxh3:
-    header  magic, version, block_bytes, slot_bytes, num_slots, xxh3(header)
-    record  op (PUT | FREE), slot, seq_hash, checksum (xxh3_64 of the block's bytes), gen, xxh3(record)
+    header  magic, version, flags, block_bytes, slot_bytes, num_slots, xxh3(header)
+    record  op (PUT | FREE), slot, seq_hash, checksum (xxh3_64 of the block's bytes), gen, nbytes,
+            xxh3(record)
 `gen` increases with every PUT, so replaying the log in any order of slots rebuilds the LRU order.
+`nbytes` is how many bytes of the slot the block takes: block_bytes in a fixed-size store, the encoded
+frame's length in a variable-size one (flags = VARIABLE; disk.py "Variable-size blocks"), so a restart
+knows each block's length (for its checksum and the capacity it is charged) without reading it.
+Version 2 added nbytes and flags: a version-1 log is "another layout" and the store starts empty.
 
 Crash safety (no wrong block, ever):
 - A PUT record is appended only after its block's bytes are written and fdatasync'ed; an eviction
@@ -36,18 +41,20 @@ from typing import NamedTuple
 import xxhash
 
 log = logging.getLogger("kvrelay.kvbm.tiers")
-_MAGIC, _VERSION = b"KVRG3IDX", 1
-_HEADER = struct.Struct("<8sIIQQQ")  # magic, version, reserved, block_bytes, slot_bytes, num_slots
-_RECORD = struct.Struct("<IIQQQ")  # op, slot, seq_hash, checksum, gen
+_MAGIC, _VERSION = b"KVRG3IDX", 2
+_HEADER = struct.Struct("<8sIIQQQ")  # magic, version, flags, block_bytes, slot_bytes, num_slots
+_RECORD = struct.Struct("<IIQQQQ")  # op, slot, seq_hash, checksum, gen, nbytes
 _CRC = struct.Struct("<Q")
 HEADER_BYTES, RECORD_BYTES = _HEADER.size + _CRC.size, _RECORD.size + _CRC.size
 PUT, FREE = 1, 2
+VARIABLE = 1  # header flag: blocks are 1..block_bytes long (a codec's frames), not all block_bytes
 
 
 class Entry(NamedTuple):
     seq_hash: int
     checksum: int
     gen: int
+    nbytes: int
 
 
 def _seal(body: bytes) -> bytes:
@@ -55,10 +62,12 @@ def _seal(body: bytes) -> bytes:
 
 
 class DiskIndex:
-    def __init__(self, directory: Path, block_bytes: int, slot_bytes: int, num_slots: int):
+    def __init__(self, directory: Path, block_bytes: int, slot_bytes: int, num_slots: int, *,
+                 variable: bool = False):
         self.path, self._tmp = directory / "index.log", directory / "index.log.tmp"
-        self.num_slots = num_slots
-        self._header = _seal(_HEADER.pack(_MAGIC, _VERSION, 0, block_bytes, slot_bytes, num_slots))
+        self.num_slots, self.block_bytes = num_slots, block_bytes
+        flags = VARIABLE if variable else 0
+        self._header = _seal(_HEADER.pack(_MAGIC, _VERSION, flags, block_bytes, slot_bytes, num_slots))
         self._buf_lock, self._file_lock = threading.Lock(), threading.Lock()
         self.entries: dict[int, Entry] = {}  # slot -> entry: the state the file plus _pending describe
         self._pending: list[bytes] = []
@@ -86,13 +95,13 @@ class DiskIndex:
             if _CRC.unpack_from(rec, _RECORD.size)[0] != xxhash.xxh3_64_intdigest(rec[:_RECORD.size]):
                 torn = True  # torn tail: nothing after it was acknowledged
                 break
-            op, slot, h, csum, gen = _RECORD.unpack_from(rec)
-            if slot >= self.num_slots:
+            op, slot, h, csum, gen, nbytes = _RECORD.unpack_from(rec)
+            if slot >= self.num_slots or (op == PUT and not 0 < nbytes <= self.block_bytes):
                 torn = True
                 break
             off += RECORD_BYTES
             if op == PUT:
-                entries[slot] = Entry(h, csum, gen)
+                entries[slot] = Entry(h, csum, gen, nbytes)
             else:
                 entries.pop(slot, None)
         newest: dict[int, int] = {}  # a hash lives in one slot: the one written last wins
@@ -112,17 +121,17 @@ class DiskIndex:
         self._compact(dict(entries))
         return dict(entries), matched
 
-    def log_put(self, slot: int, seq_hash: int, checksum: int) -> None:
+    def log_put(self, slot: int, seq_hash: int, checksum: int, nbytes: int) -> None:
         with self._buf_lock:
             self._gen += 1
-            self.entries[slot] = Entry(seq_hash, checksum, self._gen)
-            self._pending.append(_seal(_RECORD.pack(PUT, slot, seq_hash, checksum, self._gen)))
+            self.entries[slot] = Entry(seq_hash, checksum, self._gen, nbytes)
+            self._pending.append(_seal(_RECORD.pack(PUT, slot, seq_hash, checksum, self._gen, nbytes)))
 
     def log_free(self, slots: list[int]) -> None:
         with self._buf_lock:
             for slot in slots:
                 if self.entries.pop(slot, None) is not None:
-                    self._pending.append(_seal(_RECORD.pack(FREE, slot, 0, 0, 0)))
+                    self._pending.append(_seal(_RECORD.pack(FREE, slot, 0, 0, 0, 0)))
 
     def sync(self) -> None:
         """Make every logged record durable (compacting first if the log would pass its bound)."""
@@ -147,7 +156,7 @@ class DiskIndex:
                 self._fd = -1
 
     def _compact(self, entries: dict[int, Entry]) -> None:
-        body = b"".join(_seal(_RECORD.pack(PUT, s, e.seq_hash, e.checksum, e.gen))
+        body = b"".join(_seal(_RECORD.pack(PUT, s, e.seq_hash, e.checksum, e.gen, e.nbytes))
                         for s, e in sorted(entries.items(), key=lambda kv: kv[1].gen))
         fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # prompt-derived: owner only
         try:

@@ -77,6 +77,32 @@ class SlotTable:
         self.pins[slot] = 1
         return slot, evicted
 
+    def evict(self, h: int) -> tuple[int, int] | None:
+        """Evict one idle block to make room for h elsewhere (variable-size G3: room is bytes, not
+        slots): (victim, its slot), the slot left pinned and doomed (the caller punches it, then
+        unpins: it is freed then). None: nothing evictable, or the policy does not admit h."""
+        victim = self.policy.victim(lambda k: self.map[k] in self.pins)
+        if victim is None or not self.policy.admit(h, victim):
+            return None
+        slot = self.map.pop(victim)
+        self.policy.remove(victim)
+        self.pins[slot] = 1
+        self.doomed.add(slot)
+        return victim, slot
+
+    def take_free(self, slot: int) -> bool:
+        """Take a free slot out of the free list, pinned and doomed (as `evict` leaves one); False if it
+        is not free (pinned by a reader, or handed out again)."""
+        if slot in self.pins:
+            return False
+        try:
+            self.free.remove(slot)  # O(free slots): only for leftovers of removed or corrupt blocks
+        except ValueError:
+            return False
+        self.pins[slot] = 1
+        self.doomed.add(slot)
+        return True
+
     def commit(self, h: int) -> None:
         slot = self.pending.pop(h)
         self.map[h] = slot

@@ -65,6 +65,24 @@ class SlotStore:
     def _footprint(self) -> int:
         raise NotImplementedError
 
+    # Variable-size blocks (G3 with a codec, disk.py): puts may be shorter than block_bytes and take
+    # room by their length. The defaults are the fixed-size store's: one block_bytes block per slot.
+    def _check(self, hashes: Sequence[int], srcs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return check_batch(hashes, srcs, self.block_bytes)
+
+    def _admit(self, h: int, slot: int, src: torch.Tensor) -> tuple[list[int], bool]:
+        """Room for `src` in `slot` beyond the slot itself: (hashes evicted for it, whether it fits)."""
+        return [], True
+
+    def _settled(self, batch: list[tuple[int, int, int, torch.Tensor]], ok: bool) -> None:
+        """A put's I/O is over (ok: its blocks are committed; else aborted)."""
+
+    def _stored_bytes(self, slot: int) -> int:
+        return self.block_bytes
+
+    def _used_bytes(self) -> int:
+        return len(self._slots.map) * self.block_bytes
+
     # -- the TierStore interface ----------------------------------------------------------------------
     @property
     def enabled(self) -> bool:
@@ -74,7 +92,7 @@ class SlotStore:
     def stats(self) -> TierStats:
         s = self._stats.copy()
         s.blocks = len(self._slots.map)
-        s.used_bytes = s.blocks * self.block_bytes
+        s.used_bytes = self._used_bytes()
         s.footprint_bytes = self._footprint()
         s.enabled = self._health.enabled
         return s
@@ -87,7 +105,7 @@ class SlotStore:
         return [on and h in self._slots.map for h in hashes]
 
     async def put(self, hashes: Sequence[int], srcs: Sequence[torch.Tensor]) -> list[bool]:
-        u8s = check_batch(hashes, srcs, self.block_bytes)
+        u8s = self._check(hashes, srcs)
         out, st, slots = [False] * len(u8s), self._stats, self._slots
         if not self._health.allow():
             st.rejected_puts += len(u8s)
@@ -106,6 +124,12 @@ class SlotStore:
                 continue
             if got[1] is not None:
                 evicted.append(got[1])
+            room, fits = self._admit(h, got[0], src)
+            evicted += room
+            if not fits:  # its bytes do not fit (variable-size store): the slot goes back
+                slots.abort(h)
+                st.rejected_puts += 1
+                continue
             batch.append((i, h, got[0], src))
         st.evictions += len(evicted)
         emit(self.on_event, "removed", evicted)
@@ -198,14 +222,16 @@ class SlotStore:
             st.errors += 1
             st.rejected_puts += len(batch)
             self._health.fail(exc)
+            self._settled(batch, False)
             return
         st.write_seconds += perf_counter() - t0
-        st.bytes_written += len(batch) * self.block_bytes
+        st.bytes_written += sum(src.numel() for _, _, _, src in batch)
         st.puts += len(batch)
         self._health.succeed()  # a probe after an outage that worked re-enables the tier
         for i, h, _, _ in batch:
             self._slots.commit(h)
             out[i] = True
+        self._settled(batch, True)
         emit(self.on_event, "stored", [h for _, h, _, _ in batch])
 
     async def _get_io(self, batch: list[tuple[int, int, int, torch.Tensor]], out: list[bool]) -> None:
@@ -224,7 +250,7 @@ class SlotStore:
             if ok:
                 out[i] = True
                 st.hits += 1
-                st.bytes_read += self.block_bytes
+                st.bytes_read += self._stored_bytes(slot)
             else:
                 st.misses += 1
                 if not io_error:  # the bytes read back do not match their checksum

@@ -117,3 +117,33 @@ def test_a_frame_of_another_codec_version_or_shape_is_refused():
     assert not lossless.decode(memoryview(garbled), out)
     garbled[HEADER_BYTES] = 7  # a mode this version does not know
     assert not lossless.decode(memoryview(garbled), out)
+
+
+def test_fp16_error_is_float16_rounding_relative_to_each_value():
+    """Channels from 1e-6 to 1e4 (beyond float16's range at the top, subnormal at the bottom without
+    the per-channel power-of-two scale): every value within 2^-11 of itself, zeros stay zeros."""
+    shape = BlockShape("float32", 4, 16, 48)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(shape.groups, shape.tokens, shape.channels, generator=g)
+    x *= torch.logspace(-6, 4, shape.channels) * 10
+    x[1, :, 3] = 0.0
+    codec = make_codec("fp16", shape)
+    y = decoded(codec, x.view(-1).view(torch.uint8)).view(torch.float32).view_as(x)
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    # float16's step at the top of [2^14, 2^15) is 2^4 = absmax * 2^-11 at most; below, relative 2^-11
+    assert bool(((y - x).abs() <= torch.maximum(x.abs() * 2**-11, absmax * 2**-24)).all())
+    assert bool((y[1, :, 3] == 0).all())
+    assert len(codec.encode(x.view(-1).view(torch.uint8))) < 0.5 * shape.block_bytes + 1000  # half, or less
+
+
+def test_fp16_refuses_non_finite_blocks_and_16_bit_engines():
+    shape = BlockShape("float32", 2, 16, 8)
+    x = torch.randn(shape.numel)
+    x[3] = float("nan")
+    assert make_codec("fp16", shape).encode(x.view(torch.uint8)) is None
+    with pytest.raises(ValueError):
+        make_codec("fp16", BlockShape("bfloat16", 2, 16, 8))  # saves nothing on a 16-bit dtype
+    frame = bytearray(make_codec("fp16", shape).encode(torch.randn(shape.numel).view(torch.uint8)))
+    out = torch.empty(shape.block_bytes, dtype=torch.uint8)
+    assert not make_codec("lossless", shape).decode(memoryview(frame), out)  # another codec's frame
+    assert not make_codec("fp16", shape).decode(memoryview(frame[:-5]), out)  # truncated

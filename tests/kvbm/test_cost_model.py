@@ -45,3 +45,52 @@ def test_measurements_move_the_decision():
 def test_always_loads_everything():
     m = CostModel(BLOCK_BYTES, BLOCK, always=True)
     assert m.best_cut(["G4"] * 5) == 5
+
+
+def test_a_codec_tier_prior_is_its_effective_bandwidth_decode_included():
+    """I/O moves ratio x fewer bytes, then every byte is decoded: per raw byte 1/(io * ratio) + 1/decode."""
+    m = model(prefill_tps=10_000)  # 1.6 ms per 2 MiB block: recompute costs ~1.3 GB/s of "bandwidth"
+    io = m.tiers["G3"].bytes_per_s
+    m.fold_codec("G3", ratio=4.0, decode_bytes_per_s=4 * io)
+    assert abs(m.tiers["G3"].bytes_per_s - 2 * io) < 1e-6 * io  # 1/(4io) + 1/(4io) = 1/(2io)
+    m.tiers["G3"].bytes_per_s, m.tiers["G3"].latency_s = 10e9, 0.0
+    m.fold_codec("G4", ratio=2.0, decode_bytes_per_s=50e6)  # a decode slower than recompute
+    m.tiers["G4"].latency_s = 0.0
+    assert m.best_cut(["G4"] * 8) == 0  # the raw I/O alone (30 MB/s x 2) would have lost anyway
+    m.tiers["G4"].bytes_per_s = 1.0 / (1.0 / 20e9 + 1.0 / 50e6)  # even a fast link: the decode decides
+    assert m.best_cut(["G4"] * 8) == 0
+    m.fold_codec("G2", ratio=1.2, decode_bytes_per_s=100e9)
+    assert m.best_cut(["G2"] * 8) == 8
+
+
+def test_a_measured_tier_keeps_its_measurement():
+    m = model(prefill_tps=10_000)
+    m.observe_load("G3", 64, 64 * BLOCK_BYTES / 3e9)  # measured: the get's time, decode included
+    measured = m.tiers["G3"].bytes_per_s
+    m.fold_codec("G3", ratio=1.2, decode_bytes_per_s=0.5e9)
+    assert m.tiers["G3"].bytes_per_s == measured and m.codecs["G3"] == (1.2, 0.5e9)
+
+
+async def test_opening_a_codec_tier_folds_its_measured_decode_into_the_prior(tmp_path):
+    import torch
+
+    from kvrelay.kvbm.cost_model import PRIORS
+    from kvrelay.kvbm.tier_config import TierConfig
+    from kvrelay.kvbm.tiered_kv import TieredKv
+    from kvrelay.workers.api.messages import KvLayout
+
+    layout = KvLayout(layout="block_contiguous", num_blocks=4, num_layers=2, block_size=16, num_kv_heads=2,
+                      head_dim=64, dtype="float32", device="cpu")
+    shape_bytes = 2 * 2 * 16 * 2 * 64 * 4
+    rows = torch.zeros((4, shape_bytes), dtype=torch.uint8)
+    cfg = TierConfig(host_bytes=0, disk_dir=str(tmp_path / "g3"), disk_bytes=16 << 20, compress_g3="lossless")
+    kv = await TieredKv.open(cfg, rows, 16, "fp-test", layout=layout)
+    try:
+        ratio, decode = kv.cost.codecs["G3"]
+        assert 1.0 < ratio < 2.0 and decode > 0  # float32 normals: the exponent plane shrinks
+        io = PRIORS["G3"][1]
+        want = 1.0 / (1.0 / (io * ratio) + 1.0 / decode)
+        assert abs(kv.cost.tiers["G3"].bytes_per_s - want) < 1e-6 * want
+    finally:
+        for s in kv.stores:
+            await s.close()

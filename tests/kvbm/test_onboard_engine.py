@@ -76,19 +76,25 @@ def test_evicted_prompt_is_onboarded_with_identical_tokens(case, tmp_path, s3):
     asyncio.run(main())
 
 
-def test_flipped_byte_in_g3_is_a_miss_and_a_recompute(tmp_path):
+@pytest.mark.parametrize("case", ["G3", "G3-lossless"])
+def test_flipped_byte_in_g3_is_a_miss_and_a_recompute(case, tmp_path):
+    """Raw, and compressed (a lossless frame at its own length in the sparse G3): the flipped byte fails
+    G3's checksum before the frame is ever decoded."""
     p = prompt(300, seed=8)
 
     async def main():
-        eng = engine(ONLY["G3"](tmp_path, None))
+        eng = engine(ONLY[case](tmp_path, None))
         await eng.start()
         try:
             cold = await serve_then_evict(eng, p)
             store = eng.loops.get("tiers").tiers.stores[0]
+            disk = store.inner if case == "G3-lossless" else store
+            if case == "G3-lossless":
+                assert disk.variable and disk._book is not None  # frames charged by their pages
             h5 = block_hashes(eng, p)[5]
-            slot = store._slots.map[h5]
+            slot = disk._slots.map[h5]
             with open(tmp_path / "g3" / eng.core.fingerprint[:16] / "slot-0" / "blocks.dat", "r+b") as f:
-                f.seek(slot * store.slot_bytes + 1234)
+                f.seek(slot * disk.slot_bytes + 234)  # past the frame header, inside the zstd payload
                 byte = f.read(1)
                 f.seek(-1, 1)
                 f.write(bytes([byte[0] ^ 0x40]))
@@ -104,17 +110,19 @@ def test_flipped_byte_in_g3_is_a_miss_and_a_recompute(tmp_path):
     asyncio.run(main())
 
 
-def test_truncated_g4_object_is_a_miss_and_a_recompute(tmp_path, s3):
+@pytest.mark.parametrize("codec", ["none", "lossless"])
+def test_truncated_g4_object_is_a_miss_and_a_recompute(codec, tmp_path, s3):
     p = prompt(300, seed=9)
 
     async def main():
         bucket = s3.new_bucket()
-        cfg = TierConfig(host_bytes=0, disk_dir="off", object_store=s3.store_url(bucket), onboard="always")
+        cfg = TierConfig(host_bytes=0, disk_dir="off", object_store=s3.store_url(bucket), onboard="always",
+                         compress_g4=codec)
         eng = engine(cfg)
         await eng.start()
         try:
             cold = await serve_then_evict(eng, p)
-            key = object_key(eng.core.fingerprint, block_hashes(eng, p)[3])
+            key = object_key(eng.core.fingerprint, block_hashes(eng, p)[3], "" if codec == "none" else codec)
             client = s3.client()
             body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
             client.put_object(Bucket=bucket, Key=key, Body=body[:len(body) // 2])

@@ -120,7 +120,7 @@ def flip_g3_byte(disk_dir: Path, h: int) -> None:
         slot_bytes = disk_index._HEADER.unpack_from(data)[4]
         slot = None
         for off in range(disk_index.HEADER_BYTES, len(data) - disk_index.RECORD_BYTES + 1, disk_index.RECORD_BYTES):
-            op, s, seq_hash, _, _ = disk_index._RECORD.unpack_from(data, off)
+            op, s, seq_hash, *_ = disk_index._RECORD.unpack_from(data, off)
             if seq_hash == h:
                 slot = s if op == disk_index.PUT else None
         if slot is not None:

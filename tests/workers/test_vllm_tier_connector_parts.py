@@ -147,6 +147,37 @@ def test_worker_saves_blocks_then_loads_them_into_other_blocks_byte_for_byte(run
     assert worker.finished_loads() == set()  # reported once
 
 
+@pytest.mark.parametrize("codec", ["lossless", "int8"])
+def test_a_g3_codec_under_vllm_restores_every_byte_or_is_left_out(codec, tmp_path, caplog):
+    """vLLM's rows are words of its cache dtype in its backend's order: lossless splits them into byte
+    planes (and restores every byte); the lossy codecs need the engine's channel layout, so under vLLM
+    the tier is left out with a WARNING rather than quantizing the wrong lanes."""
+    tiers = TierConfig(host_bytes=0, disk_dir=str(tmp_path / "g3"), disk_bytes=32 << 20, compress_g3=codec)
+    rt = TierRuntime(TierSettings(key=str(tmp_path), fingerprint=FP, block_size=BS, tiers=tiers,
+                                  staging_bytes=2 << 20))
+    try:
+        kv = caches()
+        worker = TierWorker(rt, NUM_BLOCKS)
+        with caplog.at_level("WARNING"):
+            worker.register({f"model.layers.{i}.self_attn": t for i, t in enumerate(kv)})
+        if codec == "int8":
+            assert not worker.enabled and rt.tiered.tiers == []
+            assert "--kv-compress-g3 int8" in caplog.text
+            return
+        store = rt.tiered.stores[0]
+        assert type(store).__name__ == "CodecStore" and store.codec.shape.dtype == "float32"
+        worker.save([TierSave([31, 32, 33], [1, 4, 5])])
+        wait_for(lambda: rt.rows_in_use == 0 and {31, 32, 33} <= rt.known)
+        assert store.stats.used_bytes < 3 * store.block_bytes  # the planes compressed
+        worker.start_loads([TierLoad("r", [31, 32, 33], [10, 11, 12], ["G3"] * 3)])
+        wait_for(lambda: all(f is None or f.done() for _, _, f in worker._loads.values()))
+        assert worker.finished_loads() == {"r"} and worker.take_errors() == set()
+        for t in kv:
+            assert torch.equal(t[[10, 11, 12]], t[[1, 4, 5]])
+    finally:
+        rt.close()
+
+
 def test_lookup_over_its_socket_is_answered_by_the_stores_and_the_cost_model(runtime, tmp_path):
     worker = TierWorker(runtime, NUM_BLOCKS)
     worker.register({"layer.0": caches()[0]})

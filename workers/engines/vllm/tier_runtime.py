@@ -91,14 +91,15 @@ class TierRuntime:
         self.onboarded = 0  # blocks loaded into vLLM's cache (the intact prefix of each load: what vLLM used)
 
     # -- lifecycle --------------------------------------------------------------------------------------
-    def open(self, block_bytes: int, min_rows: int = 0) -> bool:
+    def open(self, block_bytes: int, min_rows: int = 0, dtype: str | None = None) -> bool:
         """Allocate the staging rows, open the tiers and the lookup server (blocking: at engine start).
-        False if no tier opened (each one that failed said why); lookups then answer misses."""
+        False if no tier opened (each one that failed said why); lookups then answer misses. dtype: the
+        cache's element type (a G3/G4 `lossless` codec splits the rows' words into byte planes)."""
         n = max(2, min_rows, self.settings.staging_bytes // max(1, block_bytes))
         self.rows = torch.zeros((n, block_bytes), dtype=torch.uint8)
         self._free = list(range(n))
         self.tiered = self.run(TieredKv.open(self.settings.tiers, self.rows, self.settings.block_size,
-                                             self.settings.fingerprint, sink=self._on_event))
+                                             self.settings.fingerprint, sink=self._on_event, word_dtype=dtype))
         self.run(self._serve_lookups())
         if self.settings.pool is not None:
             self.run(self._join_pool(self.settings.pool, start=bool(self.tiered.stores)))

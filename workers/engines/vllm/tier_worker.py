@@ -63,7 +63,8 @@ class TierWorker:
             seen.add(t.data_ptr())
             pages.append(LayerPages.of(t, self.num_blocks))
         self.pages = pages
-        self.enabled = bool(pages) and self.rt.open(block_bytes(pages), min_rows=2 * step_blocks)
+        dtype = str(pages[0].view.dtype).removeprefix("torch.") if pages else None
+        self.enabled = bool(pages) and self.rt.open(block_bytes(pages), min_rows=2 * step_blocks, dtype=dtype)
 
     # -- loads ------------------------------------------------------------------------------------------
     def mark_step(self) -> None:
