@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="decode steps measured per run")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile-repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved plain/constrained runs per batch size")
     args = ap.parse_args()
     path = str(resolve_model(args.model).path)
     engine = LLMEngine(NativeEngineConfig(model=path, num_blocks=2048))
@@ -87,10 +88,17 @@ def main() -> None:
     out: dict[str, object] = {"model": args.model, "torch_threads": torch.get_num_threads()}
     step_time(engine, max(int(x) for x in args.batches.split(",")), True, 2, 0, "warm")  # first-use costs, discarded
     for b in (int(x) for x in args.batches.split(",")):
-        plain = step_time(engine, b, False, args.steps, args.warmup, f"p{b}")
-        constrained = step_time(engine, b, True, args.steps, args.warmup, f"c{b}")
-        out[f"batch{b}"] = {"plain_ms": round(plain * 1e3, 3), "json_schema_ms": round(constrained * 1e3, 3),
-                            "overhead_ms": round((constrained - plain) * 1e3, 3)}
+        # Interleaved rounds (plain, constrained, plain, ...): a change in the machine's load lands on both.
+        plain, constrained = [], []
+        for r in range(args.rounds):
+            plain.append(step_time(engine, b, False, args.steps, args.warmup, f"p{b}-{r}"))
+            constrained.append(step_time(engine, b, True, args.steps, args.warmup, f"c{b}-{r}"))
+        ratios = sorted(c / p for p, c in zip(plain, constrained, strict=True))
+        out[f"batch{b}"] = {"plain_ms": round(statistics.median(plain) * 1e3, 3),
+                            "json_schema_ms": round(statistics.median(constrained) * 1e3, 3),
+                            "overhead_ms": round((statistics.median(constrained) - statistics.median(plain)) * 1e3, 3),
+                            "ratio_median": round(statistics.median(ratios), 3),
+                            "ratios": [round(x, 3) for x in ratios]}
     out["compile"] = {k: round(v, 3) for k, v in compile_times(Path(path) / "tokenizer.json", m.vocab_size,
                                                                 m.eos_token_ids, args.compile_repeats).items()}
     print(json.dumps(out, indent=2))
