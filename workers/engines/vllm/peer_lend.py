@@ -23,6 +23,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from kvrelay.workers.engines.vllm.router_socket import RouterSocketServer
+
 log = logging.getLogger("kvrelay.vllm.pool")
 LEND_TIMEOUT_S = 1.5  # under the asker's 2 s (workers/core/kv_sources/peer_loop.py ASK_TIMEOUT_S)
 
@@ -31,27 +33,15 @@ def endpoint(socket_dir: str) -> str:
     return f"ipc://{socket_dir}/kv-pool"
 
 
-class LendServer:
+class LendServer(RouterSocketServer):
     """vLLM's worker process: answers on the tier loop. `pool`: the PeerPool, None when it did not start
     (every lend answers nothing)."""
 
     def __init__(self, socket_dir: str, pool: Any):
         self.pool = pool
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(endpoint(socket_dir))
-        self._task = asyncio.get_running_loop().create_task(self._serve())
-        self._pending: set[asyncio.Task] = set()
+        super().__init__(endpoint(socket_dir))
 
-    async def _serve(self) -> None:
-        while True:
-            ident, key, payload = await self._sock.recv_multipart()
-            task = asyncio.get_running_loop().create_task(self._one(ident, key, payload))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
-
-    async def _one(self, ident: bytes, key: bytes, payload: bytes) -> None:
+    async def answer(self, payload: bytes) -> bytes:
         reply: Any = [[], "", b""]
         try:
             op, lease_id, *rest = msgspec.msgpack.decode(payload)
@@ -64,14 +54,7 @@ class LendServer:
                 reply = [rows, POOL, self.pool.metadata() if rows else b""]
         except Exception:
             log.exception("kvrelay KV pool: a lend failed; lending nothing")
-        await self._sock.send_multipart([ident, key, msgspec.msgpack.encode(reply)])
-
-    async def close(self) -> None:
-        self._task.cancel()
-        for t in list(self._pending):
-            t.cancel()
-        self._sock.close(0)
-        self._ctx.term()
+        return msgspec.msgpack.encode(reply)
 
 
 class LendClient:

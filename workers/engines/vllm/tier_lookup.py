@@ -20,17 +20,16 @@ asks again next step (`get_num_new_matched_tokens` -> None), and a lookup unansw
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from kvrelay.kvbm.tiered_kv import TieredKv
 from kvrelay.workers.core.kv_sources.tiers import load_plan
 from kvrelay.workers.engines.vllm.peer_pool import PEER_TIER
+from kvrelay.workers.engines.vllm.router_socket import RouterSocketServer
 
 log = logging.getLogger("kvrelay.vllm.tiers")
 GIVE_UP_S = 5.0
@@ -51,41 +50,22 @@ async def answer(tiered: TieredKv, hashes: list[int], local: int, limit: int, pe
     return plan if len(plan) > local else []
 
 
-class LookupServer:
+class LookupServer(RouterSocketServer):
     """The worker half's side: answers on the tier loop, each lookup in its own task (G4 HEADs wait)."""
 
     def __init__(self, socket_dir: str, tiered: TieredKv, limit: int):
         self.tiered, self.limit = tiered, limit
         self.pulls = False  # the cluster KV pool is up here: a lookup may plan blocks from the peer
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(endpoint(socket_dir))
-        self._task = asyncio.get_running_loop().create_task(self._serve())
-        self._pending: set[asyncio.Task] = set()
+        super().__init__(endpoint(socket_dir))
 
-    async def _serve(self) -> None:
-        while True:
-            ident, key, payload = await self._sock.recv_multipart()
-            task = asyncio.get_running_loop().create_task(self._one(ident, key, payload))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
-
-    async def _one(self, ident: bytes, key: bytes, payload: bytes) -> None:
+    async def answer(self, payload: bytes) -> bytes:
         try:
             hashes, local, peer = msgspec.msgpack.decode(payload)
             tiers = await answer(self.tiered, hashes, local, self.limit, peer if self.pulls else 0)
         except Exception:
             log.exception("kvrelay tier lookup failed; answering a miss")
             tiers = []
-        await self._sock.send_multipart([ident, key, msgspec.msgpack.encode(tiers)])
-
-    async def close(self) -> None:
-        self._task.cancel()
-        for t in list(self._pending):
-            t.cancel()
-        self._sock.close(0)
-        self._ctx.term()
+        return msgspec.msgpack.encode(tiers)
 
 
 class LookupClient:
