@@ -40,6 +40,7 @@ import httpx
 
 from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.kvbm.tiers.disk_index import DiskIndex
+from kvrelay.perf.kv_codec_bench import settle
 from kvrelay.workers.api.messages import EngineRequest, SamplingParams
 from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.native import NativeEngine, NativeEngineConfig
@@ -60,16 +61,6 @@ async def serve(eng: NativeEngine, tokens: list[int], n: int = 1) -> tuple[float
         out += o.token_ids
         cached = max(cached, o.num_cached_tokens)
     return first, cached, out
-
-
-async def settle(eng: NativeEngine) -> None:
-    tiers = eng.loops.get("tiers") if eng.loops is not None else None
-    while True:
-        if tiers is not None:
-            await tiers.drain()
-        await asyncio.sleep(0.02)
-        if eng.stats().offload_pinned == 0:
-            return
 
 
 def tier_stats(eng: NativeEngine, name: str) -> Any:

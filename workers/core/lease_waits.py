@@ -73,10 +73,6 @@ class LeaseWaits:
         for lease_id in list(self._waiting):
             self.cancel(lease_id)
 
-    @property
-    def pending(self) -> int:
-        return len(self._waiting)
-
     def _lend(self, cmd: Lease) -> None:
         _answer(cmd, self.core.leases.lease(cmd.lease_id, cmd.hashes))
 
