@@ -41,6 +41,7 @@ import httpx
 from kvrelay.kvbm.tier_config import TierConfig
 from kvrelay.kvbm.tiers.disk_index import DiskIndex
 from kvrelay.perf.kv_codec_bench import settle
+from kvrelay.runtime.free_port import free_port
 from kvrelay.workers.api.messages import EngineRequest, SamplingParams
 from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.native import NativeEngine, NativeEngineConfig
@@ -72,14 +73,10 @@ class Moto:
 
     def __init__(self, workdir: Path):
         import os
-        import socket
-
         for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}.items():
             os.environ.setdefault(k, v)  # moto accepts any credentials; the workers' S3 client needs some
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(workdir / "moto.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],

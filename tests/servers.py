@@ -14,11 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from kvrelay.runtime.free_port import free_port  # noqa: F401 - the tests import it from here
 
 
 def wait_for_port(port: int, timeout: float = 15.0) -> None:

@@ -30,7 +30,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import msgspec
 
 from kvrelay.kvbm.events import KvEvent, KvSnapshot
 from kvrelay.kvbm.fingerprint import model_fingerprint
+from kvrelay.runtime.free_port import free_port
 from kvrelay.workers.api.errors import EngineError, EngineOverloaded
 from kvrelay.workers.api.messages import EngineOutput, EngineRequest, EngineStats, KvLayout, RequestError
 from kvrelay.workers.api.prefill import KvPuller, PrefillResult
@@ -86,7 +86,7 @@ class VllmEngine:
         cfg = self.cfg = dataclasses.replace(self.cfg, fingerprint=self.fingerprint)
         if cfg.role != "agg":  # vLLM's NIXL side channel: where kvrelay's worker listens, on a free port
             os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", cfg.host)
-            os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_PORT", str(_free_port(cfg.host)))
+            os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_PORT", str(free_port(cfg.host)))
         layers, kv_heads, head_dim, itemsize = model_shape(cfg.model, cfg.dtype)
         if self.peers is not None:
             self.peers.before_vllm_starts()  # the token reaches vLLM's worker process in its environment
@@ -377,13 +377,6 @@ class VllmEngine:
 
     def kv_pool(self) -> None:
         return None
-
-
-def _free_port(host: str) -> int:
-    """A port free now (vLLM binds it a moment later; its fixed default 5600 collides between workers)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _engine_error(e: Exception) -> Exception:
