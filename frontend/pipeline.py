@@ -162,8 +162,9 @@ class Pipeline:
             if constraint is not None:
                 raise ApiError.bad_request(f"Invalid 'tool_choice': a forced tool call conflicts with "
                                            f"'{constraint[1]}'.", "tool_choice")
-            grammar = fmt.forced_grammar(tools.forced, parallel=tools.parallel and tools.mode == "required")
-            constraint = StructuredOutput(kind="grammar", spec=grammar), "tools"
+            parallel = tools.parallel and tools.mode == "required"
+            constraint = StructuredOutput(kind="grammar", spec=fmt.forced_grammar(tools.forced, parallel),
+                                          structural_tag=fmt.forced_structural_tag(tools.forced, parallel)), "tools"
         if constraint is not None:
             try:
                 self.grammar_checks.check(*constraint)

@@ -53,6 +53,23 @@ class ToolCallFormat:
             rules.append(f"body_{i}: %json {json.dumps(schema)}")
         return "\n".join(rules) + "\n"
 
+    def forced_structural_tag(self, tools: Sequence[Tool], parallel: bool) -> str:
+        """The same forced call as xgrammar's structural tag (JSON text), as vLLM's own server builds it for
+        this format's tool parser (vllm/tool_parsers/structural_tag_registry.py, 0.32): each call's
+        markup and name are fixed text, its arguments match the function's schema; the call is written
+        with or without newlines around its JSON; calls follow one another with no separator. vLLM's
+        engine takes this form (`structured_outputs.structural_tag`) so that kvrelay on vLLM writes a
+        forced call token for token as vLLM's server does (xgrammar reads the Lark grammar's `%json`
+        with free whitespace, which a weak model fills). The native engine keeps the Lark grammar."""
+        arguments_prefix = f'", "{self.arguments_key}": '
+        tags = [{"type": "tag", "begin": f'{begin}{{"name": "{tool.name}{arguments_prefix}',
+                 "content": {"type": "json_schema", "json_schema": tool.parameters}, "end": end}
+                for tool in tools
+                for begin, end in ((self.open + "\n", "}\n" + self.close), (self.open, "}" + self.close))]
+        fmt = {"type": "tags_with_separator", "tags": tags, "separator": "", "at_least_one": True,
+               "stop_after_first": not parallel}
+        return json.dumps({"type": "structural_tag", "format": fmt}, ensure_ascii=False)
+
 
 # Forced calls are written as models write them ({"name": "f", "arguments": {"a": 1}}): one space after
 # ':' and ',' and no other whitespace (llguidance's option), not JSON's flexible whitespace, which a weak

@@ -29,6 +29,7 @@ CHAT = {"model": "kvrelay-tiny", "messages": [{"role": "user", "content": "tell 
 LONG = {**CHAT, "max_tokens": 800}  # ~4 s at the mocker's 5 ms per step: in flight across the kill
 
 
+@pytest.mark.slow  # ~40 s of multi-turn benchmark: the slow lane keeps the default suite under 20 minutes
 def test_two_http_processes_keep_the_multi_turn_prefix_hit_rate():
     # 48 users x 8 turns (384 requests: a run's hit rate varies ~2% instead of ~4% at 32 x 6), a
     # 200-token shared system prompt, 4 mocker workers

@@ -10,6 +10,7 @@ import re
 import time
 
 import httpx
+import pytest
 
 from tests.e2e.serve import Serve
 from tests.planner.load_client import drive
@@ -35,6 +36,7 @@ async def _watch(url: str, samples: list[tuple[float, int]], stop: asyncio.Event
             await asyncio.sleep(0.25)
 
 
+@pytest.mark.slow  # ~75 s of load steps: the slow lane keeps the default suite under its 20 minutes
 async def test_load_step_scales_decode_up_then_down_without_a_failed_request(tmp_path):
     # one mocker worker: 4 sequences at once, ~25 ms a step -> ~1.2 s a request, ~3.3 requests/s
     serve = Serve(tmp_path, "--engine", "mocker", "--planner", "load", "--planner-interval", str(INTERVAL),

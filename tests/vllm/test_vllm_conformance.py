@@ -139,9 +139,6 @@ _UNCONSTRAINED_ARGS = ("vLLM's hermes parser constrains a forced call with a str
                        "free JSON unless the tool is `strict` (tool strict level auto), and SmolLM2 writes the "
                        "parameters schema as arguments (non-streamed, vLLM then returns the cut call as content, "
                        "not a call); kvrelay's forced calls are valid calls by construction (issue 28)")
-_WHITESPACE = ("vLLM's structural tag writes the call's JSON compactly; kvrelay sends vLLM a Lark grammar whose "
-               "`%json` xgrammar reads with flexible whitespace (llguidance's `whitespace_flexible: false` is not "
-               "read by xgrammar), so SmolLM2 indents the arguments: both valid calls of the tool, other tokens")
 # Cases whose tokens may differ -> why (status and shape are still compared).
 CONTENT_ALLOWED: dict[str, str] = {
     "guided_choice": "vLLM 0.32 dropped the guided_* fields and ignores them (200, unconstrained); kvrelay keeps "
@@ -149,8 +146,6 @@ CONTENT_ALLOWED: dict[str, str] = {
     "tools_required": _UNCONSTRAINED_ARGS,
     "tools_required_stream": _UNCONSTRAINED_ARGS,
     "tools_named": _UNCONSTRAINED_ARGS,
-    "tools_required_strict": _WHITESPACE,
-    "tools_named_strict_stream": _WHITESPACE,
 }
 
 

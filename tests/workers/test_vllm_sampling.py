@@ -17,7 +17,7 @@ VLLM_FIELDS = {"n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k",
                "frequency_penalty", "presence_penalty", "logit_bias", "seed", "stop_token_ids", "ignore_eos",
                "logprobs", "detokenize", "skip_special_tokens", "extra_args", "structured_outputs"}
 # vLLM's StructuredOutputsParams constraint fields (vllm/sampling_params.py, 0.10 - 0.32).
-VLLM_STRUCTURED = {"json", "regex", "choice", "grammar", "json_object"}
+VLLM_STRUCTURED = {"json", "regex", "choice", "grammar", "json_object", "structural_tag"}  # StructuredOutputsParams fields
 
 FULL = SamplingParams(max_tokens=20, min_tokens=5, temperature=0.7, top_p=0.9, top_k=40, min_p=0.05,
                       repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=-0.3, logit_bias={7: 2.5},
@@ -53,6 +53,9 @@ CONSTRAINTS = [  # the schema's key order reaches vLLM: its grammar writes prope
     (StructuredOutput(kind="regex", spec="[a-z]+"), {"regex": "[a-z]+"}),
     (StructuredOutput(kind="choice", choices=("yes", "no")), {"choice": ["yes", "no"]}),
     (StructuredOutput(kind="grammar", spec='start: "a"'), {"grammar": 'start: "a"'}),
+    # A forced tool call: vLLM gets the structural tag (its own server's form), never the Lark grammar.
+    (StructuredOutput(kind="grammar", spec='start: "a"', structural_tag='{"type": "structural_tag"}'),
+     {"structural_tag": '{"type": "structural_tag"}'}),
 ]
 
 

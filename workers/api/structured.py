@@ -37,6 +37,10 @@ class StructuredOutput(msgspec.Struct, frozen=True, kw_only=True):
     kind: StructuredKind
     spec: str = ""
     choices: tuple[str, ...] = ()
+    # The same constraint as xgrammar's structural tag (JSON text), for an engine whose grammar backend
+    # reads that form better (vLLM: a forced tool call, frontend/tool_parsers.py); "" where there is none.
+    # Engines that compile llguidance grammars (the native one) ignore it.
+    structural_tag: str = ""
 
     def problem(self) -> str | None:
         """What is wrong with the constraint's shape (checked without compiling), or None."""

@@ -34,7 +34,11 @@ def vllm_sampling_kwargs(s: SamplingParams, *, already: int = 0, max_tokens: int
 def structured_outputs_kwargs(c: StructuredOutput) -> dict[str, Any]:
     """The keyword arguments of vLLM's `StructuredOutputsParams` (vllm/sampling_params.py, 0.10 - 0.32) for
     `c`: exactly one constraint field, as vLLM's own OpenAI server fills it from the same request. vLLM
-    picks the grammar backend (its default `auto`: xgrammar, else llguidance, the native engine's)."""
+    picks the grammar backend (its default `auto`: xgrammar, else llguidance, the native engine's). A
+    constraint that carries a structural tag (a forced tool call) goes as that tag, the form vLLM's own
+    server sends for the same request."""
+    if c.structural_tag:
+        return {"structural_tag": c.structural_tag}
     if c.kind == "json":
         return {"json": c.spec}  # the schema's JSON text: vLLM takes a str or a dict
     if c.kind == "json_object":
