@@ -139,6 +139,12 @@ _UNCONSTRAINED_ARGS = ("vLLM's hermes parser constrains a forced call with a str
                        "free JSON unless the tool is `strict` (tool strict level auto), and SmolLM2 writes the "
                        "parameters schema as arguments (non-streamed, vLLM then returns the cut call as content, "
                        "not a call); kvrelay's forced calls are valid calls by construction (issue 28)")
+# Cases whose tokens must be equal but whose call arguments are compared as JSON values -> why.
+ARGUMENTS_AS_VALUES: dict[str, str] = {
+    "tools_required_strict": "vLLM's hermes parser re-serializes a non-streamed call's arguments "
+                             "(json.dumps: one line) where kvrelay returns the text the model wrote, as OpenAI "
+                             "does and as both servers do streamed; same tokens, same value",
+}
 # Cases whose tokens may differ -> why (status and shape are still compared).
 CONTENT_ALLOWED: dict[str, str] = {
     "guided_choice": "vLLM 0.32 dropped the guided_* fields and ignores them (200, unconstrained); kvrelay keeps "
@@ -175,10 +181,18 @@ def outputs(body: dict | list) -> dict:
     return {"choices": choices, "usage": body.get("usage")}
 
 
-def compared(body: dict | list) -> dict:
-    """`outputs` with the usage's token counts only (cached tokens depend on each server's history)."""
+def compared(body: dict | list, arguments_as_values: bool = False) -> dict:
+    """`outputs` with the usage's token counts only (cached tokens depend on each server's history);
+    `arguments_as_values`: each call's arguments parsed, and empty content beside calls as null (vLLM's
+    `content: ""` on forced calls is allow-listed above)."""
     out = outputs(body)
     usage = out["usage"] or {}
+    if arguments_as_values:
+        for c in out["choices"]:
+            for call in c["tool_calls"].values():
+                call["arguments"] = json.loads(call["arguments"])
+            if c["tool_calls"] and c["text"] == "":
+                c["text"] = None
     return {**out, "usage": {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
 
 
@@ -203,8 +217,10 @@ def differences(name: str, ours: tuple[int, dict | list], ref: tuple[int, dict |
         return [d for d in shape_diff(shape(body), shape(ref_body)) if d not in SHAPE_ALLOWED]
     prefix = CASE_SHAPE_ALLOWED.get(name, ("\0", ""))[0]
     out = [d for d in shape_diff(shape(body), shape(ref_body)) if d not in SHAPE_ALLOWED and not d.startswith(prefix)]
-    if name not in CONTENT_ALLOWED and not close(compared(body), compared(ref_body)):
-        out.append(f"outputs: {json.dumps(compared(body))[:1500]}\n   | {json.dumps(compared(ref_body))[:1500]}")
+    values = name in ARGUMENTS_AS_VALUES
+    if name not in CONTENT_ALLOWED and not close(compared(body, values), compared(ref_body, values)):
+        out.append(f"outputs: {json.dumps(compared(body, values))[:1500]}\n   | "
+                   f"{json.dumps(compared(ref_body, values))[:1500]}")
     return out
 
 
