@@ -41,21 +41,33 @@ GROUP_SIZE_ENV = "KVRELAY_HTTP_GROUP_SIZE"  # ... and how many HTTP processes th
 def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-workers", default=None, metavar="N",
                    help=f"HTTP processes serving the port, each with its own router sharing load and KV "
-                        f"index through the event plane (env {ENV}; default: the cores available to this "
-                        f"process, at most {MAX_AUTO})")
+                        f"index through the event plane (env {ENV}; default: {default_rule()})")
     p.add_argument("--http-fd", type=int, default=None, help=argparse.SUPPRESS)  # a child: serve this socket
 
 
-def count(args: argparse.Namespace, events: str) -> int:
-    """The number of HTTP processes: the flag, else the env var, else the cores available (<= MAX_AUTO;
-    1 with `--events inproc`, which cannot reach another process)."""
+def default_rule() -> str:
+    return (f"the cores available to this process less one per local worker and one for everything else, "
+            f"at least 1, at most {MAX_AUTO}")
+
+
+def default_count(local_workers: int) -> int:
+    """The HTTP processes a machine's cores leave room for (issue 33): each local worker's engine loop and the
+    rest of the machine (its load balancer, a load generator, the OS) get a core first. Measured on 2 cores
+    with one mocker worker and aiperf beside it: 2 HTTP processes served 0.64-0.8x the requests of one
+    (perf/RESULTS.md, "kvrelay's frontend vs Dynamo as a user compares them")."""
+    return max(1, min(available_cores() - local_workers - 1, MAX_AUTO))
+
+
+def count(args: argparse.Namespace, events: str, local_workers: int = 0) -> int:
+    """The number of HTTP processes: the flag, else the env var, else `default_count` (1 with `--events
+    inproc`, which cannot reach another process)."""
     if getattr(args, "http_fd", None) is not None:
         return 1  # a child never starts more
     raw, source = args.http_workers, "--http-workers"
     if raw is None and ENV in os.environ:
         raw, source = os.environ[ENV], f"--http-workers (from {ENV})"
     if raw is None:
-        return 1 if events == "inproc" else max(1, min(available_cores(), MAX_AUTO))
+        return 1 if events == "inproc" else default_count(local_workers)
     try:
         n = int(raw)
     except ValueError:

@@ -96,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
     if Role.PREFILL in counts:  # the operator asked for the disaggregated shape: ready means all of it is up
         fe = replace(fe, require_prefill=True)
     wk = build(WorkerConfig, args)
-    n_http = http_workers.count(args, ev.events)
+    n_http = http_workers.count(args, ev.events, local_workers=sum(counts.values()))
     setup_logging(args.log_level)
     preflight.check_planes(disc, ev)  # each of these fails in one line, before any heavy work
     if wk.engine != "mocker":
@@ -206,8 +206,9 @@ async def _serve(counts: dict[Role, int], fe: FrontendConfig, disc: DiscoveryCon
                                          f"http://{fe.http_host}:{server.port}", stop)
             await server.pipeline.announce_models()  # the tool-call format each model gets, in the log
             shape = ", ".join(f"{n} {role.value}" for role, n in counts.items() if n)
-            log.info("kvrelay serving %s on http://%s:%d with workers: %s", wk.served_model_name or wk.model,
-                     fe.http_host, server.port, shape)
+            log.info("kvrelay serving %s on http://%s:%d with workers: %s; %d HTTP process%s",
+                     wk.served_model_name or wk.model, fe.http_host, server.port, shape, n_http,
+                     "" if n_http == 1 else "es")
             await stop.wait()
     except RuntimeError as e:
         log.error("%s", e)

@@ -14,11 +14,13 @@ from pathlib import Path
 
 
 def aiperf_argv(aiperf: str, url: str, model: str, tokenizer: str, *, input_tokens: int, output_tokens: int,
-                concurrency: int, requests: int, artifact_dir: Path, warmup: int = 16, seed: int = 0) -> list[str]:
+                concurrency: int, requests: int, artifact_dir: Path, warmup: int = 16, seed: int = 0,
+                server_token_count: bool = True) -> list[str]:
     return [aiperf, "profile", "--model", model, "--url", url, "--endpoint-type", "chat", "--streaming",
             "--synthetic-input-tokens-mean", str(input_tokens), "--synthetic-input-tokens-stddev", "0",
             "--output-tokens-mean", str(output_tokens), "--output-tokens-stddev", "0",
-            "--extra-inputs", "ignore_eos:true", "--use-server-token-count", "--concurrency", str(concurrency),
+            "--extra-inputs", "ignore_eos:true", *(["--use-server-token-count"] if server_token_count else []),
+            "--concurrency", str(concurrency),
             "--request-count", str(requests), "--warmup-request-count", str(warmup), "--tokenizer", tokenizer,
             "--random-seed", str(seed), "--ui-type", "none", "--artifact-dir", str(artifact_dir)]
 

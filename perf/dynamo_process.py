@@ -21,7 +21,7 @@ from kvrelay.perf.serve_process import free_port
 
 
 class DynamoServe:
-    def __init__(self, python: str, workdir: Path, model_dir: str, model_name: str, router_mode: str = "kv",
+    def __init__(self, python: str, workdir: Path, model_dir: str, model_name: str, router_mode: str | None = "kv",
                  speedup: str = "1e9"):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -30,9 +30,9 @@ class DynamoServe:
         common = ["--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq"]
         self._logs = [open(workdir / f"dynamo-{n}.log", "wb") for n in ("frontend", "mocker")]  # noqa: SIM115
         self.procs = [
-            subprocess.Popen([python, "-m", "dynamo.frontend", "--http-port", str(self.port), "--router-mode",
-                              router_mode, *common], stdout=self._logs[0], stderr=subprocess.STDOUT, env=env,
-                             cwd=workdir),
+            subprocess.Popen([python, "-m", "dynamo.frontend", "--http-port", str(self.port),
+                              *(["--router-mode", router_mode] if router_mode else []), *common],
+                             stdout=self._logs[0], stderr=subprocess.STDOUT, env=env, cwd=workdir),
             subprocess.Popen([python, "-m", "dynamo.mocker", "--model-path", model_dir, "--model-name", model_name,
                               "--speedup-ratio", speedup, *common], stdout=self._logs[1], stderr=subprocess.STDOUT,
                              env=env, cwd=workdir),
