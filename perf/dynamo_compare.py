@@ -39,9 +39,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvrelay.perf.aiperf_load import run_aiperf
 from kvrelay.perf.serve_process import Serve
+
+if TYPE_CHECKING:
+    from kvrelay.perf.dynamo_process import DynamoServe
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ class _Server:
 
     def __init__(self, arm: Arm, args: argparse.Namespace, model_dir: Path, name: str, workdir: Path):
         self.arm, self.args, self.model_dir, self.name, self.workdir = arm, args, model_dir, name, workdir
-        self.proc: object | None = None
+        self.proc: Serve | DynamoServe | None = None
         self.base_url = ""
 
     def start(self) -> None:
@@ -102,7 +106,7 @@ class _Server:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.stop()  # type: ignore[attr-defined]
+            self.proc.stop()
             self.proc = None
 
 

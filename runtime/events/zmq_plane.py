@@ -263,7 +263,7 @@ class ZmqEventPlane:
 
     async def _read_loop(self) -> None:
         assert self._sub is not None
-        sub_now = zmq.Socket.shadow(self._sub.underlying)  # the same SUB as a plain socket
+        sub_now: zmq.Socket = zmq.Socket.shadow(self._sub.underlying)  # the same SUB as a plain socket
         while True:
             try:
                 self._dispatch(await self._sub.recv_multipart())
