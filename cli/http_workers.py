@@ -53,7 +53,7 @@ def default_rule() -> str:
 def default_count(local_workers: int) -> int:
     """The HTTP processes a machine's cores leave room for (issue 33): each local worker's engine loop and the
     rest of the machine (its load balancer, a load generator, the OS) get a core first. Measured on 2 cores
-    with one mocker worker and aiperf beside it: 2 HTTP processes served 0.64-0.8x the requests of one
+    with one mocker worker and aiperf beside it: 2 HTTP processes served 0.73-0.81x the requests of one
     (perf/RESULTS.md, "kvrelay's frontend vs Dynamo as a user compares them")."""
     return max(1, min(available_cores() - local_workers - 1, MAX_AUTO))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from kvrelay.perf.serve_process import free_port
+from kvrelay.runtime.free_port import free_port
 
 
 class DynamoServe:
