@@ -34,6 +34,7 @@ _PEER_COUNTERS = {
     "asked": "requests that asked a peer to lend a prompt prefix", "pulled_blocks": "blocks pulled from peers",
     "pull_failures": "peer pulls that did not deliver (recomputed)",
     "fallbacks": "peer asks that got less than asked (evicted or gone): recomputed",
+    "followed": "requests that waited for another request's pull of the same blocks instead of asking",
     "lent_blocks": "blocks this worker lent to peers' pulls",
     "lent_from_g2": "of the blocks lent, those loaded from G2 into G1 to be lent",
     "verify_failures": "pulled blocks whose bytes did not match the lender's checksum (recomputed, never served)",

@@ -240,6 +240,7 @@ class EngineStats(msgspec.Struct, kw_only=True):
     peer_pulled_blocks: int = 0  # cumulative: blocks pulled from peers instead of computed
     peer_pull_failures: int = 0  # cumulative: peer pulls that did not deliver (recomputed)
     peer_fallbacks: int = 0  # cumulative: peer asks that got less than asked (evicted, gone): recomputed
+    peer_followed: int = 0  # cumulative: requests that waited for another's pull of the same run, not asking
     peer_lent_blocks: int = 0  # cumulative: blocks this worker pinned for peers' pulls
     peer_lease_pinned: int = 0  # blocks pinned for peers' pulls now
     peer_lent_from_g2: int = 0  # cumulative, of peer_lent_blocks: blocks loaded from G2 into G1 to lend them

@@ -240,7 +240,8 @@ class EngineCore:
             reonboarded_blocks=c.get("reonboarded_blocks", 0), offload_pinned=c.get("offload_pinned", 0),
             offload_skipped=c.get("offload_skipped", 0), peer_asked=c.get("peer_asked", 0),
             peer_pulled_blocks=c.get("peer_pulled_blocks", 0), peer_pull_failures=c.get("peer_failures", 0),
-            peer_fallbacks=c.get("peer_fallbacks", 0), peer_lent_blocks=self.leases.lent_blocks,
+            peer_fallbacks=c.get("peer_fallbacks", 0), peer_followed=c.get("peer_followed", 0),
+            peer_lent_blocks=self.leases.lent_blocks,
             peer_lease_pinned=self.leases.pinned, peer_lent_from_g2=self.leases.lent_from_g2,
             prefill_tokens_computed=self.prefill_tokens_computed,
             prefill_seconds=self.prefill_seconds)

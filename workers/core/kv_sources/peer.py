@@ -9,6 +9,13 @@ salt and LoRA), so a peer can only ever lend blocks of this very prefix (another
 the peer checks the fingerprint too. Every lease granted is given back exactly once: by its pull's
 notification, or by a `PullJob` with no blocks (`report=False`) when nothing is pulled. A failed ask or
 pull costs a recompute of the missing blocks, never the request.
+
+One pull per run per worker: a sequence whose first block past G1's hit is already being asked for or
+pulled by another sequence here (`_in_flight`) does not ask; it follows that one (waits for KV) and is
+woken (`PeerWake`) when the other's pull lands or ends, then matches again against a G1 that now holds
+what was pulled. Without this, a burst of conversations sharing a prefix each leased and pulled the
+same blocks, spent the pull budget and computed the prefix beside the pulls. Every follower is woken
+exactly once per leader, whichever way the leader ends.
 """
 
 from __future__ import annotations
@@ -45,6 +52,15 @@ class PeerAsk:
         return KvAnswered(NAME, self.request_id, None)
 
 
+@dataclass(frozen=True)
+class PeerWake:
+    """Answer `request_id` at once (it followed another sequence's pull, which ended): it matches again."""
+
+    source: ClassVar[str] = NAME
+    request_id: str
+
+
+
 @dataclass
 class PeerCounters:
     asked: int = 0  # requests that asked a peer for a lease
@@ -52,6 +68,7 @@ class PeerCounters:
     pulled_blocks: int = 0
     failures: int = 0  # a pull that did not deliver (the blocks were recomputed)
     fallbacks: int = 0  # an ask that got nothing usable (evicted meanwhile, peer gone): recomputed
+    followed: int = 0  # times a sequence waited for another's pull of the same run instead of asking
 
 
 @dataclass
@@ -60,6 +77,7 @@ class _Want:
     asked: bool = False
     handle: KvHandle | None = field(default=None)  # the lease, once answered
     answered: bool = False
+    following: str | None = None  # the request whose pull of this run it waits for
 
 
 class PeerSource:
@@ -68,6 +86,9 @@ class PeerSource:
     def __init__(self, block_size: int, fingerprint: str):
         self.block_size, self.fingerprint = block_size, fingerprint
         self.wants: dict[str, _Want] = {}
+        self._in_flight: dict[int, str] = {}  # block hash -> the request asking for / pulling it here
+        self._leading: dict[str, list[int]] = {}  # leader request id -> the hashes it put in `_in_flight`
+        self._followers: dict[str, list[str]] = {}  # leader request id -> requests waiting on its pull
         self.stats = PeerCounters()
         self._jobs: list[Any] = []
 
@@ -85,9 +106,20 @@ class PeerSource:
             self._drop(rid)  # G1 holds as much as the peer: nothing to pull
             return NO_MATCH
         if not want.asked:
+            if want.following is not None:
+                return None
+            hashes = seq.hasher.hashes[:loadable]
+            leader = self._in_flight.get(hashes[local_blocks])
+            if leader is not None and leader != rid:
+                want.following = leader
+                self._followers.setdefault(leader, []).append(rid)
+                self.stats.followed += 1
+                return None
             want.asked = True
             self.stats.asked += 1
-            self._jobs.append(PeerAsk(rid, want.peer, self.fingerprint, seq.hasher.hashes[:loadable]))
+            led = self._leading[rid] = [h for h in hashes[local_blocks:] if h not in self._in_flight]
+            self._in_flight.update(dict.fromkeys(led, rid))
+            self._jobs.append(PeerAsk(rid, want.peer, self.fingerprint, hashes))
             return None
         if not want.answered:
             return None
@@ -100,6 +132,10 @@ class PeerSource:
 
     def answered(self, request_id: str, answer: Any) -> None:
         want = self.wants.get(request_id)
+        if isinstance(answer, PeerWake):
+            if want is not None:
+                want.following = None  # match again: the leader's pull is in G1 now, or it failed
+            return
         if want is None:  # finished meanwhile: nobody will pull this lease
             if answer is not None:
                 self._give_back(request_id, answer)
@@ -109,8 +145,10 @@ class PeerSource:
     def allocated(self, seq: Sequence, fresh: list[int] | None) -> None:
         want = self.wants.pop(seq.request_id)
         if want.handle is None:
+            self._lead_ended(seq.request_id)
             return
         if fresh is None:  # blocks are short: the lease goes back, the prompt is computed
+            self._lead_ended(seq.request_id)
             self._give_back(seq.request_id, want.handle)
             return
         handle = msgspec.structs.replace(want.handle, block_ids=want.handle.block_ids[:fresh[-1] + 1])
@@ -121,20 +159,31 @@ class PeerSource:
         self.stats.pulled_blocks += pulled
         self.stats.pulled_requests += pulled > 0
         self.stats.failures += pulled < len(fresh)
+        self._lead_ended(seq.request_id)  # after the scheduler published what arrived: followers hit it
 
     def preempted(self, seq: Sequence, computed_blocks: int) -> None:
         pass
 
     def finished(self, request_id: str) -> None:
         self._drop(request_id)
+        self._lead_ended(request_id)
 
     def saved(self, block_ids: list[int]) -> None:
         pass
 
     def _drop(self, request_id: str) -> None:
         want = self.wants.pop(request_id, None)
+        self._lead_ended(request_id)
         if want is not None and want.handle is not None:
             self._give_back(request_id, want.handle)
+
+    def _lead_ended(self, request_id: str) -> None:
+        """`request_id` no longer asks for or pulls its run: forget it as a leader, wake its followers."""
+        for h in self._leading.pop(request_id, ()):
+            del self._in_flight[h]
+        for f in self._followers.pop(request_id, ()):
+            if f in self.wants:
+                self._jobs.append(PeerWake(f))
 
     def _give_back(self, request_id: str, handle: KvHandle) -> None:
         """Pull nothing: the job only frees the peer's lease."""
@@ -150,7 +199,8 @@ class PeerSource:
     def counters(self) -> dict[str, int]:
         s = self.stats
         return {"peer_asked": s.asked, "peer_pulled_requests": s.pulled_requests,
-                "peer_pulled_blocks": s.pulled_blocks, "peer_failures": s.failures, "peer_fallbacks": s.fallbacks}
+                "peer_pulled_blocks": s.pulled_blocks, "peer_failures": s.failures, "peer_fallbacks": s.fallbacks,
+                "peer_followed": s.followed}
 
     def close(self) -> None:
         pass

@@ -28,7 +28,7 @@ from kvrelay.workers.api.messages import EngineRequest, KvHandle, PeerLeaseReque
 from kvrelay.workers.api.prefill import KvPuller, PeerLink
 from kvrelay.workers.core.commands import KvAnswered, KvLoaded
 from kvrelay.workers.core.kv_sources.handoff import PullJob
-from kvrelay.workers.core.kv_sources.peer import LEND_WAIT_S, NAME, PeerAsk
+from kvrelay.workers.core.kv_sources.peer import LEND_WAIT_S, NAME, PeerAsk, PeerWake
 from kvrelay.workers.core.kv_sources.peer_budget import PullBudget
 from kvrelay.workers.core.kv_sources.peer_pull_stats import PeerPullStats
 from kvrelay.workers.core.kv_sources.source import Post
@@ -56,8 +56,10 @@ class PeerLoop:
     async def before_add(self, request: EngineRequest) -> Any:
         return None
 
-    def start(self, job: PeerAsk | PullJob, post: Post) -> None:
-        if isinstance(job, PeerAsk):
+    def start(self, job: PeerAsk | PeerWake | PullJob, post: Post) -> None:
+        if isinstance(job, PeerWake):  # no I/O: the follower's answer goes back through the core's queue
+            post(KvAnswered(NAME, job.request_id, job))
+        elif isinstance(job, PeerAsk):
             if not self.budget.take(job.request_id, len(job.hashes) * self.block_bytes):
                 post(KvAnswered(NAME, job.request_id, None))  # over budget: computed, nobody asked
                 return
