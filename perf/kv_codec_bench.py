@@ -48,7 +48,7 @@ from kvrelay.workers.engines.native import NativeEngine, NativeEngineConfig
 from kvrelay.workers.models.registry import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
-LOSSY = ["fp16", "int8"]
+LOSSY = ["fp16", "int8", "int7z", "int6z"]
 MIN_LEN, MAX_LEN = 500, 2000
 
 

@@ -47,7 +47,7 @@ from kvrelay.workers.core.limits import EngineLimits
 from kvrelay.workers.engines.native import NativeEngine, NativeEngineConfig
 from kvrelay.workers.models.registry import resolve_model
 
-CODECS = ["none", "lossless", "fp16", "int8"]
+CODECS = ["none", "lossless", "fp16", "int8", "int7z", "int6z"]
 
 
 async def serve(eng: NativeEngine, tokens: list[int], n: int = 1) -> tuple[float, int, list[int]]:

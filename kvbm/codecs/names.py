@@ -6,8 +6,8 @@ torch and zstandard) live in the sibling modules and are built by `registry.make
 
 from __future__ import annotations
 
-CODEC_NAMES = ("none", "lossless", "fp16", "int8")
-LOSSY = frozenset({"fp16", "int8"})  # changes the KV: off by default, quality measured by perf/kv_codec_bench.py
+CODEC_NAMES = ("none", "lossless", "fp16", "int8", "int7z", "int6z")
+LOSSY = frozenset({"fp16", "int8", "int7z", "int6z"})  # changes the KV: off by default, quality measured by perf/kv_codec_bench.py
 
 
 def check_codec_name(value: str) -> str | None:

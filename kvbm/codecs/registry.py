@@ -8,10 +8,12 @@ from .base import Codec
 from .half import Fp16Codec
 from .lossless import LosslessCodec
 from .quant import Int8Codec
+from .quant_zstd import Int6ZCodec, Int7ZCodec
 from .shape import BlockShape
 
 _BUILDERS: dict[str, Callable[[BlockShape], Codec]] = {"lossless": LosslessCodec, "int8": Int8Codec,
-                                                        "fp16": Fp16Codec}
+                                                        "fp16": Fp16Codec, "int7z": Int7ZCodec,
+                                                        "int6z": Int6ZCodec}
 
 
 def make_codec(name: str, shape: BlockShape) -> Codec | None:

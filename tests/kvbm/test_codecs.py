@@ -147,3 +147,50 @@ def test_fp16_refuses_non_finite_blocks_and_16_bit_engines():
     out = torch.empty(shape.block_bytes, dtype=torch.uint8)
     assert not make_codec("lossless", shape).decode(memoryview(frame), out)  # another codec's frame
     assert not make_codec("fp16", shape).decode(memoryview(frame[:-5]), out)  # truncated
+
+
+@pytest.mark.parametrize(("name", "levels"), [("int7z", 63), ("int6z", 31)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_entropy_coded_quantisers_stay_within_half_their_step(name, levels, dtype):
+    """int7z/int6z: int8's quantiser with fewer levels, then zstd; the error bound is half their step,
+    and what decodes is exactly the uncompressed quantiser's output (the zstd stage is lossless)."""
+    shape = BlockShape(dtype, 6, 16, 40)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape.groups, shape.tokens, shape.channels, generator=g) * torch.logspace(-3, 2, shape.channels)
+    x[2, :, 7] = 0.0
+    x = x.to(shape.torch_dtype)
+    block = x.view(-1).view(torch.uint8)
+    codec = make_codec(name, shape)
+    y = decoded(codec, block)
+    assert torch.equal(y, decoded(Int8Codec(shape, levels), block))  # exactly the same values
+    y = y.view(shape.torch_dtype).view_as(x)
+    absmax = x.float().abs().amax(dim=1, keepdim=True)
+    step = torch.clamp(absmax / levels * (1 + 2**-8), min=2**-14)
+    err = (y.float() - x.float()).abs()
+    assert bool((err <= step / 2 + absmax * torch.finfo(shape.torch_dtype).eps).all())
+    assert bool((y[2, :, 7] == 0).all())
+    # Gaussian values in `levels` levels: zstd's entropy stage takes them well under a byte each
+    assert len(codec.encode(block)) < Int8Codec(shape).max_bytes * (0.92 if levels == 63 else 0.82)
+
+
+def test_entropy_coded_quantisers_refuse_what_they_cannot_decode():
+    shape = BlockShape("float32", 4, 16, 64)
+    block = torch.randn(shape.numel).view(torch.uint8)
+    int7z, int6z = make_codec("int7z", shape), make_codec("int6z", shape)
+    out = torch.empty_like(block)
+    frame = bytearray(int7z.encode(block))
+    assert not int6z.decode(memoryview(frame), out)  # another codec id
+    assert not Int8Codec(shape).decode(memoryview(frame), out)
+    sb = shape.groups * shape.channels * 2
+    assert frame[HEADER_BYTES + sb] == 1  # the zstd mode
+    garbled = bytearray(frame)
+    garbled[HEADER_BYTES + sb + 1:HEADER_BYTES + sb + 9] = b"\xff" * 8  # zstd data that is no zstd frame
+    assert not int7z.decode(memoryview(garbled), out)
+    garbled[HEADER_BYTES + sb] = 9  # a mode this version does not know
+    assert not int7z.decode(memoryview(garbled), out)
+    assert not int7z.decode(memoryview(frame[:HEADER_BYTES + sb]), out)  # truncated before the mode byte
+    bad = torch.randn(shape.numel)
+    bad[3] = float("nan")
+    assert int7z.encode(bad.view(torch.uint8)) is None  # non-finite: not stored
+    with pytest.raises(ValueError, match="int7z needs"):
+        make_codec("int7z", BlockShape.opaque(4096))
