@@ -70,9 +70,10 @@ class TierConfig:
     onboard: Literal["cost", "always"] = setting(
         "cost", "load a lower-tier hit only when the measured cost model says it beats recompute, or always")
     compress_g3: str = setting("none", "G3: codec of stored blocks: none, lossless (byte planes + zstd, "
-                               "bit-exact), fp16 (lossy, float32 KV only) or int8 (lossy, per-channel; "
-                               "kvbm/README.md Compression)", check_codec_name)
-    compress_g4: str = setting("none", "G4: codec of stored objects: none, lossless, fp16 or int8 (as for G3)",
+                               "bit-exact), fp16 (lossy, float32 KV only), int8 (lossy, per-channel), int7z or "
+                               "int6z (lossy, fewer levels + zstd; kvbm/README.md Compression)", check_codec_name)
+    compress_g4: str = setting("none", "G4: codec of stored objects: none, lossless, fp16, int8, int7z or int6z "
+                               "(as for G3)",
                                check_codec_name)
     tier_retry_s: float = setting(30.0, "seconds before a tier disabled by an I/O error (S3 down, disk "
                                   "error) is probed again; a probe that works re-enables it", positive)

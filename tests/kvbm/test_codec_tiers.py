@@ -50,7 +50,7 @@ def exact(t: torch.Tensor, h: int) -> bool:
 
 
 @pytest.mark.parametrize("where", ["G3", "G4"])
-@pytest.mark.parametrize("codec_name", ["lossless", "int8"])
+@pytest.mark.parametrize("codec_name", ["lossless", "int8", "int7z", "int6z"])
 async def test_round_trip_through_the_tier(where, codec_name, tmp_path, s3):
     store = await open_g3(tmp_path, codec_name) if where == "G3" else open_g4(s3, s3.new_bucket(), codec_name)
     hashes = [11, 12, 13]
@@ -63,7 +63,8 @@ async def test_round_trip_through_the_tier(where, codec_name, tmp_path, s3):
         else:
             ref = kv(h).view(torch.bfloat16).float()
             err = (dst[i].view(torch.bfloat16).float() - ref).abs().max()
-            assert 0 < float(err) < 0.05  # lossy, and close (values ~N(0, 1), step ~ 4/127)
+            bound = {"int8": 0.05, "int7z": 0.06, "int6z": 0.1}[codec_name]  # values ~N(0, 1): step ~4/levels
+            assert 0 < float(err) < bound  # lossy, and close
     st = store.stats
     assert st.blocks == 3 and st.hits == 3
     assert st.used_bytes < 3 * SHAPE.block_bytes  # accounted in stored bytes
