@@ -80,6 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("--long-factor", int, "multi-turn: how much longer the --long-users' turns are"),
         ("--num-docs", int, "long-doc: documents"),
         ("--doc-len", int, "long-doc: tokens per document"), ("--questions-per-doc", int, "long-doc: questions"),
+        ("--hot-doc-share", float, "long-doc: share of questions about document 0, the rest spread over the "
+                                   "others (a hot document; 0: all alike)"),
         ("--block-size", int, "trace: tokens per hash_id block (Mooncake: 512)"),
         ("--trace-speedup", float, "trace: divide timestamps by this"),
     ):

@@ -51,6 +51,7 @@ class BenchConfig(msgspec.Struct, kw_only=True):
     num_docs: int = 4
     doc_len: int = 2048
     questions_per_doc: int = 8
+    hot_doc_share: float = 0.0  # long-doc: share of questions about document 0 (0: every document alike)
     trace: str = ""
     block_size: int = 512  # tokens per trace hash_id (Mooncake traces use 512)
     trace_speedup: float = 1.0
@@ -127,6 +128,7 @@ def validate(cfg: BenchConfig) -> BenchConfig:
     if cfg.request_rate is not None:
         _require(cfg.request_rate > 0, "--request-rate", "must be > 0 (or inf)", cfg.request_rate)
     _require(cfg.warmup >= 0, "--warmup", "must be >= 0", cfg.warmup)
+    _require(0.0 <= cfg.hot_doc_share <= 1.0, "--hot-doc-share", "must be in [0, 1]", cfg.hot_doc_share)
     _require(0 <= cfg.long_users <= cfg.users, "--long-users", "must be in [0, --users]", cfg.long_users)
     _require(cfg.system_len >= 0, "--system-len", "must be >= 0", cfg.system_len)
     _require(cfg.burstiness > 0 and math.isfinite(cfg.burstiness), "--burstiness", "must be > 0", cfg.burstiness)

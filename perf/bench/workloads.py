@@ -33,7 +33,7 @@ import numpy as np
 from kvrelay.perf.bench.config import BenchConfig
 
 # stream kinds: distinct random streams per kind of content
-_RANDOM, _PREFIX, _SUFFIX, _ORDER, _USER, _ASSISTANT, _DOC, _QUESTION, _BLOCK, _PAD, _SYSTEM = range(11)
+_RANDOM, _PREFIX, _SUFFIX, _ORDER, _USER, _ASSISTANT, _DOC, _QUESTION, _BLOCK, _PAD, _SYSTEM, _HOT = range(12)
 DEFAULT_RANDOM_REQUESTS = 100
 
 
@@ -129,6 +129,9 @@ def long_doc_workload(cfg: BenchConfig, pool: np.ndarray) -> Iterator[RequestSpe
                 for d in range(cfg.num_docs)}
         for slot in order:
             doc = int(slot) % cfg.num_docs
+            if cfg.hot_doc_share > 0 and cfg.num_docs > 1:  # doc 0 with that share, else one of the others
+                hot = rng(cfg.seed, _HOT, wave * per_wave + int(slot)).random() < cfg.hot_doc_share
+                doc = 0 if hot else 1 + int(slot) % (cfg.num_docs - 1)
             question = draw(pool, rng(cfg.seed, _QUESTION, wave * per_wave + int(slot)), cfg.input_len)
             yield RequestSpec(index=next(index), segments=[Segment("user", docs[doc]), Segment("user", question)],
                               output_len=cfg.output_len)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+from collections import Counter
 from itertools import islice
 
 import httpx
@@ -191,9 +192,19 @@ def test_workloads_are_deterministic_and_shaped(tok, name):
         assert len(lengths) > 1 and min(lengths) >= 4 and max(lengths) <= 12
 
 
+def test_a_hot_document_takes_its_share_of_the_questions(tok):
+    cfg = BenchConfig(workload="long-doc", input_len=8, output_len=4, doc_len=32, num_docs=4, questions_per_doc=50,
+                      hot_doc_share=0.5)
+    reqs = list(islice(workload(cfg, token_pool(tok, "tokens")), 200))  # one wave
+    counts = sorted(Counter(tuple(r.segments[0].tokens) for r in reqs).values())
+    assert len(counts) == 4 and 80 <= counts[-1] <= 120, counts  # ~100 of 200 about the hot document
+    assert counts[0] >= 20, counts  # the rest spread over the other three (~33 each)
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
+        (["run", "--hot-doc-share", "1.5"], "--hot-doc-share: must be in [0, 1]"),
         (["run", "--concurrency", "0"], "--concurrency: must be >= 1"),
         (["run", "--concurrency", "two"], "invalid int value: 'two'"),
         (["run", "--slo", "ttft"], "--slo: expected KEY=MS"),
