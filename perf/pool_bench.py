@@ -34,8 +34,8 @@ from kvrelay.kvbm.hashing import block_hashes
 from kvrelay.perf.bench.config import BenchConfig
 from kvrelay.perf.bench.runner import run_benchmark
 from kvrelay.perf.bench.tokens import load_tokenizer, token_pool
-from kvrelay.perf.bench.workloads import workload
-from kvrelay.perf.router_bench import best_possible_hit_rate, router_args
+from kvrelay.perf.bench.workloads import natural_size, workload
+from kvrelay.perf.router_bench import router_args
 from kvrelay.perf.serve_process import Serve
 from kvrelay.runtime.discovery import DiscoveryConfig, list_instances, make_discovery
 from kvrelay.runtime.rpc import RpcClient
@@ -58,23 +58,47 @@ def tiny_block_bytes() -> int:
 
 
 def bench_config(args: argparse.Namespace, url: str = "http://127.0.0.1:8000") -> BenchConfig:
-    return BenchConfig(url=url, workload="multi-turn", users=args.users, turns=args.turns,
+    return BenchConfig(url=url, workload=args.workload, users=args.users, turns=args.turns,
                        system_len=args.system_len, input_len=args.input_len, output_len=args.output_len,
                        concurrency=args.concurrency, seed=args.seed, long_users=args.long_users,
-                       long_factor=args.long_factor, tokenizer=str(ensure_tiny_model()))
+                       long_factor=args.long_factor, num_docs=args.num_docs, doc_len=args.doc_len,
+                       questions_per_doc=args.questions_per_doc, hot_doc_share=args.hot_doc_share,
+                       tokenizer=str(ensure_tiny_model()))
+
+
+def _prompts(args: argparse.Namespace) -> list[list[int]]:
+    """Every prompt of one run, in order (the workload's natural size)."""
+    cfg = bench_config(args)
+    n = natural_size(cfg)
+    return [spec.prompt_tokens() for spec in islice(workload(cfg, token_pool(load_tokenizer(cfg.tokenizer), "tokens")), n)]
 
 
 def workload_kv_blocks(args: argparse.Namespace) -> tuple[int, int]:
     """(distinct full blocks over all the workload's prompts, blocks of its longest prompt): the KV the
     whole workload asks the cluster to keep, and the most one request holds at once."""
-    cfg = bench_config(args)
     seen: set[int] = set()
     longest = 0
-    for spec in islice(workload(cfg, token_pool(load_tokenizer(cfg.tokenizer), "tokens")), args.users * args.turns):
-        ids = spec.prompt_tokens()
+    for ids in _prompts(args):
         seen.update(block_hashes(ids, BLOCK_SIZE, 0))
         longest = max(longest, len(ids) // BLOCK_SIZE + 1)
     return len(seen), longest
+
+
+def best_possible_hit_rate(args: argparse.Namespace) -> float:
+    """One unbounded cache shared by every worker: per prompt, the leading full blocks an earlier prompt
+    had (never the last token's), over all prompt tokens (router_bench's oracle, for any workload)."""
+    seen: set[int] = set()
+    cached = total = 0
+    for ids in _prompts(args):
+        hashes = block_hashes(ids, BLOCK_SIZE, 0)
+        hit = 0
+        for h in hashes[: (len(ids) - 1) // BLOCK_SIZE]:
+            if h not in seen:
+                break
+            hit += 1
+        cached, total = cached + hit * BLOCK_SIZE, total + len(ids)
+        seen.update(hashes)
+    return cached / total
 
 
 def serve_args(args: argparse.Namespace, mode: str) -> list[str]:
@@ -122,6 +146,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="runs per mode, interleaved; the table shows the median")
     p.add_argument("--g1-blocks", type=int, default=512, help="each worker's G1 (--mocker-num-blocks)")
     p.add_argument("--g2-blocks", type=int, default=384, help="each worker's G2, in blocks (--kv-host-bytes)")
+    p.add_argument("--workload", default="multi-turn", choices=("multi-turn", "long-doc"),
+                   help="long-doc: --num-docs documents of --doc-len tokens, --questions-per-doc questions each, "
+                        "--hot-doc-share of them about one document (a hot document whose holder saturates)")
+    p.add_argument("--num-docs", type=int, default=8)
+    p.add_argument("--doc-len", type=int, default=2048)
+    p.add_argument("--questions-per-doc", type=int, default=24)
+    p.add_argument("--hot-doc-share", type=float, default=0.0)
     p.add_argument("--users", type=int, default=32)
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--system-len", type=int, default=200)
