@@ -44,6 +44,7 @@ _VALUES: dict[str, tuple[list[str], object]] = {
     "num_docs": (["--num-docs", "2"], 2),
     "doc_len": (["--doc-len", "100"], 100),
     "questions_per_doc": (["--questions-per-doc", "3"], 3),
+    "hot_doc_share": (["--hot-doc-share", "0.5"], 0.5),
     "trace": (["--trace", _TRACE, "--workload", "trace"], _TRACE),
     "block_size": (["--block-size", "32"], 32),
     "trace_speedup": (["--trace-speedup", "2"], 2.0),
