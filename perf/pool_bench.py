@@ -35,7 +35,7 @@ from kvrelay.perf.bench.config import BenchConfig
 from kvrelay.perf.bench.runner import run_benchmark
 from kvrelay.perf.bench.tokens import load_tokenizer, token_pool
 from kvrelay.perf.bench.workloads import natural_size, workload
-from kvrelay.perf.router_bench import router_args
+from kvrelay.perf.router_bench import oracle_hit_rate, router_args
 from kvrelay.perf.serve_process import Serve
 from kvrelay.runtime.discovery import DiscoveryConfig, list_instances, make_discovery
 from kvrelay.runtime.rpc import RpcClient
@@ -85,20 +85,8 @@ def workload_kv_blocks(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def best_possible_hit_rate(args: argparse.Namespace) -> float:
-    """One unbounded cache shared by every worker: per prompt, the leading full blocks an earlier prompt
-    had (never the last token's), over all prompt tokens (router_bench's oracle, for any workload)."""
-    seen: set[int] = set()
-    cached = total = 0
-    for ids in _prompts(args):
-        hashes = block_hashes(ids, BLOCK_SIZE, 0)
-        hit = 0
-        for h in hashes[: (len(ids) - 1) // BLOCK_SIZE]:
-            if h not in seen:
-                break
-            hit += 1
-        cached, total = cached + hit * BLOCK_SIZE, total + len(ids)
-        seen.update(hashes)
-    return cached / total
+    """One unbounded cache shared by every worker (router_bench's oracle, over this workload's prompts)."""
+    return oracle_hit_rate(_prompts(args), BLOCK_SIZE)
 
 
 def serve_args(args: argparse.Namespace, mode: str) -> list[str]:

@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
 
@@ -50,13 +51,18 @@ def workload_config(args: argparse.Namespace, url: str = "") -> BenchConfig:
 
 
 def best_possible_hit_rate(args: argparse.Namespace, block_size: int = 16) -> float:
-    """The oracle: per request, the leading full blocks of its prompt that any earlier request's prompt
-    had (one unbounded cache shared by every worker; the last token is always computed)."""
+    """The oracle of this module's multi-turn workload (`oracle_hit_rate`)."""
     cfg = workload_config(args)
+    specs = islice(workload(cfg, token_pool(load_tokenizer(cfg.tokenizer), "tokens")), args.users * args.turns)
+    return oracle_hit_rate((spec.prompt_tokens() for spec in specs), block_size)
+
+
+def oracle_hit_rate(prompts: Iterable[list[int]], block_size: int = 16) -> float:
+    """The oracle: per prompt, the leading full blocks that any earlier prompt had (one unbounded cache
+    shared by every worker; the last token is always computed), over all prompt tokens."""
     seen: set[int] = set()
     cached = total = 0
-    for spec in islice(workload(cfg, token_pool(load_tokenizer(cfg.tokenizer), "tokens")), args.users * args.turns):
-        ids = spec.prompt_tokens()
+    for ids in prompts:
         hashes = block_hashes(ids, block_size, 0)
         hit = 0
         for h in hashes[: (len(ids) - 1) // block_size]:
