@@ -60,7 +60,6 @@ class PeerWake:
     request_id: str
 
 
-
 @dataclass
 class PeerCounters:
     asked: int = 0  # requests that asked a peer for a lease
@@ -165,8 +164,7 @@ class PeerSource:
         pass
 
     def finished(self, request_id: str) -> None:
-        self._drop(request_id)
-        self._lead_ended(request_id)
+        self._drop(request_id)  # a leader's followers wake too
 
     def saved(self, block_ids: list[int]) -> None:
         pass
