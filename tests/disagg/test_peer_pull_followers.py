@@ -45,7 +45,7 @@ def test_a_burst_sharing_a_peers_prefix_pulls_it_once_and_every_request_hits_it(
             a, b = c.workers
             client = WorkerClient(RpcClient(token=c.token))
             cold = [await _generate(client, a.instance.address, p) for p in prompts]  # A holds the prefix
-            _slow_asks(b, 0.5)
+            _slow_asks(b, 0.8)  # < the asker's 2 s bound
             peer = KvPeer(instance_id=a.instance_id, address=a.instance.address, blocks=PREFIX // BS)
             burst = await asyncio.gather(*(_generate(client, b.instance.address, p, peer) for p in prompts))
             await c.settle()
@@ -58,7 +58,8 @@ def test_a_burst_sharing_a_peers_prefix_pulls_it_once_and_every_request_hits_it(
     assert [t for t, _ in burst] == [t for t, _ in cold]  # token for token
     assert all(cached >= PREFIX for _, cached in burst)  # every request of the burst hit the prefix
     assert b.peer_pulled_blocks == PREFIX // BS  # pulled once, not once per request
-    assert b.peer_asked == 1 and b.peer_followed == N - 1  # one asked; the others waited for its pull
+    # One asked; the others waited for its pull (one arriving after it landed hits G1 without asking)
+    assert b.peer_asked == 1 and 1 <= b.peer_followed <= N - 1
     assert b.peer_budget_refusals == 0 and b.prefill_tokens_computed < PREFIX + N * 48
     assert a.peer_lease_pinned == 0
     for s in (a, b):
