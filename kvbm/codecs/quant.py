@@ -35,7 +35,7 @@ class Int8Codec:
             raise ValueError("levels must be in [1, 127]")
         self.shape, self.levels = shape, levels
         self._scale_bytes = shape.groups * shape.channels * 2
-        self._max_abs = levels * 65504 / 1.01  # beyond a float16 scale (with margin)
+        self._max_abs = 8e6 * levels / 127  # 127 * 65504 (float16's largest scale) with margin, per level
 
     @property
     def max_bytes(self) -> int:
