@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import zstandard
 
 from .frame import HEADER_BYTES, as_tensor, open_frame, seal
 from .shape import BlockShape
+from .zstd_body import pack, unpack
 
 LEVEL = 1
 _E_MIN, _E_MAX = -64, 63
@@ -54,31 +54,16 @@ class Fp16Codec:
         e = (k.to(torch.int32) - 15).clamp_(_E_MIN, _E_MAX)
         h = torch.ldexp(x, -e.unsqueeze(1).float()).to(torch.float16)  # exact scaling, one rounding
         planes = h.view(-1).view(torch.uint8).view(-1, 2).t().contiguous()
-        packed = zstandard.ZstdCompressor(level=LEVEL).compress(planes.numpy().data)
         exps = e.to(torch.int8).view(torch.uint8).numpy().tobytes()
-        if len(packed) >= planes.numel():
-            return seal(self.codec_id, self.version, sh.tag, exps + b"\x00" + planes.numpy().tobytes())
-        return seal(self.codec_id, self.version, sh.tag, exps + b"\x01" + packed)
+        return seal(self.codec_id, self.version, sh.tag, exps + pack(planes.numpy().data, LEVEL))
 
     def decode(self, frame: memoryview, out: torch.Tensor) -> bool:
         sh = self.shape
         payload = open_frame(frame, self.codec_id, self.version, sh.tag)
-        if payload is None or len(payload) < self._exp_bytes + 1:
+        if payload is None or (got := unpack(payload[self._exp_bytes:], sh.numel * 2)) is None:
             return False
         e = as_tensor(payload[:self._exp_bytes]).view(torch.int8).view(sh.groups, 1, sh.channels)
-        mode, body = payload[self._exp_bytes], payload[self._exp_bytes + 1:]
-        n = sh.numel * 2
-        if mode == 0:
-            raw: bytes | memoryview = body
-        elif mode == 1:
-            try:
-                raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=n)
-            except zstandard.ZstdError:
-                return False
-        else:
-            return False
-        if len(raw) != n:
-            return False
+        raw = got[1]
         h = torch.from_numpy(np.frombuffer(raw, np.uint8).reshape(2, -1).T.copy()).view(torch.float16)
         x = torch.ldexp(h.view(sh.groups, sh.tokens, sh.channels).float(), e.float())
         out.copy_(x.view(-1).view(torch.uint8))

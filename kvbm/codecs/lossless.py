@@ -18,8 +18,8 @@ import zstandard
 
 from .frame import HEADER_BYTES, as_tensor, open_frame, seal
 from .shape import BlockShape
+from .zstd_body import RAW, unpack
 
-RAW, ZSTD = 0, 1
 LEVEL = 1
 
 
@@ -51,22 +51,12 @@ class LosslessCodec:
     def decode(self, frame: memoryview, out: torch.Tensor) -> bool:
         payload = open_frame(frame, self.codec_id, self.version, self.shape.tag)
         n, k = self.shape.block_bytes, self.shape.itemsize
-        if payload is None or len(payload) < 1:
+        if payload is None or (got := unpack(payload, n)) is None:
             return False
-        mode, body = payload[0], payload[1:]
-        if mode == RAW:
-            if len(body) != n:
-                return False
-            out.copy_(as_tensor(body))
+        mode, raw = got
+        if mode == RAW:  # the block's own bytes, not planes (encode above)
+            out.copy_(as_tensor(memoryview(raw)))
             return True
-        if mode != ZSTD:
-            return False
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=n)
-        except zstandard.ZstdError:
-            return False
-        if len(raw) != n:
-            return False
         planes = np.frombuffer(raw, np.uint8).reshape(k, -1)
         out.view(-1, k).numpy()[:] = planes.T  # numpy reads the (read-only) bytes; one strided copy
         return True
